@@ -1,0 +1,1 @@
+"""fixres: train/test resolution discrepancy (FixRes) experiments."""

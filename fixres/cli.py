@@ -1,0 +1,32 @@
+"""What the scripts share at their edges: one-line errors instead of tracebacks."""
+from __future__ import annotations
+
+import sys
+
+from fixres.checkpoint import CheckpointError
+from fixres.config import ConfigError
+from fixres.data import DataError
+from fixres.engine import NonFiniteLossError
+from fixres.models import ModelError
+
+USER_ERRORS = (CheckpointError, ConfigError, DataError, ModelError, NonFiniteLossError)
+
+
+def one_line(err: BaseException) -> str:
+    """The user-facing line of an error. A DataLoader worker re-raises our errors with
+    the worker's traceback folded into the message; its last line is ours."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(err).__name__
+    for cls in USER_ERRORS + (type(err),):
+        last = last.removeprefix(f"{cls.__module__}.{cls.__name__}: ")
+    return last
+
+
+def run_main(main, argv=None) -> int:
+    """Call main(argv); user errors become `error: <one line>` and exit status 2."""
+    try:
+        main(argv)
+        return 0
+    except USER_ERRORS as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2

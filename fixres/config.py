@@ -1,0 +1,165 @@
+"""Typed configuration for the fixres jobs and the one command-line builder they share.
+
+Every option of train.py is a field of `TrainConfig` with its default and a
+one-line help; the parser is generated from the fields, so a flag cannot exist
+without a field that something reads. Both spellings work: `--batch-size` and
+`--batch_size` (the latter is what `accelerate launch` users type).
+
+    python train.py --help                  # every option with its default
+    python train.py --epochs 2 --lr 1e-3    # overrides on top of the preset
+
+With no `--data`, the built-in dataset's preset (`SHAPES_PRESET`) replaces the
+real-data defaults for the options the user did not give.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad option or config file; the message names it."""
+
+
+def _opt(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str | None = _opt(None, "CSV split (image_id,label,is_val) or ImageFolder root with train/ and val/; none = built-in shapes dataset")
+    images: str | None = _opt(None, "image folder for a CSV split (default: the CSV's folder, or its images/ subfolder)")
+    skip_bad_images: bool = _opt(False, "skip images that fail to decode (counted per epoch) instead of stopping")
+    # model
+    model: str = _opt("resnet50", "timm model name, or tv:<name> for torchvision")
+    pretrained: bool = _opt(False, "start from the library's pretrained weights (needs network access)")
+    weights: str | None = _opt(None, "local state dict (.safetensors or .pth) to start from; the classifier is replaced if the class count differs")
+    channels_last: bool = _opt(True, "channels_last memory format (faster convolutions on GPUs)")
+    # resolution and preprocessing
+    train_res: int = _opt(224, "RandomResizedCrop size for training")
+    test_res: int | None = _opt(None, "centre-crop size for validation (default: --train-res)")
+    min_scale: float = _opt(0.08, "smallest RandomResizedCrop area fraction (torchvision's default 0.08)")
+    crop_pct: float = _opt(0.875, "test crop ratio: Resize(int(res / crop_pct)) then CenterCrop(res)")
+    interpolation: str = _opt("bilinear", "resize interpolation", ("bilinear", "bicubic", "nearest"))
+    # optimisation
+    epochs: int = _opt(10, "training epochs")
+    batch_size: int = _opt(64, "images per process per step")
+    lr: float = _opt(1e-3, "peak learning rate (reached after warm-up)")
+    optimizer: str = _opt("adamw", "optimizer", ("adamw", "sgd"))
+    weight_decay: float = _opt(0.1, "weight decay (0.1 as in the Cassava blog post's AdamW run)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs, then cosine decay to zero")
+    label_smoothing: float = _opt(0.0, "label smoothing for the cross-entropy loss")
+    grad_accum: int = _opt(1, "gradient accumulation steps per optimizer step")
+    # runtime
+    mixed_precision: str | None = _opt(None, "autocast dtype (default: Accelerate's config / launch flag, else none)", ("no", "bf16", "fp16"))
+    cpu: bool = _opt(False, "run on the CPU even when a GPU is present")
+    workers: int | None = _opt(None, "data loader worker processes per rank (default: from the CPU count)")
+    seed: int = _opt(0, "random seed (data order, augmentation, initialisation)")
+    output: str = _opt("runs", "folder that holds the run folders")
+    name: str | None = _opt(None, "run folder name (default: <data>-<model>-<res>-<time>)")
+    resume: str | None = _opt(None, "run folder or checkpoint to continue, or 'auto' for the newest under --output")
+    stop_after: int | None = _opt(None, "stop with a checkpoint after this many epochs of this invocation (time-sliced jobs)")
+    log_with: str | None = _opt(None, "Accelerate tracker to log to", ("tensorboard", "wandb"))
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("train_res", "test_res", "epochs", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if not 0 < self.crop_pct <= 1:
+            raise ConfigError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
+        if not 0 < self.min_scale <= 1:
+            raise ConfigError(f"--min-scale must be in (0, 1], got {self.min_scale}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
+
+    @property
+    def eval_res(self) -> int:
+        return self.test_res or self.train_res
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config"):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        return cls(**values)
+
+
+# The built-in dataset's defaults: small enough to learn in minutes on a 2-core CPU.
+SHAPES_PRESET = dict(
+    model="resnet18",   # timm; ~150 images/s training at 64 px on 2 cores
+    train_res=64,       # stored images are 128 px, so the sweep can go up to 2x
+    epochs=8,           # about 5 minutes on 2 cores
+    lr=2e-3,            # AdamW, batch 64; higher diverged early in our runs
+    weight_decay=0.05,  # 0.1 slowed the small model down over only 8 epochs
+    workers=1,          # decoding 128 px JPEGs is cheap; one worker keeps a core for compute
+)
+
+
+def build_parser(cls, description: str, preset_note: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field; defaults are SUPPRESSed so
+    that the caller can tell which options the user actually gave."""
+    parser = argparse.ArgumentParser(description=description, epilog=preset_note,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        flags = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            flags.append(f"--{f.name}")
+        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
+        if hint is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(*flags, type=hint, choices=f.metadata.get("choices"),
+                                help=help_text, metavar=f.name.upper() if not f.metadata.get("choices") else None)
+    return parser
+
+
+def parse_args(cls, argv, description: str, presets: dict | None = None):
+    """Parse argv into (config, explicitly_given_keys). `presets(given) -> dict` may supply
+    defaults that depend on what the user gave (the built-in dataset's preset)."""
+    parser = build_parser(cls, description)
+    given = vars(parser.parse_args(argv))
+    defaults = presets(given) if presets else {}
+    try:
+        return cls(**{**defaults, **given}), set(given)
+    except ConfigError as err:
+        parser.error(str(err))
+
+
+def save_config(config, path: Path) -> None:
+    from fixres.checkpoint import write_json_atomic
+    write_json_atomic(path, config.to_dict())
+
+
+def load_config(cls, path: Path):
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read config ({err})") from None
+    return cls.from_dict(values, source=str(path))

@@ -1,0 +1,291 @@
+"""Data: the two layouts users already have, and image loading that survives real files.
+
+Layouts, detected from `--data`:
+  1. CSV split (the Cassava blog post's): `image_id,label,is_val` rows, images in
+     `--images` (default: the CSV's folder, or its `images/` subfolder);
+  2. ImageFolder: `root/train/<class>/*` and `root/val/<class>/*`.
+
+    from fixres.data import load_split
+    split = load_split("data/train.csv")        # -> Split(train, val, classes)
+
+Every problem that can be known before training (missing column, missing image,
+unknown label, empty validation split, ...) raises `DataError` with one line
+naming the file and row. Images that fail to decode raise `BadImageError` with
+the path when they are read.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
+TRUE_VALUES = {"true", "1", "yes", "t", "y"}
+FALSE_VALUES = {"false", "0", "no", "f", "n"}
+
+
+class DataError(ValueError):
+    """Bad dataset layout or content; the message names the file and row."""
+
+
+class BadImageError(DataError):
+    """An image file that cannot be decoded; the message names the path."""
+
+
+@dataclass
+class Split:
+    train: list[tuple[str, int]]   # (image path, class index)
+    val: list[tuple[str, int]]
+    classes: list[str]
+    source: str                    # what was read, for messages and the run config
+
+
+def load_split(data: str | Path, images: str | Path | None = None,
+               classes: list[str] | None = None) -> Split:
+    """Read either layout. `classes` fixes the class list (a trained run's); otherwise it
+    is taken from the data: sorted names, or sorted numbers when every label is an integer."""
+    data = Path(data)
+    if data.is_file() and data.suffix.lower() in {".csv", ".tsv", ".txt"}:
+        return read_csv_split(data, images, classes)
+    if data.is_dir():
+        if (data / "train").is_dir() and (data / "val").is_dir():
+            return read_image_folder(data, classes)
+        csvs = sorted(data.glob("*.csv"))
+        if len(csvs) == 1:
+            return read_csv_split(csvs[0], images, classes)
+        raise DataError(f"{data}: expected train/ and val/ class folders or one CSV split file")
+    raise DataError(f"--data {data}: no such CSV file or folder")
+
+
+def _sorted_labels(labels) -> list[str]:
+    labels = set(labels)
+    if all(_is_int(x) for x in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def _is_int(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+def _class_index(classes: list[str]) -> dict[str, int]:
+    index = {name: i for i, name in enumerate(classes)}
+    # "3" and "03" or 3.0-style integer labels name the same class as 3
+    index.update({str(int(name)): i for i, name in enumerate(classes) if _is_int(name)})
+    return index
+
+
+def read_csv_split(csv_path: Path, images: str | Path | None = None,
+                   classes: list[str] | None = None) -> Split:
+    import pandas as pd
+
+    csv_path = Path(csv_path)
+    image_dir = Path(images) if images else _default_image_dir(csv_path)
+    if not image_dir.is_dir():
+        raise DataError(f"{csv_path}: image folder {image_dir} does not exist (set --images)")
+    try:
+        # utf-8-sig strips a byte-order mark that spreadsheet exports add to the first column name
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                            sep=None if csv_path.suffix.lower() != ".csv" else ",", engine="python")
+    except Exception as err:  # pandas raises many types for unreadable files
+        raise DataError(f"{csv_path}: cannot read CSV ({err})") from None
+    table.columns = [c.strip() for c in table.columns]
+    missing = [c for c in ("image_id", "label", "is_val") if c not in table.columns]
+    if missing:
+        raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)} "
+                        f"(need image_id,label,is_val; found {','.join(table.columns)})")
+
+    root = image_dir.resolve()
+    present = set(os.listdir(root))
+    seen: dict[str, int] = {}
+    rows = []
+    for i, (image_id, label, is_val) in enumerate(zip(table["image_id"], table["label"], table["is_val"])):
+        where = f"{csv_path} row {i + 2}"  # +2: header line, 1-based
+        image_id, label, flag = image_id.strip(), label.strip(), is_val.strip().lower()
+        if not image_id:
+            raise DataError(f"{where}: empty image_id")
+        if not label:
+            raise DataError(f"{where}: missing label for {image_id}")
+        if image_id in seen:
+            raise DataError(f"{where}: duplicate image_id {image_id} (first on row {seen[image_id]})")
+        seen[image_id] = i + 2
+        if flag in TRUE_VALUES:
+            val = True
+        elif flag in FALSE_VALUES:
+            val = False
+        else:
+            raise DataError(f"{where}: is_val must be True/False or 1/0, got {is_val!r}")
+        path = (root / image_id).resolve()
+        if not path.is_relative_to(root):
+            raise DataError(f"{where}: image_id {image_id} leaves the image folder {root}")
+        if not (image_id in present or path.is_file()):
+            raise DataError(f"{where}: image {path} does not exist")
+        rows.append((str(path), label, val, where))
+
+    classes = list(classes) if classes is not None else _sorted_labels(r[1] for r in rows)
+    index = _class_index(classes)
+    train, val = [], []
+    for path, label, is_val, where in rows:
+        key = str(int(label)) if _is_int(label) else label
+        if key not in index:
+            raise DataError(f"{where}: label {label!r} is not a known class ({_preview(classes)})")
+        (val if is_val else train).append((path, index[key]))
+    _check_not_empty(train, val, csv_path)
+    return Split(train, val, classes, str(csv_path))
+
+
+def _default_image_dir(csv_path: Path) -> Path:
+    beside = csv_path.parent
+    for name in ("images", "train_images", "train"):
+        if (beside / name).is_dir():
+            return beside / name
+    return beside
+
+
+def read_image_folder(root: Path, classes: list[str] | None = None) -> Split:
+    root = Path(root)
+    found = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    classes = list(classes) if classes is not None else found
+    if not classes:
+        raise DataError(f"{root / 'train'}: no class folders")
+    index = {name: i for i, name in enumerate(classes)}
+    parts = {}
+    for part in ("train", "val"):
+        samples = []
+        for class_dir in sorted(p for p in (root / part).iterdir() if p.is_dir()):
+            if class_dir.name not in index:
+                raise DataError(f"{class_dir}: class {class_dir.name!r} is not a known class ({_preview(classes)})")
+            for dirpath, _, files in os.walk(class_dir, followlinks=True):
+                for fname in sorted(files):
+                    if Path(fname).suffix.lower() in IMAGE_EXTENSIONS:
+                        samples.append((os.path.join(dirpath, fname), index[class_dir.name]))
+        parts[part] = sorted(samples)
+    _check_not_empty(parts["train"], parts["val"], root)
+    return Split(parts["train"], parts["val"], classes, str(root))
+
+
+def _check_not_empty(train, val, source) -> None:
+    if not val:
+        raise DataError(f"{source}: the validation split is empty")
+    if not train:
+        raise DataError(f"{source}: the training split is empty")
+
+
+def _preview(classes: list[str], n: int = 8) -> str:
+    shown = ", ".join(classes[:n])
+    return f"known: {shown}{', ...' if len(classes) > n else ''}"
+
+
+def open_image(path: str, draft_size: int | None = None) -> Image.Image:
+    """Decode any common image file to an upright 8-bit RGB PIL image.
+
+    `draft_size`: JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) while the
+    result stays at least this large on its shorter side; decoding fewer pixels
+    is most of the speed-up when a 500 px photo is only needed at 128 px."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            if draft_size and img.format == "JPEG":
+                scale = min(img.size) / draft_size
+                if scale >= 2:
+                    img.draft("RGB", (int(img.size[0] / scale), int(img.size[1] / scale)))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
+            Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BadImageError(f"cannot decode image {path}: {reason}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping at 255
+        import numpy as np
+        arr = np.asarray(img, dtype=np.float32)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype("uint8")).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+        # transparent pixels become white, as a viewer would show them
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(path, label) samples -> (tensor, label).
+
+    With `seed`, each sample's random augmentation is seeded from (seed, epoch, index),
+    so it does not depend on worker count, process count or where a run was resumed.
+    With `skip_bad`, an undecodable image yields None, which `collate_skipping` drops
+    and counts."""
+
+    def __init__(self, samples, transform, skip_bad: bool = False, seed: int | None = None,
+                 draft_size: int | None = None):
+        self.samples = samples
+        self.transform = transform
+        self.skip_bad = skip_bad
+        self.seed = seed
+        self.epoch = 0  # set by the training loop; workers are re-created each epoch and see it
+        self.draft_size = draft_size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            img = open_image(path, self.draft_size)
+        except BadImageError:
+            if self.skip_bad:
+                return None
+            raise
+        if self.seed is not None:
+            # only the CPU generator: torchvision's transforms draw from it
+            torch.random.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        return self.transform(img), label
+
+
+def collate_skipping(batch):
+    """Default collation over the decodable samples, plus how many were skipped."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, labels = torch.utils.data.default_collate(good)
+    return images, labels, skipped
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation that depends only on (seed, epoch): every rank draws the same one
+    (Accelerate then gives each rank its own batches), and a resumed run redraws it."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def default_workers(processes_per_node: int = 1) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, processes_per_node) - 1))

@@ -1,0 +1,123 @@
+"""One training epoch and one evaluation, as plain functions over Accelerate objects.
+
+Both are shared by train.py and finetune.py. `evaluate` counts every validation
+sample exactly once whatever the number of processes: Accelerate pads the last
+batches so that every rank has the same number, and `gather_for_metrics` drops
+the padding again.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def cosine_lr(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
+    """Linear warm-up from 0 to peak_lr, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    accuracy: float
+    images: int          # over all processes
+    skipped: int         # undecodable images skipped (--skip-bad-images)
+    seconds: float
+    lr: float
+    completed: bool = True   # False when a stop was requested mid-epoch
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def to_device_batch(images, channels_last: bool):
+    if channels_last and images.dim() == 4:
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step: int,
+                    label_smoothing: float = 0.0, channels_last: bool = False, progress=None,
+                    should_stop=lambda: False) -> tuple[EpochResult, int]:
+    """Train over `loader`; `lr_at(optimizer_step)` sets the learning rate before each
+    optimizer step. Returns the epoch's result and the next optimizer step index."""
+    model.train()
+    device = accelerator.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = torch.zeros((), device=device, dtype=torch.long)
+    skipped = torch.zeros((), device=device, dtype=torch.long)
+    step, lr = first_step, lr_at(first_step)
+    start = time.perf_counter()
+    completed = True
+    for images, labels, n_skipped in loader:
+        skipped += n_skipped
+        with accelerator.accumulate(model):
+            images = to_device_batch(images, channels_last)
+            with accelerator.autocast():
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"loss is {loss.item()} at optimizer step {step} (lr {lr:.3g})")
+            if accelerator.sync_gradients:
+                lr = lr_at(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                step += 1
+        n = labels.numel()
+        loss_sum += loss.detach().double() * n
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += n
+        if progress is not None:
+            progress(n * accelerator.num_processes, loss.item())
+        if accelerator.sync_gradients and should_stop():
+            completed = False
+            break
+    totals = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double(), skipped.double()]), "sum")
+    loss_total, correct_total, seen_total, skipped_total = totals.tolist()
+    return EpochResult(loss=loss_total / max(seen_total, 1), accuracy=correct_total / max(seen_total, 1),
+                       images=int(seen_total), skipped=int(skipped_total),
+                       seconds=time.perf_counter() - start, lr=lr, completed=completed), step
+
+
+@torch.inference_mode()
+def evaluate(model, loader, accelerator, *, channels_last: bool = False, progress=None) -> dict:
+    """Top-1 accuracy and mean cross-entropy over the whole validation split."""
+    model.eval()
+    device = accelerator.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count = torch.zeros((), device=device, dtype=torch.long)
+    start = time.perf_counter()
+    for images, labels, _ in loader:
+        images = to_device_batch(images, channels_last)
+        with accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext():
+            logits = model(images)
+        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        hits = logits.argmax(1) == labels
+        losses, hits = accelerator.gather_for_metrics((losses, hits))
+        loss_sum += losses.double().sum()
+        correct += hits.sum()
+        count += hits.numel()
+        if progress is not None:
+            progress(hits.numel(), None)
+    n = int(count.item())
+    return {"accuracy": correct.item() / max(n, 1), "loss": loss_sum.item() / max(n, 1), "count": n,
+            "seconds": time.perf_counter() - start}

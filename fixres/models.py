@@ -1,0 +1,142 @@
+"""Model factory: timm models by name, torchvision ones as `tv:<name>`.
+
+    create_model("resnet50", num_classes=5)                  # timm, random init
+    create_model("tv:resnet50", num_classes=5, weights="r50.pth")
+    create_model("resnet50", num_classes=5, pretrained=True)  # needs the network
+
+timm's and torchvision's ResNets use the same parameter names (conv1, layer4,
+fc), so a state dict from either loads into both.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class ModelError(ValueError):
+    """Unknown model, unreachable pretrained weights, or weights that do not fit."""
+
+
+TV_PREFIX = "tv:"
+
+
+def create_model(name: str, num_classes: int, *, pretrained: bool = False,
+                 weights: str | Path | None = None) -> nn.Module:
+    model = _build(name, num_classes, pretrained)
+    if weights:
+        load_weights_into(model, read_state_dict(weights), source=str(weights))
+    return model
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast, before any data is read, on a name neither library knows."""
+    if name.startswith(TV_PREFIX):
+        import torchvision
+        if name[len(TV_PREFIX):] not in torchvision.models.list_models():
+            raise ModelError(f"--model {name}: unknown torchvision model")
+    else:
+        import timm
+        if not timm.is_model(name):
+            raise ModelError(f"--model {name}: unknown timm model (torchvision models are named tv:<name>)")
+
+
+def _build(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+    check_model_name(name)
+    try:
+        if name.startswith(TV_PREFIX):
+            import torchvision
+            tv_name = name[len(TV_PREFIX):]
+            if not pretrained:
+                return torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
+            model = torchvision.models.get_model(tv_name, weights="DEFAULT")
+            return _resize_classifier(model, num_classes)
+        import timm
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    except ModelError:
+        raise
+    except Exception as err:  # hub/HTTP/file errors come in many types
+        if pretrained:
+            reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+            raise ModelError(f"--pretrained: cannot get pretrained weights for {name} ({reason}); "
+                             f"download them elsewhere and pass --weights FILE") from None
+        raise
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Dotted name of the final Linear layer (timm knows it; for others, the last Linear)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    name = cfg.get("classifier")
+    if isinstance(name, str) and isinstance(_get(model, name), nn.Linear):
+        return name
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ModelError(f"{type(model).__name__} has no Linear classifier")
+    return linears[-1]
+
+
+def _get(model: nn.Module, dotted: str):
+    try:
+        return model.get_submodule(dotted)
+    except AttributeError:
+        return None
+
+
+def _resize_classifier(model: nn.Module, num_classes: int) -> nn.Module:
+    name = classifier_name(model)
+    old = model.get_submodule(name)
+    if old.out_features != num_classes:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, nn.Linear(old.in_features, num_classes))
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from a .pth/.pt/.bin read without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"--weights {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelError(f"{path}: cannot read weights ({str(err).splitlines()[0][:160]})") from None
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: not a state dict of tensors")
+    # DDP and torch.compile prefixes
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
+                      replace_classifier: bool = True) -> list[str]:
+    """Load `state`; a classifier of another class count is left freshly initialised.
+    Returns the keys that were not loaded. Anything else that does not fit is an error."""
+    own = model.state_dict()
+    head = classifier_name(model) + "."
+    skipped = []
+    usable = {}
+    for key, value in state.items():
+        if key not in own:
+            continue
+        if own[key].shape != value.shape:
+            if replace_classifier and key.startswith(head):
+                skipped.append(key)
+                continue
+            raise ModelError(f"{source}: {key} has shape {tuple(value.shape)}, "
+                             f"the model expects {tuple(own[key].shape)}")
+        usable[key] = value
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in usable and k not in skipped
+               and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ModelError(f"{source}: does not match the model: {len(missing)} missing key(s), "
+                         f"e.g. {missing[0]}" + (f"; unexpected e.g. {unexpected[0]}" if unexpected else ""))
+    model.load_state_dict(usable, strict=False)
+    return skipped

@@ -1,0 +1,83 @@
+"""What the jobs print: a progress bar while an epoch runs, one line per epoch, a
+final table. Only the main process prints; the other ranks get a silent console.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def make_console(is_main: bool) -> Console:
+    # soft_wrap: a long path in a line stays on one line in logs
+    return Console(quiet=not is_main, soft_wrap=True, highlight=False)
+
+
+class EpochProgress:
+    """A rich progress bar fed with (images, loss) per batch; shows images/s and loss."""
+
+    def __init__(self, console: Console, description: str, total_images: int):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]:>7.1f} img/s  loss {task.fields[loss]}"),
+                                 TimeRemainingColumn(), console=console, transient=True,
+                                 disable=console.quiet or not console.is_terminal)
+        self.task = self.progress.add_task(description, total=total_images, rate=0.0, loss="-")
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def __call__(self, images: int, loss: float | None) -> None:
+        task = self.progress.tasks[self.task]
+        fields = {"rate": task.speed or 0.0}
+        if loss is not None:
+            fields["loss"] = f"{loss:.3f}"
+        self.progress.update(self.task, advance=images, **fields)
+
+
+def epoch_line(record: dict) -> str:
+    parts = [f"epoch {record['epoch']:>3}",
+             f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%",
+             f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% (n={record['val_count']})",
+             f"lr {record['lr']:.2e}", f"{record['images_per_s']:.1f} img/s", f"{record['seconds']:.0f}s"]
+    if record.get("skipped"):
+        parts.append(f"skipped {record['skipped']} bad images")
+    return " | ".join(parts)
+
+
+def metrics_table(records: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("epoch", "train loss", "train acc", "val loss", "val acc", "img/s", "seconds"):
+        table.add_column(column, justify="right")
+    for r in records:
+        table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{100 * r['train_acc']:.2f}%",
+                      f"{r['val_loss']:.4f}", f"{100 * r['val_acc']:.2f}%", f"{r['images_per_s']:.1f}",
+                      f"{r['seconds']:.0f}")
+    return table
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    from fixres.checkpoint import atomic_write
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+
+
+def config_table(values: dict, title: str) -> Table:
+    table = Table(title=title, show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in values.items():
+        table.add_row(key, str(value))
+    return table

@@ -1,0 +1,258 @@
+"""The training job that train.py runs: data -> model -> epochs -> run folder.
+
+    python train.py                                  # built-in shapes data, CPU-sized preset
+    accelerate launch train.py --data train.csv      # ResNet-50 at 224, DDP on all GPUs
+    torchrun --nproc_per_node 2 train.py --cpu       # two CPU processes over gloo
+    python train.py --resume auto                    # continue the newest run under runs/
+
+Determinism: the data order is a function of (seed, epoch) and each sample's
+augmentation a function of (seed, epoch, sample index), so a resumed run sees the
+same images with the same crops as an uninterrupted one, whatever the number of
+workers, and a run stopped mid-epoch continues with the batches it had not seen.
+"""
+from __future__ import annotations
+
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from fixres import checkpoint as ckpt
+from fixres.config import TrainConfig, load_config
+from fixres.data import EpochSampler, ImageDataset, collate_skipping, default_workers, load_split
+from fixres.engine import cosine_lr, evaluate, train_one_epoch
+from fixres.models import check_model_name, create_model, load_weights_into
+from fixres.report import EpochProgress, config_table, epoch_line, make_console, metrics_table, write_jsonl
+from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+
+# Options that define what a run is: a resumed run must keep them.
+IDENTITY_KEYS = ("model", "data", "images")
+
+
+def make_accelerator(cfg: TrainConfig, **kwargs) -> Accelerator:
+    return Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
+                       gradient_accumulation_steps=cfg.grad_accum, log_with=cfg.log_with, **kwargs)
+
+
+def resolve_data(cfg: TrainConfig, accelerator: Accelerator) -> tuple[str, str | None, str]:
+    """(data path, image folder, short name); generates the built-in dataset on first use."""
+    if cfg.data:
+        return cfg.data, cfg.images, Path(cfg.data).stem or "data"
+    from fixres.shapes import ensure_shapes
+    with accelerator.local_main_process_first():
+        csv = ensure_shapes()
+    return str(csv), None, "shapes"
+
+
+class StopRequest:
+    """SIGTERM, SIGINT and SIGUSR1 (SLURM's early warning) ask for a checkpoint at the
+    next step boundary; every rank stops at the same step because the flag is reduced."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.received: str | None = None
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __call__(self) -> bool:
+        flag = torch.tensor(float(self.received is not None), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "max").item() > 0)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores besides weights and optimizer."""
+    epoch: int = 0             # epoch in progress (0-based)
+    batch_in_epoch: int = 0    # batches of `epoch` already trained (mid-epoch stop)
+    step: int = 0              # optimizer steps so far
+    best_acc: float = -1.0
+    records: list = field(default_factory=list)
+
+
+def new_run_dir(cfg: TrainConfig, data_name: str, accelerator: Accelerator) -> Path:
+    name = cfg.name or "-".join([data_name, re.sub(r"[^\w.]+", "_", cfg.model), str(cfg.train_res),
+                                 time.strftime("%Y%m%d-%H%M%S")])
+    name = broadcast_object_list([name])[0] if accelerator.num_processes > 1 else name
+    run_dir = Path(cfg.output) / name
+    if ckpt.list_checkpoints(run_dir):
+        raise ckpt.CheckpointError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                                   f"or choose another --name")
+    return run_dir
+
+
+def resumed_config(checkpoint: Path, cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """The run's saved config, with the options given on this command line on top."""
+    saved = load_config(TrainConfig, checkpoint.parent.parent / "config.json").to_dict()
+    for key in explicit:
+        value = getattr(cfg, key)
+        if key in IDENTITY_KEYS and value != saved[key]:
+            raise ckpt.CheckpointError(f"--resume {checkpoint}: the run was trained with "
+                                       f"--{key.replace('_', '-')} {saved[key]}, not {value}")
+        saved[key] = value
+    return TrainConfig(**saved)
+
+
+def weights_meta(cfg: TrainConfig, classes: list[str], **extra) -> dict:
+    """The preprocessing a set of weights expects, stored inside the weights file."""
+    return {"model": cfg.model, "classes": classes, "num_classes": len(classes), "train_res": cfg.train_res,
+            "test_res": cfg.eval_res, "input_size": [3, cfg.eval_res, cfg.eval_res], "crop_pct": cfg.crop_pct,
+            "interpolation": cfg.interpolation, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), **extra}
+
+
+def build_loaders(split, cfg: TrainConfig, *, train_tf, eval_tf, workers: int, pin_memory: bool):
+    common = dict(num_workers=workers, collate_fn=collate_skipping, pin_memory=pin_memory,
+                  persistent_workers=False)
+    train_loader = torch.utils.data.DataLoader(
+        ImageDataset(split.train, train_tf, cfg.skip_bad_images, seed=cfg.seed), batch_size=cfg.batch_size,
+        sampler=EpochSampler(len(split.train), cfg.seed), drop_last=True, **common)
+    val_loader = torch.utils.data.DataLoader(
+        ImageDataset(split.val, eval_tf, cfg.skip_bad_images), batch_size=2 * cfg.batch_size,
+        shuffle=False, **common)
+    return train_loader, val_loader
+
+
+def build_optimizer(named_params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # no weight decay on norms and biases, as timm and torchvision's references do
+    params = [(n, p) for n, p in named_params if p.requires_grad]
+    groups = [{"params": [p for n, p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
+    accelerator = make_accelerator(cfg)
+    console = make_console(accelerator.is_main_process)
+    checkpoint = None
+    if cfg.resume:
+        checkpoint = ckpt.resolve_resume(cfg.resume, Path(cfg.output))
+        if checkpoint is None:
+            console.print(f"--resume auto: no checkpoint under {cfg.output}/, starting fresh")
+        else:
+            cfg = resumed_config(checkpoint, cfg, explicit)
+    check_model_name(cfg.model)
+    data, images, data_name = resolve_data(cfg, accelerator)
+    saved_meta = ckpt.load_weights(checkpoint / ckpt.WEIGHTS_FILE)[1] if checkpoint else {}
+    split = load_split(data, images, classes=saved_meta.get("classes"))
+    run_dir = checkpoint.parent.parent if checkpoint else new_run_dir(cfg, data_name, accelerator)
+
+    console.print(config_table({**cfg.to_dict(), "run folder": run_dir, "dataset": split.source,
+                                "classes": len(split.classes), "train images": len(split.train),
+                                "val images": len(split.val), "processes": accelerator.num_processes,
+                                "device": accelerator.device,
+                                "mixed precision": accelerator.mixed_precision},
+                               title="fixres train: resolved config"))
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        ckpt.write_json_atomic(run_dir / "classes.json", split.classes)
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
+    model = create_model(cfg.model, len(split.classes), pretrained=cfg.pretrained and not checkpoint,
+                         weights=None if checkpoint else cfg.weights)
+    state = RunState()
+    optimizer = build_optimizer(model.named_parameters(), cfg)
+    if checkpoint:
+        weights, _ = ckpt.load_weights(checkpoint / ckpt.WEIGHTS_FILE)
+        load_weights_into(model, weights, source=str(checkpoint), replace_classifier=False)
+        saved = ckpt.load_training_state(checkpoint)
+        optimizer.load_state_dict(saved["optimizer"])
+        state = RunState(**saved["run"])
+        console.print(f"resumed from {checkpoint} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}")
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    workers = cfg.workers if cfg.workers is not None else default_workers(accelerator.state.local_process_index + 1)
+    train_loader, val_loader = build_loaders(
+        split, cfg, workers=workers, pin_memory=accelerator.device.type == "cuda",
+        train_tf=train_transform(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation),
+        eval_tf=eval_transform(size=cfg.eval_res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation))
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+
+    steps_per_epoch = max(1, len(train_loader) // cfg.grad_accum)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps // 2)
+    lr_at = lambda step: cosine_lr(step, total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=cfg.lr)  # noqa: E731
+    meta = weights_meta(cfg, split.classes)
+    if cfg.log_with:
+        accelerator.init_trackers("fixres", config=cfg.to_dict())
+    if accelerator.is_main_process:
+        write_jsonl(run_dir / "metrics.jsonl", state.records)  # drop records a crash left past the checkpoint
+
+    stop = StopRequest(accelerator)
+    epochs_this_run = 0
+    try:
+        while state.epoch < cfg.epochs:
+            epoch = state.epoch
+            # Accelerate's loader re-sets the sampler's epoch from its own iteration count on
+            # every pass, which restarts at 0 in a resumed run: set it explicitly
+            train_loader.set_epoch(epoch)
+            train_loader.dataset.epoch = epoch
+            loader = train_loader
+            if state.batch_in_epoch:
+                loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch)
+            with EpochProgress(console, f"epoch {epoch + 1}/{cfg.epochs}",
+                               len(train_loader) * cfg.batch_size * accelerator.num_processes) as bar:
+                result, state.step = train_one_epoch(
+                    model, loader, optimizer, accelerator, lr_at=lr_at, first_step=state.step,
+                    label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last,
+                    progress=bar, should_stop=stop)
+            if not result.completed:
+                state.batch_in_epoch += result.images // (cfg.batch_size * accelerator.num_processes)
+                _save(accelerator, model, optimizer, run_dir, meta, state)
+                console.print(f"stopped by {stop.received or 'a signal on another rank'}: checkpoint saved "
+                              f"at epoch {epoch + 1}, batch {state.batch_in_epoch}; "
+                              f"continue with --resume {run_dir}")
+                return {"run_dir": str(run_dir), "stopped": True}
+            with EpochProgress(console, "evaluating", len(split.val)) as bar:
+                val = evaluate(model, val_loader, accelerator, channels_last=cfg.channels_last, progress=bar)
+            record = {"epoch": epoch + 1, "train_loss": result.loss, "train_acc": result.accuracy,
+                      "val_loss": val["loss"], "val_acc": val["accuracy"], "val_count": val["count"],
+                      "lr": result.lr, "images_per_s": result.images_per_s, "train_images": result.images,
+                      "skipped": result.skipped, "seconds": result.seconds + val["seconds"]}
+            improved = val["accuracy"] > state.best_acc
+            state = RunState(epoch=epoch + 1, step=state.step, records=state.records + [record],
+                             best_acc=max(state.best_acc, val["accuracy"]))
+            _save(accelerator, model, optimizer, run_dir, {**meta, "epoch": epoch + 1, "val_acc": val["accuracy"]},
+                  state, improved=improved)
+            console.print(epoch_line(record))
+            if cfg.log_with:
+                accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+            epochs_this_run += 1
+            if cfg.stop_after and epochs_this_run >= cfg.stop_after and state.epoch < cfg.epochs:
+                console.print(f"--stop-after {cfg.stop_after}: stopping; continue with --resume {run_dir}")
+                break
+    finally:
+        stop.restore()
+        if cfg.log_with:
+            accelerator.end_training()
+    console.print(metrics_table(state.records, title=f"fixres train: {run_dir}"))
+    return {"run_dir": str(run_dir), "records": state.records, "best_acc": state.best_acc, "stopped": False}
+
+
+def _save(accelerator, model, optimizer, run_dir: Path, meta: dict, state: RunState, improved: bool = False):
+    """Checkpoint first (the source of truth for resume), then the files derived from it."""
+    weights = accelerator.get_state_dict(model)
+    optimizer_state = optimizer.state_dict()
+    if accelerator.is_main_process:
+        ckpt.save_checkpoint(run_dir, name=ckpt.checkpoint_name(state.epoch, state.step), state_dict=weights,
+                             meta=meta, training_state={"optimizer": optimizer_state, "run": vars(state)})
+        write_jsonl(run_dir / "metrics.jsonl", state.records)
+        ckpt.save_weights(run_dir / "last.safetensors", weights, meta)
+        if improved:
+            ckpt.save_weights(run_dir / "best.safetensors", weights, meta)
+    accelerator.wait_for_everyone()
