@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +50,11 @@ def to_device_batch(images, channels_last: bool):
 
 def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step: int,
                     label_smoothing: float = 0.0, channels_last: bool = False, progress=None,
-                    should_stop=lambda: False) -> tuple[EpochResult, int]:
+                    should_stop=lambda: False, set_modes=lambda m: m.train()) -> tuple[EpochResult, int]:
     """Train over `loader`; `lr_at(optimizer_step)` sets the learning rate before each
-    optimizer step. Returns the epoch's result and the next optimizer step index."""
-    model.train()
+    optimizer step; `set_modes(model)` puts modules in train/eval mode (fine-tuning keeps
+    most of the network in eval mode). Returns the epoch's result and the next step index."""
+    set_modes(model)
     device = accelerator.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -108,7 +108,7 @@ def evaluate(model, loader, accelerator, *, channels_last: bool = False, progres
     start = time.perf_counter()
     for images, labels, _ in loader:
         images = to_device_batch(images, channels_last)
-        with accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext():
+        with accelerator.autocast():
             logits = model(images)
         losses = F.cross_entropy(logits.float(), labels, reduction="none")
         hits = logits.argmax(1) == labels

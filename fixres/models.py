@@ -140,3 +140,17 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
                          f"e.g. {missing[0]}" + (f"; unexpected e.g. {unexpected[0]}" if unexpected else ""))
     model.load_state_dict(usable, strict=False)
     return skipped
+
+
+def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, dict]:
+    """A classifier from a run folder (its `which` weights), a checkpoint folder or a
+    .safetensors file written by fixres, with the preprocessing metadata it carries."""
+    from fixres.checkpoint import find_weights, load_weights
+    weights_path = find_weights(Path(path), which)
+    state, meta = load_weights(weights_path)
+    if not meta.get("model") or not meta.get("classes"):
+        raise ModelError(f"{weights_path}: no fixres metadata (model name, classes); "
+                         f"pass plain weights with --weights and --model instead")
+    model = _build(meta["model"], len(meta["classes"]), pretrained=False)
+    load_weights_into(model, state, source=str(weights_path), replace_classifier=False)
+    return model, {**meta, "weights_path": str(weights_path)}
