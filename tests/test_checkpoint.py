@@ -1,0 +1,67 @@
+"""The run-folder format: weights with their preprocessing, atomic checkpoints, resume lookup."""
+import os
+
+import pytest
+import torch
+
+from fixres import checkpoint as ckpt
+
+
+def test_weights_round_trip_with_metadata(tmp_path):
+    state = {"w": torch.randn(3, 4).t(), "n": torch.tensor(5)}  # non-contiguous on purpose
+    ckpt.save_weights(tmp_path / "m.safetensors", state, {"model": "x", "test_res": 96})
+    loaded, meta = ckpt.load_weights(tmp_path / "m.safetensors")
+    assert torch.equal(loaded["w"], state["w"]) and meta == {"model": "x", "test_res": 96}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_checkpoints_rotate_and_newest_is_found(tmp_path):
+    run = tmp_path / "runs" / "a"
+    for epoch in (1, 2, 3):
+        ckpt.save_checkpoint(run, name=ckpt.checkpoint_name(epoch, 10 * epoch), state_dict={"w": torch.ones(1)},
+                             meta={}, training_state={"run": {"epoch": epoch}}, keep=2)
+    names = [p.name for p in ckpt.list_checkpoints(run)]
+    assert names == ["epoch-0002-step-000020", "epoch-0003-step-000030"]
+    assert ckpt.resolve_resume("auto", tmp_path / "runs").name == names[-1]
+    assert ckpt.resolve_resume(str(run), tmp_path).name == names[-1]
+    assert ckpt.load_training_state(ckpt.list_checkpoints(run)[-1])["run"]["epoch"] == 3
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    run = tmp_path / "a"
+    ckpt.save_checkpoint(run, name="epoch-0001-step-000001", state_dict={"w": torch.ones(1)}, meta={},
+                         training_state={})
+    (run / "checkpoints" / ".epoch-0002-step-000002.x.tmp").mkdir()  # what a crash mid-write leaves
+    (run / "checkpoints" / "epoch-0003-step-000003").mkdir()          # no state file
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["epoch-0001-step-000001"]
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.safetensors"
+    ckpt.save_weights(path, {"w": torch.zeros(2)}, {"v": 1})
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(ckpt.CheckpointError, match=f"cannot write {path}: No space left"):
+        ckpt.save_weights(path, {"w": torch.ones(2)}, {"v": 2})
+    monkeypatch.undo()
+    assert ckpt.load_weights(path)[1] == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]
+
+
+@pytest.mark.parametrize("resume, message", [("auto", None), ("/nonexistent/run", "no such run folder")])
+def test_resume_lookup_errors(tmp_path, resume, message):
+    if message is None:
+        assert ckpt.resolve_resume(resume, tmp_path / "empty") is None
+    else:
+        with pytest.raises(ckpt.CheckpointError, match=message):
+            ckpt.resolve_resume(resume, tmp_path)
+
+
+def test_corrupted_weights_file(tmp_path):
+    path = tmp_path / "best.safetensors"
+    path.write_bytes(b"\x00" * 100)
+    with pytest.raises(ckpt.CheckpointError, match=f"{path}: unreadable weights"):
+        ckpt.load_weights(path)

@@ -1,0 +1,155 @@
+"""Both data layouts, their one-line errors, and image decoding of real-world files."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fixres.data import (BadImageError, DataError, EpochSampler, ImageDataset, collate_skipping, load_split,
+                         open_image)
+from tests.conftest import make_csv_dataset
+
+
+def write_csv(tmp_path, text, images=("a.jpg", "b.jpg", "c.jpg")):
+    (tmp_path / "images").mkdir(exist_ok=True)
+    for name in images:
+        Image.new("RGB", (8, 8), "red").save(tmp_path / "images" / name)
+    path = tmp_path / "split.csv"
+    path.write_text(text)
+    return path
+
+
+def test_csv_layout_reads_both_splits(tiny_csv):
+    split = load_split(tiny_csv)
+    assert split.classes == ["blue", "green", "red"]
+    assert len(split.train) == 60 and len(split.val) == 25
+    path, label = split.val[0]
+    assert path.endswith("0060.jpg") and split.classes[label] == "red"
+
+
+def test_csv_integer_labels_and_flag_spellings(tmp_path):
+    csv = write_csv(tmp_path, "image_id,label,is_val\na.jpg,0,False\nb.jpg,1,1\nc.jpg,10,true\n")
+    split = load_split(csv)
+    assert split.classes == ["0", "1", "10"]  # numeric order, not string order
+    assert split.train == [(str((tmp_path / "images" / "a.jpg").resolve()), 0)]
+    assert [label for _, label in split.val] == [1, 2]
+
+
+def test_csv_with_byte_order_mark(tmp_path):
+    csv = write_csv(tmp_path, "\ufeffimage_id,label,is_val\na.jpg,x,0\nb.jpg,y,1\n")
+    assert load_split(csv).classes == ["x", "y"]
+
+
+def test_fixed_class_list_keeps_training_order(tiny_csv):
+    split = load_split(tiny_csv, classes=["red", "green", "blue"])
+    assert split.classes[split.val[0][1]] == "red" and split.val[0][1] == 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("image_id,label\na.jpg,x\n", "missing column(s) is_val"),
+    ("image_id,label,is_val\na.jpg,x,0\nmissing.jpg,x,1\n", "row 3: image"),
+    ("image_id,label,is_val\na.jpg,x,0\n../b.jpg,x,1\n", "row 3: image_id ../b.jpg leaves the image folder"),
+    ("image_id,label,is_val\na.jpg,x,0\nb.jpg,x,maybe\n", "row 3: is_val must be"),
+    ("image_id,label,is_val\na.jpg,x,0\na.jpg,x,1\n", "row 3: duplicate image_id a.jpg"),
+    ("image_id,label,is_val\na.jpg,,0\n", "row 2: missing label"),
+    ("image_id,label,is_val\na.jpg,x,0\nb.jpg,x,0\n", "the validation split is empty"),
+])
+def test_csv_errors_name_file_and_row(tmp_path, text, message):
+    csv = write_csv(tmp_path, text)
+    with pytest.raises(DataError) as err:
+        load_split(csv)
+    assert message in str(err.value) and str(csv) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_label_for_a_trained_class_list(tmp_path):
+    csv = write_csv(tmp_path, "image_id,label,is_val\na.jpg,cat,0\nb.jpg,dog,1\n")
+    with pytest.raises(DataError, match=r"row 3: label 'dog' is not a known class"):
+        load_split(csv, classes=["cat"])
+
+
+def test_image_folder_layout(tiny_folder):
+    split = load_split(tiny_folder)
+    assert split.classes == ["blue", "green", "red"]
+    assert len(split.train) == 18 and len(split.val) == 6
+
+
+def test_image_folder_unknown_val_class(tiny_folder, tmp_path):
+    with pytest.raises(DataError, match="is not a known class"):
+        load_split(tiny_folder, classes=["blue", "green"])
+
+
+def test_missing_data_path():
+    with pytest.raises(DataError, match="--data /nope: no such"):
+        load_split("/nope")
+
+
+def _encode(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"),
+                                       ("I;16", "PNG"), ("LA", "PNG")])
+def test_any_mode_becomes_rgb(tmp_path, mode, fmt):
+    path = tmp_path / f"img.{fmt.lower()}"
+    Image.new(mode, (10, 6)).save(path, fmt)
+    img = open_image(str(path))
+    assert img.mode == "RGB" and img.size == (10, 6)
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(path)
+    assert abs(np.asarray(open_image(str(path)))[0, 0, 0] - 127) <= 1
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.new("RGB", (20, 10), "white")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif)
+    assert open_image(str(path)).size == (10, 20)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is text, not a JPEG\n", "truncated"])
+def test_undecodable_files_name_the_path(tmp_path, content):
+    path = tmp_path / "bad.jpg"
+    if content == "truncated":
+        content = _encode(Image.new("RGB", (64, 64), "blue"), "JPEG")[:200]
+    path.write_bytes(content)
+    with pytest.raises(BadImageError, match=f"cannot decode image {path}"):
+        open_image(str(path))
+
+
+def test_skip_bad_images_drops_and_counts(tmp_path):
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (8, 8)).save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    ds = ImageDataset([(str(good), 0), (str(bad), 1)], lambda img: torch.zeros(3, 2, 2), skip_bad=True)
+    images, labels, skipped = collate_skipping([ds[0], ds[1]])
+    assert images.shape == (1, 3, 2, 2) and labels.tolist() == [0] and skipped == 1
+    with pytest.raises(BadImageError):
+        ImageDataset([(str(bad), 1)], lambda img: img)[0]
+
+
+def test_sampler_order_depends_on_seed_and_epoch_only():
+    a, b = EpochSampler(50, seed=3), EpochSampler(50, seed=3)
+    a.set_epoch(2), b.set_epoch(2)
+    assert list(a) == list(b) and sorted(a) == list(range(50))
+    b.set_epoch(3)
+    assert list(a) != list(b)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
+    csv = make_csv_dataset(tmp_path, n_train=4, n_val=1)
+    split = load_split(csv)
+    draw = lambda img: torch.rand(3)  # noqa: E731  stands in for a random transform
+    a, b = ImageDataset(split.train, draw, seed=1), ImageDataset(split.train, draw, seed=1)
+    assert torch.equal(a[2][0], b[2][0]) and not torch.equal(a[2][0], a[3][0])
+    b.epoch = 1
+    assert not torch.equal(a[2][0], b[2][0])

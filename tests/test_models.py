@@ -1,0 +1,60 @@
+"""The model factory: timm and torchvision names, local weights into another class count."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fixres.models import ModelError, check_model_name, classifier_name, create_model, load_weights_into
+
+
+@pytest.mark.parametrize("name", ["resnet50", "tv:resnet50"])
+def test_resnet50_from_both_libraries(name):
+    model = create_model(name, num_classes=7)
+    assert classifier_name(model) == "fc" and model.fc.out_features == 7
+
+
+@pytest.mark.parametrize("name, message", [("resnet5O", "unknown timm model"), ("tv:nope", "unknown torchvision")])
+def test_unknown_model_names(name, message):
+    with pytest.raises(ModelError, match=message):
+        check_model_name(name)
+
+
+@pytest.mark.parametrize("source, target", [("tv:resnet18", "resnet18"), ("resnet18", "tv:resnet18")])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_weights_file_into_another_class_count(tmp_path, source, target, suffix):
+    donor = create_model(source, num_classes=1000)
+    path = tmp_path / f"donor{suffix}"
+    state = {k: v.contiguous() for k, v in donor.state_dict().items()}
+    save_file(state, path) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
+    model = create_model(target, num_classes=5, weights=path)
+    assert torch.equal(model.conv1.weight, donor.conv1.weight)
+    assert torch.equal(model.layer4[1].bn2.running_var, donor.layer4[1].bn2.running_var)
+    assert model.fc.out_features == 5  # replaced, not loaded
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path):
+    path = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("resnet18", 3).state_dict().items()}, path)
+    with pytest.raises(ModelError, match=f"{path}: .* has shape"):
+        create_model("resnet50", num_classes=3, weights=path)
+    model = create_model("resnet18", num_classes=4)
+    with pytest.raises(ModelError, match="has shape"):
+        load_weights_into(model, {"fc.weight": torch.zeros(3, 512)}, source="x", replace_classifier=False)
+
+
+def test_pickled_code_is_not_run(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open(%r, 'w').write('ran')" % str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": Evil()}, path)
+    with pytest.raises(ModelError, match="cannot read weights"):
+        create_model("resnet18", num_classes=2, weights=path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_pretrained_offline_fails_in_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="--pretrained: cannot get pretrained weights for resnet18") as err:
+        create_model("resnet18", num_classes=2, pretrained=True)
+    assert "\n" not in str(err.value)

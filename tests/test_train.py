@@ -1,0 +1,131 @@
+"""train.py end to end, run as a user runs it: files, printed lines, resume, two processes, bad input."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from fixres.checkpoint import list_checkpoints, load_weights
+from tests.conftest import TINY_TRAIN, error_line, make_image_folder, run_script
+
+
+def train(tmp_path, *args, name="run", processes=1, data=None):
+    result = run_script("train.py", "--data", data, *TINY_TRAIN, "--output", tmp_path / "runs", "--name", name,
+                        *args, processes=processes)
+    return result, tmp_path / "runs" / name
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_two_epochs_write_the_run_folder(tmp_path, tiny_csv):
+    result, run = train(tmp_path, "--epochs", "2", data=tiny_csv)
+    assert_ok(result)
+    assert "fixres train: resolved config" in result.stdout
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all("(n=25)" in line for line in epoch_lines)
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds"} <= set(records[0])
+    assert records[-1]["val_acc"] > 0.5  # three colours: chance is 1/3
+    assert json.loads((run / "classes.json").read_text()) == ["blue", "green", "red"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "test_resnet" and config["train_res"] == 32
+
+    _, meta = load_weights(run / "best.safetensors")
+    assert meta["classes"] == ["blue", "green", "red"] and meta["test_res"] == 32 and meta["crop_pct"] == 0.875
+    assert len(list_checkpoints(run)) == 2
+
+
+def test_resume_is_exact(tmp_path, tiny_csv):
+    full, full_run = train(tmp_path, "--epochs", "2", name="full", data=tiny_csv)
+    assert_ok(full)
+    first, split_run = train(tmp_path, "--epochs", "2", "--stop-after", "1", name="split", data=tiny_csv)
+    assert_ok(first)
+    assert len((split_run / "metrics.jsonl").read_text().splitlines()) == 1
+    second = run_script("train.py", "--resume", split_run)
+    assert_ok(second)
+    assert "resumed from" in second.stdout and "at epoch 2" in second.stdout
+
+    expected, _ = load_weights(full_run / "last.safetensors")
+    resumed, meta = load_weights(split_run / "last.safetensors")
+    assert meta["epoch"] == 2
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_resume_auto_with_nothing_to_resume_starts_fresh(tmp_path, tiny_csv):
+    result, run = train(tmp_path, "--epochs", "1", "--resume", "auto", data=tiny_csv)
+    assert_ok(result)
+    assert "no checkpoint under" in result.stdout and "starting fresh" in result.stdout
+    assert (run / "last.safetensors").is_file()
+
+
+def test_two_processes_count_every_validation_image_once(tmp_path, tiny_csv):
+    result, run = train(tmp_path, "--epochs", "1", "--cpu", processes=2, data=tiny_csv)
+    assert_ok(result)
+    assert "processes        2" in result.stdout
+    record = json.loads((run / "metrics.jsonl").read_text())
+    assert record["val_count"] == 25  # the split's size, not rounded up to the padded batches
+    assert sum(line.startswith("epoch ") for line in result.stdout.splitlines()) == 1  # rank 1 prints nothing
+
+
+def test_image_folder_and_torchvision_model(tmp_path, tiny_folder):
+    result, run = train(tmp_path, "--epochs", "1", "--model", "tv:resnet18", data=tiny_folder)
+    assert_ok(result)
+    assert "(n=6)" in result.stdout
+    assert load_weights(run / "last.safetensors")[1]["model"] == "tv:resnet18"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda csv: csv.write_text(csv.read_text().replace("is_val", "split")), "missing column(s) is_val"),
+    (lambda csv: (csv.parent / "images" / "0003.jpg").unlink(), "0003.jpg does not exist"),
+    (lambda csv: csv.write_text(csv.read_text().replace("0004.jpg", "../0004.jpg")), "leaves the image folder"),
+    (lambda csv: csv.write_text(csv.read_text().replace("True", "False")), "the validation split is empty"),
+])
+def test_bad_data_is_refused_before_training(tmp_path, tiny_csv, edit, message):
+    shutil.copytree(tiny_csv.parent, tmp_path / "data")
+    csv = tmp_path / "data" / "labels.csv"
+    edit(csv)
+    result, run = train(tmp_path, "--epochs", "1", data=csv)
+    line = error_line(result)
+    assert message in line and str(csv) in line
+    assert "epoch " not in result.stdout
+
+
+def test_label_that_is_not_a_known_class(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    (root / "val" / "purple").mkdir()
+    (root / "val" / "blue" / "0.jpg").rename(root / "val" / "purple" / "0.jpg")
+    result, _ = train(tmp_path, "--epochs", "1", data=root)
+    assert "class 'purple' is not a known class" in error_line(result)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "resnet5O"], "--model resnet5O: unknown timm model"),
+    (["--train-res", "0"], "--train-res must be > 0, got 0"),
+    (["--test-res", "-32"], "--test-res must be > 0, got -32"),
+    (["--crop-pct", "1.5"], "--crop-pct must be in (0, 1]"),
+    (["--optimizer", "adam"], "--optimizer"),
+    (["--resume", "/nonexistent"], "--resume /nonexistent: no such run folder"),
+])
+def test_bad_options_are_refused(tmp_path, tiny_csv, args, message):
+    result, _ = train(tmp_path, *args, data=tiny_csv)
+    assert message in error_line(result)
+
+
+def test_undecodable_image_stops_or_is_skipped(tmp_path, tiny_csv):
+    shutil.copytree(tiny_csv.parent, tmp_path / "data")
+    csv = tmp_path / "data" / "labels.csv"
+    bad = tmp_path / "data" / "images" / "0005.jpg"
+    bad.write_bytes(b"not a jpeg")
+    # batch 12 divides the 60 training images, so no batch is dropped and the bad one is read
+    result, _ = train(tmp_path, "--epochs", "1", "--batch-size", "12", name="stops", data=csv)
+    assert f"cannot decode image {bad}" in error_line(result)
+
+    result, run = train(tmp_path, "--epochs", "1", "--batch-size", "12", "--skip-bad-images", name="skips", data=csv)
+    assert_ok(result)
+    assert "skipped 1 bad images" in result.stdout
+    assert json.loads((run / "metrics.jsonl").read_text())["skipped"] == 1
