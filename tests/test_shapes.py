@@ -1,0 +1,166 @@
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fixres import shapes
+from fixres.shapes import CLASS_NAMES, default_cache_dir, ensure_shapes, generate, render_image
+
+N_TRAIN, N_VAL = 24, 12
+
+
+def _rows(csv_path: Path) -> list[dict]:
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("ds") / "shapes", n_train=N_TRAIN, n_val=N_VAL)
+
+
+def test_csv_layout(small):
+    assert small.name == "labels.csv"
+    assert small.read_text().splitlines()[0] == "image_id,label,is_val"
+    rows = _rows(small)
+    assert len(rows) == N_TRAIN + N_VAL
+    assert {r["is_val"] for r in rows} == {"True", "False"}
+    assert sum(r["is_val"] == "True" for r in rows) == N_VAL
+    assert {r["label"] for r in rows} <= set(CLASS_NAMES)
+    assert len({r["image_id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert r["image_id"].endswith(".jpg")
+        assert (small.parent / "images" / r["image_id"]).is_file()
+
+
+def test_classes_balanced_per_split(small):
+    rows = _rows(small)
+    for split, n in (("False", N_TRAIN), ("True", N_VAL)):
+        counts = Counter(r["label"] for r in rows if r["is_val"] == split)
+        assert set(counts) == set(CLASS_NAMES)
+        assert max(counts.values()) - min(counts.values()) <= 1
+        assert sum(counts.values()) == n
+    # Shuffled, not a plain round-robin sequence.
+    labels = [r["label"] for r in rows[:N_TRAIN]]
+    assert labels != [CLASS_NAMES[i % len(CLASS_NAMES)] for i in range(N_TRAIN)]
+
+
+def test_images_are_rgb_jpegs_of_requested_size(small):
+    for r in _rows(small):
+        with Image.open(small.parent / "images" / r["image_id"]) as im:
+            assert im.format == "JPEG"
+            assert im.mode == "RGB"
+            assert im.size == (128, 128)
+
+
+def test_non_square_size(tmp_path):
+    csv_path = generate(tmp_path / "wide", n_train=6, n_val=6, width=100, height=60)
+    for r in _rows(csv_path):
+        with Image.open(csv_path.parent / "images" / r["image_id"]) as im:
+            assert im.size == (100, 60) and im.mode == "RGB"
+    tall = render_image(np.random.default_rng(0), 0, 40, 90)
+    assert tall.size == (40, 90) and tall.mode == "RGB"
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_deterministic_and_seed_dependent(tmp_path):
+    kw = dict(n_train=12, n_val=6, width=64, height=48)
+    a = _tree_bytes(generate(tmp_path / "a", seed=3, **kw).parent)
+    b = _tree_bytes(generate(tmp_path / "b", seed=3, **kw).parent)
+    c = _tree_bytes(generate(tmp_path / "c", seed=4, **kw).parent)
+    assert a == b
+    assert a.keys() == c.keys()
+    differing = [k for k in a if k.startswith("images") and a[k] != c[k]]
+    assert len(differing) == 18
+    assert a["labels.csv"] != c["labels.csv"]
+
+
+def test_image_depends_only_on_seed_and_index():
+    # The same (seed, index) stream renders the same pixels, regardless of what came before.
+    def img(i):
+        return np.asarray(render_image(np.random.default_rng([shapes._TAG_IMAGE, 0, i]), 2, 32, 32))
+    first = img(5)
+    img(6)
+    assert np.array_equal(first, img(5))
+
+
+def test_second_call_reuses(tmp_path, monkeypatch):
+    root = tmp_path / "ds"
+    csv_path = generate(root, n_train=6, n_val=6)
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    calls = []
+    monkeypatch.setattr(shapes, "render_image", lambda *a, **k: calls.append(a) or Image.new("RGB", (8, 8)))
+    assert generate(root, n_train=6, n_val=6) == csv_path
+    assert calls == []
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == stamps
+    # Different parameters into the same folder rebuild it (it is ours: the marker says so).
+    monkeypatch.undo()
+    generate(root, n_train=12, n_val=6)
+    assert len(_rows(csv_path)) == 18
+    assert json.loads((root / "shapes.json").read_text())["n_train"] == 12
+
+
+def test_no_leftovers_and_refuses_foreign_folder(tmp_path):
+    generate(tmp_path / "ds", n_train=6, n_val=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError):
+        generate(foreign, n_train=6, n_val=0)
+    assert (foreign / "keep.txt").read_text() == "user data"
+
+
+def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shapes, "render_image", boom)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path / "ds", n_train=6, n_val=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_objects_vary_in_scale(monkeypatch):
+    # The object is the last thing painted; record its alpha mask to get its area exactly.
+    painted = []
+    orig = shapes._paint
+    monkeypatch.setattr(shapes, "_paint", lambda planes, mask, *a: painted.append(mask) or orig(planes, mask, *a))
+    fracs = []
+    for seed in range(40):
+        painted.clear()
+        render_image(np.random.default_rng(seed), CLASS_NAMES.index("square"), 96, 96)
+        fracs.append(painted[-1][0].sum() / 96**2)
+    fracs = np.array(fracs)
+    # Diameter 15%..80% of the side: a square covers ~1%..32% of the image.
+    assert fracs.min() < 0.04
+    assert fracs.max() > 0.15
+    assert fracs.min() > 0.003  # never vanishingly small
+
+
+def test_ensure_shapes_uses_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FIXRES_CACHE", str(tmp_path / "env-cache"))
+    assert default_cache_dir() == tmp_path / "env-cache"
+    monkeypatch.delenv("FIXRES_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "fixres"
+    csv_path = ensure_shapes(n_train=6, n_val=6, width=32, height=24, seed=1, cache_dir=tmp_path)
+    assert csv_path == tmp_path / "shapes-32x24-6-6-s1" / "labels.csv"
+    assert csv_path.is_file()
+    assert ensure_shapes(n_train=6, n_val=6, width=32, height=24, seed=1, cache_dir=tmp_path) == csv_path
+
+
+def test_cli(tmp_path, capsys):
+    shapes.main(["--out", str(tmp_path / "cli"), "--n-train", "6", "--n-val", "6",
+                 "--size", "50x30", "--seed", "2", "--quality", "80"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(tmp_path / "cli" / "labels.csv")
+    assert lines[1].startswith("12 images in ")
+    with Image.open(next((tmp_path / "cli" / "images").iterdir())) as im:
+        assert im.size == (50, 30)
