@@ -1,0 +1,32 @@
+"""Evaluate a checkpoint at many test resolutions; compare the best with the FixRes prediction.
+
+    python sweep.py --checkpoint runs/<name>                      # sizes about 0.5x..2x the training res
+    python sweep.py --checkpoint runs/<name> --sizes 64 128 224 384 480 --crop-pct 0.8
+    accelerate launch sweep.py --checkpoint runs/<name>           # all GPUs share every size
+    torchrun --nproc_per_node 2 sweep.py --cpu --checkpoint runs/<name>   # two CPU processes (gloo)
+    python sweep.py --checkpoint runs/<name> --activations        # + pooled-feature statistics
+    python sweep.py --model tv:resnet50 --weights r50.pth --data data/ --train-res 224  # plain weights
+
+Prints the resolved config, a progress bar, a table (size, resize, top-1, loss, images,
+forward img/s, which size was trained / predicted / best) and a line like
+"best: 80 px (top-1 91.2%), trained at 64 px, predicted 79 px"; with --activations, the
+fraction of zeros, mean and spread of the pooled features per size. Writes sweep.csv,
+sweep.json and sweep.png (and activations.png) into the run folder or --output. The
+table is the same with 1 and N processes. `--help` lists every option.
+"""
+import shlex
+import sys
+
+from fixres.cli import run_main
+from fixres.config import parse_args
+from fixres.sweep import SweepConfig, sweep
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg, _ = parse_args(SweepConfig, argv, __doc__.split("\n")[0])
+    return sweep(cfg, command=shlex.join(["sweep.py", *argv]))
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,266 @@
+"""sweep.py: sharding, decode-once, plots, bad input, and the same table with 1 and 2 processes.
+
+    python -m pytest tests/test_sweep.py -q      # about a minute and a half on 2 CPU cores
+"""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fixres import sweep as sweep_lib
+from fixres.checkpoint import save_weights
+from fixres.cli import run_main
+from fixres.config import ConfigError
+from fixres.data import ImageDataset, collate_skipping, load_split
+from fixres.engine import evaluate
+from fixres.models import create_model, load_run_model
+from fixres.sweep import SweepConfig, default_sizes, run_sweep, shard_indices
+from fixres.transforms import eval_transform
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+N_IMAGES, N_VAL = 60, 23      # 23 validation images: batches of 4 split 12 / 11 over 2 processes
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# one thread per process, as torchrun sets: fast on a busy 2-core machine, and the same per
+# process in the 1- and 2-process runs
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("sweep_script", REPO / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT = _load_script()
+
+
+@pytest.fixture(scope="session")
+def data_csv(tmp_path_factory) -> Path:
+    """3 classes of coloured noise, 48x40 JPEGs, in the Cassava CSV layout."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    names = list(COLOURS)
+    rows = ["image_id,label,is_val"]
+    for i in range(N_IMAGES):
+        label = names[i % 3]
+        pixels = np.clip(rng.normal(COLOURS[label], 60, size=(40, 48, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"{i:03d}.jpg", quality=90)
+        rows.append(f"{i:03d}.jpg,{label},{i >= N_IMAGES - N_VAL}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(data_csv, tmp_path_factory) -> Path:
+    """A test_resnet run folder written by train.py itself (one epoch at 32 px)."""
+    out = tmp_path_factory.mktemp("runs")
+    subprocess.run([sys.executable, "train.py", "--data", str(data_csv), "--model", "test_resnet",
+                    "--train-res", "32", "--epochs", "1", "--batch-size", "16", "--workers", "0",
+                    "--output", str(out), "--name", "tiny"], cwd=REPO, env=ENV, check=True, capture_output=True)
+    return out / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tv_run(data_csv, tmp_path_factory) -> Path:
+    """A torchvision resnet18 run folder built in-process (untrained weights are enough here)."""
+    run = tmp_path_factory.mktemp("tvrun")
+    torch.manual_seed(0)
+    model = create_model("tv:resnet18", 3)
+    meta = {"model": "tv:resnet18", "classes": sorted(COLOURS), "train_res": 32, "test_res": 32,
+            "crop_pct": 0.875, "interpolation": "bilinear"}
+    save_weights(run / "best.safetensors", model.state_dict(), meta)
+    (run / "config.json").write_text(json.dumps({"data": str(data_csv), "images": None, "min_scale": 0.08}))
+    torch.save(model.state_dict(), run / "plain.pth")
+    return run
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The sweep table's cells, without the timing column (forward img/s)."""
+    rows = []
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if cells and cells[0].isdigit() and len(cells) == 7:
+            rows.append(cells[:5] + cells[6:])
+    return rows
+
+
+# ---- pure helpers ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+@pytest.mark.parametrize("n,batch", [(0, 4), (1, 4), (23, 4), (24, 4), (7, 1), (100, 64)])
+def test_shards_cover_every_image_once_in_the_same_batches(n, batch, world):
+    shards = [shard_indices(n, batch, rank, world) for rank in range(world)]
+    assert sorted(i for s in shards for i in s) == list(range(n))
+    single = [list(range(n))[i:i + batch] for i in range(0, n, batch)]
+    for s in shards:  # a DataLoader over a shard re-forms the single-process batches
+        assert all(s[i:i + batch] in single for i in range(0, len(s), batch))
+
+
+def test_default_sizes_ladder():
+    assert default_sizes(64, 79) == [32, 48, 64, 79, 96, 112, 128]
+    sizes = default_sizes(224, 277)
+    assert 224 in sizes and 277 in sizes and 280 not in sizes
+    assert min(sizes) == 112 and max(sizes) == 448
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    (dict(sizes=[0, 32]), "--sizes"), (dict(sizes=[-8]), "--sizes"), (dict(sizes=[4096]), "--sizes"),
+    (dict(crop_pct=0.0), "--crop-pct"), (dict(crop_pct=1.5), "--crop-pct"), (dict(batch_size=0), "--batch-size"),
+    (dict(checkpoint=None), "--checkpoint"), (dict(weights="w.pth"), "--checkpoint"),
+    (dict(checkpoint=None, weights="w.pth"), "--model"),
+])
+def test_config_refuses(kwargs, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        SweepConfig(**{"checkpoint": "runs/x", **kwargs})
+
+
+# ---- in-process sweeps ------------------------------------------------------------------------
+
+def test_decode_once_and_same_numbers_as_train_evaluation(tiny_run, monkeypatch):
+    """Each validation image is decoded once for 3 sizes, and each size scores exactly what
+    train.py's evaluation scores at that size (which decodes again per size)."""
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=True)
+    model, meta = load_run_model(tiny_run)
+    assert model.training
+    split = load_split(json.loads((tiny_run / "config.json").read_text())["data"], classes=meta["classes"])
+    decoded = []
+    real_open = sweep_lib.open_image
+    monkeypatch.setattr(sweep_lib, "open_image", lambda path: decoded.append(path) or real_open(path))
+    sizes = [24, 32, 40]
+    rows = run_sweep(model, meta, split, sizes, 0.875, accelerator, batch_size=4, workers=0, activations=True)
+    assert len(decoded) == len(split.val) == N_VAL
+    assert sorted(decoded) == sorted(p for p, _ in split.val)
+    assert [r["size"] for r in rows] == sizes and all(r["count"] == N_VAL for r in rows)
+    assert model.training  # modes restored (a fresh model is in train mode)
+    model = model.to(memory_format=torch.channels_last)  # as train.py evaluates (channels_last default)
+    for row in rows:
+        tf = eval_transform(size=row["size"], crop_pct=0.875)
+        loader = torch.utils.data.DataLoader(ImageDataset(split.val, tf), batch_size=8, collate_fn=collate_skipping)
+        ref = evaluate(model, loader, accelerator, channels_last=True)
+        assert row["correct"] == round(ref["accuracy"] * ref["count"]) and row["count"] == ref["count"]
+        assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        assert 0 <= row["act_zero_frac"] <= 1 and row["act_std"] > 0
+        assert sum(row["act_hist"]) == N_VAL * 96  # test_resnet pools 96 features
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()  # no inference tensors: finetune can still train it
+
+
+def test_torchvision_model_and_plots(tv_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main(SCRIPT.main, ["--checkpoint", str(tv_run), "--sizes", "32", "48", "--cpu", "--workers", "0",
+                                  "--batch-size", "8", "--activations", "--output", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert [r[0] for r in table_rows(stdout)] == ["32", "48"]
+    assert re.search(r"best: \d+ px \(top-1 [\d.]+%\), trained at 32 px, predicted 40 px", stdout)
+    for name in ("sweep.png", "activations.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE)
+        with Image.open(out / name) as img:
+            img.verify()
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["meta"]["predicted_best"] == 40 and record["meta"]["train_res"] == 32
+    assert len(record["activations"]["edges"]) + 1 == len(record["activations"]["hist"]["32"])
+
+
+def test_plain_pretrained_weights(tv_run, data_csv, tmp_path, capsys):
+    argv = ["--model", "tv:resnet18", "--weights", str(tv_run / "plain.pth"), "--data", str(data_csv),
+            "--train-res", "32", "--sizes", "32", "--cpu", "--workers", "0", "--output", str(tmp_path)]
+    assert run_main(SCRIPT.main, argv) == 0
+    assert "trained at 32 px, predicted 40 px" in capsys.readouterr().out
+    assert (tmp_path / "sweep.csv").read_text().startswith("size,resize,top1,loss,correct,count")
+
+
+# ---- bad input: one line, exit status 2, before any evaluation ---------------------------------
+
+def _bad_cases(tiny_run, data_csv, tmp: Path):
+    (tmp / "empty").mkdir()
+    foreign = tmp / "foreign.safetensors"  # fixres metadata says test_resnet, tensors are resnet18
+    save_weights(foreign, create_model("tv:resnet18", 3).state_dict(),
+                 {"model": "test_resnet", "classes": sorted(COLOURS), "train_res": 32})
+    wrong_classes = data_csv.parent / "wrong_classes.csv"
+    wrong_classes.write_text(data_csv.read_text().replace("red,True", "purple,True", 1))
+    four = create_model("tv:resnet18", 4).state_dict()
+    torch.save(four, tmp / "four.pth")
+    run = ["--checkpoint", str(tiny_run)]
+    return [
+        (["--checkpoint", str(tmp / "missing")], "missing: no such checkpoint folder"),
+        (["--checkpoint", str(tmp / "empty")], "empty: holds no weights"),
+        (["--checkpoint", str(foreign)], "foreign.safetensors"),
+        (["--model", "resnet18", "--weights", str(tiny_run / "best.safetensors"), "--data", str(data_csv)],
+         "best.safetensors: "),
+        (run + ["--data", str(wrong_classes)], "wrong_classes.csv row"),
+        (["--model", "tv:resnet18", "--weights", str(tmp / "four.pth"), "--data", str(data_csv)], "4-class"),
+        (run + ["--sizes", "0", "32"], "--sizes"),
+        (run + ["--sizes", "32", "100000"], "--sizes"),
+        (run + ["--crop-pct", "0"], "--crop-pct"),
+        (run + ["--crop-pct", "1.2"], "--crop-pct"),
+    ]
+
+
+def test_bad_input_is_one_line_and_status_2(tiny_run, data_csv, tmp_path, capsys):
+    for argv, named in _bad_cases(tiny_run, data_csv, tmp_path):
+        argv = argv + ["--cpu", "--output", str(tmp_path / "out")]
+        try:
+            status = run_main(SCRIPT.main, argv)
+        except SystemExit as exit_:  # argparse refuses bad option values itself
+            status = exit_.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2, argv
+        assert re.match(r"(\S+: )?error: ", err[-1]) and named in err[-1], (argv, err)
+        if err[-1].startswith("error: "):  # user errors: all of stderr is one line (argparse adds usage)
+            assert len(err) == 1, err
+        assert not (tmp_path / "out").exists(), argv  # refused before any evaluation
+
+
+def test_script_error_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "sweep.py", "--checkpoint", str(tmp_path / "nope")],
+                            cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such checkpoint folder or file"]
+
+
+# ---- the real script: 1 process vs 2 -----------------------------------------------------------
+
+def _script(launcher: list[str], run: Path, out: Path, *extra) -> str:
+    result = subprocess.run([*launcher, "sweep.py", "--checkpoint", str(run), "--sizes", "24", "32", "40",
+                             "--batch-size", "4", "--activations", "--output", str(out), *extra],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_same_table_with_one_and_two_processes(tiny_run, tmp_path):
+    one = _script([sys.executable], tiny_run, tmp_path / "one", "--workers", "1")  # a loader worker process
+    two = _script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"], tiny_run, tmp_path / "two",
+                  "--cpu", "--workers", "0")
+    assert re.search(r"processes\s+2\b", two) and re.search(r"processes\s+1\b", one)
+    rows_one, rows_two = table_rows(one), table_rows(two)
+    assert [r[0] for r in rows_one] == ["24", "32", "40"]
+    assert all(r[4] == str(N_VAL) for r in rows_one)
+    assert rows_one == rows_two  # size, resize, top-1, loss (4 decimals), images, notes
+    assert re.search(r"best: \d+ px .*trained at 32 px, predicted 40 px", one)
+    a, b = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("one", "two"))
+    assert a["meta"]["processes"] == 1 and b["meta"]["processes"] == 2
+    for ra, rb in zip(a["rows"], b["rows"]):
+        assert (ra["size"], ra["correct"], ra["count"]) == (rb["size"], rb["correct"], rb["count"])
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6)   # summation order may differ
+    assert a["activations"]["hist"] == b["activations"]["hist"]    # exact counts
+    for d in ("one", "two"):
+        for name in ("sweep.csv", "sweep.json", "sweep.png", "activations.png"):
+            assert (tmp_path / d / name).is_file()
+        assert (tmp_path / d / "sweep.png").read_bytes().startswith(PNG_SIGNATURE)
+        csv_lines = (tmp_path / d / "sweep.csv").read_text().splitlines()
+        assert len(csv_lines) == 4 and csv_lines[0].startswith("size,resize,top1,loss")
