@@ -40,7 +40,7 @@ class TrainConfig:
     model: str = _opt("resnet50", "timm model name, or tv:<name> for torchvision")
     pretrained: bool = _opt(False, "start from the library's pretrained weights (needs network access)")
     weights: str | None = _opt(None, "local state dict (.safetensors or .pth) to start from; the classifier is replaced if the class count differs")
-    channels_last: bool = _opt(True, "channels_last memory format (faster convolutions on GPUs)")
+    channels_last: bool | None = _opt(None, "channels_last memory format (default: on for GPUs; off on CPUs, where it measured slower)")
     # resolution and preprocessing
     train_res: int = _opt(224, "RandomResizedCrop size for training")
     test_res: int | None = _opt(None, "centre-crop size for validation (default: --train-res)")
@@ -55,6 +55,7 @@ class TrainConfig:
     weight_decay: float = _opt(0.1, "weight decay (0.1 as in the Cassava blog post's AdamW run)")
     momentum: float = _opt(0.9, "SGD momentum")
     warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs, then cosine decay to zero")
+    freeze_epochs: int = _opt(0, "train only the classifier for the first N epochs, the rest frozen in eval mode (transfer learning from --weights)")
     label_smoothing: float = _opt(0.0, "label smoothing for the cross-entropy loss")
     grad_accum: int = _opt(1, "gradient accumulation steps per optimizer step")
     # runtime
@@ -84,6 +85,8 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if self.freeze_epochs < 0:
+            raise ConfigError(f"--freeze-epochs must be >= 0, got {self.freeze_epochs}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -110,11 +113,62 @@ class TrainConfig:
 SHAPES_PRESET = dict(
     model="resnet18",   # timm; ~150 images/s training at 64 px on 2 cores
     train_res=64,       # stored images are 128 px, so the sweep can go up to 2x
+    min_scale=0.25,     # smaller crops often miss the object entirely: label noise
     epochs=8,           # about 5 minutes on 2 cores
     lr=2e-3,            # AdamW, batch 64; higher diverged early in our runs
     weight_decay=0.05,  # 0.1 slowed the small model down over only 8 epochs
     workers=1,          # decoding 128 px JPEGs is cheap; one worker keeps a core for compute
 )
+
+
+FINETUNE_METHODS = ("finetune", "bn-stats", "parametric")
+FINETUNE_AUGS = ("test", "test+", "rrc")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """finetune.py: the training loop with FixRes fields and defaults. The model, its
+    training resolution and the data come from --checkpoint (model, train_res and
+    test_res are filled in from it, so they are not command-line options)."""
+    CLI_HIDDEN: typing.ClassVar[tuple] = ("model", "pretrained", "weights", "train_res", "test_res", "freeze_epochs")
+
+    checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py")
+    res: str | int = _opt("auto", "resolution to fine-tune and test at, or 'auto': sweep the validation split and take its best")
+    method: str = _opt("finetune", "finetune: train the classifier with the last BN in train mode; bn-stats: only re-estimate "
+                       "that BN's statistics (no gradients); parametric: the paper's Frechet map before the classifier",
+                       FINETUNE_METHODS)
+    aug: str = _opt("test+", "fine-tuning images: test = Resize + CenterCrop at --res; test+ = that with flip, light "
+                    "colour jitter and a horizontally shifted crop (FixRes v2); rrc = RandomResizedCrop", FINETUNE_AUGS)
+    train_bn_affine: bool = _opt(False, "also train the last BN's weight and bias (the reference code trains only the classifier)")
+    sizes: list[int] | None = _opt(None, "with --res auto: the sizes to sweep (default: sweep.py's, about 0.5x to 2x the training res)")
+    parametric_scope: str = _opt("global", "parametric: one distribution for all pooled features, or one per feature",
+                                 ("global", "feature"))
+    fit_images: int = _opt(5000, "parametric: training images whose pooled features are fitted at each resolution")
+    # the training loop's options with fine-tuning defaults (reference: SGD, momentum 0.9, wd 1e-4, lr 1e-3..8e-3)
+    epochs: int = _opt(3, "fine-tuning epochs (the classifier and the last BN converge in a few)")
+    optimizer: str = _opt("sgd", "optimizer", ("adamw", "sgd"))
+    lr: float = _opt(4e-3, "peak learning rate (cosine decay, no warm-up)")
+    weight_decay: float = _opt(1e-4, "weight decay of the classifier weights")
+    warmup_epochs: float = _opt(0.0, "linear warm-up length in epochs (the head starts trained: none needed)")
+    output: str | None = _opt(None, "folder for the new run folder (default: the folder that holds the source run)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.checkpoint is None and self.resume is None:
+            raise ConfigError("--checkpoint is required: the run folder (or weights file) of train.py to fine-tune")
+        if self.resume == "auto":
+            raise ConfigError("finetune.py --resume takes the fine-tuning run folder, not 'auto'")
+        if self.res != "auto":
+            try:
+                self.res = int(self.res)
+            except ValueError:
+                raise ConfigError(f"--res must be a size in pixels or 'auto', got {self.res!r}") from None
+            if self.res <= 0:
+                raise ConfigError(f"--res must be > 0, got {self.res}")
+        if self.sizes is not None and any(s <= 0 for s in self.sizes):
+            raise ConfigError(f"--sizes must all be > 0, got {self.sizes}")
+        if self.fit_images <= 1:
+            raise ConfigError(f"--fit-images must be > 1, got {self.fit_images}")
 
 
 def build_parser(cls, description: str, preset_note: str = "") -> argparse.ArgumentParser:
@@ -124,7 +178,10 @@ def build_parser(cls, description: str, preset_note: str = "") -> argparse.Argum
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(cls)
+    hidden = getattr(cls, "CLI_HIDDEN", ())
     for f in dataclasses.fields(cls):
+        if f.name in hidden:
+            continue
         hint = hints[f.name]
         if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
             hint = next(a for a in typing.get_args(hint) if a is not type(None))
@@ -132,10 +189,13 @@ def build_parser(cls, description: str, preset_note: str = "") -> argparse.Argum
         if "_" in f.name:
             flags.append(f"--{f.name}")
         help_text = f.metadata.get("help", "") + f" (default: {f.default})"
+        nargs = None
+        if typing.get_origin(hint) is list:  # list[int] -> `--sizes 64 128 224`
+            hint, nargs = typing.get_args(hint)[0], "+"
         if hint is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(*flags, type=hint, choices=f.metadata.get("choices"),
+            parser.add_argument(*flags, type=hint, nargs=nargs, choices=f.metadata.get("choices"),
                                 help=help_text, metavar=f.name.upper() if not f.metadata.get("choices") else None)
     return parser
 

@@ -286,6 +286,10 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
-def default_workers(processes_per_node: int = 1) -> int:
+def default_workers() -> int:
+    """Loader workers per process: the cores this process may use, shared among the
+    processes of this node (torchrun and accelerate set LOCAL_WORLD_SIZE), less one
+    core for the process itself, at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // max(1, processes_per_node) - 1))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(8, cores // max(1, local_processes) - 1))

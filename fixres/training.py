@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from fixres import checkpoint as ckpt
 from fixres.config import TrainConfig, load_config
 from fixres.data import EpochSampler, ImageDataset, collate_skipping, default_workers, load_split
 from fixres.engine import cosine_lr, evaluate, train_one_epoch
-from fixres.models import check_model_name, create_model, load_weights_into
+from fixres.models import check_model_name, classifier_name, create_model, load_weights_into
 from fixres.report import EpochProgress, config_table, epoch_line, make_console, metrics_table, write_jsonl
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
@@ -35,6 +36,9 @@ IDENTITY_KEYS = ("model", "data", "images")
 
 
 def make_accelerator(cfg: TrainConfig, **kwargs) -> Accelerator:
+    # Denormal floats (weights and gradients decaying towards zero) make x86 CPUs many
+    # times slower; epochs of the built-in demo went from 40 s to over 200 s without this.
+    torch.set_flush_denormal(True)
     return Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
                        gradient_accumulation_steps=cfg.grad_accum, log_with=cfg.log_with, **kwargs)
 
@@ -95,14 +99,14 @@ def new_run_dir(cfg: TrainConfig, data_name: str, accelerator: Accelerator) -> P
 
 def resumed_config(checkpoint: Path, cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """The run's saved config, with the options given on this command line on top."""
-    saved = load_config(TrainConfig, checkpoint.parent.parent / "config.json").to_dict()
+    saved = load_config(type(cfg), checkpoint.parent.parent / "config.json").to_dict()
     for key in explicit:
         value = getattr(cfg, key)
         if key in IDENTITY_KEYS and value != saved[key]:
             raise ckpt.CheckpointError(f"--resume {checkpoint}: the run was trained with "
                                        f"--{key.replace('_', '-')} {saved[key]}, not {value}")
         saved[key] = value
-    return TrainConfig(**saved)
+    return type(cfg)(**saved)
 
 
 def weights_meta(cfg: TrainConfig, classes: list[str], **extra) -> dict:
@@ -124,18 +128,49 @@ def build_loaders(split, cfg: TrainConfig, *, train_tf, eval_tf, workers: int, p
     return train_loader, val_loader
 
 
-def build_optimizer(named_params, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(named_params, cfg: TrainConfig, head: str | None = None) -> torch.optim.Optimizer:
+    """With `head` (the classifier's name), its parameters get groups of their own, marked
+    "head", so that --freeze-epochs can give the others a learning-rate scale of 0."""
     # no weight decay on norms and biases, as timm and torchvision's references do
     params = [(n, p) for n, p in named_params if p.requires_grad]
     groups = [{"params": [p for n, p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
               {"params": [p for n, p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if head is not None:
+        in_head = lambda n: n.startswith(head + ".")  # noqa: E731
+        groups = [{"params": [p for n, p in params if in_head(n) == is_head and (p.ndim > 1) == decay],
+                   "weight_decay": cfg.weight_decay if decay else 0.0, "head": is_head}
+                  for is_head in (False, True) for decay in (True, False)]
+        groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
-    accelerator = make_accelerator(cfg)
+@dataclass
+class Job:
+    """What a job built on this training loop changes; the defaults are train.py's.
+    finetune.py sets them all: its model, frozen but for the head and the last BN, its
+    preprocessing, its train/eval modes and the metadata of its weights."""
+    title: str = "train"
+    accelerator: Accelerator | None = None      # the caller's, when it has used one already
+    classes: list[str] | None = None            # a fixed class order (a trained model's)
+    build_model: Callable | None = None         # (cfg, classes) -> model, requires_grad set as wanted
+    transforms: Callable | None = None          # cfg -> (train transform, eval transform)
+    set_modes: Callable = lambda model: model.train()   # before each training epoch
+    meta: Callable = weights_meta               # (cfg, classes) -> metadata stored with the weights
+
+
+def head_only_modes(head: torch.nn.Module) -> Callable:
+    """--freeze-epochs: the backbone in eval mode (its BatchNorm statistics stay), the head in train mode."""
+    def set_modes(model):
+        model.eval()
+        head.train()
+    return set_modes
+
+
+def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = None) -> dict:
+    job = job or Job()
+    accelerator = job.accelerator or make_accelerator(cfg)
     console = make_console(accelerator.is_main_process)
     checkpoint = None
     if cfg.resume:
@@ -147,7 +182,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
     check_model_name(cfg.model)
     data, images, data_name = resolve_data(cfg, accelerator)
     saved_meta = ckpt.load_weights(checkpoint / ckpt.WEIGHTS_FILE)[1] if checkpoint else {}
-    split = load_split(data, images, classes=saved_meta.get("classes"))
+    split = load_split(data, images, classes=saved_meta.get("classes") or job.classes)
     run_dir = checkpoint.parent.parent if checkpoint else new_run_dir(cfg, data_name, accelerator)
 
     console.print(config_table({**cfg.to_dict(), "run folder": run_dir, "dataset": split.source,
@@ -155,17 +190,22 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
                                 "val images": len(split.val), "processes": accelerator.num_processes,
                                 "device": accelerator.device,
                                 "mixed precision": accelerator.mixed_precision},
-                               title="fixres train: resolved config"))
+                               title=f"fixres {job.title}: resolved config"))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json_atomic(run_dir / "config.json", cfg.to_dict())
         ckpt.write_json_atomic(run_dir / "classes.json", split.classes)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
-    model = create_model(cfg.model, len(split.classes), pretrained=cfg.pretrained and not checkpoint,
-                         weights=None if checkpoint else cfg.weights)
+    if job.build_model:
+        model = job.build_model(cfg, split.classes)
+    else:
+        model = create_model(cfg.model, len(split.classes), pretrained=cfg.pretrained and not checkpoint,
+                             weights=None if checkpoint else cfg.weights)
     state = RunState()
-    optimizer = build_optimizer(model.named_parameters(), cfg)
+    head = classifier_name(model) if cfg.freeze_epochs else None
+    head_modes = head_only_modes(model.get_submodule(head)) if head else None
+    optimizer = build_optimizer(model.named_parameters(), cfg, head=head)
     if checkpoint:
         weights, _ = ckpt.load_weights(checkpoint / ckpt.WEIGHTS_FILE)
         load_weights_into(model, weights, source=str(checkpoint), replace_classifier=False)
@@ -173,21 +213,25 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
         optimizer.load_state_dict(saved["optimizer"])
         state = RunState(**saved["run"])
         console.print(f"resumed from {checkpoint} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}")
-    if cfg.channels_last:
+    channels_last = cfg.channels_last if cfg.channels_last is not None else accelerator.device.type == "cuda"
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    workers = cfg.workers if cfg.workers is not None else default_workers(accelerator.state.local_process_index + 1)
-    train_loader, val_loader = build_loaders(
-        split, cfg, workers=workers, pin_memory=accelerator.device.type == "cuda",
-        train_tf=train_transform(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation),
-        eval_tf=eval_transform(size=cfg.eval_res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation))
+    workers = cfg.workers if cfg.workers is not None else default_workers()
+    if job.transforms:
+        train_tf, eval_tf = job.transforms(cfg)
+    else:
+        train_tf = train_transform(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation)
+        eval_tf = eval_transform(size=cfg.eval_res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+    train_loader, val_loader = build_loaders(split, cfg, workers=workers, train_tf=train_tf, eval_tf=eval_tf,
+                                             pin_memory=accelerator.device.type == "cuda")
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
     steps_per_epoch = max(1, len(train_loader) // cfg.grad_accum)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps // 2)
     lr_at = lambda step: cosine_lr(step, total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=cfg.lr)  # noqa: E731
-    meta = weights_meta(cfg, split.classes)
+    meta = job.meta(cfg, split.classes)
     if cfg.log_with:
         accelerator.init_trackers("fixres", config=cfg.to_dict())
     if accelerator.is_main_process:
@@ -203,14 +247,20 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
             train_loader.set_epoch(epoch)
             train_loader.dataset.epoch = epoch
             loader = train_loader
+            set_modes = job.set_modes
+            if head:  # --freeze-epochs: lr scale 0 outside the head (exact: no step, no decay), eval modes
+                head_only = epoch < cfg.freeze_epochs
+                for group in optimizer.param_groups:
+                    group["lr_scale"] = 0.0 if head_only and not group["head"] else 1.0
+                set_modes = head_modes if head_only else set_modes
             if state.batch_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch)
             with EpochProgress(console, f"epoch {epoch + 1}/{cfg.epochs}",
                                len(train_loader) * cfg.batch_size * accelerator.num_processes) as bar:
                 result, state.step = train_one_epoch(
                     model, loader, optimizer, accelerator, lr_at=lr_at, first_step=state.step,
-                    label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last,
-                    progress=bar, should_stop=stop)
+                    label_smoothing=cfg.label_smoothing, channels_last=channels_last,
+                    progress=bar, should_stop=stop, set_modes=set_modes)
             if not result.completed:
                 state.batch_in_epoch += result.images // (cfg.batch_size * accelerator.num_processes)
                 _save(accelerator, model, optimizer, run_dir, meta, state)
@@ -219,7 +269,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
                               f"continue with --resume {run_dir}")
                 return {"run_dir": str(run_dir), "stopped": True}
             with EpochProgress(console, "evaluating", len(split.val)) as bar:
-                val = evaluate(model, val_loader, accelerator, channels_last=cfg.channels_last, progress=bar)
+                val = evaluate(model, val_loader, accelerator, channels_last=channels_last, progress=bar)
             record = {"epoch": epoch + 1, "train_loss": result.loss, "train_acc": result.accuracy,
                       "val_loss": val["loss"], "val_acc": val["accuracy"], "val_count": val["count"],
                       "lr": result.lr, "images_per_s": result.images_per_s, "train_images": result.images,
@@ -240,7 +290,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
         stop.restore()
         if cfg.log_with:
             accelerator.end_training()
-    console.print(metrics_table(state.records, title=f"fixres train: {run_dir}"))
+    console.print(metrics_table(state.records, title=f"fixres {job.title}: {run_dir}"))
     return {"run_dir": str(run_dir), "records": state.records, "best_acc": state.best_acc, "stopped": False}
 
 

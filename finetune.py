@@ -1,0 +1,28 @@
+"""FixRes: adapt a trained classifier to a higher test resolution; the second step.
+
+    python finetune.py --checkpoint runs/<name>                  # --res auto: sweep, choose, fine-tune
+    accelerate launch finetune.py --checkpoint runs/<name> --res 384      # all GPUs, last BN synced
+    torchrun --nproc_per_node 2 finetune.py --cpu --checkpoint runs/<name> --res 80   # two CPU processes
+    python finetune.py --checkpoint runs/<name> --res 80 --method bn-stats     # no gradients, seconds
+    python finetune.py --checkpoint runs/<name> --res 80 --method parametric   # the paper's Frechet map
+
+Prints the accuracy at the training resolution, at the new one before and after
+(a table), with --res auto first the size it chose and why ("--res auto: 80 px, the
+best of the sweep ..."), and one line per fine-tuning epoch. Writes a run folder next
+to the source run (or under --output) in train.py's format whose weights expect the new
+resolution, plus finetune.json and activations.png. `--help` lists every option.
+"""
+import sys
+
+from fixres.cli import run_main
+from fixres.config import FinetuneConfig, parse_args
+from fixres.finetune import finetune
+
+
+def main(argv=None):
+    cfg, explicit = parse_args(FinetuneConfig, argv, __doc__.split("\n")[0])
+    return finetune(cfg, explicit)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,284 @@
+"""What FixRes changes in a trained model, as functions on the model.
+
+The last BatchNorm before the global pooling: `find_last_bn` finds it,
+`SyncedBatchNorm2d` replaces it so that its statistics are the global batch's on
+any backend (gloo included, where torch.nn.SyncBatchNorm refuses to run),
+`freeze_for_finetuning` and `finetune_modes` leave it and the classifier as the only
+things that change during fine-tuning:
+
+    name, bn = prepare_for_finetuning(model, input_size=224)   # "layer4.2.bn3" for ResNet-50
+
+Then the two zero-training alternatives to fine-tuning.
+
+bn-stats: reset the last BatchNorm's running statistics and re-estimate them at the new
+resolution as a plain average over the training images (no gradients; seconds).
+
+parametric (the paper's parametric adaptation): the pooled features that feed the
+classifier follow, roughly, a Frechet distribution (GEV with shape xi > 0; xi = 0.3
+as in the paper). Fit its location and scale at the training resolution and at the
+new one, then feed the classifier F_train^-1(F_test(x)) instead of x.
+
+    from fixres.adapt import fit_gev, FrechetAdapter, attach_adapter
+    loc_tr, scale_tr = fit_gev(features_at_train_res)           # one distribution for all
+    loc_te, scale_te = fit_gev(features_at_new_res)
+    attach_adapter(model, FrechetAdapter(loc_te, scale_te, loc_tr, scale_tr))
+
+With one xi for both distributions the map is affine on the new-resolution support,
+x -> loc_tr + scale_tr * (x - loc_te) / scale_te, and constant (the training support's
+lower end) below it, where F_test is 0: not foldable into the classifier because of
+that floor. The adapter is a submodule (`fixres_adapter`) applied by a forward
+pre-hook of the classifier, so the model's other state-dict keys do not change; the
+weights file carries `fixres_adapter.*` and `meta["adaptation"]`, and
+`attach_saved_adapter` restores it after loading. timm's strict loading refuses those
+extra keys: a parametric run is for fixres evaluation only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fixres.engine import to_device_batch
+from fixres.models import ModelError, classifier_name
+
+XI = 0.3          # the paper's fixed Frechet shape
+ADAPTER = "fixres_adapter"
+
+
+def find_last_bn(model: nn.Module, *, input_size: int = 64) -> str:
+    """Dotted name of the last BatchNorm that runs on feature maps before the classifier,
+    i.e. before the global pooling (ResNet-50: layer4.2.bn3 in timm and torchvision).
+
+    Found by running one blank image through the model in eval mode and recording the
+    order in which BatchNorm layers run, so the order of registration does not matter
+    (torchvision's Bottleneck registers its downsample BN after bn3). Where the last
+    block has a downsample branch (timm's test_resnet), that branch's BN runs last and
+    is the one chosen."""
+    norms = {m: n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    kind = type(model).__name__
+    if not norms:
+        raise ModelError(f"{kind} has no BatchNorm layer; FixRes fine-tuning needs one before the global pooling")
+    head = model.get_submodule(classifier_name(model))
+    ran: list[tuple[str, int]] = []   # (name, output dims), in execution order
+    reached = []
+
+    def record(module, args, output):
+        if not reached:
+            ran.append((norms[module], output.dim()))
+
+    handles = [m.register_forward_hook(record) for m in norms]
+    handles.append(head.register_forward_pre_hook(lambda module, args: reached.append(True)))
+    modes = {m: m.training for m in model.modules()}
+    param = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, input_size, input_size, device=param.device, dtype=param.dtype))
+    except Exception as err:  # a model that cannot run at this size cannot be traced either
+        raise ModelError(f"cannot run {kind} on a {input_size} px image to find its last BatchNorm "
+                         f"({str(err).splitlines()[0][:160] if str(err) else type(err).__name__})") from None
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.train(training)
+    on_maps = [name for name, dims in ran if dims == 4]
+    if not on_maps:
+        raise ModelError(f"{kind} has no BatchNorm on feature maps before its global pooling "
+                         f"(its BatchNorm layers run after it); FixRes fine-tuning needs one")
+    return on_maps[-1]
+
+
+def _distributed() -> bool:
+    # also with one process in a process group (torchrun --nproc_per_node 1): same result, one code path
+    return dist.is_available() and dist.is_initialized()
+
+
+class SyncedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are those of the global batch.
+
+    Each process all-reduces (sum, sum of squares, count) per channel, so every process
+    normalises with the same mean and variance and ends with the same running statistics:
+    N processes with batch b behave as one with batch N*b. Works on any backend (gloo,
+    NCCL). Single-process or in eval mode it is a plain BatchNorm2d. Its input must not
+    require grad (the layers before it are frozen): the statistics are not backpropagated."""
+
+    @classmethod
+    def from_bn(cls, bn: nn.modules.batchnorm._BatchNorm) -> SyncedBatchNorm2d:
+        ref = bn.running_mean if bn.running_mean is not None else bn.weight
+        new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                  track_running_stats=bn.track_running_stats, device=ref.device, dtype=ref.dtype)
+        new.load_state_dict(bn.state_dict())
+        return new.train(bn.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _distributed()):
+            return super().forward(x)
+        if x.requires_grad:
+            raise RuntimeError("SyncedBatchNorm2d: the layers before the synced BatchNorm must be frozen")
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
+            count = x.numel() // x.shape[1]
+            # local moments in float32 (two-pass, accurate), combined in float64
+            mean, var = mean.double(), var.double()
+            stats = torch.cat([mean * count, (var + mean * mean) * count, mean.new_tensor([count])])
+            dist.all_reduce(stats)
+            c, total = self.num_features, stats[-1]
+            mean = stats[:c] / total
+            var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)
+            if self.track_running_stats:
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * total / (total - 1).clamp_min(1)
+                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        # eval-mode batch_norm with the global statistics: gradients reach weight and bias only
+        return F.batch_norm(x, mean.float(), var.float(), self.weight, self.bias, False, 0.0, self.eps)
+
+
+def install_synced_bn(model: nn.Module, name: str) -> SyncedBatchNorm2d:
+    """Replace the BatchNorm at `name` by a SyncedBatchNorm2d with its parameters and statistics."""
+    parent, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    bn = SyncedBatchNorm2d.from_bn(getattr(owner, leaf))
+    setattr(owner, leaf, bn)
+    return bn
+
+
+def freeze_for_finetuning(model: nn.Module, *, last_bn: str, train_bn_affine: bool = False) -> list[str]:
+    """requires_grad only for the classifier (and the last BN's weight and bias); returns those names."""
+    prefixes = (classifier_name(model) + ".",) + ((last_bn + ".",) if train_bn_affine else ())
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+        if p.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+def finetune_modes(bn: nn.Module):
+    """The set_modes of the training loop: everything in eval mode but the last BN."""
+    def set_modes(model: nn.Module) -> None:
+        model.eval()
+        bn.train()
+    return set_modes
+
+
+def prepare_for_finetuning(model: nn.Module, *, input_size: int, train_bn_affine: bool = False
+                           ) -> tuple[str, SyncedBatchNorm2d]:
+    """find_last_bn + install_synced_bn + freeze_for_finetuning + the modes; (name, BN)."""
+    name = find_last_bn(model, input_size=input_size)
+    bn = install_synced_bn(model, name)
+    freeze_for_finetuning(model, last_bn=name, train_bn_affine=train_bn_affine)
+    finetune_modes(bn)(model)
+    return name, bn
+
+
+
+
+def gev_cdf(x: torch.Tensor, loc, scale, xi: float = XI) -> torch.Tensor:
+    """GEV CDF, xi > 0 (Frechet type): exp(-t^(-1/xi)) with t = 1 + xi (x - loc) / scale; 0 for t <= 0."""
+    t = 1 + xi * (x - loc) / scale
+    return torch.where(t > 0, torch.exp(-t.clamp_min(1e-30) ** (-1 / xi)), torch.zeros_like(t))
+
+
+def gev_icdf(p: torch.Tensor, loc, scale, xi: float = XI) -> torch.Tensor:
+    """Inverse of gev_cdf: loc + scale / xi * ((-log p)^(-xi) - 1)."""
+    return loc + scale / xi * ((-torch.log(p)) ** (-xi) - 1)
+
+
+def fit_gev(x: torch.Tensor, *, per_feature: bool = False, xi: float = XI) -> tuple[torch.Tensor, torch.Tensor]:
+    """(location, scale) of a GEV with the shape fixed at xi, by matching the first two
+    L-moments (unlike the variance, they exist and are stable for xi = 0.3's heavy tail).
+    x: (samples, features); one fit over all values, or one per feature (column)."""
+    x = x.detach().double()
+    x = x if per_feature else x.reshape(-1, 1)
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("fit_gev needs at least 2 samples")
+    ordered = x.sort(dim=0).values
+    rank_weight = torch.arange(n, dtype=torch.float64, device=x.device)[:, None] / (n - 1)
+    l1 = ordered.mean(0)
+    l2 = 2 * (rank_weight * ordered).mean(0) - l1
+    g = math.gamma(1 - xi)
+    scale = (l2 * xi / ((2 ** xi - 1) * g)).clamp_min(1e-12)
+    loc = l1 - scale * (g - 1) / xi
+    return loc.float(), scale.float()
+
+
+class FrechetAdapter(nn.Module):
+    """x -> F_train^-1(F_test(x)) per feature (or for all with shape (1,) parameters)."""
+
+    def __init__(self, test_loc, test_scale, train_loc, train_scale, xi: float = XI):
+        super().__init__()
+        for name, value in (("test_loc", test_loc), ("test_scale", test_scale),
+                            ("train_loc", train_loc), ("train_scale", train_scale)):
+            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32).reshape(-1).clone())
+        self.register_buffer("xi", torch.tensor(float(xi)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F_test(x) = exp(-t^(-1/xi)) and F_train^-1(exp(-u)) = loc + scale/xi (u^(-xi) - 1): composed, u^(-xi) = t
+        t = (1 + self.xi * (x.float() - self.test_loc) / self.test_scale).clamp_min(0)
+        return (self.train_loc + self.train_scale * (t - 1) / self.xi).to(x.dtype)
+
+    def pre_hook(self, module, args):
+        return (self(args[0]),) + tuple(args[1:])
+
+
+def attach_adapter(model: nn.Module, adapter: FrechetAdapter) -> nn.Module:
+    """Register the adapter as `model.fixres_adapter` and apply it to the classifier's input."""
+    head = model.get_submodule(classifier_name(model))
+    model.add_module(ADAPTER, adapter)
+    head.register_forward_pre_hook(adapter.pre_hook)
+    return model
+
+
+def attach_saved_adapter(model: nn.Module, state: dict, meta: dict) -> nn.Module:
+    """After loading fixres weights: if they carry a parametric adaptation, attach it."""
+    if not meta.get("adaptation"):
+        return model
+    values = {k: state[f"{ADAPTER}.{k}"] for k in ("test_loc", "test_scale", "train_loc", "train_scale", "xi")}
+    return attach_adapter(model, FrechetAdapter(values["test_loc"], values["test_scale"], values["train_loc"],
+                                                values["train_scale"], xi=float(values["xi"])))
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, loader, accelerator, *, channels_last: bool = True) -> torch.Tensor:
+    """The classifier's input for every sample of a prepared loader, gathered from all
+    processes (each sample once), on the CPU."""
+    head = accelerator.unwrap_model(model).get_submodule(classifier_name(accelerator.unwrap_model(model)))
+    captured = []
+    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach().float()))
+    model.eval()
+    out = []
+    try:
+        for images, _, _ in loader:
+            with accelerator.autocast():
+                model(to_device_batch(images, channels_last))
+            out.append(accelerator.gather_for_metrics(captured.pop()).cpu())
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reestimate_bn_stats(model: nn.Module, bn: nn.Module, loader, accelerator, *, channels_last: bool = True) -> int:
+    """Reset `bn`'s running statistics and set them to the average of the batch statistics
+    over `loader` (momentum None: a cumulative average), the rest of the model in eval
+    mode. With a SyncedBatchNorm2d the batches are global ones. Returns the images seen."""
+    bn.reset_running_stats()
+    momentum, bn.momentum = bn.momentum, None
+    model.eval()
+    bn.train()
+    seen = 0
+    try:
+        for images, labels, _ in loader:
+            with accelerator.autocast():
+                model(to_device_batch(images, channels_last))
+            seen += labels.numel() * accelerator.num_processes
+    finally:
+        bn.momentum = momentum
+        model.eval()
+    return seen

@@ -1,0 +1,293 @@
+"""FixRes fine-tuning: adapt a trained classifier to a new test resolution.
+
+    accelerate launch finetune.py --checkpoint runs/<name> --res 384
+    python finetune.py --checkpoint runs/<name>                       # --res auto: sweep, choose, fine-tune
+    python finetune.py --checkpoint runs/<name> --method bn-stats     # no gradients, seconds
+    python finetune.py --checkpoint runs/<name> --method parametric   # the paper's Frechet map
+
+Fine-tuning (the paper's main method): every parameter is frozen except the
+classifier's (and with --train-bn-affine the last BatchNorm's weight and bias); the
+model is in eval mode except that last BatchNorm before the global pooling, which
+normalises with batch statistics and re-estimates its running ones at the new
+resolution. Nothing before it requires grad, so autograd records nothing there and
+a step costs little more than a forward pass. That BatchNorm is replaced by
+`SyncedBatchNorm2d` (same state dict), whose statistics are those of the global
+batch on every backend, gloo included, where torch.nn.SyncBatchNorm refuses to run.
+
+The run folder is train.py's; its weights say train_res = the original K_train,
+test_res = input_size = the new resolution and crop_pct, so sweep.py and any fixres
+evaluation preprocess for the new resolution. finetune.json holds the accuracies at
+the training resolution, at the new one before and after; activations.png the
+distributions of the pooled features there.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from fixres import adapt
+from fixres import checkpoint as ckpt
+from fixres.adapt import (SyncedBatchNorm2d, find_last_bn, finetune_modes, freeze_for_finetuning,  # noqa: F401
+                          install_synced_bn, prepare_for_finetuning)
+from fixres.config import ConfigError, FinetuneConfig
+from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, default_workers
+from fixres.models import ModelError
+from fixres.report import EpochProgress, config_table, make_console
+from fixres.resolution import recommended_test_res, resize_size
+from fixres.sweep import ACT_EDGES, SweepConfig, best_row, default_sizes, load_for_sweep, run_sweep
+from fixres.training import Job, make_accelerator, new_run_dir, resumed_config, train, weights_meta
+from fixres.transforms import INTERPOLATIONS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+
+
+class HorizontalShiftCrop(nn.Module):
+    """A size x size crop at the vertical centre and a random horizontal offset: the centre
+    crop's framing, translated sideways (the FixRes v2 fine-tuning crop)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, img):
+        height, width = v2.functional.get_size(img)
+        top = int(round((height - self.size) / 2.0))
+        left = int(torch.randint(0, max(width - self.size, 0) + 1, ()).item())
+        return v2.functional.crop(img, top, left, self.size, self.size)
+
+
+def finetune_transform(*, aug: str, size: int, crop_pct: float = 0.875, interpolation: str = "bilinear",
+                       min_scale: float = 0.08, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
+    """test: the test-time preprocessing at `size`; test+: the same framing with a flip, a
+    horizontal shift and ColorJitter(0.05, 0.05, 0.05); rrc: RandomResizedCrop(size)."""
+    if aug == "test":
+        return eval_transform(size=size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+    if aug == "rrc":
+        return train_transform(size=size, min_scale=min_scale, interpolation=interpolation, mean=mean, std=std)
+    if aug != "test+":
+        raise ConfigError(f"--aug must be one of test, test+, rrc, got {aug!r}")
+    return v2.Compose([
+        v2.Resize(resize_size(size, crop_pct), interpolation=INTERPOLATIONS[interpolation], antialias=True),
+        HorizontalShiftCrop(size), v2.RandomHorizontalFlip(), v2.ColorJitter(0.05, 0.05, 0.05),
+        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The job finetune.py runs: source run -> (sweep) -> before -> method -> after -> run folder.
+
+def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
+    """Load the source run, choose the resolution (--res auto), evaluate before, apply the
+    method, evaluate after, write the run folder, finetune.json and activations.png."""
+    accelerator = make_accelerator(cfg)
+    console = make_console(accelerator.is_main_process)
+    if cfg.resume:
+        resume_from = ckpt.resolve_resume(cfg.resume, Path(cfg.output or "."))
+        cfg = dataclasses.replace(resumed_config(resume_from, cfg, explicit), resume=str(resume_from))
+        if cfg.checkpoint is None:
+            raise ConfigError(f"--resume {cfg.resume}: not a finetune.py run (its config names no --checkpoint)")
+    source_meta(cfg.checkpoint)
+    try:
+        model, meta, split, source_dir, source_cfg = load_for_sweep(
+            SweepConfig(checkpoint=cfg.checkpoint, data=cfg.data, images=cfg.images), accelerator)
+    except DataError as err:
+        if cfg.res == "auto" and str(err).endswith("the validation split is empty"):
+            raise ConfigError(f"--res auto chooses on the validation split, and there is none ({err})") from None
+        raise
+    train_res = int(meta["train_res"])
+    crop_pct = cfg.crop_pct if "crop_pct" in explicit else meta.get("crop_pct", cfg.crop_pct)
+    interpolation = cfg.interpolation if "interpolation" in explicit else meta.get("interpolation", cfg.interpolation)
+    eval_meta = {**meta, "interpolation": interpolation}
+    last_bn = find_last_bn(model, input_size=train_res)
+    workers = cfg.workers if cfg.workers is not None else default_workers()
+    sweep = dict(batch_size=cfg.batch_size, workers=workers, activations=True)
+
+    # before: the training resolution and the new one (--res auto: every size of the sweep)
+    predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct,
+                                     scale=(source_cfg.get("min_scale") or 0.08, 1.0))
+    if cfg.res == "auto":
+        sizes = sorted(set(cfg.sizes or default_sizes(train_res, predicted)) | {train_res})
+    else:
+        sizes = sorted({train_res, cfg.res})
+    with EpochProgress(console, f"before: {len(sizes)} size(s)", len(split.val)) as bar:
+        # a copy: run_sweep moves the model inside inference_mode, after which it cannot be trained
+        rows = run_sweep(copy.deepcopy(model), eval_meta, split, sizes, crop_pct, accelerator, progress=bar, **sweep)
+    by_size = {r["size"]: r for r in rows}
+    if cfg.res == "auto":
+        res = best_row(rows)["size"]
+        why = (f"--res auto: {res} px, the best of the sweep ({', '.join(map(str, sizes))} px) without fine-tuning: "
+               f"top-1 {100 * by_size[res]['top1']:.2f}% against {100 * by_size[train_res]['top1']:.2f}% at the "
+               f"training resolution {train_res} px; the apparent-size model predicts {predicted} px")
+        if res == train_res:
+            why += "; no larger size did better, so this only adapts the last BN to test-style crops"
+        console.print(why)
+    else:
+        res, why = cfg.res, f"--res {cfg.res}"
+
+    source_name = source_dir.name if source_dir else Path(meta["weights_path"]).stem
+    cfg = dataclasses.replace(
+        cfg, res=res, model=meta["model"], train_res=train_res, test_res=res, crop_pct=crop_pct,
+        interpolation=interpolation, data=cfg.data or source_cfg.get("data"),
+        images=cfg.images or source_cfg.get("images"),
+        output=cfg.output or str(source_dir.parent if source_dir else Path(meta["weights_path"]).parent),
+        name=cfg.name or f"{source_name}-{cfg.method}-{res}px-{time.strftime('%Y%m%d-%H%M%S')}")
+    extra = dict(finetune_res=res, finetune_method=cfg.method, finetuned_from=meta["weights_path"], last_bn=last_bn)
+    start = time.perf_counter()
+    records = []
+    if cfg.method == "finetune":
+        result = _finetune(cfg, explicit, model, meta, extra, accelerator)
+        if result["stopped"]:
+            return result
+        run_dir, records = Path(result["run_dir"]), result["records"]
+    else:
+        run_dir = new_run_dir(cfg, "", accelerator)
+        console.print(config_table({**cfg.to_dict(), "run folder": run_dir, "dataset": split.source,
+                                    "processes": accelerator.num_processes, "device": accelerator.device},
+                                   title="fixres finetune: resolved config"))
+        model.to(accelerator.device)
+        if cfg.channels_last is None:  # as train.py: on for GPUs, off on CPUs
+            cfg = dataclasses.replace(cfg, channels_last=accelerator.device.type == "cuda")
+        adapt_args = (cfg, model, split, accelerator, console, workers)
+        extra.update(_bn_stats(*adapt_args, last_bn) if cfg.method == "bn-stats" else _parametric(*adapt_args))
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.write_json_atomic(run_dir / "config.json", cfg.to_dict())
+            ckpt.write_json_atomic(run_dir / "classes.json", split.classes)
+            for which in ("best", "last"):
+                ckpt.save_weights(run_dir / f"{which}.safetensors", model.state_dict(),
+                                  weights_meta(cfg, split.classes, **extra))
+    seconds = time.perf_counter() - start
+
+    with EpochProgress(console, f"after: {res} px", len(split.val)) as bar:
+        after = run_sweep(model, eval_meta, split, [res], crop_pct, accelerator, progress=bar, **sweep)[0]
+    stages = [(f"trained resolution {train_res} px, as trained", by_size[train_res]),
+              (f"{res} px, before", by_size[res]), (f"{res} px, after {cfg.method} ({seconds:.0f} s)", after)]
+    summary = {"source": meta["weights_path"], "model": meta["model"], "method": cfg.method,
+               "aug": cfg.aug if cfg.method == "finetune" else None, "train_res": train_res, "res": res,
+               "res_choice": why, "predicted_res": predicted, "crop_pct": crop_pct, "last_bn": last_bn,
+               "top1": {"train_res": by_size[train_res]["top1"], "before": by_size[res]["top1"], "after": after["top1"]},
+               "loss": {"train_res": by_size[train_res]["loss"], "before": by_size[res]["loss"], "after": after["loss"]},
+               "val_images": after["count"], "method_seconds": seconds, "processes": accelerator.num_processes,
+               "device": str(accelerator.device), "sweep": [{k: r[k] for k in ("size", "top1", "loss")} for r in rows],
+               "epochs": records, **{k: v for k, v in extra.items() if k not in ("last_bn", "finetuned_from")}}
+    console.print(result_table(stages, title=f"fixres finetune: {run_dir}"))
+    if accelerator.is_main_process:
+        ckpt.write_json_atomic(run_dir / "finetune.json", summary)
+        plot_activations([(label, r["act_hist"]) for label, r in stages], run_dir / "activations.png",
+                         title=f"{meta['model']}: pooled features before the classifier")
+        console.print(f"wrote {run_dir}/finetune.json, activations.png and the weights (test_res {res} px)")
+    accelerator.wait_for_everyone()
+    return {**summary, "run_dir": str(run_dir), "stopped": False}
+
+
+def _finetune(cfg, explicit, model, meta, extra, accelerator) -> dict:
+    """The training loop of train.py on the frozen model, its last BN synced and in train mode."""
+    bn = install_synced_bn(model, extra["last_bn"])
+    freeze_for_finetuning(model, last_bn=extra["last_bn"], train_bn_affine=cfg.train_bn_affine)
+    preprocess = dict(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+    job = Job(title="finetune", accelerator=accelerator, classes=meta["classes"],
+              build_model=lambda c, classes: model, set_modes=finetune_modes(bn),
+              transforms=lambda c: (finetune_transform(aug=c.aug, size=c.res, min_scale=c.min_scale, **preprocess),
+                                    eval_transform(size=c.res, **preprocess)),
+              meta=lambda c, classes: weights_meta(c, classes, **extra))
+    return train(cfg, explicit, job)
+
+
+def _bn_stats(cfg, model, split, accelerator, console, workers, last_bn) -> dict:
+    """The last BN's running statistics, re-estimated over the training split at the new
+    resolution with the test preprocessing (one pass, no gradients, synced)."""
+    bn = install_synced_bn(model, last_bn)
+    tf = eval_transform(size=cfg.res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(split.train, tf, cfg.skip_bad_images), batch_size=cfg.batch_size, drop_last=True,
+        sampler=EpochSampler(len(split.train), cfg.seed), collate_fn=collate_skipping, num_workers=workers)
+    with EpochProgress(console, f"bn-stats at {cfg.res} px", len(split.train)):
+        seen = adapt.reestimate_bn_stats(model, bn, accelerator.prepare(loader), accelerator,
+                                         channels_last=cfg.channels_last)
+    return {"bn_stats_images": seen}
+
+
+def _parametric(cfg, model, split, accelerator, console, workers) -> dict:
+    """Fit the Frechet model to the pooled features of --fit-images training images at the
+    training and at the new resolution; attach the equalising map before the classifier."""
+    order = torch.randperm(len(split.train), generator=torch.Generator().manual_seed(cfg.seed))
+    subset = [split.train[i] for i in order[:cfg.fit_images].tolist()]
+    fits = {}
+    for size in (cfg.train_res, cfg.res):
+        tf = eval_transform(size=size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+        loader = torch.utils.data.DataLoader(ImageDataset(subset, tf, cfg.skip_bad_images), batch_size=cfg.batch_size,
+                                             collate_fn=collate_skipping, num_workers=workers)
+        with EpochProgress(console, f"pooled features at {size} px", len(subset)):
+            features = adapt.pooled_features(model, accelerator.prepare(loader), accelerator,
+                                             channels_last=cfg.channels_last)
+        fits[size] = adapt.fit_gev(features, per_feature=cfg.parametric_scope == "feature")
+    adapter = adapt.FrechetAdapter(*fits[cfg.res], *fits[cfg.train_res])
+    adapt.attach_adapter(model, adapter.to(accelerator.device))
+    return {"adaptation": {"kind": "frechet", "xi": adapt.XI, "scope": cfg.parametric_scope,
+                           "module": adapt.ADAPTER, "fit_images": len(features)}}
+
+
+def source_meta(path: str) -> dict:
+    """The fixres metadata of the weights to fine-tune; a one-line error if they are not a
+    fixres classifier (no model name and classes)."""
+    from safetensors import safe_open
+    weights = ckpt.find_weights(Path(path))
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(ckpt.META_KEY, "{}"))
+    except Exception as err:
+        raise ckpt.CheckpointError(f"{weights}: unreadable weights ({str(err).splitlines()[0][:160]})") from None
+    if not (meta.get("model") and meta.get("classes") and meta.get("train_res")):
+        raise ModelError(f"--checkpoint {weights}: not a classifier trained by fixres (its metadata names no "
+                         f"model, classes and train_res); give a run folder written by train.py")
+    return meta
+
+
+def timm_overlay(weights: str | Path) -> dict:
+    """`pretrained_cfg_overlay` for timm.create_model(name, num_classes=n, pretrained=True, ...):
+    the file, plus the class count (without it timm drops a classifier whose size differs
+    from the architecture's default 1000) and the preprocessing the weights expect."""
+    path = ckpt.find_weights(Path(weights))
+    meta = source_meta(str(path))
+    return {"file": str(path), "num_classes": len(meta["classes"]),
+            "input_size": tuple(meta.get("input_size") or (3, meta["test_res"], meta["test_res"])),
+            "crop_pct": meta.get("crop_pct", 0.875), "interpolation": meta.get("interpolation", "bilinear"),
+            "mean": tuple(meta.get("mean", IMAGENET_MEAN)), "std": tuple(meta.get("std", IMAGENET_STD))}
+
+
+def result_table(stages, title: str):
+    from rich.table import Table
+    table = Table(title=title)
+    for column in ("", "top-1", "loss"):
+        table.add_column(column, justify="right" if column else "left")
+    for label, r in stages:
+        table.add_row(label, f"{100 * r['top1']:.2f}%", f"{r['loss']:.4f}")
+    return table
+
+
+def plot_activations(curves, path: Path, *, title: str) -> None:
+    """Cumulative distributions of the pooled features, from sweep.py's exact histograms."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    x = ACT_EDGES.numpy()
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    lo = hi = 0.0
+    for (label, hist), style in zip(curves, ("-", "--", "-")):
+        counts = np.asarray(hist, dtype=np.float64)
+        cdf = np.cumsum(counts)[:-1] / counts.sum()
+        lo = min(lo, x[np.searchsorted(cdf, 0.002)])
+        hi = max(hi, x[min(np.searchsorted(cdf, 0.995), len(x) - 1)])
+        ax.plot(x, cdf, style, linewidth=1.8, label=label)
+    ax.set_xlim(lo, hi if hi > lo else lo + 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("pooled activation before the classifier")
+    ax.set_ylabel("cumulative fraction")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    ckpt.atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))

@@ -1,0 +1,379 @@
+"""finetune.py: what trains and in which mode, the synced last BN, bn-stats, the parametric
+map, the exported weights, and the script end to end (1 and 2 processes, bad input)."""
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torchvision
+from PIL import Image
+from torch import nn
+
+from fixres.adapt import (ADAPTER, FrechetAdapter, attach_adapter, attach_saved_adapter, fit_gev, gev_cdf, gev_icdf,
+                          pooled_features, reestimate_bn_stats)
+from fixres.checkpoint import load_weights, save_weights, write_json_atomic
+from fixres.config import ConfigError, FinetuneConfig, TrainConfig
+from fixres.finetune import (SyncedBatchNorm2d, find_last_bn, finetune_modes, finetune_transform,
+                             prepare_for_finetuning, timm_overlay)
+from fixres.models import ModelError, load_run_model
+from fixres.training import weights_meta
+from fixres.transforms import eval_transform
+from tests.conftest import COLOURS, ROOT, error_line, free_port
+
+CLASSES = sorted(COLOURS)
+
+
+# ----------------------------------------------------------------------------- freezing and modes
+
+@pytest.mark.parametrize("build", [lambda: timm.create_model("resnet50", num_classes=5),
+                                   lambda: torchvision.models.resnet50(num_classes=5)], ids=["timm", "torchvision"])
+def test_resnet50_freezing_and_modes(build):
+    torch.manual_seed(0)
+    model = build()
+    keys = set(model.state_dict())
+    name, bn = prepare_for_finetuning(model, input_size=64)
+    assert name == "layer4.2.bn3"
+    assert isinstance(bn, SyncedBatchNorm2d) and model.get_submodule(name) is bn
+    assert set(model.state_dict()) == keys  # the swap keeps the state dict (timm loads it)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
+    model.train()
+    finetune_modes(bn)(model)  # what the training loop calls before each epoch
+    assert [n for n, m in model.named_modules() if m.training] == ["layer4.2.bn3"]
+
+    model = build()
+    prepare_for_finetuning(model, input_size=64, train_bn_affine=True)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "fc.weight", "fc.bias", "layer4.2.bn3.weight", "layer4.2.bn3.bias"}
+
+
+def test_the_frozen_part_builds_no_graph():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=3)
+    name, bn = prepare_for_finetuning(model, input_size=32, train_bn_affine=True)
+    seen = {}
+    bn.register_forward_hook(lambda m, args, out: seen.update(bn_in=args[0], bn_out=out))
+    loss = model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean()
+    loss.backward()
+    assert seen["bn_in"].grad_fn is None and not seen["bn_in"].requires_grad  # nothing recorded before it
+    assert seen["bn_out"].grad_fn is not None                                 # its affine trains
+    assert all(p.grad is None for p in model.layer1.parameters())
+    assert model.fc.weight.grad is not None and bn.weight.grad is not None
+
+
+def test_a_model_without_batchnorm_before_its_pool_is_refused():
+    with pytest.raises(ModelError, match="no BatchNorm layer"):
+        find_last_bn(timm.create_model("test_convnext", num_classes=3), input_size=32)
+    after_pool = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                               nn.BatchNorm1d(8), nn.Linear(8, 3))
+    with pytest.raises(ModelError, match="no BatchNorm on feature maps before its global pooling"):
+        find_last_bn(after_pool, input_size=16)
+
+
+# ----------------------------------------------------------------------------- synced BN, one process
+
+@contextlib.contextmanager
+def process_group_of_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_synced_bn_computes_what_batchnorm_computes(tmp_path, momentum):
+    """The all-reduce path (taken in any process group) against nn.BatchNorm2d."""
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(6, momentum=momentum)
+    nn.init.normal_(plain.weight)
+    nn.init.normal_(plain.bias)
+    synced = SyncedBatchNorm2d.from_bn(plain)
+    with process_group_of_one(tmp_path):
+        for _ in range(3):
+            x = torch.randn(5, 6, 7, 7) * 3 + 2
+            expected, got = plain(x), synced(x)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        (expected.square().sum() + got.square().sum()).backward()
+    torch.testing.assert_close(synced.weight.grad, plain.weight.grad, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(synced.bias.grad, plain.bias.grad, atol=1e-3, rtol=1e-4)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(synced.state_dict()[key], value, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bn-stats
+
+class OneProcess:
+    """The little of an Accelerator that fixres.adapt uses, for one process."""
+    num_processes = 1
+    autocast = staticmethod(contextlib.nullcontext)
+    gather_for_metrics = staticmethod(lambda x: x)
+    unwrap_model = staticmethod(lambda m: m)
+
+
+def test_bn_stats_changes_only_the_last_bn_running_statistics():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    model.train()
+    model(torch.randn(8, 3, 32, 32) + 1)  # running statistics that differ from the defaults
+    name, bn = prepare_for_finetuning(model, input_size=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(torch.randn(4, 3, 48, 48) * (1 + i), torch.zeros(4, dtype=torch.long), 0) for i in range(3)]
+    inputs = []
+    bn.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
+    assert reestimate_bn_stats(model, bn, batches, OneProcess(), channels_last=False) == 12
+
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"{name}.running_mean", f"{name}.running_var", f"{name}.num_batches_tracked"}
+    # a plain average of the three batches' statistics (momentum None), and the momentum is back
+    torch.testing.assert_close(bn.running_mean, torch.stack([x.mean((0, 2, 3)) for x in inputs]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([x.var((0, 2, 3)) for x in inputs]).mean(0))
+    assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 3
+    assert not any(m.training for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- parametric
+
+def gev_sample(n, loc, scale, generator):
+    return gev_icdf(torch.rand(n, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12), loc, scale)
+
+
+def test_gev_cdf_and_inverse_are_the_frechet_closed_forms():
+    x = torch.tensor([-10.0, -3.0, 0.0, 1.0, 5.0, 100.0], dtype=torch.float64)
+    loc, scale, xi = 1.0, 2.0, 0.3
+    t = 1 + xi * (x - loc) / scale
+    expected = torch.where(t > 0, torch.exp(-t.clamp_min(1e-30) ** (-1 / xi)), torch.zeros_like(t))
+    torch.testing.assert_close(gev_cdf(x, loc, scale), expected)
+    assert gev_cdf(x, loc, scale)[0] == 0  # below the support's lower end, loc - scale / xi
+    p = torch.tensor([1e-6, 0.1, 0.5, 0.9, 0.999999], dtype=torch.float64)
+    torch.testing.assert_close(gev_cdf(gev_icdf(p, loc, scale), loc, scale), p)
+    # median: loc + scale / xi * (log(2)^-xi - 1)
+    assert math.isclose(gev_icdf(torch.tensor(0.5), loc, scale).item(), loc + scale / xi * (math.log(2) ** -xi - 1),
+                        rel_tol=1e-6)
+
+
+def test_fit_recovers_known_parameters_and_the_map_equalises():
+    g = torch.Generator().manual_seed(0)
+    train = gev_sample(200_000, 0.5, 0.2, g)  # "pooled features at the training resolution"
+    test = gev_sample(200_000, 0.8, 0.35, g)  # shifted and wider at the new resolution
+    loc, scale = fit_gev(test[:, None])
+    assert abs(loc.item() - 0.8) < 0.01 and abs(scale.item() - 0.35) < 0.01
+    adapter = FrechetAdapter(*fit_gev(test[:, None]), *fit_gev(train[:, None]))
+    mapped = adapter(test.float()[:, None]).double().flatten()
+    qs = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
+    torch.testing.assert_close(mapped.quantile(qs), train.quantile(qs), atol=0.01, rtol=0.02)
+    # the module is F_train^-1(F_test(x)), written in closed form
+    x = torch.linspace(0.0, 3.0, 50, dtype=torch.float64)
+    expected = gev_icdf(gev_cdf(x, adapter.test_loc.double(), adapter.test_scale.double()),
+                        adapter.train_loc.double(), adapter.train_scale.double())
+    torch.testing.assert_close(adapter(x.float()).double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_per_feature_fit_and_the_adapter_saved_with_the_model():
+    g = torch.Generator().manual_seed(1)
+    locs, scales = torch.tensor([0.1, 1.0, 3.0]), torch.tensor([0.05, 0.5, 1.0])
+    samples = torch.stack([gev_sample(50_000, lo, s, g) for lo, s in zip(locs, scales)], dim=1)
+    loc, scale = fit_gev(samples, per_feature=True)
+    torch.testing.assert_close(loc, locs, atol=0.03, rtol=0.02)
+    torch.testing.assert_close(scale, scales, atol=0.02, rtol=0.03)
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3).eval()
+    plain_keys = set(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    features = pooled_features(model, [(x, torch.zeros(2), 0)], OneProcess(), channels_last=False)
+    width = features.shape[1]
+    adapter = FrechetAdapter(torch.full((width,), 0.2), torch.full((width,), 0.5), torch.zeros(width), torch.ones(width))
+    attach_adapter(model, adapter)
+    with torch.no_grad():
+        expected = nn.functional.linear(adapter(features), model.fc.weight, model.fc.bias)  # fc's hook adapts
+        torch.testing.assert_close(model(x), expected)
+    state = model.state_dict()
+    assert set(state) - plain_keys == {f"{ADAPTER}.{k}" for k in ("test_loc", "test_scale", "train_loc", "train_scale", "xi")}
+    restored = timm.create_model("test_resnet", num_classes=3).eval()
+    restored.load_state_dict({k: v for k, v in state.items() if k in plain_keys})
+    attach_saved_adapter(restored, state, {"adaptation": {"kind": "frechet"}})
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), expected)
+
+
+# ----------------------------------------------------------------------------- preprocessing and config
+
+def test_finetune_transforms():
+    img = Image.new("RGB", (96, 64), (120, 30, 200))
+    torch.testing.assert_close(finetune_transform(aug="test", size=48)(img), eval_transform(size=48)(img))
+    for aug in ("test+", "rrc"):
+        assert finetune_transform(aug=aug, size=48)(img).shape == (3, 48, 48)
+    with pytest.raises(ConfigError, match="--aug"):
+        finetune_transform(aug="mixup", size=48)
+
+
+def test_finetune_config_refuses_bad_values():
+    for kwargs, message in ((dict(res=0), "--res must be > 0"), (dict(res="-3"), "--res must be > 0"),
+                            (dict(res="big"), "--res must be a size"), (dict(method="lora"), "--method must be one of"),
+                            (dict(aug="cutmix"), "--aug must be one of"), (dict(checkpoint=None), "--checkpoint is required")):
+        with pytest.raises(ConfigError, match=message):
+            FinetuneConfig(**{"checkpoint": "runs/x", **kwargs})
+    assert FinetuneConfig(checkpoint="runs/x", res="80").res == 80
+
+
+# ----------------------------------------------------------------------------- the script end to end
+
+def write_source_run(folder, model_name, data, train_res=32, seed=0):
+    """A run folder as train.py writes it (its weights untrained: nothing here needs accuracy)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, num_classes=len(CLASSES))
+    cfg = TrainConfig(data=str(data), model=model_name, train_res=train_res)
+    folder.mkdir(parents=True)
+    write_json_atomic(folder / "config.json", cfg.to_dict())
+    save_weights(folder / "best.safetensors", model.state_dict(), weights_meta(cfg, CLASSES))
+    return folder
+
+
+def start(script, *args, processes=1):
+    if processes == 1:
+        cmd = [sys.executable, str(ROOT / script)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+               f"--master_port={free_port()}", str(ROOT / script)]
+    return subprocess.Popen(cmd + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def finish(process, timeout=600) -> subprocess.CompletedProcess:
+    out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_csv):
+    """Every script run of this file, started together (two slow cores: the imports overlap)."""
+    root = tmp_path_factory.mktemp("finetune")
+    source = write_source_run(root / "source", "test_resnet", tiny_csv)
+    no_val = root / "no_val.csv"
+    no_val.write_text("".join(line.rsplit(",", 1)[0] + (",False\n" if i else ",is_val\n")
+                              for i, line in enumerate(tiny_csv.read_text().splitlines())))
+    junk = root / "junk.safetensors"
+    save_weights(junk, {"w": torch.zeros(3)}, {})
+    convnext = write_source_run(root / "convnext", "test_convnext", tiny_csv)
+    out = ["--output", root / "out", "--workers", "0", "--cpu"]
+    sync = ["--checkpoint", source, "--res", "48", "--epochs", "2", "--aug", "test", "--lr", "0.05",
+            "--train-bn-affine", *out]
+    jobs = {
+        # 60 training images: 2 x 5 and 1 x 10 make the same 6 global batches
+        "two": start("finetune.py", *sync, "--batch-size", "5", "--name", "two", processes=2),
+        "one": start("finetune.py", *sync, "--batch-size", "10", "--name", "one"),
+        "auto": start("finetune.py", "--checkpoint", source, "--res", "auto", "--sizes", "24", "40",
+                      "--method", "parametric", "--parametric-scope", "feature", "--name", "auto", *out),
+        "bn_stats": start("finetune.py", "--checkpoint", source, "--res", "40", "--method", "bn-stats",
+                          "--batch-size", "8", "--name", "bn_stats", *out),
+        # train.py --freeze-epochs (transfer learning): the first epoch trains only the classifier
+        "freeze": start("train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", "32", "--workers", "0",
+                        "--batch-size", "16", "--weights", source / "best.safetensors", "--freeze-epochs", "1",
+                        "--epochs", "2", "--stop-after", "1", "--output", root / "out", "--name", "freeze"),
+        "res_zero": start("finetune.py", "--checkpoint", source, "--res", "0"),
+        "method": start("finetune.py", "--checkpoint", source, "--method", "distill"),
+        "aug": start("finetune.py", "--checkpoint", source, "--aug", "autoaugment"),
+        "junk": start("finetune.py", "--checkpoint", junk, "--res", "40", *out),
+        "convnext": start("finetune.py", "--checkpoint", convnext, "--res", "40", *out),
+        "no_val": start("finetune.py", "--checkpoint", source, "--data", no_val, "--images", tiny_csv.parent / "images", *out),
+    }
+    results = {name: finish(process) for name, process in jobs.items()}
+    return results, root / "out", source
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_two_processes_equal_one_with_the_global_batch(runs):
+    results, out, _ = runs
+    ok(results["two"])
+    ok(results["one"])
+    assert "processes         2" in results["two"].stdout
+    one, meta = load_weights(out / "one" / "last.safetensors")
+    two, _ = load_weights(out / "two" / "last.safetensors")
+    source, _ = load_weights(runs[2] / "best.safetensors")
+    bn = meta["last_bn"]
+    for key in (f"{bn}.running_mean", f"{bn}.running_var", f"{bn}.weight", f"{bn}.bias", "fc.weight", "fc.bias"):
+        assert not torch.equal(one[key], source[key]), key  # it did train
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-5)
+    for key in source:  # and nothing else moved
+        if not key.startswith((bn + ".", "fc.")):
+            assert torch.equal(one[key], source[key]) and torch.equal(two[key], source[key]), key
+
+
+def test_finetune_run_folder_and_timm_loads_its_weights(runs):
+    results, out, _ = runs
+    stdout = ok(results["one"]).stdout
+    assert sum(line.startswith("epoch ") for line in stdout.splitlines()) == 2
+    assert "trained resolution 32 px, as trained" in stdout and "48 px, after finetune" in stdout
+    summary = json.loads((out / "one" / "finetune.json").read_text())
+    assert summary["train_res"] == 32 and summary["res"] == 48 and summary["method"] == "finetune"
+    assert set(summary["top1"]) == {"train_res", "before", "after"} and summary["val_images"] == 25
+    assert (out / "one" / "activations.png").stat().st_size > 10_000
+    path = out / "one" / "best.safetensors"
+    state, meta = load_weights(path)
+    assert (meta["train_res"], meta["test_res"], meta["finetune_res"], meta["input_size"]) == (32, 48, 48, [3, 48, 48])
+    assert meta["crop_pct"] == 0.875 and meta["classes"] == CLASSES
+
+    ours, _ = load_run_model(path)
+    loaded = timm.create_model("test_resnet", num_classes=3, pretrained=True, pretrained_cfg_overlay=timm_overlay(path))
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), ours.eval()(x))
+    config = timm.data.resolve_data_config(model=loaded)
+    assert config["input_size"] == (3, 48, 48) and config["crop_pct"] == 0.875
+
+
+def test_res_auto_with_the_parametric_method(runs):
+    results, out, _ = runs
+    stdout = ok(results["auto"]).stdout
+    assert "--res auto: " in stdout and "the best of the sweep (24, 32, 40 px)" in stdout
+    summary = json.loads((out / "auto" / "finetune.json").read_text())
+    assert summary["res"] in (24, 32, 40) and [r["size"] for r in summary["sweep"]] == [24, 32, 40]
+    assert summary["adaptation"]["scope"] == "feature" and summary["adaptation"]["fit_images"] == 60
+    state, meta = load_weights(out / "auto" / "best.safetensors")
+    assert meta["adaptation"]["kind"] == "frechet" and state[f"{ADAPTER}.test_loc"].numel() > 1
+    model, _ = load_run_model(out / "auto" / "best.safetensors")
+    attach_saved_adapter(model, state, meta)  # what a fixres evaluation of this run does
+    assert isinstance(model.get_submodule(ADAPTER), FrechetAdapter)
+
+
+def test_bn_stats_run(runs):
+    results, out, source = runs
+    ok(results["bn_stats"])
+    summary = json.loads((out / "bn_stats" / "finetune.json").read_text())
+    assert summary["method"] == "bn-stats" and summary["bn_stats_images"] == 56  # 7 full batches of 8
+    state, meta = load_weights(out / "bn_stats" / "best.safetensors")
+    original, _ = load_weights(source / "best.safetensors")
+    changed = {k for k in state if not torch.equal(state[k], original[k])}
+    assert changed == {f"{meta['last_bn']}.{k}" for k in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def test_train_freeze_epochs_trains_only_the_classifier_first(runs):
+    results, out, source = runs
+    ok(results["freeze"])
+    after, meta = load_weights(out / "freeze" / "last.safetensors")
+    original, _ = load_weights(source / "best.safetensors")
+    assert meta["epoch"] == 1
+    changed = {k for k in original if not torch.equal(after[k], original[k])}
+    assert changed == {"fc.weight", "fc.bias"}  # BatchNorm statistics included: the backbone was in eval mode
+
+
+@pytest.mark.parametrize("case, message", [
+    ("res_zero", "--res must be > 0, got 0"),
+    ("method", "argument --method: invalid choice: 'distill'"),
+    ("aug", "argument --aug: invalid choice: 'autoaugment'"),
+    ("junk", "not a classifier trained by fixres"),
+    ("convnext", "has no BatchNorm layer"),
+    ("no_val", "--res auto chooses on the validation split, and there is none"),
+])
+def test_bad_input_is_one_line(runs, case, message):
+    assert message in error_line(runs[0][case])
