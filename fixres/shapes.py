@@ -2,7 +2,7 @@
 
 Used when ``train.py`` is run without data. Images are rendered from a seed, written
 as JPEGs plus a Cassava-layout CSV (``image_id,label,is_val``) so they go through the
-same loading code as user data. Object diameter varies from ~15% to ~80% of the
+same loading code as user data. Object diameter varies from 25% to 85% of the
 shorter side, so apparent object size matters -- the effect FixRes corrects.
 
     python -m fixres.shapes --out /tmp/shapes                     # 4000 + 1000 at 128x128
@@ -136,6 +136,8 @@ def _distractor(rng, w: int, h: int, short: int):
 
 def render_image(rng: np.random.Generator, label: int, width: int, height: int) -> Image.Image:
     """One RGB image containing a single object of class ``CLASS_NAMES[label]``."""
+    if not 0 <= label < len(CLASS_NAMES):  # a negative index would silently pick another class
+        raise ValueError(f"label must be in [0, {len(CLASS_NAMES)}), got {label}")
     w, h, short = width, height, min(width, height)
     img = _background(rng, h, w)
     for _ in range(int(rng.random() < 0.3)):
@@ -182,16 +184,9 @@ def render_image(rng: np.random.Generator, label: int, width: int, height: int) 
     out = []
     for p in img:
         noise = rng.random(p.shape, dtype=np.float32)
-        noise -= 0.5
-        noise *= amp
-        p += noise
+        p += (noise - 0.5) * amp
         out.append(Image.fromarray(np.clip(p, 0, 255, out=p).astype(np.uint8)))
     return Image.merge("RGB", out)
-
-
-def _params(n_train, n_val, width, height, seed, quality) -> dict:
-    return {"version": _VERSION, "n_train": n_train, "n_val": n_val, "width": width,
-            "height": height, "seed": seed, "quality": quality}
 
 
 def _is_complete(root: Path, params: dict) -> bool:
@@ -228,7 +223,8 @@ def generate(root: Path, *, n_train: int = 4000, n_val: int = 1000, width: int =
              height: int = 128, seed: int = 0, quality: int = 90) -> Path:
     """Write ``root/images/*.jpg`` and ``root/labels.csv`` (reusing a matching one); return the CSV."""
     root = Path(root)
-    params = _params(n_train, n_val, width, height, seed, quality)
+    params = {"version": _VERSION, "n_train": n_train, "n_val": n_val, "width": width,
+              "height": height, "seed": seed, "quality": quality}
     if _is_complete(root, params):
         return root / _CSV
 

@@ -164,3 +164,10 @@ def test_cli(tmp_path, capsys):
     assert lines[1].startswith("12 images in ")
     with Image.open(next((tmp_path / "cli" / "images").iterdir())) as im:
         assert im.size == (50, 30)
+
+
+def test_rejects_bad_label():
+    with pytest.raises(ValueError):
+        render_image(np.random.default_rng(0), -1, 32, 32)
+    with pytest.raises(ValueError):
+        render_image(np.random.default_rng(0), len(CLASS_NAMES), 32, 32)
