@@ -119,7 +119,7 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
         if x.requires_grad:
             raise RuntimeError("SyncedBatchNorm2d: the layers before the synced BatchNorm must be frozen")
         with torch.no_grad():
-            var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
+            var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
             count = x.numel() // x.shape[1]
             # local moments in float32 (two-pass, accurate), combined in float64
             mean, var = mean.double(), var.double()

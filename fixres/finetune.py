@@ -98,6 +98,9 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         if cfg.res == "auto" and str(err).endswith("the validation split is empty"):
             raise ConfigError(f"--res auto chooses on the validation split, and there is none ({err})") from None
         raise
+    if cfg.name and not cfg.resume:  # before the sweep: refuse now, not minutes later
+        _check_free(Path(cfg.output or (source_dir.parent if source_dir else Path(meta["weights_path"]).parent))
+                    / cfg.name)
     train_res = int(meta["train_res"])
     crop_pct = cfg.crop_pct if "crop_pct" in explicit else meta.get("crop_pct", cfg.crop_pct)
     interpolation = cfg.interpolation if "interpolation" in explicit else meta.get("interpolation", cfg.interpolation)
@@ -144,7 +147,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
             return result
         run_dir, records = Path(result["run_dir"]), result["records"]
     else:
-        run_dir = new_run_dir(cfg, "", accelerator)
+        run_dir = _check_free(new_run_dir(cfg, "", accelerator))
         console.print(config_table({**cfg.to_dict(), "run folder": run_dir, "dataset": split.source,
                                     "processes": accelerator.num_processes, "device": accelerator.device},
                                    title="fixres finetune: resolved config"))
@@ -229,6 +232,14 @@ def _parametric(cfg, model, split, accelerator, console, workers) -> dict:
     adapt.attach_adapter(model, adapter.to(accelerator.device))
     return {"adaptation": {"kind": "frechet", "xi": adapt.XI, "scope": cfg.parametric_scope,
                            "module": adapt.ADAPTER, "fit_images": len(features)}}
+
+
+def _check_free(run_dir: Path) -> Path:
+    """A run folder that holds weights already is not overwritten (train.py's rule for checkpoints)."""
+    if ckpt.list_checkpoints(run_dir) or (run_dir / "best.safetensors").exists():
+        raise ckpt.CheckpointError(f"{run_dir} already holds a run; choose another --name"
+                                   + (f" or continue it with --resume {run_dir}" if ckpt.list_checkpoints(run_dir) else ""))
+    return run_dir
 
 
 def source_meta(path: str) -> dict:

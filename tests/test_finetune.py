@@ -262,6 +262,7 @@ def runs(tmp_path_factory, tiny_csv):
     save_weights(junk, {"w": torch.zeros(3)}, {})
     convnext = write_source_run(root / "convnext", "test_convnext", tiny_csv)
     out = ["--output", root / "out", "--workers", "0", "--cpu"]
+    save_weights(root / "out" / "taken" / "best.safetensors", {"w": torch.zeros(1)}, {})
     sync = ["--checkpoint", source, "--res", "48", "--epochs", "2", "--aug", "test", "--lr", "0.05",
             "--train-bn-affine", *out]
     jobs = {
@@ -281,6 +282,8 @@ def runs(tmp_path_factory, tiny_csv):
         "aug": start("finetune.py", "--checkpoint", source, "--aug", "autoaugment"),
         "junk": start("finetune.py", "--checkpoint", junk, "--res", "40", *out),
         "convnext": start("finetune.py", "--checkpoint", convnext, "--res", "40", *out),
+        "taken": start("finetune.py", "--checkpoint", source, "--res", "40", "--method", "bn-stats", "--name", "taken",
+                       *out),
         "no_val": start("finetune.py", "--checkpoint", source, "--data", no_val, "--images", tiny_csv.parent / "images", *out),
     }
     results = {name: finish(process) for name, process in jobs.items()}
@@ -374,6 +377,7 @@ def test_train_freeze_epochs_trains_only_the_classifier_first(runs):
     ("junk", "not a classifier trained by fixres"),
     ("convnext", "has no BatchNorm layer"),
     ("no_val", "--res auto chooses on the validation split, and there is none"),
+    ("taken", "taken already holds a run; choose another --name"),
 ])
 def test_bad_input_is_one_line(runs, case, message):
     assert message in error_line(runs[0][case])
