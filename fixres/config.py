@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,8 +27,19 @@ class ConfigError(ValueError):
     """A bad option or config file; the message names it."""
 
 
-def _opt(default, help: str, choices: tuple | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _opt(default, help: str, choices: tuple | None = None, parse=None):
+    """A config field; `parse` replaces the type's own conversion of the command-line text."""
+    return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
+
+
+def batch_size_arg(text: str):
+    """--batch-size takes a number or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {text!r}") from None
 
 
 @dataclass
@@ -41,6 +53,11 @@ class TrainConfig:
     pretrained: bool = _opt(False, "start from the library's pretrained weights (needs network access)")
     weights: str | None = _opt(None, "local state dict (.safetensors or .pth) to start from; the classifier is replaced if the class count differs")
     channels_last: bool | None = _opt(None, "channels_last memory format (default: on for GPUs; off on CPUs, where it measured slower)")
+    compile: bool = _opt(False, "torch.compile the model (minutes of compiling first; pays on GPUs for long runs)")
+    fast_decode: bool | None = _opt(None, "training crops: draw the crop before decoding, decode JPEGs at reduced "
+                                          "scale when the crop allows, resize uint8, normalise on the device (default: on "
+                                          "for GPUs; off on CPUs, where the normalising would only move to the busy main "
+                                          "process); --no-fast-decode: torchvision's transforms on each decoded image")
     # resolution and preprocessing
     train_res: int = _opt(224, "RandomResizedCrop size for training")
     test_res: int | None = _opt(None, "centre-crop size for validation (default: --train-res)")
@@ -49,7 +66,8 @@ class TrainConfig:
     interpolation: str = _opt("bilinear", "resize interpolation", ("bilinear", "bicubic", "nearest"))
     # optimisation
     epochs: int = _opt(10, "training epochs")
-    batch_size: int = _opt(64, "images per process per step")
+    batch_size: int | str = _opt(64, "images per process per step, or 'auto': the largest power of two whose "
+                                     "training step fits in 90%% of the GPU's memory (64 on a CPU)", parse=batch_size_arg)
     lr: float = _opt(1e-3, "peak learning rate (reached after warm-up)")
     optimizer: str = _opt("adamw", "optimizer", ("adamw", "sgd"))
     weight_decay: float = _opt(0.1, "weight decay (0.1 as in the Cassava blog post's AdamW run)")
@@ -61,6 +79,8 @@ class TrainConfig:
     # runtime
     mixed_precision: str | None = _opt(None, "autocast dtype (default: Accelerate's config / launch flag, else none)", ("no", "bf16", "fp16"))
     cpu: bool = _opt(False, "run on the CPU even when a GPU is present")
+    collective_timeout: float = _opt(600.0, "seconds a process waits for the others at a collective before it stops "
+                                            "with an error (a rank died or hangs); torch's own default is 30 min")
     workers: int | None = _opt(None, "data loader worker processes per rank (default: from the CPU count)")
     seed: int = _opt(0, "random seed (data order, augmentation, initialisation)")
     output: str = _opt("runs", "folder that holds the run folders")
@@ -73,9 +93,15 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # float("nan") and float("inf") parse, and pass every comparison
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+        if isinstance(self.batch_size, str) and self.batch_size != "auto":
+            raise ConfigError(f"--batch-size must be a number or 'auto', got {self.batch_size!r}")
         for name in ("train_res", "test_res", "epochs", "batch_size", "grad_accum"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
+            if value is not None and value != "auto" and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if not 0 < self.crop_pct <= 1:
             raise ConfigError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
@@ -87,6 +113,8 @@ class TrainConfig:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if self.freeze_epochs < 0:
             raise ConfigError(f"--freeze-epochs must be >= 0, got {self.freeze_epochs}")
+        if self.collective_timeout <= 0:
+            raise ConfigError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -106,7 +134,30 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
-        return cls(**values)
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            if not _has_type(value, hints[key]):
+                hint = hints[key]
+                raise ConfigError(f"{source}: {key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+
+def _has_type(value, hint) -> bool:
+    """Whether a JSON value fits a field's type hint (an int is a float; a bool is not an int)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_has_type(v, typing.get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 # The built-in dataset's defaults: small enough to learn in minutes on a 2-core CPU.
@@ -130,7 +181,8 @@ class FinetuneConfig(TrainConfig):
     """finetune.py: the training loop with FixRes fields and defaults. The model, its
     training resolution and the data come from --checkpoint (model, train_res and
     test_res are filled in from it, so they are not command-line options)."""
-    CLI_HIDDEN: typing.ClassVar[tuple] = ("model", "pretrained", "weights", "train_res", "test_res", "freeze_epochs")
+    CLI_HIDDEN: typing.ClassVar[tuple] = ("model", "pretrained", "weights", "train_res", "test_res", "freeze_epochs",
+                                          "compile", "fast_decode")
 
     checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py")
     res: str | int = _opt("auto", "resolution to fine-tune and test at, or 'auto': sweep the validation split and take its best")
@@ -156,8 +208,11 @@ class FinetuneConfig(TrainConfig):
         super().validate()
         if self.checkpoint is None and self.resume is None:
             raise ConfigError("--checkpoint is required: the run folder (or weights file) of train.py to fine-tune")
-        if self.resume == "auto":
-            raise ConfigError("finetune.py --resume takes the fine-tuning run folder, not 'auto'")
+        if self.resume == "auto" and (self.checkpoint is None or not self.name):
+            raise ConfigError("finetune.py --resume auto needs --checkpoint and --name (it continues the fine-tuning "
+                              "run of that name, if any); or give --resume the fine-tuning run folder")
+        if self.batch_size == "auto":
+            raise ConfigError("--batch-size auto is train.py's; give finetune.py a number")
         if self.res != "auto":
             try:
                 self.res = int(self.res)
@@ -195,7 +250,7 @@ def build_parser(cls, description: str, preset_note: str = "") -> argparse.Argum
         if hint is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(*flags, type=hint, nargs=nargs, choices=f.metadata.get("choices"),
+            parser.add_argument(*flags, type=f.metadata.get("parse") or hint, nargs=nargs, choices=f.metadata.get("choices"),
                                 help=help_text, metavar=f.name.upper() if not f.metadata.get("choices") else None)
     return parser
 

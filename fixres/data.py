@@ -203,6 +203,20 @@ def open_image(path: str, draft_size: int | None = None) -> Image.Image:
         raise BadImageError(f"cannot decode image {path}: {reason}") from None
 
 
+def upright_size(path: str) -> tuple[int, int]:
+    """(width, height) of the image as open_image returns it, from the header alone
+    (EXIF orientations 5 to 8 swap the sides)."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.format in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") and img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                width, height = height, width
+        return width, height
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BadImageError(f"cannot decode image {path}: {reason}") from None
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
@@ -244,15 +258,17 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
+        if self.seed is not None:
+            # only the CPU generator: torchvision's transforms and fixres's decoders draw from it
+            torch.random.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
         try:
+            if getattr(self.transform, "takes_path", False):  # decodes the file itself (DecodeRandomResizedCrop)
+                return self.transform(path), label
             img = open_image(path, self.draft_size)
         except BadImageError:
             if self.skip_bad:
                 return None
             raise
-        if self.seed is not None:
-            # only the CPU generator: torchvision's transforms draw from it
-            torch.random.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
         return self.transform(img), label
 
 
@@ -289,7 +305,8 @@ class EpochSampler(torch.utils.data.Sampler):
 def default_workers() -> int:
     """Loader workers per process: the cores this process may use, shared among the
     processes of this node (torchrun and accelerate set LOCAL_WORLD_SIZE), less one
-    core for the process itself, at most 8."""
+    core for the process itself, at most 16 (on an H100 with 16 cores, the fast decoder's
+    rate grew linearly up to 16 workers: docs/benchmarks.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(0, min(8, cores // max(1, local_processes) - 1))
+    return max(0, min(16, cores // max(1, local_processes) - 1))

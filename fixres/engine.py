@@ -14,9 +14,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fixres.transforms import normalize_batch
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+# what usually makes a loss diverge, in the order worth trying
+NONFINITE_HINT = "lower --lr, lengthen --warmup-epochs, or train in bf16 rather than fp16"
+
+
+class ProcessGroupError(RuntimeError):
+    """A collective failed: another process died, or hung past --collective-timeout."""
 
 
 def cosine_lr(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -43,6 +53,9 @@ class EpochResult:
 
 
 def to_device_batch(images, channels_last: bool):
+    """The model's input: uint8 batches (DecodeRandomResizedCrop) are normalised here, on
+    the device, once per batch instead of once per image in the loader workers."""
+    images = normalize_batch(images)
     if channels_last and images.dim() == 4:
         return images.contiguous(memory_format=torch.channels_last)
     return images
@@ -71,7 +84,8 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {loss.item()} at optimizer step {step} (lr {lr:.3g})")
+                raise NonFiniteLossError(f"loss is {loss.item()} at optimizer step {step} (learning rate "
+                                         f"{lr:.3g}); {NONFINITE_HINT}")
             if accelerator.sync_gradients:
                 lr = lr_at(step)
                 for group in optimizer.param_groups:

@@ -12,24 +12,29 @@ workers, and a run stopped mid-epoch continues with the batches it had not seen.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 
 from fixres import checkpoint as ckpt
-from fixres.config import TrainConfig, load_config
+from fixres.config import ConfigError, TrainConfig, load_config
 from fixres.data import EpochSampler, ImageDataset, collate_skipping, default_workers, load_split
-from fixres.engine import cosine_lr, evaluate, train_one_epoch
+from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError, cosine_lr, evaluate,
+                           train_one_epoch)
 from fixres.models import check_model_name, classifier_name, create_model, load_weights_into
 from fixres.report import EpochProgress, config_table, epoch_line, make_console, metrics_table, write_jsonl
-from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from fixres.transforms import (IMAGENET_MEAN, IMAGENET_STD, DecodeRandomResizedCrop, eval_transform,
+                               train_transform)
 
 # Options that define what a run is: a resumed run must keep them.
 IDENTITY_KEYS = ("model", "data", "images")
@@ -39,7 +44,15 @@ def make_accelerator(cfg: TrainConfig, **kwargs) -> Accelerator:
     # Denormal floats (weights and gradients decaying towards zero) make x86 CPUs many
     # times slower; epochs of the built-in demo went from 40 s to over 200 s without this.
     torch.set_flush_denormal(True)
-    return Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
+    # cuDNN tries its convolution algorithms once per input shape and keeps the fastest;
+    # fixres's shapes are fixed within a run (drop_last in training)
+    torch.backends.cudnn.benchmark = True
+    # a rank that died or hangs ends the others' wait at the next collective after this long.
+    # Accelerate forwards only the values that differ from the class's defaults (600 s, NCCL's),
+    # which would leave gloo at torch's 30 minutes when 600 s is asked for: forward it always.
+    group = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
+    group.to_kwargs = lambda: {"timeout": group.timeout}
+    return Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, kwargs_handlers=[group],
                        gradient_accumulation_steps=cfg.grad_accum, log_with=cfg.log_with, **kwargs)
 
 
@@ -141,9 +154,67 @@ def build_optimizer(named_params, cfg: TrainConfig, head: str | None = None) -> 
                    "weight_decay": cfg.weight_decay if decay else 0.0, "head": is_head}
                   for is_head in (False, True) for decay in (True, False)]
         groups = [g for g in groups if g["params"]]
+    # one fused kernel per step instead of a few per tensor, where the parameters are on a GPU
+    fused = {"fused": True} if params and all(p.is_cuda for _, p in params) else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, **fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
+
+
+AUTO_BATCH_START = 1024   # --batch-size auto halves from here
+AUTO_BATCH_CPU = 64
+
+
+def largest_batch(try_batch: Callable[[int], float], start: int = AUTO_BATCH_START,
+                  limit: float = 0.9) -> tuple[int, list[tuple[int, str]]]:
+    """Halve the batch size from `start` until `try_batch(b)` runs and returns a peak
+    memory fraction <= `limit`; the trials as (size, outcome) for the log."""
+    trials, b = [], start
+    while b >= 1:
+        try:
+            peak = try_batch(b)
+        except torch.OutOfMemoryError:
+            trials.append((b, "out of memory"))
+        else:
+            trials.append((b, f"peak {100 * peak:.0f}% of memory"))
+            if peak <= limit:
+                return b, trials
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        b //= 2
+    raise ConfigError(f"--batch-size auto: no batch size fits ({trials[-1][1]} at batch 1)")
+
+
+def auto_batch_size(model, cfg: TrainConfig, accelerator: Accelerator, console) -> int:
+    """The largest power of two (<= 1024) whose training step at --train-res fits in 90% of
+    the GPU's memory, tried on a copy of the model so that its BatchNorm statistics stay
+    untouched. Activations dominate; the optimizer's state (2x the weights for AdamW)
+    is inside the 10% kept free. On a CPU: 64."""
+    device = accelerator.device
+    if device.type != "cuda":
+        console.print(f"--batch-size auto: {AUTO_BATCH_CPU} on {device.type} (memory is not what limits it there)")
+        return AUTO_BATCH_CPU
+    import copy
+    trial_model = copy.deepcopy(model).to(device).train()
+    total = torch.cuda.get_device_properties(device).total_memory
+
+    def try_batch(b: int) -> float:
+        torch.cuda.reset_peak_memory_stats(device)
+        x = torch.randn(b, 3, cfg.train_res, cfg.train_res, device=device)
+        try:
+            with accelerator.autocast():
+                trial_model(x).float().mean().backward()
+        finally:
+            del x
+            trial_model.zero_grad(set_to_none=True)
+        return torch.cuda.max_memory_allocated(device) / total
+
+    batch, trials = largest_batch(try_batch)
+    del trial_model
+    torch.cuda.empty_cache()
+    console.print(f"--batch-size auto: {batch} per process ("
+                  + "; ".join(f"{b}: {outcome}" for b, outcome in trials) + ")")
+    return batch
 
 
 @dataclass
@@ -174,9 +245,10 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
     console = make_console(accelerator.is_main_process)
     checkpoint = None
     if cfg.resume:
-        checkpoint = ckpt.resolve_resume(cfg.resume, Path(cfg.output))
+        checkpoint = ckpt.resolve_resume(cfg.resume, Path(cfg.output), name=cfg.name)
         if checkpoint is None:
-            console.print(f"--resume auto: no checkpoint under {cfg.output}/, starting fresh")
+            where = Path(cfg.output) / cfg.name if cfg.name else Path(cfg.output)
+            console.print(f"--resume auto: no checkpoint under {where}/, starting fresh")
         else:
             cfg = resumed_config(checkpoint, cfg, explicit)
     check_model_name(cfg.model)
@@ -193,6 +265,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
                                title=f"fixres {job.title}: resolved config"))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_temporaries(run_dir)  # what a killed run was writing
         ckpt.write_json_atomic(run_dir / "config.json", cfg.to_dict())
         ckpt.write_json_atomic(run_dir / "classes.json", split.classes)
 
@@ -205,6 +278,14 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
     state = RunState()
     head = classifier_name(model) if cfg.freeze_epochs else None
     head_modes = head_only_modes(model.get_submodule(head)) if head else None
+    channels_last = cfg.channels_last if cfg.channels_last is not None else accelerator.device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(accelerator.device)  # before the optimizer: fused optimizers need the parameters there
+    if cfg.batch_size == "auto":
+        cfg = dataclasses.replace(cfg, batch_size=auto_batch_size(model, cfg, accelerator, console))
+        if accelerator.is_main_process:
+            ckpt.write_json_atomic(run_dir / "config.json", cfg.to_dict())
     optimizer = build_optimizer(model.named_parameters(), cfg, head=head)
     if checkpoint:
         weights, _ = ckpt.load_weights(checkpoint / ckpt.WEIGHTS_FILE)
@@ -212,16 +293,20 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
         saved = ckpt.load_training_state(checkpoint)
         optimizer.load_state_dict(saved["optimizer"])
         state = RunState(**saved["run"])
+        if accelerator.is_main_process:  # a crash may have come between the checkpoint and these
+            ckpt.restore_weights_files(run_dir, weights, saved_meta, state.records)
         console.print(f"resumed from {checkpoint} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}")
-    channels_last = cfg.channels_last if cfg.channels_last is not None else accelerator.device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile()  # in place: the state dict keeps its names (no "_orig_mod." prefix)
 
     workers = cfg.workers if cfg.workers is not None else default_workers()
     if job.transforms:
         train_tf, eval_tf = job.transforms(cfg)
     else:
-        train_tf = train_transform(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation)
+        fast_decode = cfg.fast_decode if cfg.fast_decode is not None else accelerator.device.type == "cuda"
+        train_tf = (DecodeRandomResizedCrop(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation)
+                    if fast_decode else
+                    train_transform(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation))
         eval_tf = eval_transform(size=cfg.eval_res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
     train_loader, val_loader = build_loaders(split, cfg, workers=workers, train_tf=train_tf, eval_tf=eval_tf,
                                              pin_memory=accelerator.device.type == "cuda")
@@ -270,6 +355,9 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
                 return {"run_dir": str(run_dir), "stopped": True}
             with EpochProgress(console, "evaluating", len(split.val)) as bar:
                 val = evaluate(model, val_loader, accelerator, channels_last=channels_last, progress=bar)
+            if not math.isfinite(val["loss"]):  # weights that diverged in the epoch's last steps: not saved
+                raise NonFiniteLossError(f"validation loss is {val['loss']} after epoch {epoch + 1} (optimizer step "
+                                         f"{state.step}, learning rate {result.lr:.3g}); {NONFINITE_HINT}")
             record = {"epoch": epoch + 1, "train_loss": result.loss, "train_acc": result.accuracy,
                       "val_loss": val["loss"], "val_acc": val["accuracy"], "val_count": val["count"],
                       "lr": result.lr, "images_per_s": result.images_per_s, "train_images": result.images,
@@ -286,12 +374,37 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
             if cfg.stop_after and epochs_this_run >= cfg.stop_after and state.epoch < cfg.epochs:
                 console.print(f"--stop-after {cfg.stop_after}: stopping; continue with --resume {run_dir}")
                 break
+    except NonFiniteLossError as err:
+        kept = ckpt.list_checkpoints(run_dir)
+        raise NonFiniteLossError(f"{err}; nothing was saved after it, the last checkpoint is "
+                                 f"{kept[-1] if kept else 'none: no epoch had finished'}") from None
+    except RuntimeError as err:
+        if accelerator.num_processes == 1 or not _collective_failed(err):
+            raise
+        raise ProcessGroupError(f"process {accelerator.process_index} of {accelerator.num_processes}: "
+                                f"{_collective_failure(err, cfg)}; continue from the last checkpoint with "
+                                f"--resume {run_dir}") from None
     finally:
         stop.restore()
         if cfg.log_with:
             accelerator.end_training()
     console.print(metrics_table(state.records, title=f"fixres {job.title}: {run_dir}"))
     return {"run_dir": str(run_dir), "records": state.records, "best_acc": state.best_acc, "stopped": False}
+
+
+def _collective_failed(err: RuntimeError) -> bool:
+    # gloo raises a plain RuntimeError that names its source file; NCCL a DistBackendError
+    return isinstance(err, torch.distributed.DistError) or "/gloo/" in str(err)
+
+
+def _collective_failure(err: RuntimeError, cfg: TrainConfig) -> str:
+    """What a failed collective means, in words, with torch's own reason when it helps."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return (f"no answer from the other processes within --collective-timeout {cfg.collective_timeout:g} s "
+                f"(one of them hangs, or its machine is gone)")
+    reason = re.sub(r"^\[[^\]]*\] ", "", text).split(". ")[0]  # gloo's "[file.cc:561] Connection closed by peer ..."
+    return f"lost the connection to another process, which probably died ({reason})"
 
 
 def _save(accelerator, model, optimizer, run_dir: Path, meta: dict, state: RunState, improved: bool = False):

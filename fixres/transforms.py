@@ -2,15 +2,21 @@
 
     train_transform(size=224, min_scale=0.08)  # RandomResizedCrop + flip
     eval_transform(size=224, crop_pct=0.875)   # Resize(256) + CenterCrop(224)
+    DecodeRandomResizedCrop(size=224)          # path -> the training crop as uint8, decoded at reduced scale
+    normalize_batch(uint8_batch)               # on the device: float, ImageNet mean/std
 
 The test-time resize follows timm and the FixRes code: the shorter side goes to
 int(size / crop_pct), rounded down, then the centre size x size is kept.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
+from fixres.data import open_image, upright_size
 from fixres.resolution import resize_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,3 +48,74 @@ def eval_transform(*, size: int, crop_pct: float = 0.875, interpolation: str = "
         v2.CenterCrop(size),
         *_to_normalized_tensor(mean, std),
     ])
+
+
+def sample_crop(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]):
+    """RandomResizedCrop's box (top, left, height, width): an area fraction uniform in
+    `scale`, a log-uniform aspect ratio in `ratio`, ten tries, then the largest centred box
+    within `ratio`. Draws from torch's CPU generator, so per-sample seeding applies."""
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        area = height * width * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(*log_ratio).item())
+        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,)).item())
+            left = int(torch.randint(0, width - w + 1, (1,)).item())
+            return top, left, h, w
+    if width / height < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class DecodeRandomResizedCrop:
+    """A file path -> RandomResizedCrop(size, scale=(min_scale, 1)) + horizontal flip, as a
+    uint8 CHW tensor; `normalize_batch` finishes the job on the device. The same
+    augmentation as train_transform, cheaper (benchmarks/speed.py measures both):
+
+    - the crop box is drawn from the header's size before anything is decoded, and a JPEG
+      whose box is at least twice the target is decoded at 1/2, 1/4 or 1/8 scale
+      (libjpeg's DCT scaling via Pillow's draft mode): most crops for a 128 px target;
+    - cropping and resizing run on uint8 tensors (torchvision's vectorised antialiased
+      kernel, about twice Pillow's speed here);
+    - no float conversion or normalisation per image in the loader workers.
+    Decoding goes through fixres.data.open_image: EXIF rotation, every image mode and the
+    same BadImageError for a file that does not decode."""
+
+    takes_path = True
+
+    def __init__(self, *, size: int, min_scale: float = 0.08, ratio=(3 / 4, 4 / 3),
+                 interpolation: str = "bilinear", hflip: bool = True, draft: bool = True):
+        self.size, self.scale, self.ratio = size, (min_scale, 1.0), ratio
+        self.interpolation, self.hflip, self.draft = INTERPOLATIONS[interpolation], hflip, draft
+
+    def __call__(self, path: str) -> torch.Tensor:
+        width, height = upright_size(path)
+        top, left, h, w = sample_crop(height, width, self.scale, self.ratio)
+        # the smallest decode whose box still has >= size pixels on its shorter side
+        draft_size = math.ceil(min(width, height) * self.size / min(h, w)) if self.draft else None
+        img = open_image(path, draft_size)
+        fy, fx = img.height / height, img.width / width
+        out = TF.resized_crop(TF.pil_to_tensor(img), round(top * fy), round(left * fx), max(1, round(h * fy)),
+                              max(1, round(w * fx)), [self.size, self.size], interpolation=self.interpolation,
+                              antialias=True)
+        if self.hflip and torch.rand(1).item() < 0.5:
+            out = out.flip(-1)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"DecodeRandomResizedCrop(size={self.size}, scale={self.scale}, draft={self.draft}, "
+                f"interpolation={self.interpolation.value})")
+
+
+def normalize_batch(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """A uint8 NCHW batch -> float, scaled to [0, 1] and normalised; float batches pass."""
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    return (images.float() - mean) / std

@@ -1,0 +1,180 @@
+"""The fast paths against the plain ones: the reduced-scale decode, uint8 cropping with
+normalisation on the device, channels_last, torch.compile and --batch-size auto.
+No timings here; benchmarks/speed.py measures the speed."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from conftest import TINY_TRAIN, error_line, make_csv_dataset, run_script
+from fixres import transforms
+from fixres.data import BadImageError, ImageDataset, open_image
+from fixres.training import largest_batch
+from fixres.transforms import DecodeRandomResizedCrop, normalize_batch, sample_crop
+
+
+def photo(path, size=(500, 375), seed=0, exif_orientation=None):
+    """A smooth, photo-like JPEG (gradients and a few discs) so that a downscaled decode
+    can be compared with a full one pixel by pixel."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([xx / w * 255, yy / h * 255, (xx + yy) / (w + h) * 255], -1)
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(20, 80)
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    pil = Image.fromarray(img.clip(0, 255).astype("uint8"))
+    exif = Image.Exif()
+    if exif_orientation:
+        exif[0x0112] = exif_orientation
+    pil.save(path, quality=90, exif=exif.tobytes())
+    return path
+
+
+def decoded_sizes(monkeypatch):
+    """Record the size of every image fixres.transforms decodes."""
+    sizes = []
+
+    def recording_open(path, draft_size=None):
+        img = open_image(path, draft_size)
+        sizes.append(img.size)
+        return img
+    monkeypatch.setattr(transforms, "open_image", recording_open)
+    return sizes
+
+
+def crops(decoder, path, seeds):
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        out.append(decoder(str(path)))
+    return out
+
+
+def test_draft_decode_has_the_requested_size_and_close_pixels(tmp_path, monkeypatch):
+    path = photo(tmp_path / "a.jpg")
+    sizes = decoded_sizes(monkeypatch)
+    fast = crops(DecodeRandomResizedCrop(size=64, min_scale=0.25, hflip=False), path, range(20))
+    full = crops(DecodeRandomResizedCrop(size=64, min_scale=0.25, hflip=False, draft=False), path, range(20))
+    drafted = [s for s in sizes[:20] if s != (500, 375)]
+    assert len(drafted) >= 10, "a 64 px target from a 500x375 photo: most crops decode at reduced scale"
+    assert all(s[0] < 500 for s in drafted) and sizes[20:] == [(500, 375)] * 20
+    for a, b in zip(fast, full):
+        assert a.shape == b.shape == (3, 64, 64) and a.dtype == torch.uint8
+        # same crop box, decoded smaller by libjpeg's DCT scaling: within a few levels of 255
+        assert (a.float() - b.float()).abs().mean() < 4.0
+
+
+def test_fast_decode_matches_torchvision_crop_of_the_full_decode(tmp_path):
+    """draft=False is exactly 'crop, then antialiased resize' of the full decode."""
+    path = photo(tmp_path / "a.jpg")
+    torch.manual_seed(3)
+    ours = DecodeRandomResizedCrop(size=48, hflip=False, draft=False)(str(path))
+    torch.manual_seed(3)
+    top, left, h, w = sample_crop(375, 500, (0.08, 1.0), (3 / 4, 4 / 3))
+    from torchvision.transforms.v2 import functional as F
+    expected = F.resized_crop(F.pil_to_tensor(open_image(str(path))), top, left, h, w, [48, 48], antialias=True)
+    assert torch.equal(ours, expected)
+
+
+def test_sample_crop_stays_inside_and_covers_the_scale_range():
+    torch.manual_seed(0)
+    areas = []
+    for _ in range(400):
+        top, left, h, w = sample_crop(375, 500, (0.25, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500
+        areas.append(h * w / (375 * 500))
+    assert min(areas) < 0.3 and max(areas) > 0.9
+
+
+def test_exif_rotated_photo_is_cropped_upright(tmp_path):
+    """Orientation 6 (rotate 90): the crop is drawn on the upright image, as open_image returns it."""
+    upright = photo(tmp_path / "upright.jpg", size=(375, 500), seed=1)
+    rotated_pixels = Image.open(upright).transpose(Image.ROTATE_90)  # stored sideways ...
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                  # ... and tagged to be turned back
+    rotated_pixels.save(rotated, quality=95, exif=exif.tobytes())
+    decoder = DecodeRandomResizedCrop(size=64, min_scale=1.0, ratio=(0.75, 0.75), hflip=False)
+    a, b = crops(decoder, upright, [0])[0], crops(decoder, rotated, [0])[0]
+    assert (a.float() - b.float()).abs().mean() < 4.0
+
+
+def test_normalize_batch_equals_per_image_normalisation():
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    per_image = transforms.v2.Compose(transforms._to_normalized_tensor(transforms.IMAGENET_MEAN,
+                                                                       transforms.IMAGENET_STD))
+    expected = torch.stack([per_image(transforms.v2.functional.to_pil_image(img)) for img in x])
+    assert torch.allclose(normalize_batch(x), expected, atol=1e-5)
+    floats = torch.randn(2, 3, 4, 4)
+    assert normalize_batch(floats) is floats
+
+
+def test_bad_file_through_the_fast_decoder_names_it(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(BadImageError, match="bad.jpg"):
+        DecodeRandomResizedCrop(size=32)(str(bad))
+    dataset = ImageDataset([(str(bad), 0)], DecodeRandomResizedCrop(size=32), skip_bad=True, seed=0)
+    assert dataset[0] is None
+
+
+def test_channels_last_and_compiled_models_give_the_same_logits():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=5).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+        cl_model = timm.create_model("test_resnet", num_classes=5).eval()
+        cl_model.load_state_dict(model.state_dict())
+        cl_model = cl_model.to(memory_format=torch.channels_last)
+        channels_last = cl_model(x.contiguous(memory_format=torch.channels_last))
+        model.compile()
+        compiled = model(x)
+    assert torch.allclose(channels_last, reference, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(compiled, reference, atol=1e-4, rtol=1e-4)
+    assert "_orig_mod" not in "".join(model.state_dict())  # checkpoints keep their key names
+
+
+def test_largest_batch_halves_until_it_fits():
+    def try_batch(b):
+        if b > 300:
+            raise torch.OutOfMemoryError("simulated")
+        return b / 200  # fraction of memory used: 256 runs but leaves too little free
+    batch, trials = largest_batch(try_batch, start=1024)
+    assert batch == 128
+    assert [b for b, _ in trials] == [1024, 512, 256, 128]
+    assert trials[0][1] == "out of memory" and trials[2][1] == "peak 128% of memory"
+
+
+@pytest.fixture(scope="module")
+def fast_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed")
+    data = make_csv_dataset(out / "data", n_train=140)  # two batches of auto's 64 on a CPU
+    common = ["--data", data, *TINY_TRAIN, "--epochs", "1", "--cpu", "--output", out]
+    results = {
+        "auto": run_script("train.py", *common, "--batch-size", "auto", "--fast-decode", "--name", "auto"),
+        "bad": run_script("train.py", *common, "--batch-size", "big", "--name", "bad"),
+    }
+    return out, results
+
+
+def test_batch_size_auto_and_fast_decode_train_on_cpu(fast_runs):
+    out, results = fast_runs
+    result = results["auto"]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--batch-size auto: 64 on cpu" in result.stdout
+    assert json.loads((out / "auto" / "config.json").read_text())["batch_size"] == 64
+    record = json.loads((out / "auto" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["val_count"] == 25
+
+
+def test_bad_batch_size_is_one_line(fast_runs):
+    _, results = fast_runs
+    assert results["bad"].returncode == 2
+    assert "--batch-size" in error_line(results["bad"]) and "'big'" in error_line(results["bad"])
