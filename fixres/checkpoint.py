@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,10 +42,59 @@ class CheckpointError(ValueError):
     """A run folder or checkpoint that cannot be used; the message names the path."""
 
 
+class WriteError(CheckpointError):
+    """A file that could not be written (no space, no permission, ...)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _reason(err: BaseException) -> str:
+    """The OS's words for a failed write ("No space left on device"), wherever a library put them."""
+    if getattr(err, "strerror", None):
+        return err.strerror
+    text = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", text)  # safetensors' wording
+    return found.group(1) if found else re.split(r"(?<=[a-z])\. ", text)[0]  # the first sentence
+
+
+class _KeepWriteError:
+    """A file that remembers why a write failed: torch.save reports a full disk as
+    "unexpected pos 704 vs 598", whether it writes to a path or to a file object."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def _torch_save(obj, path) -> None:
+    with open(path, "wb") as raw:
+        f = _KeepWriteError(raw)
+        try:
+            torch.save(obj, f)
+        except Exception:
+            if f.error is not None:
+                raise f.error from None
+            raise
+
+
 def atomic_write(path: Path, write) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise WriteError(path, _reason(err)) from None
     os.close(fd)
     try:
         write(tmp)
@@ -54,8 +104,9 @@ def atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from None
+        # torch.save and safetensors report a full disk as RuntimeError or SafetensorError
+        if isinstance(err, Exception):
+            raise WriteError(path, _reason(err)) from None
         raise
 
 
@@ -85,30 +136,82 @@ def load_weights(path: Path) -> tuple[dict, dict]:
     return state, meta
 
 
+def restore_weights_files(run_dir: Path, state_dict: dict, meta: dict, records: list[dict]) -> None:
+    """last.safetensors and best.safetensors as the save of an end-of-epoch checkpoint left
+    them, when a crash came after the checkpoint and before them (their metadata says
+    which epoch they hold). `records` are the run's epochs (best: the first highest val_acc)."""
+    epoch = meta.get("epoch")
+    if epoch is None or not records:  # a checkpoint from the middle of an epoch
+        return
+    best = max(records, key=lambda r: r["val_acc"])["epoch"]
+    for name in ("last", "best") if best == epoch else ("last",):
+        path = Path(run_dir) / f"{name}.safetensors"
+        if _epoch_of(path) != epoch:
+            save_weights(path, state_dict, meta)
+
+
+def _epoch_of(path: Path) -> int | None:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get(META_KEY, "{}")).get("epoch")
+    except Exception:  # missing or unreadable: rewrite it
+        return None
+
+
 def checkpoint_name(epoch: int, step: int) -> str:
     return f"epoch-{epoch:04d}-step-{step:06d}"
 
 
 def save_checkpoint(run_dir: Path, *, name: str, state_dict: dict, meta: dict,
                     training_state: dict, keep: int = 2) -> Path:
-    """Write checkpoints/<name>/ atomically, then drop all but the newest `keep`."""
+    """Write checkpoints/<name>/ atomically, then drop all but the newest `keep`. A failed
+    write leaves the earlier checkpoints as they were; the error names the folder."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    previous = list_checkpoints(run_dir)
+    tmp = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
         save_weights(tmp / WEIGHTS_FILE, state_dict, meta)
-        atomic_write(tmp / STATE_FILE, lambda p: torch.save(training_state, p))
+        atomic_write(tmp / STATE_FILE, lambda p: _torch_save(training_state, p))
         os.chmod(tmp, 0o777 & ~_UMASK)
         if final.exists():  # the same step saved again (e.g. a signal right after an epoch end)
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except (OSError, WriteError) as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint"
+        raise WriteError(final, f"{getattr(err, 'reason', None) or _reason(err)}; {kept}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # hidden first, so that a delete cut short leaves nothing that looks like a checkpoint
+        trash = old.with_name(f".{old.name}.old.tmp")
+        try:
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.replace(old, trash)
+        except OSError:
+            continue  # pruning is housekeeping: the new checkpoint is saved
+        shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files and folders a killed writer left in a run folder (names
+    starting with '.' and ending in '.tmp'); call it before anything writes there."""
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp"):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -130,9 +233,15 @@ def newest_checkpoint(output: Path) -> Path | None:
     return max(found, key=lambda c: (c / STATE_FILE).stat().st_mtime, default=None)
 
 
-def resolve_resume(resume: str, output: Path) -> Path | None:
-    """--resume: 'auto' (newest under output, or None), a run folder, or a checkpoint folder."""
+def resolve_resume(resume: str, output: Path, name: str | None = None) -> Path | None:
+    """--resume: 'auto', a run folder, or a checkpoint folder. 'auto' is the newest checkpoint
+    of the run called `name` under output when a name is given (what a requeued SLURM job
+    needs: its own run, not another job's), else the newest of any run under output; None
+    when there is none."""
     if resume == "auto":
+        if name:
+            found = list_checkpoints(Path(output) / name)
+            return found[-1] if found else None
         return newest_checkpoint(output)
     path = Path(resume)
     if (path / STATE_FILE).is_file():
@@ -146,11 +255,23 @@ def resolve_resume(resume: str, output: Path) -> Path | None:
 
 
 def load_training_state(checkpoint: Path) -> dict:
+    """The optimizer and loop state, unpickled with weights_only=True: tensors, numbers,
+    strings and containers only, so a tampered file cannot run code when it is read."""
+    path = Path(checkpoint) / STATE_FILE
     try:
-        return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{checkpoint / STATE_FILE}: unreadable training state "
-                              f"({str(err).splitlines()[0][:160]})") from None
+        reason = refused_pickle(err) or f"unreadable training state ({_reason(err)})"
+        raise CheckpointError(f"{path}: {reason}") from None
+
+
+def refused_pickle(err: Exception) -> str | None:
+    """What torch.load(weights_only=True) refused, in one line; None for other errors."""
+    if "Weights only load failed" not in str(err):
+        return None
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    return (f"refused: it holds pickled Python objects{f' (it would call {found.group(1)})' if found else ''}, "
+            f"not only tensors and plain values; nothing was loaded or run")
 
 
 def find_weights(path: Path, which: str = "best") -> Path:

@@ -6,10 +6,10 @@ import sys
 from fixres.checkpoint import CheckpointError
 from fixres.config import ConfigError
 from fixres.data import DataError
-from fixres.engine import NonFiniteLossError
+from fixres.engine import NonFiniteLossError, ProcessGroupError
 from fixres.models import ModelError
 
-USER_ERRORS = (CheckpointError, ConfigError, DataError, ModelError, NonFiniteLossError)
+USER_ERRORS = (CheckpointError, ConfigError, DataError, ModelError, NonFiniteLossError, ProcessGroupError)
 
 
 def one_line(err: BaseException) -> str:
@@ -22,11 +22,17 @@ def one_line(err: BaseException) -> str:
     return last
 
 
+# A run stopped by SIGTERM, SIGINT or SIGUSR1 after saving its checkpoint: not finished, not
+# failed; "try again later" (sysexits' EX_TEMPFAIL). slurm/ wrappers requeue on it.
+STOPPED_EXIT = 75
+
+
 def run_main(main, argv=None) -> int:
-    """Call main(argv); user errors become `error: <one line>` and exit status 2."""
+    """Call main(argv); user errors become `error: <one line>` and exit status 2; a run that
+    a signal stopped with a checkpoint (main returns {"stopped": True}) exits with STOPPED_EXIT."""
     try:
-        main(argv)
-        return 0
+        result = main(argv)
     except USER_ERRORS as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    return STOPPED_EXIT if isinstance(result, dict) and result.get("stopped") else 0

@@ -104,7 +104,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ModelError(f"{path}: cannot read weights ({str(err).splitlines()[0][:160]})") from None
+        from fixres.checkpoint import refused_pickle
+        reason = refused_pickle(err) or str(err).splitlines()[0][:160]
+        raise ModelError(f"{path}: cannot read weights ({reason})") from None
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -108,11 +108,15 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
 
 def test_exif_rotation_is_applied(tmp_path):
     img = Image.new("RGB", (20, 10), "white")
+    img.paste((255, 0, 0), (0, 0, 4, 10))  # a red left edge
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 clockwise to display"
     path = tmp_path / "rotated.jpg"
     img.save(path, exif=exif)
-    assert open_image(str(path)).size == (10, 20)
+    upright = np.asarray(open_image(str(path))).astype(int)
+    assert upright.shape == (20, 10, 3)
+    # turned clockwise, not anticlockwise: the left edge is now the top
+    assert upright[0, :, 0].min() > 200 and upright[0, :, 1].max() < 60 and upright[-1, :, 1].min() > 200
 
 
 @pytest.mark.parametrize("content", [b"", b"this is text, not a JPEG\n", "truncated"])
