@@ -41,7 +41,8 @@ from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping,
 from fixres.models import ModelError
 from fixres.report import EpochProgress, config_table, make_console
 from fixres.resolution import recommended_test_res, resize_size
-from fixres.sweep import ACT_EDGES, SweepConfig, best_row, default_sizes, load_for_sweep, run_sweep
+from fixres.sweep import (ACT_EDGES, SweepConfig, _run_folder, best_row, default_sizes, load_for_sweep,
+                          run_sweep)
 from fixres.training import Job, make_accelerator, new_run_dir, resumed_config, train, weights_meta
 from fixres.transforms import INTERPOLATIONS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
@@ -85,6 +86,12 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     method, evaluate after, write the run folder, finetune.json and activations.png."""
     accelerator = make_accelerator(cfg)
     console = make_console(accelerator.is_main_process)
+    if cfg.resume == "auto":  # a requeued SLURM job: the run of its --name, if it got as far as a checkpoint
+        output = Path(cfg.output) if cfg.output else default_output(cfg.checkpoint)
+        found = ckpt.resolve_resume("auto", output, name=cfg.name)
+        if found is None:
+            console.print(f"--resume auto: no checkpoint under {output / cfg.name}/, starting fresh")
+        cfg = dataclasses.replace(cfg, resume=str(found) if found else None)
     if cfg.resume:
         resume_from = ckpt.resolve_resume(cfg.resume, Path(cfg.output or "."))
         cfg = dataclasses.replace(resumed_config(resume_from, cfg, explicit), resume=str(resume_from))
@@ -232,6 +239,13 @@ def _parametric(cfg, model, split, accelerator, console, workers) -> dict:
     adapt.attach_adapter(model, adapter.to(accelerator.device))
     return {"adaptation": {"kind": "frechet", "xi": adapt.XI, "scope": cfg.parametric_scope,
                            "module": adapt.ADAPTER, "fit_images": len(features)}}
+
+
+def default_output(checkpoint: str) -> Path:
+    """Where a fine-tuning run goes without --output: beside the source run folder (or weights file)."""
+    weights = ckpt.find_weights(Path(checkpoint))
+    source_dir = _run_folder(weights)
+    return source_dir.parent if source_dir else weights.parent
 
 
 def _check_free(run_dir: Path) -> Path:

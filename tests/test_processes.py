@@ -1,0 +1,61 @@
+"""train.py with 2 processes (torchrun, gloo on CPU) against 1 process with the same global batch.
+
+Already held elsewhere: sweep.py prints the same table with 1 and 2 processes
+(test_sweep.py); finetune.py's 2 x 5 and 1 x 10 batches give the same weights
+(test_finetune.py); train.py with 2 processes counts each validation image once
+(test_train.py). Here, train.py itself: 2 processes x batch 8 take the same 16 images per
+step as 1 process x batch 16 (Accelerate hands whole batches to the ranks in turn, and an
+image's crop depends on its index only), so a model without BatchNorm (BatchNorm normalises
+by each process's own batch, and SyncBatchNorm does not run on CPUs) must print the same
+numbers and end with the same weights, up to the order of floating-point sums.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+from fixres.checkpoint import load_weights
+from tests.conftest import ROOT, free_port
+
+NO_BN = ["--model", "test_convnext", "--train-res", "32", "--workers", "0", "--epochs", "2", "--cpu"]  # LayerNorm
+
+
+def start(*args, processes: int) -> subprocess.Popen:
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
+    return subprocess.Popen([*launcher, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def epoch_lines(stdout: str) -> list[str]:
+    """The numbers a user reads each epoch, without the speed and time columns."""
+    return [line.split("| lr")[0] for line in stdout.splitlines() if line.startswith("epoch ")]
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_csv):
+    common = ["--data", tiny_csv, *NO_BN, "--output", tmp_path]
+    processes = {"one": start(*common, "--batch-size", "16", "--name", "one", processes=1),  # at once: 2 slow cores
+                 "two": start(*common, "--batch-size", "8", "--name", "two", processes=2)}
+    stdout = {}
+    for name, process in processes.items():
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, f"{name}: {out[-2000:]}{err[-3000:]}"
+        stdout[name] = out
+    assert re.search(r"processes\s+2\b", stdout["two"]) and re.search(r"processes\s+1\b", stdout["one"])
+    assert len(epoch_lines(stdout["one"])) == 2
+    assert epoch_lines(stdout["two"]) == epoch_lines(stdout["one"])
+
+    records = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in processes}
+    for a, b in zip(records["one"], records["two"], strict=True):
+        assert (a["val_acc"], a["val_count"], a["train_images"]) == (b["val_acc"], b["val_count"], b["train_images"])
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-5 and abs(a["train_loss"] - b["train_loss"]) < 1e-5
+
+    one, _ = load_weights(tmp_path / "one" / "last.safetensors")
+    two, _ = load_weights(tmp_path / "two" / "last.safetensors")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-5)
