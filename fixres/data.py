@@ -180,16 +180,23 @@ def _preview(classes: list[str], n: int = 8) -> str:
     return f"known: {shown}{', ...' if len(classes) > n else ''}"
 
 
-def open_image(path: str, draft_size: int | None = None) -> Image.Image:
+def open_image(path: str, draft_size=None) -> Image.Image:
     """Decode any common image file to an upright 8-bit RGB PIL image.
 
     `draft_size`: JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) while the
     result stays at least this large on its shorter side; decoding fewer pixels
-    is most of the speed-up when a 500 px photo is only needed at 128 px."""
+    is most of the speed-up when a 500 px photo is only needed at 128 px. It may be a
+    function of the upright (width, height), read from the header before anything is
+    decoded (DecodeRandomResizedCrop draws its crop there)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
+            if callable(draft_size):
+                width, height = img.size
+                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotations by 90 degrees
+                    width, height = height, width
+                draft_size = draft_size(width, height)
             if draft_size and img.format == "JPEG":
                 scale = min(img.size) / draft_size
                 if scale >= 2:
@@ -199,20 +206,6 @@ def open_image(path: str, draft_size: int | None = None) -> Image.Image:
         return to_rgb(img)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
             Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise BadImageError(f"cannot decode image {path}: {reason}") from None
-
-
-def upright_size(path: str) -> tuple[int, int]:
-    """(width, height) of the image as open_image returns it, from the header alone
-    (EXIF orientations 5 to 8 swap the sides)."""
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if img.format in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") and img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                width, height = height, width
-        return width, height
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BadImageError(f"cannot decode image {path}: {reason}") from None
 

@@ -16,7 +16,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from fixres.data import open_image, upright_size
+from fixres.data import open_image
 from fixres.resolution import resize_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -94,15 +94,23 @@ class DecodeRandomResizedCrop:
         self.interpolation, self.hflip, self.draft = INTERPOLATIONS[interpolation], hflip, draft
 
     def __call__(self, path: str) -> torch.Tensor:
-        width, height = upright_size(path)
-        top, left, h, w = sample_crop(height, width, self.scale, self.ratio)
-        # the smallest decode whose box still has >= size pixels on its shorter side
-        draft_size = math.ceil(min(width, height) * self.size / min(h, w)) if self.draft else None
-        img = open_image(path, draft_size)
-        fy, fx = img.height / height, img.width / width
-        out = TF.resized_crop(TF.pil_to_tensor(img), round(top * fy), round(left * fx), max(1, round(h * fy)),
-                              max(1, round(w * fx)), [self.size, self.size], interpolation=self.interpolation,
-                              antialias=True)
+        box = {}
+
+        def draw_crop(width: int, height: int) -> int | None:
+            """Called with the upright size from the header: the crop, and the smallest
+            decode whose crop still has >= size pixels on its shorter side."""
+            box.update(width=width, height=height, crop=sample_crop(height, width, self.scale, self.ratio))
+            _, _, h, w = box["crop"]
+            return math.ceil(min(width, height) * self.size / min(h, w)) if self.draft else None
+
+        img = open_image(path, draft_size=draw_crop)
+        top, left, h, w = box["crop"]
+        fy, fx = img.height / box["height"], img.width / box["width"]
+        top, left = round(top * fy), round(left * fx)
+        # crop with Pillow first: only the crop's pixels are copied into the tensor
+        region = img.crop((left, top, left + max(1, round(w * fx)), top + max(1, round(h * fy))))
+        out = TF.resize(TF.pil_to_tensor(region), [self.size, self.size], interpolation=self.interpolation,
+                        antialias=True)
         if self.hflip and torch.rand(1).item() < 0.5:
             out = out.flip(-1)
         return out
