@@ -44,9 +44,10 @@ from fixres.engine import train_one_epoch  # noqa: E402
 from fixres.finetune import finetune_modes, prepare_for_finetuning  # noqa: E402
 from fixres.models import create_model  # noqa: E402
 from fixres.shapes import generate  # noqa: E402
-from fixres.training import build_loaders, build_optimizer, make_accelerator  # noqa: E402
+from fixres.training import build_loaders, build_optimizer, default_train_transform, make_accelerator  # noqa: E402
 from fixres.transforms import DecodeRandomResizedCrop, normalize_batch, train_transform  # noqa: E402
 from train_loop import BlogDataset  # noqa: E402  (the Cassava blog post's dataset: PIL open, convert, transform)
+from train_loop import plain_loop as blog_loop  # noqa: E402
 
 BLOG_NORMALIZE = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -215,27 +216,10 @@ def input_pipeline(a, samples) -> dict:
 # ---------------------------------------------------------------- (c), (d) whole training loops
 
 def plain_loop(a, samples, device) -> float:
-    """Like the Cassava blog post's loop: its dataset and transforms, model.to(device),
-    loss.backward(), optimizer.step(); the same precision as fixres's for fairness."""
-    torch.manual_seed(0)
-    tf = T.Compose([T.RandomResizedCrop(a.res), T.RandomHorizontalFlip(), T.ToTensor(), BLOG_NORMALIZE])
-    loader = torch.utils.data.DataLoader(BlogDataset(samples, tf), batch_size=a.batch_size, shuffle=True,
-                                         num_workers=a.loop_workers, drop_last=True,
-                                         pin_memory=device.type == "cuda")
-    model = create_model(a.model, num_classes=a.classes).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    model.train()
-    start, seen = time.perf_counter(), 0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        optimizer.zero_grad()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        seen += labels.numel()
-    sync(device)
-    return seen / (time.perf_counter() - start)
+    """benchmarks/train_loop.py's blog-style loop, with fixres's precision for fairness."""
+    args = argparse.Namespace(res=a.res, batch_size=a.batch_size, workers=a.loop_workers, model=a.model,
+                              classes=a.classes)
+    return blog_loop(samples, args, device=device, bf16=a.precision == "bf16")
 
 
 def fixres_loop(a, samples, fast_decode: bool | None) -> float:
@@ -246,9 +230,7 @@ def fixres_loop(a, samples, fast_decode: bool | None) -> float:
                       mixed_precision="bf16" if a.precision == "bf16" else "no")
     accelerator = make_accelerator(cfg)
     device = accelerator.device
-    fast = cfg.fast_decode if cfg.fast_decode is not None else device.type == "cuda"
-    train_tf = DecodeRandomResizedCrop(size=a.res, min_scale=cfg.min_scale) if fast else \
-        train_transform(size=a.res, min_scale=cfg.min_scale)
+    train_tf = default_train_transform(cfg, device)
     split = type("Split", (), {"train": samples, "val": samples[:8]})
     train_loader, _ = build_loaders(split, cfg, workers=a.loop_workers, pin_memory=device.type == "cuda",
                                     train_tf=train_tf, eval_tf=train_tf)

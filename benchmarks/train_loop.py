@@ -48,23 +48,29 @@ class BlogDataset(torch.utils.data.Dataset):
         return self.transform(Image.open(path).convert("RGB")), label
 
 
-def plain_loop(samples, args) -> float:
+def plain_loop(samples, args, device=torch.device("cpu"), bf16: bool = False) -> float:
+    """Like the Cassava blog post's loop: its dataset and transforms, model.to(device),
+    loss.backward(), optimizer.step(); `bf16` autocast gives it fixres's precision on a GPU."""
     torch.manual_seed(0)
     tf = T.Compose([T.RandomResizedCrop(args.res), T.RandomHorizontalFlip(), T.ToTensor(),
                     T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     loader = torch.utils.data.DataLoader(BlogDataset(samples, tf), batch_size=args.batch_size, shuffle=True,
-                                         num_workers=args.workers, drop_last=True)
-    model = create_model(args.model, num_classes=args.classes)
+                                         num_workers=args.workers, drop_last=True, pin_memory=device.type == "cuda")
+    model = create_model(args.model, num_classes=args.classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     criterion = torch.nn.CrossEntropyLoss()
     model.train()
     start, seen = time.perf_counter(), 0
     for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
         optimizer.zero_grad()
-        loss = criterion(model(images), labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = criterion(model(images), labels)
         loss.backward()
         optimizer.step()
         seen += labels.numel()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return seen / (time.perf_counter() - start)
 
 

@@ -237,14 +237,12 @@ class ImageDataset(torch.utils.data.Dataset):
     With `skip_bad`, an undecodable image yields None, which `collate_skipping` drops
     and counts."""
 
-    def __init__(self, samples, transform, skip_bad: bool = False, seed: int | None = None,
-                 draft_size: int | None = None):
+    def __init__(self, samples, transform, skip_bad: bool = False, seed: int | None = None):
         self.samples = samples
         self.transform = transform
         self.skip_bad = skip_bad
         self.seed = seed
         self.epoch = 0  # set by the training loop; workers are re-created each epoch and see it
-        self.draft_size = draft_size
 
     def __len__(self):
         return len(self.samples)
@@ -257,7 +255,7 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             if getattr(self.transform, "takes_path", False):  # decodes the file itself (DecodeRandomResizedCrop)
                 return self.transform(path), label
-            img = open_image(path, self.draft_size)
+            img = open_image(path)
         except BadImageError:
             if self.skip_bad:
                 return None

@@ -129,6 +129,14 @@ def weights_meta(cfg: TrainConfig, classes: list[str], **extra) -> dict:
             "interpolation": cfg.interpolation, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), **extra}
 
 
+def default_train_transform(cfg: TrainConfig, device: torch.device):
+    """train.py's training augmentation: the fast decoder by default on GPUs, torchvision's
+    transforms on CPUs (see --fast-decode)."""
+    fast_decode = cfg.fast_decode if cfg.fast_decode is not None else device.type == "cuda"
+    make = DecodeRandomResizedCrop if fast_decode else train_transform
+    return make(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation)
+
+
 def build_loaders(split, cfg: TrainConfig, *, train_tf, eval_tf, workers: int, pin_memory: bool):
     common = dict(num_workers=workers, collate_fn=collate_skipping, pin_memory=pin_memory,
                   persistent_workers=False)
@@ -303,10 +311,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
     if job.transforms:
         train_tf, eval_tf = job.transforms(cfg)
     else:
-        fast_decode = cfg.fast_decode if cfg.fast_decode is not None else accelerator.device.type == "cuda"
-        train_tf = (DecodeRandomResizedCrop(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation)
-                    if fast_decode else
-                    train_transform(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation))
+        train_tf = default_train_transform(cfg, accelerator.device)
         eval_tf = eval_transform(size=cfg.eval_res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
     train_loader, val_loader = build_loaders(split, cfg, workers=workers, train_tf=train_tf, eval_tf=eval_tf,
                                              pin_memory=accelerator.device.type == "cuda")
