@@ -14,7 +14,8 @@ Parts (--parts, default all):
             90, made by the built-in dataset's generator), for each --pipeline-res: the Cassava
             blog post's (PIL open, RandomResizedCrop, ToTensor, Normalize), train_transform
             (torchvision v2 on the decoded PIL image) and DecodeRandomResizedCrop (train.py's
-            fast decode: reduced-scale JPEG decoding, uint8, normalised on the device);
+            fast decode: reduced-scale JPEG decoding, uint8, normalised on the device); and the
+            decoding step alone of the blog's and of the fast decode, the bound on each;
             images/s with one worker and with --workers workers
   loop      (c) train.py's loop (build_loaders, Accelerate, train_one_epoch) and (d) the plain
             loop, same model, data, batch and workers, taking turns for --rounds rounds
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -176,6 +178,19 @@ class NormalizedInWorker:
         return normalize_batch(self.decoder(path)[None])[0]
 
 
+class DecodingAlone:
+    """Only a pipeline's decoding step, everything after it skipped: the most that pipeline
+    could reach were the crop, resize and tensor work free."""
+    takes_path = True
+
+    def __init__(self, decode):
+        self.decode = decode
+
+    def __call__(self, path):
+        self.decode(path)
+        return torch.zeros(3, 1, 1, dtype=torch.uint8)
+
+
 def pipelines(res: int) -> dict:
     blog_tf = T.Compose([T.RandomResizedCrop(res), T.ToTensor(), BLOG_NORMALIZE])
     fast = DecodeRandomResizedCrop(size=res)
@@ -184,6 +199,9 @@ def pipelines(res: int) -> dict:
         "train_transform": lambda samples: ImageDataset(samples, train_transform(size=res), seed=0),
         "fast decode": lambda samples: ImageDataset(samples, fast, seed=0),
         "fast decode, normalised in worker": lambda samples: ImageDataset(samples, NormalizedInWorker(fast), seed=0),
+        "blog's decoding alone": lambda samples: ImageDataset(
+            samples, DecodingAlone(lambda path: Image.open(path).convert("RGB")), seed=0),
+        "fast decode's decoding alone": lambda samples: ImageDataset(samples, DecodingAlone(fast.decode), seed=0),
     }
 
 
@@ -202,14 +220,17 @@ def loader_rate(dataset, workers: int, batch_size: int) -> float:
 
 def input_pipeline(a, samples) -> dict:
     results = {}
-    worker_counts = sorted({1, a.workers})
     for res in a.pipeline_res:
-        for name, make in pipelines(res).items():
-            for workers in worker_counts:
-                subset = samples[: a.images_per_worker * workers]  # about a second's work at any worker count
-                rates = [loader_rate(make(subset), workers, a.batch_size) for _ in range(a.rounds)]
+        makers = pipelines(res)
+        for workers in sorted({1, a.workers}):
+            subset = samples[: a.images_per_worker * workers]  # about a second's work at any worker count
+            rates = {name: [] for name in makers}
+            for _ in range(a.rounds):  # taking turns, so that drift in the machine's speed hits all alike
+                for name, make in makers.items():
+                    rates[name].append(loader_rate(make(subset), workers, a.batch_size))
+            for name, r in rates.items():
                 results[f"{res}/{name}/{workers}"] = {"res": res, "pipeline": name, "workers": workers,
-                                                      "rounds": rates, "images_per_s": statistics.median(rates)}
+                                                      "rounds": r, "images_per_s": statistics.median(r)}
     return results
 
 

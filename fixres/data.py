@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 TRUE_VALUES = {"true", "1", "yes", "t", "y"}
 FALSE_VALUES = {"false", "0", "no", "f", "n"}
+EXIF_ORIENTATION = 0x0112
 
 
 class DataError(ValueError):
@@ -194,7 +195,7 @@ def open_image(path: str, draft_size=None) -> Image.Image:
             img = Image.open(path)
             if callable(draft_size):
                 width, height = img.size
-                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotations by 90 degrees
+                if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotations by 90 degrees
                     width, height = height, width
                 draft_size = draft_size(width, height)
             if draft_size and img.format == "JPEG":
@@ -202,7 +203,10 @@ def open_image(path: str, draft_size=None) -> Image.Image:
                 if scale >= 2:
                     img.draft("RGB", (int(img.size[0] / scale), int(img.size[1] / scale)))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            # read after load: a PNG's eXIf chunk may follow its pixels. exif_transpose copies
+            # even an upright image, a tenth of a JPEG decode, so it runs only when needed
+            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
         return to_rgb(img)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
             Image.DecompressionBombWarning, Image.DecompressionBombError) as err:

@@ -94,7 +94,9 @@ class DecodeRandomResizedCrop:
         self.size, self.scale, self.ratio = size, (min_scale, 1.0), ratio
         self.interpolation, self.hflip, self.draft = INTERPOLATIONS[interpolation], hflip, draft
 
-    def __call__(self, path: str) -> torch.Tensor:
+    def decode(self, path: str) -> tuple:
+        """The image, decoded at reduced scale where the crop allows, and the crop's
+        (left, top, right, bottom) in its pixels."""
         box = {}
 
         def draw_crop(width: int, height: int) -> int | None:
@@ -108,9 +110,12 @@ class DecodeRandomResizedCrop:
         top, left, h, w = box["crop"]
         fy, fx = img.height / box["height"], img.width / box["width"]
         top, left = round(top * fy), round(left * fx)
+        return img, (left, top, left + max(1, round(w * fx)), top + max(1, round(h * fy)))
+
+    def __call__(self, path: str) -> torch.Tensor:
+        img, box = self.decode(path)
         # crop with Pillow first: only the crop's pixels are copied into the tensor
-        region = img.crop((left, top, left + max(1, round(w * fx)), top + max(1, round(h * fy))))
-        out = TF.resize(TF.pil_to_tensor(region), [self.size, self.size], interpolation=self.interpolation,
+        out = TF.resize(TF.pil_to_tensor(img.crop(box)), [self.size, self.size], interpolation=self.interpolation,
                         antialias=True)
         if self.hflip and torch.rand(1).item() < 0.5:
             out = out.flip(-1)
