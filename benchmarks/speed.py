@@ -243,8 +243,8 @@ def plain_loop(a, samples, device) -> float:
     return blog_loop(samples, args, device=device, bf16=a.precision == "bf16")
 
 
-def fixres_loop(a, samples, fast_decode: bool | None) -> float:
-    """train.py's loop with train.py's defaults for this device (fast decode on GPUs)."""
+def fixres_loop(a, samples, fast_decode: bool) -> float:
+    """train.py's loop with train.py's defaults, the fast decoder on or off."""
     torch.manual_seed(0)
     cfg = TrainConfig(model=a.model, train_res=a.res, batch_size=a.batch_size, workers=a.loop_workers,
                       cpu=a.device == "cpu", fast_decode=fast_decode,
@@ -267,10 +267,9 @@ def fixres_loop(a, samples, fast_decode: bool | None) -> float:
 
 
 def loops(a, samples, device) -> dict:
-    variants = {"plain": lambda: plain_loop(a, samples, device), "fixres": lambda: fixres_loop(a, samples, None)}
-    if device.type == "cpu":  # train.py's CPU default decodes as torchvision does; the fast decoder, for the record
-        variants["fixres --fast-decode"] = lambda: fixres_loop(a, samples, True)
-    for run_variant in (lambda n: plain_loop(a, samples[:n], device), lambda n: fixres_loop(a, samples[:n], None)):
+    variants = {"plain": lambda: plain_loop(a, samples, device), "fixres": lambda: fixres_loop(a, samples, True),
+                "fixres --no-fast-decode": lambda: fixres_loop(a, samples, False)}  # torchvision's transforms
+    for run_variant in (lambda n: plain_loop(a, samples[:n], device), lambda n: fixres_loop(a, samples[:n], True)):
         run_variant(2 * a.batch_size)  # warm-up of both: allocations, file cache, cuDNN's algorithm search
     rates = {k: [] for k in variants}
     for _ in range(a.rounds):  # taking turns, so that drift in the machine's speed hits all alike

@@ -54,11 +54,11 @@ class TrainConfig:
     weights: str | None = _opt(None, "local state dict (.safetensors or .pth) to start from; the classifier is replaced if the class count differs")
     channels_last: bool | None = _opt(None, "channels_last memory format (default: on for GPUs; off on CPUs, where it measured slower)")
     compile: bool = _opt(False, "torch.compile the model (minutes of compiling first; pays on GPUs for long runs)")
-    fast_decode: bool | None = _opt(None, "training crops: draw the crop before decoding, decode JPEGs at reduced "
-                                          "scale when the crop allows, resize uint8, normalise on the device (default: on "
-                                          "for GPUs; off on CPUs for now, so that CPU runs reproduce the README's numbers, "
-                                          "although it measured 1.08x faster per epoch there too); --no-fast-decode: "
-                                          "torchvision's transforms on each decoded image")
+    fast_decode: bool | None = _opt(True, "training crops: draw the crop before decoding, decode JPEGs at reduced "
+                                          "scale when the crop allows, resize uint8, normalise on the device (the same "
+                                          "augmentation as torchvision's, cheaper: benchmarks/speed.py); --no-fast-decode: "
+                                          "torchvision's transforms on each decoded image. Runs made before it was the "
+                                          "default store null, which resumes as they started: on for GPUs only")
     # resolution and preprocessing
     train_res: int = _opt(224, "RandomResizedCrop size for training")
     test_res: int | None = _opt(None, "centre-crop size for validation (default: --train-res)")

@@ -130,8 +130,8 @@ def weights_meta(cfg: TrainConfig, classes: list[str], **extra) -> dict:
 
 
 def default_train_transform(cfg: TrainConfig, device: torch.device):
-    """train.py's training augmentation: the fast decoder by default on GPUs, torchvision's
-    transforms on CPUs (see --fast-decode)."""
+    """train.py's training augmentation: the fast decoder unless --no-fast-decode; a run
+    configured before it was the default (fast_decode null) keeps its GPU-only choice."""
     fast_decode = cfg.fast_decode if cfg.fast_decode is not None else device.type == "cuda"
     make = DecodeRandomResizedCrop if fast_decode else train_transform
     return make(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation)

@@ -178,3 +178,14 @@ def test_bad_batch_size_is_one_line(fast_runs):
     _, results = fast_runs
     assert results["bad"].returncode == 2
     assert "--batch-size" in error_line(results["bad"]) and "'big'" in error_line(results["bad"])
+
+
+def test_fast_decode_is_the_default_and_old_runs_keep_their_choice():
+    from fixres.config import TrainConfig
+    from fixres.training import default_train_transform
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert isinstance(default_train_transform(TrainConfig(), cpu), DecodeRandomResizedCrop)
+    assert isinstance(default_train_transform(TrainConfig(fast_decode=False), gpu), transforms.v2.Compose)
+    # a run configured before the default changed stored null: the GPU-only choice it started with
+    assert isinstance(default_train_transform(TrainConfig(fast_decode=None), cpu), transforms.v2.Compose)
+    assert isinstance(default_train_transform(TrainConfig(fast_decode=None), gpu), DecodeRandomResizedCrop)
