@@ -180,15 +180,13 @@ def save_checkpoint(run_dir: Path, *, name: str, state_dict: dict, meta: dict,
         if final.exists():  # the same step saved again (e.g. a signal right after an epoch end)
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except (OSError, WriteError) as err:
+    except BaseException as err:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, (OSError, WriteError)):
+            raise
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint"
         raise WriteError(final, f"{getattr(err, 'reason', None) or _reason(err)}; {kept}") from None
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep]:
         # hidden first, so that a delete cut short leaves nothing that looks like a checkpoint
         trash = old.with_name(f".{old.name}.old.tmp")

@@ -87,7 +87,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     accelerator = make_accelerator(cfg)
     console = make_console(accelerator.is_main_process)
     if cfg.resume == "auto":  # a requeued SLURM job: the run of its --name, if it got as far as a checkpoint
-        output = Path(cfg.output) if cfg.output else default_output(cfg.checkpoint)
+        output = Path(cfg.output) if cfg.output else beside_source(ckpt.find_weights(Path(cfg.checkpoint)))
         found = ckpt.resolve_resume("auto", output, name=cfg.name)
         if found is None:
             console.print(f"--resume auto: no checkpoint under {output / cfg.name}/, starting fresh")
@@ -105,9 +105,9 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         if cfg.res == "auto" and str(err).endswith("the validation split is empty"):
             raise ConfigError(f"--res auto chooses on the validation split, and there is none ({err})") from None
         raise
+    output = cfg.output or str(beside_source(Path(meta["weights_path"])))
     if cfg.name and not cfg.resume:  # before the sweep: refuse now, not minutes later
-        _check_free(Path(cfg.output or (source_dir.parent if source_dir else Path(meta["weights_path"]).parent))
-                    / cfg.name)
+        _check_free(Path(output) / cfg.name)
     train_res = int(meta["train_res"])
     crop_pct = cfg.crop_pct if "crop_pct" in explicit else meta.get("crop_pct", cfg.crop_pct)
     interpolation = cfg.interpolation if "interpolation" in explicit else meta.get("interpolation", cfg.interpolation)
@@ -143,7 +143,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         cfg, res=res, model=meta["model"], train_res=train_res, test_res=res, crop_pct=crop_pct,
         interpolation=interpolation, data=cfg.data or source_cfg.get("data"),
         images=cfg.images or source_cfg.get("images"),
-        output=cfg.output or str(source_dir.parent if source_dir else Path(meta["weights_path"]).parent),
+        output=output,
         name=cfg.name or f"{source_name}-{cfg.method}-{res}px-{time.strftime('%Y%m%d-%H%M%S')}")
     extra = dict(finetune_res=res, finetune_method=cfg.method, finetuned_from=meta["weights_path"], last_bn=last_bn)
     start = time.perf_counter()
@@ -241,9 +241,9 @@ def _parametric(cfg, model, split, accelerator, console, workers) -> dict:
                            "module": adapt.ADAPTER, "fit_images": len(features)}}
 
 
-def default_output(checkpoint: str) -> Path:
-    """Where a fine-tuning run goes without --output: beside the source run folder (or weights file)."""
-    weights = ckpt.find_weights(Path(checkpoint))
+def beside_source(weights: Path) -> Path:
+    """Where a fine-tuning run goes without --output: beside the source run folder, or
+    beside the weights file when it is not in one."""
     source_dir = _run_folder(weights)
     return source_dir.parent if source_dir else weights.parent
 

@@ -10,6 +10,7 @@ int(size / crop_pct), rounded down, then the centre size x size is kept.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -130,6 +131,13 @@ def normalize_batch(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) 
     """A uint8 NCHW batch -> float, scaled to [0, 1] and normalised; float batches pass."""
     if images.dtype != torch.uint8:
         return images
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
-    return (images.float() - mean) / std
+    mean255, std255 = _scaled_mean_std(images.device, tuple(mean), tuple(std))
+    return (images.float() - mean255) / std255
+
+
+@functools.lru_cache(maxsize=8)
+def _scaled_mean_std(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std x 255 as (1, C, 1, 1) tensors on `device`, made once rather than copied
+    to the device at every training step."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
