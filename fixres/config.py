@@ -52,6 +52,8 @@ class TrainConfig:
     model: str = _opt("resnet50", "timm model name, or tv:<name> for torchvision")
     pretrained: bool = _opt(False, "start from the library's pretrained weights (needs network access)")
     weights: str | None = _opt(None, "local state dict (.safetensors or .pth) to start from; the classifier is replaced if the class count differs")
+    output_stride: int | None = _opt(None, "timm models that support it: total stride of the network (16 or 8 dilate the last "
+                                           "stages: a larger last feature map at the same resolution, same weights)")
     channels_last: bool | None = _opt(None, "channels_last memory format (default: on for GPUs; off on CPUs, where it measured slower)")
     compile: bool = _opt(False, "torch.compile the model (minutes of compiling first; pays on GPUs for long runs)")
     fast_decode: bool | None = _opt(True, "training crops: draw the crop before decoding, decode JPEGs at reduced "
@@ -112,6 +114,8 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if self.output_stride is not None and self.output_stride not in (8, 16, 32):
+            raise ConfigError(f"--output-stride must be 8, 16 or 32, got {self.output_stride}")
         if self.freeze_epochs < 0:
             raise ConfigError(f"--freeze-epochs must be >= 0, got {self.freeze_epochs}")
         if self.collective_timeout <= 0:
@@ -182,7 +186,7 @@ class FinetuneConfig(TrainConfig):
     """finetune.py: the training loop with FixRes fields and defaults. The model, its
     training resolution and the data come from --checkpoint (model, train_res and
     test_res are filled in from it, so they are not command-line options)."""
-    CLI_HIDDEN: typing.ClassVar[tuple] = ("model", "pretrained", "weights", "train_res", "test_res", "freeze_epochs",
+    CLI_HIDDEN: typing.ClassVar[tuple] = ("model", "pretrained", "weights", "output_stride", "train_res", "test_res", "freeze_epochs",
                                           "compile", "fast_decode")
 
     checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py")

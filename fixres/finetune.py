@@ -140,7 +140,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
 
     source_name = source_dir.name if source_dir else Path(meta["weights_path"]).stem
     cfg = dataclasses.replace(
-        cfg, res=res, model=meta["model"], train_res=train_res, test_res=res, crop_pct=crop_pct,
+        cfg, res=res, model=meta["model"], output_stride=meta.get("output_stride"), train_res=train_res, test_res=res, crop_pct=crop_pct,
         interpolation=interpolation, data=cfg.data or source_cfg.get("data"),
         images=cfg.images or source_cfg.get("images"),
         output=output,

@@ -23,8 +23,8 @@ TV_PREFIX = "tv:"
 
 
 def create_model(name: str, num_classes: int, *, pretrained: bool = False,
-                 weights: str | Path | None = None) -> nn.Module:
-    model = _build(name, num_classes, pretrained)
+                 weights: str | Path | None = None, output_stride: int | None = None) -> nn.Module:
+    model = _build(name, num_classes, pretrained, output_stride)
     if weights:
         load_weights_into(model, read_state_dict(weights), source=str(weights))
     return model
@@ -42,8 +42,10 @@ def check_model_name(name: str) -> None:
             raise ModelError(f"--model {name}: unknown timm model (torchvision models are named tv:<name>)")
 
 
-def _build(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+def _build(name: str, num_classes: int, pretrained: bool, output_stride: int | None = None) -> nn.Module:
     check_model_name(name)
+    if output_stride and name.startswith(TV_PREFIX):
+        raise ModelError(f"--output-stride is for timm models; {name} is torchvision's")
     try:
         if name.startswith(TV_PREFIX):
             import torchvision
@@ -53,8 +55,13 @@ def _build(name: str, num_classes: int, pretrained: bool) -> nn.Module:
             model = torchvision.models.get_model(tv_name, weights="DEFAULT")
             return _resize_classifier(model, num_classes)
         import timm
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+        extra = {"output_stride": output_stride} if output_stride else {}
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **extra)
     except ModelError:
+        raise
+    except TypeError as err:
+        if output_stride and "output_stride" in str(err):
+            raise ModelError(f"--output-stride {output_stride}: timm's {name} does not take it") from None
         raise
     except Exception as err:  # hub/HTTP/file errors come in many types
         if pretrained:
@@ -153,6 +160,6 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, di
     if not meta.get("model") or not meta.get("classes"):
         raise ModelError(f"{weights_path}: no fixres metadata (model name, classes); "
                          f"pass plain weights with --weights and --model instead")
-    model = _build(meta["model"], len(meta["classes"]), pretrained=False)
+    model = _build(meta["model"], len(meta["classes"]), pretrained=False, output_stride=meta.get("output_stride"))
     load_weights_into(model, state, source=str(weights_path), replace_classifier=False)
     return model, {**meta, "weights_path": str(weights_path)}

@@ -124,7 +124,7 @@ def resumed_config(checkpoint: Path, cfg: TrainConfig, explicit: set[str]) -> Tr
 
 def weights_meta(cfg: TrainConfig, classes: list[str], **extra) -> dict:
     """The preprocessing a set of weights expects, stored inside the weights file."""
-    return {"model": cfg.model, "classes": classes, "num_classes": len(classes), "train_res": cfg.train_res,
+    return {"model": cfg.model, "output_stride": cfg.output_stride, "classes": classes, "num_classes": len(classes), "train_res": cfg.train_res,
             "test_res": cfg.eval_res, "input_size": [3, cfg.eval_res, cfg.eval_res], "crop_pct": cfg.crop_pct,
             "interpolation": cfg.interpolation, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), **extra}
 
@@ -282,7 +282,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
         model = job.build_model(cfg, split.classes)
     else:
         model = create_model(cfg.model, len(split.classes), pretrained=cfg.pretrained and not checkpoint,
-                             weights=None if checkpoint else cfg.weights)
+                             weights=None if checkpoint else cfg.weights, output_stride=cfg.output_stride)
     state = RunState()
     head = classifier_name(model) if cfg.freeze_epochs else None
     head_modes = head_only_modes(model.get_submodule(head)) if head else None
