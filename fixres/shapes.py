@@ -2,10 +2,11 @@
 
 Used when ``train.py`` is run without data. Images are rendered from a seed, written
 as JPEGs plus a Cassava-layout CSV (``image_id,label,is_val``) so they go through the
-same loading code as user data. Object diameter varies from 25% to 85% of the
-shorter side, so apparent object size matters -- the effect FixRes corrects.
+same loading code as user data. Objects are framed as in photographs (diameter about
+55% of the shorter side, log-normal): RandomResizedCrop zooms in on them in training and
+the centre crop does not at test, the discrepancy FixRes corrects (docs/shapes-lab.md).
 
-    python -m fixres.shapes --out /tmp/shapes                     # 4000 + 1000 at 128x128
+    python -m fixres.shapes --out /tmp/shapes                     # 4000 + 3000 at 128x128
     python -m fixres.shapes --out /tmp/big --size 500x375 --n-train 200 --n-val 50
     python -c "from fixres.shapes import ensure_shapes; print(ensure_shapes())"
 """
@@ -27,12 +28,25 @@ from PIL import Image, ImageDraw
 CLASS_NAMES: tuple[str, ...] = ("circle", "ring", "square", "cross", "triangle", "star")
 
 # Bump whenever rendering changes: cached datasets with an older version get rebuilt.
-_VERSION = 2
+_VERSION = 3
 _MARKER = "shapes.json"
 _CSV = "labels.csv"
 # Leading tags keep the two seed streams apart (SeedSequence([s]) == SeedSequence([s, 0])).
 _TAG_LABELS, _TAG_IMAGE = 0x5EED1, 0x5EED2
-_MIN_DIAM, _MAX_DIAM = 0.25, 0.85
+# Object diameter as a fraction of the shorter side. "uniform" (version 2): any size in
+# [0.25, 0.85]. "photo": a typical framing, log-normal around 0.55 (clipped to [0.3, 0.9]),
+# as photographers frame a subject; RandomResizedCrop then zooms it beyond that framing.
+FRAMINGS = ("photo", "uniform")
+_UNIFORM_DIAM = (0.25, 0.85)
+_PHOTO_MEDIAN, _PHOTO_LOG_SPREAD, _PHOTO_CLIP = 0.55, 0.2, (0.3, 0.9)
+
+
+def draw_diameter(rng: np.random.Generator, framing: str) -> float:
+    if framing == "uniform":
+        return float(rng.uniform(*_UNIFORM_DIAM))
+    if framing == "photo":
+        return float(np.clip(_PHOTO_MEDIAN * np.exp(rng.normal(0, _PHOTO_LOG_SPREAD)), *_PHOTO_CLIP))
+    raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, got {framing!r}")
 
 
 def _linear_ramp(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -134,7 +148,8 @@ def _distractor(rng, w: int, h: int, short: int):
     return lambda d: d.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255, width=width)
 
 
-def render_image(rng: np.random.Generator, label: int, width: int, height: int) -> Image.Image:
+def render_image(rng: np.random.Generator, label: int, width: int, height: int,
+                 framing: str = "photo") -> Image.Image:
     """One RGB image containing a single object of class ``CLASS_NAMES[label]``."""
     if not 0 <= label < len(CLASS_NAMES):  # a negative index would silently pick another class
         raise ValueError(f"label must be in [0, {len(CLASS_NAMES)}), got {label}")
@@ -142,7 +157,7 @@ def render_image(rng: np.random.Generator, label: int, width: int, height: int) 
     img = _background(rng, h, w)
     for _ in range(int(rng.random() < 0.3)):
         _paint(img, _mask(w, h, _distractor(rng, w, h, short)), rng.uniform(0, 255, 3), rng)
-    r = rng.uniform(_MIN_DIAM, _MAX_DIAM) * short / 2
+    r = draw_diameter(rng, framing) * short / 2
     # Centre-biased like photos (random crops then rarely lose the object), but the centre may
     # sit up to 0.25 r from the border, so big objects can leave the frame a bit.
     off = np.clip(rng.normal(0, 0.5, 2), -1, 1)
@@ -208,7 +223,7 @@ def _build(out: Path, params: dict) -> None:
     for i, label in enumerate(labels.tolist()):
         name = f"{i:06d}.jpg"
         img = render_image(np.random.default_rng([_TAG_IMAGE, seed, i]), label,
-                           params["width"], params["height"])
+                           params["width"], params["height"], params["framing"])
         img.save(out / "images" / name, "JPEG", quality=params["quality"])
         rows.append((name, CLASS_NAMES[label], str(i >= n_train)))
     with open(out / _CSV, "w", newline="") as f:
@@ -220,11 +235,12 @@ def _build(out: Path, params: dict) -> None:
 
 
 def generate(root: Path, *, n_train: int = 4000, n_val: int = 1000, width: int = 128,
-             height: int = 128, seed: int = 0, quality: int = 90) -> Path:
+             height: int = 128, seed: int = 0, quality: int = 90, framing: str = "photo") -> Path:
     """Write ``root/images/*.jpg`` and ``root/labels.csv`` (reusing a matching one); return the CSV."""
     root = Path(root)
     params = {"version": _VERSION, "n_train": n_train, "n_val": n_val, "width": width,
-              "height": height, "seed": seed, "quality": quality}
+              "height": height, "seed": seed, "quality": quality,
+              "framing": framing}
     if _is_complete(root, params):
         return root / _CSV
 
@@ -259,11 +275,13 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fixres"
 
 
-def ensure_shapes(*, n_train: int = 4000, n_val: int = 1000, width: int = 128, height: int = 128,
+def ensure_shapes(*, n_train: int = 4000, n_val: int = 3000, width: int = 128, height: int = 128,
                   seed: int = 0, cache_dir: Path | None = None) -> Path:
-    """CSV path of the cached shapes dataset with these parameters, generating it on first use."""
+    """CSV path of the cached shapes dataset with these parameters, generating it on first use.
+    The folder is named by the parameters and the version, so that runs of an older version
+    keep their own images."""
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root = base / f"shapes-{width}x{height}-{n_train}-{n_val}-s{seed}"
+    root = base / f"shapes-v{_VERSION}-{width}x{height}-{n_train}-{n_val}-s{seed}"
     return generate(root, n_train=n_train, n_val=n_val, width=width, height=height, seed=seed)
 
 
@@ -279,14 +297,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m fixres.shapes", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="dataset folder to create")
     p.add_argument("--n-train", type=int, default=4000)
-    p.add_argument("--n-val", type=int, default=1000)
+    p.add_argument("--n-val", type=int, default=3000)
     p.add_argument("--size", type=_parse_size, default=(128, 128), help="WIDTHxHEIGHT, e.g. 500x375")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.add_argument("--framing", choices=FRAMINGS, default="photo", help="object size distribution")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     path = generate(a.out, n_train=a.n_train, n_val=a.n_val, width=a.size[0], height=a.size[1],
-                    seed=a.seed, quality=a.quality)
+                    seed=a.seed, quality=a.quality, framing=a.framing)
     print(path)
     print(f"{a.n_train + a.n_val} images in {time.perf_counter() - t0:.2f} s")
 

@@ -259,7 +259,7 @@ def load_for_sweep(cfg: SweepConfig, accelerator):
     elif run_cfg["data"] is None:  # the run used the built-in dataset
         from fixres.shapes import ensure_shapes
         with accelerator.local_main_process_first():
-            data, images = str(ensure_shapes()), None
+            data, images = str(ensure_shapes(seed=run_cfg.get("seed", 0))), None
     else:
         data, images = run_cfg["data"], cfg.images or run_cfg.get("images")
     split = load_split(data, images, classes=meta.get("classes"))

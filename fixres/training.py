@@ -62,7 +62,7 @@ def resolve_data(cfg: TrainConfig, accelerator: Accelerator) -> tuple[str, str |
         return cfg.data, cfg.images, Path(cfg.data).stem or "data"
     from fixres.shapes import ensure_shapes
     with accelerator.local_main_process_first():
-        csv = ensure_shapes()
+        csv = ensure_shapes(seed=cfg.seed)  # --seed draws the images too: seeds are independent replications
     return str(csv), None, "shapes"
 
 
