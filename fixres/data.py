@@ -15,6 +15,7 @@ the path when they are read.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -295,6 +296,17 @@ class EpochSampler(torch.utils.data.Sampler):
             return iter(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def round_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """This process's batch of every round over range(n): round k is batches k*world .. k*world +
+    world - 1, and batch b goes to process b mod world. No index is repeated or dropped, so
+    the last round may leave a process a partial or an empty batch; every process has
+    ceil(n / (batch_size * world)) rounds, and a round holds the same images whatever `world`
+    is for the same batch_size * world."""
+    rounds = math.ceil(n / (batch_size * world))
+    starts = ((k * world + rank) * batch_size for k in range(rounds))
+    return [list(range(min(start, n), min(start + batch_size, n))) for start in starts]
 
 
 def default_workers() -> int:

@@ -37,7 +37,7 @@ from fixres import checkpoint as ckpt
 from fixres.adapt import (SyncedBatchNorm2d, find_last_bn, finetune_modes, freeze_for_finetuning,  # noqa: F401
                           install_synced_bn, prepare_for_finetuning)
 from fixres.config import ConfigError, FinetuneConfig
-from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, default_workers
+from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, default_workers, round_batches
 from fixres.models import ModelError
 from fixres.report import EpochProgress, config_table, make_console
 from fixres.resolution import recommended_test_res, resize_size
@@ -209,14 +209,17 @@ def _finetune(cfg, explicit, model, meta, extra, accelerator) -> dict:
 
 def _bn_stats(cfg, model, split, accelerator, console, workers, last_bn) -> dict:
     """The last BN's running statistics, re-estimated over the training split at the new
-    resolution with the test preprocessing (one pass, no gradients, synced)."""
-    bn = install_synced_bn(model, last_bn)
+    resolution with the test preprocessing (one pass, no gradients). Every training image
+    counts once: a shuffled order cut into rounds of --batch-size per process, the last
+    round partial, not padded by Accelerate's repeats nor dropped."""
     tf = eval_transform(size=cfg.res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(split.train, tf, cfg.skip_bad_images), batch_size=cfg.batch_size, drop_last=True,
-        sampler=EpochSampler(len(split.train), cfg.seed), collate_fn=collate_skipping, num_workers=workers)
+    order = list(EpochSampler(len(split.train), cfg.seed))
+    rounds = [[order[i] for i in batch] for batch in
+              round_batches(len(order), cfg.batch_size, accelerator.process_index, accelerator.num_processes)]
+    loader = torch.utils.data.DataLoader(ImageDataset(split.train, tf, cfg.skip_bad_images), batch_sampler=rounds,
+                                         collate_fn=collate_skipping, num_workers=workers)
     with EpochProgress(console, f"bn-stats at {cfg.res} px", len(split.train)):
-        seen = adapt.reestimate_bn_stats(model, bn, accelerator.prepare(loader), accelerator,
+        seen = adapt.reestimate_bn_stats(model, model.get_submodule(last_bn), loader, accelerator,
                                          channels_last=cfg.channels_last)
     return {"bn_stats_images": seen}
 

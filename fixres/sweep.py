@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from fixres.config import ConfigError, _opt
-from fixres.data import DataError, default_workers, load_split, open_image
+from fixres.data import DataError, default_workers, load_split, open_image, round_batches
 from fixres.engine import to_device_batch
 from fixres.models import (check_model_name, classifier_name, create_model, load_run_model, load_weights_into,
                            read_state_dict)
@@ -133,8 +133,7 @@ class MultiSizeDataset(torch.utils.data.Dataset):
 
 def shard_indices(n: int, batch_size: int, rank: int, world: int) -> list[int]:
     """This process's samples: whole batches b = rank, rank + world, ... of range(n)."""
-    batches = range(rank, math.ceil(n / batch_size), world)
-    return [i for b in batches for i in range(b * batch_size, min(n, (b + 1) * batch_size))]
+    return [i for batch in round_batches(n, batch_size, rank, world) for i in batch]
 
 
 def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, batch_size: int = 64,

@@ -20,6 +20,7 @@ from fixres.adapt import (ADAPTER, FrechetAdapter, attach_adapter, attach_saved_
                           pooled_features, reestimate_bn_stats)
 from fixres.checkpoint import load_weights, save_weights, write_json_atomic
 from fixres.config import ConfigError, FinetuneConfig, TrainConfig
+from fixres.data import DataError, load_split, open_image
 from fixres.finetune import (SyncedBatchNorm2d, find_last_bn, finetune_modes, finetune_transform,
                              prepare_for_finetuning, timm_overlay)
 from fixres.models import ModelError, load_run_model
@@ -136,6 +137,30 @@ def test_bn_stats_changes_only_the_last_bn_running_statistics():
     torch.testing.assert_close(bn.running_var, torch.stack([x.var((0, 2, 3)) for x in inputs]).mean(0))
     assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 3
     assert not any(m.training for m in model.modules())
+
+
+def test_bn_stats_weighs_each_batch_by_its_images_and_refuses_none():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    name, bn = prepare_for_finetuning(model, input_size=32)
+    inputs = []
+    bn.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+    # a partial last batch, as a training split that the batch size does not divide leaves
+    batches = [(torch.randn(n, 3, 64, 64) * (1 + i), torch.zeros(n, dtype=torch.long), 0)
+               for i, n in enumerate((4, 4, 1))]
+    assert reestimate_bn_stats(model, bn, batches, OneProcess(), channels_last=False) == 9
+    sizes = torch.tensor([len(x) for x in inputs], dtype=torch.float32)
+    torch.testing.assert_close(bn.running_mean, torch.cat(inputs).mean((0, 2, 3)))  # every image once
+    torch.testing.assert_close(bn.running_var, (torch.stack([x.var((0, 2, 3)) for x in inputs])
+                                                * sizes[:, None]).sum(0) / sizes.sum())
+
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    empty = [(torch.empty(0), torch.empty(0, dtype=torch.long), 4)]  # every image of the batch undecodable
+    for nothing in ([], empty):
+        with pytest.raises(DataError, match="no training image"):
+            reestimate_bn_stats(model, bn, nothing, OneProcess(), channels_last=False)
+        for key, value in bn.state_dict().items():  # the statistics it had, not reset ones
+            assert torch.equal(value, before[key]), key
 
 
 # ----------------------------------------------------------------------------- parametric
@@ -354,11 +379,49 @@ def test_bn_stats_run(runs):
     results, out, source = runs
     ok(results["bn_stats"])
     summary = json.loads((out / "bn_stats" / "finetune.json").read_text())
-    assert summary["method"] == "bn-stats" and summary["bn_stats_images"] == 56  # 7 full batches of 8
+    assert summary["method"] == "bn-stats" and summary["bn_stats_images"] == 60  # 7 batches of 8 and one of 4
     state, meta = load_weights(out / "bn_stats" / "best.safetensors")
     original, _ = load_weights(source / "best.safetensors")
     changed = {k for k in state if not torch.equal(state[k], original[k])}
     assert changed == {f"{meta['last_bn']}.{k}" for k in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+@pytest.fixture(scope="module")
+def bn_runs(tmp_path_factory, tiny_csv):
+    """bn-stats where the batches do not divide the 60 training images: one batch larger than
+    all of them; 2 processes x 8 (a last round of 8 + 4) and 1 process x 16 (a last batch of 12)."""
+    root = tmp_path_factory.mktemp("bn_stats")
+    source = write_source_run(root / "source", "test_resnet", tiny_csv)
+    common = ["--checkpoint", source, "--res", "40", "--method", "bn-stats", "--output", root / "out",
+              "--workers", "0", "--cpu"]
+    jobs = {"whole": start("finetune.py", *common, "--batch-size", "100", "--name", "whole"),
+            "two": start("finetune.py", *common, "--batch-size", "8", "--name", "two", processes=2),
+            "one": start("finetune.py", *common, "--batch-size", "16", "--name", "one")}
+    return {name: finish(process) for name, process in jobs.items()}, root / "out", source
+
+
+def test_bn_stats_counts_every_training_image_once(bn_runs, tiny_csv):
+    results, out, source = bn_runs
+    images = {name: json.loads((ok(result) and out / name / "finetune.json").read_text())["bn_stats_images"]
+              for name, result in results.items()}
+    assert images == {"whole": 60, "two": 60, "one": 60}
+    # one batch of all 60: the statistics of the last BN's input over the training split, computed here
+    state, meta = load_weights(out / "whole" / "best.safetensors")
+    bn = meta["last_bn"]
+    model, _ = load_run_model(source / "best.safetensors")
+    inputs = []
+    model.get_submodule(bn).register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    tf = eval_transform(size=40)
+    batch = torch.stack([tf(open_image(path)) for path, _ in load_split(tiny_csv, classes=CLASSES).train])
+    with torch.no_grad():
+        model.eval()(batch)
+    torch.testing.assert_close(state[f"{bn}.running_mean"], inputs[0].mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(state[f"{bn}.running_var"], inputs[0].var((0, 2, 3)), atol=1e-5, rtol=1e-4)
+    # 2 x 8 per round is 1 x 16, the partial last round included
+    one, _ = load_weights(out / "one" / "best.safetensors")
+    two, _ = load_weights(out / "two" / "best.safetensors")
+    for key in (f"{bn}.running_mean", f"{bn}.running_var"):
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-5)
 
 
 def test_train_freeze_epochs_trains_only_the_classifier_first(runs):
