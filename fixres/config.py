@@ -197,6 +197,13 @@ class FinetuneConfig(TrainConfig):
     parametric_scope: str = _opt("global", "parametric: one distribution for all pooled features, or one per feature",
                                  ("global", "feature"))
     fit_images: int = _opt(5000, "parametric: training images whose pooled features are fitted at each resolution")
+    # the source's training-time preprocessing, kept unless given here
+    min_scale: float = _opt(0.08, "RandomResizedCrop min area fraction for --aug rrc and the predicted best size; "
+                                  "not given: the source run's (its weights' metadata, else its config), else this")
+    crop_pct: float = _opt(0.875, "test crop ratio: Resize(int(res / crop_pct)) then CenterCrop(res); not given: "
+                                  "the source run's, else this")
+    interpolation: str = _opt("bilinear", "resize interpolation; not given: the source run's, else this",
+                              ("bilinear", "bicubic", "nearest"))
     # the training loop's options with fine-tuning defaults (reference: SGD, momentum 0.9, wd 1e-4, lr 1e-3..8e-3)
     epochs: int = _opt(5, "fine-tuning epochs (5 at lr 8e-3 did best of the settings tried on the built-in data)")
     optimizer: str = _opt("sgd", "optimizer", ("adamw", "sgd"))

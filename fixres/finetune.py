@@ -15,8 +15,9 @@ a step costs little more than a forward pass. That BatchNorm is replaced by
 batch on every backend, gloo included, where torch.nn.SyncBatchNorm refuses to run.
 
 The run folder is train.py's; its weights say train_res = the original K_train,
-test_res = input_size = the new resolution and crop_pct, so sweep.py and any fixres
-evaluation preprocess for the new resolution. finetune.json holds the accuracies at
+test_res = input_size = the new resolution, crop_pct, interpolation and min_scale (the
+source's, unless given on the command line), so sweep.py and any fixres evaluation
+preprocess for the new resolution and predict from the source's training crops. finetune.json holds the accuracies at
 the training resolution, at the new one before and after; activations.png the
 distributions of the pooled features there.
 """
@@ -42,7 +43,7 @@ from fixres.models import ModelError
 from fixres.report import EpochProgress, config_table, make_console
 from fixres.resolution import recommended_test_res, resize_size
 from fixres.sweep import (ACT_EDGES, SweepConfig, _run_folder, best_row, default_sizes, load_for_sweep,
-                          run_sweep)
+                          run_sweep, trained_min_scale)
 from fixres.training import Job, make_accelerator, new_run_dir, resumed_config, train, weights_meta
 from fixres.transforms import INTERPOLATIONS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
@@ -109,16 +110,18 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     if cfg.name and not cfg.resume:  # before the sweep: refuse now, not minutes later
         _check_free(Path(output) / cfg.name)
     train_res = int(meta["train_res"])
+    # the source's preprocessing and crop scale, unless given on this command line: --aug rrc
+    # crops as the source was trained, and the new run's weights and config say so
     crop_pct = cfg.crop_pct if "crop_pct" in explicit else meta.get("crop_pct", cfg.crop_pct)
     interpolation = cfg.interpolation if "interpolation" in explicit else meta.get("interpolation", cfg.interpolation)
+    min_scale = cfg.min_scale if "min_scale" in explicit else trained_min_scale(meta, source_cfg)
     eval_meta = {**meta, "interpolation": interpolation}
     last_bn = find_last_bn(model, input_size=train_res)
     workers = cfg.workers if cfg.workers is not None else default_workers()
     sweep = dict(batch_size=cfg.batch_size, workers=workers, activations=True)
 
     # before: the training resolution and the new one (--res auto: every size of the sweep)
-    predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct,
-                                     scale=(source_cfg.get("min_scale") or 0.08, 1.0))
+    predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct, scale=(min_scale, 1.0))
     if cfg.res == "auto":
         sizes = sorted(set(cfg.sizes or default_sizes(train_res, predicted)) | {train_res})
     else:
@@ -141,7 +144,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     source_name = source_dir.name if source_dir else Path(meta["weights_path"]).stem
     cfg = dataclasses.replace(
         cfg, res=res, model=meta["model"], train_res=train_res, test_res=res, crop_pct=crop_pct,
-        interpolation=interpolation, data=cfg.data or source_cfg.get("data"),
+        interpolation=interpolation, min_scale=min_scale, data=cfg.data or source_cfg.get("data"),
         images=cfg.images or source_cfg.get("images"),
         output=output,
         name=cfg.name or f"{source_name}-{cfg.method}-{res}px-{time.strftime('%Y%m%d-%H%M%S')}")

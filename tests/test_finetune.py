@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+from fixres import finetune as finetune_lib
+from fixres import sweep as sweep_lib
 from fixres.adapt import (ADAPTER, FrechetAdapter, attach_adapter, attach_saved_adapter, fit_gev, gev_cdf, gev_icdf,
                           pooled_features, reestimate_bn_stats)
 from fixres.checkpoint import load_weights, save_weights, write_json_atomic
@@ -24,6 +27,7 @@ from fixres.data import DataError, load_split, open_image
 from fixres.finetune import (SyncedBatchNorm2d, find_last_bn, finetune_modes, finetune_transform,
                              prepare_for_finetuning, timm_overlay)
 from fixres.models import ModelError, load_run_model
+from fixres.sweep import SweepConfig
 from fixres.training import weights_meta
 from fixres.transforms import eval_transform
 from tests.conftest import COLOURS, ROOT, error_line, free_port
@@ -250,15 +254,39 @@ def test_finetune_config_refuses_bad_values():
 
 # ----------------------------------------------------------------------------- the script end to end
 
-def write_source_run(folder, model_name, data, train_res=32, seed=0):
+def write_source_run(folder, model_name, data, train_res=32, seed=0, **options):
     """A run folder as train.py writes it (its weights untrained: nothing here needs accuracy)."""
     torch.manual_seed(seed)
     model = timm.create_model(model_name, num_classes=len(CLASSES))
-    cfg = TrainConfig(data=str(data), model=model_name, train_res=train_res)
+    cfg = TrainConfig(data=str(data), model=model_name, train_res=train_res, **options)
     folder.mkdir(parents=True)
     write_json_atomic(folder / "config.json", cfg.to_dict())
     save_weights(folder / "best.safetensors", model.state_dict(), weights_meta(cfg, CLASSES))
     return folder
+
+
+def test_a_finetuned_run_keeps_the_source_min_scale(tmp_path, tiny_csv, monkeypatch):
+    """A source trained with --min-scale 0.25: its fine-tuned run crops (--aug rrc), records and
+    predicts with 0.25, also from its weights alone; --min-scale given to finetune.py wins."""
+    source = write_source_run(tmp_path / "source", "test_resnet", tiny_csv, min_scale=0.25)
+    crops = []
+    real = finetune_lib.train_transform
+    monkeypatch.setattr(finetune_lib, "train_transform", lambda **kw: crops.append(kw["min_scale"]) or real(**kw))
+    common = dict(checkpoint=str(source), res=40, output=str(tmp_path / "out"), workers=0, cpu=True, batch_size=30)
+    finetune_lib.finetune(FinetuneConfig(**common, aug="rrc", epochs=1, name="rrc"))
+    run = tmp_path / "out" / "rrc"
+    assert crops == [0.25]
+    assert json.loads((run / "config.json").read_text())["min_scale"] == 0.25
+    assert [load_weights(run / f"{which}.safetensors")[1].get("min_scale") for which in ("best", "last")] == [0.25] * 2
+    alone = tmp_path / "alone"  # no config.json beside them
+    alone.mkdir()
+    shutil.copy(run / "best.safetensors", alone / "weights.safetensors")
+    swept = sweep_lib.sweep(SweepConfig(checkpoint=str(alone / "weights.safetensors"), data=str(tiny_csv),
+                                        sizes=[32], cpu=True, workers=0))
+    assert swept["meta"]["min_scale"] == 0.25
+
+    finetune_lib.finetune(FinetuneConfig(**common, method="bn-stats", min_scale=0.5, name="given"), {"min_scale"})
+    assert json.loads((tmp_path / "out" / "given" / "config.json").read_text())["min_scale"] == 0.5
 
 
 def start(script, *args, processes=1):
