@@ -17,9 +17,11 @@ batch on every backend, gloo included, where torch.nn.SyncBatchNorm refuses to r
 The run folder is train.py's; its weights say train_res = the original K_train,
 test_res = input_size = the new resolution, crop_pct, interpolation and min_scale (the
 source's, unless given on the command line), so sweep.py and any fixres evaluation
-preprocess for the new resolution and predict from the source's training crops. finetune.json holds the accuracies at
-the training resolution, at the new one before and after; activations.png the
-distributions of the pooled features there.
+preprocess for the new resolution and predict from the source's training crops.
+finetune.json holds the accuracies at the training resolution, at the new one before and
+after; "after" is measured on the weights the run ships (best.safetensors: the best epoch
+on validation, `after_epoch`), and `last_epoch` keeps the last epoch's numbers when that
+is another epoch. activations.png: the distributions of the pooled features there.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from fixres.adapt import (SyncedBatchNorm2d, find_last_bn, finetune_modes, freez
                           install_synced_bn, prepare_for_finetuning)
 from fixres.config import ConfigError, FinetuneConfig
 from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, default_workers, round_batches
-from fixres.models import ModelError
+from fixres.models import ModelError, load_run_model
 from fixres.report import EpochProgress, config_table, make_console
 from fixres.resolution import recommended_test_res, resize_size
 from fixres.sweep import (ACT_EDGES, SweepConfig, _run_folder, best_row, default_sizes, load_for_sweep,
@@ -150,12 +152,15 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         name=cfg.name or f"{source_name}-{cfg.method}-{res}px-{time.strftime('%Y%m%d-%H%M%S')}")
     extra = dict(finetune_res=res, finetune_method=cfg.method, finetuned_from=meta["weights_path"], last_bn=last_bn)
     start = time.perf_counter()
-    records = []
+    records, shipped = [], {}
     if cfg.method == "finetune":
         result = _finetune(cfg, explicit, model, meta, extra, accelerator)
         if result["stopped"]:
             return result
         run_dir, records = Path(result["run_dir"]), result["records"]
+        # the run ships its best epoch on validation (best.safetensors, what sweep.py loads),
+        # not the last one in memory: "after" is measured on those weights
+        model, shipped = load_run_model(run_dir, "best")
     else:
         run_dir = _check_free(new_run_dir(cfg, "", accelerator))
         console.print(config_table({**cfg.to_dict(), "run folder": run_dir, "dataset": split.source,
@@ -177,8 +182,14 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
 
     with EpochProgress(console, f"after: {res} px", len(split.val)) as bar:
         after = run_sweep(model, eval_meta, split, [res], crop_pct, accelerator, progress=bar, **sweep)[0]
+    after_epoch = shipped.get("epoch")
     stages = [(f"trained resolution {train_res} px, as trained", by_size[train_res]),
-              (f"{res} px, before", by_size[res]), (f"{res} px, after {cfg.method} ({seconds:.0f} s)", after)]
+              (f"{res} px, before", by_size[res]),
+              (f"{res} px, after {cfg.method}" + (f", epoch {after_epoch} (best.safetensors)" if after_epoch else "")
+               + f" ({seconds:.0f} s)", after)]
+    last = records[-1] if records and records[-1]["epoch"] != after_epoch else None
+    if last:  # numbers from train.py's evaluation of that epoch, the same preprocessing
+        last = {"epoch": last["epoch"], "top1": last["val_acc"], "loss": last["val_loss"]}
     summary = {"source": meta["weights_path"], "model": meta["model"], "method": cfg.method,
                "aug": cfg.aug if cfg.method == "finetune" else None, "train_res": train_res, "res": res,
                "res_choice": why, "predicted_res": predicted, "crop_pct": crop_pct, "last_bn": last_bn,
@@ -186,8 +197,10 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
                "loss": {"train_res": by_size[train_res]["loss"], "before": by_size[res]["loss"], "after": after["loss"]},
                "val_images": after["count"], "method_seconds": seconds, "processes": accelerator.num_processes,
                "device": str(accelerator.device), "sweep": [{k: r[k] for k in ("size", "top1", "loss")} for r in rows],
+               "after_epoch": after_epoch, **({"last_epoch": last} if last else {}),
                "epochs": records, **{k: v for k, v in extra.items() if k not in ("last_bn", "finetuned_from")}}
-    console.print(result_table(stages, title=f"fixres finetune: {run_dir}"))
+    console.print(result_table(stages + ([(f"{res} px, last epoch {last['epoch']} (last.safetensors)", last)]
+                                         if last else []), title=f"fixres finetune: {run_dir}"))
     if accelerator.is_main_process:
         ckpt.write_json_atomic(run_dir / "finetune.json", summary)
         plot_activations([(label, r["act_hist"]) for label, r in stages], run_dir / "activations.png",

@@ -28,7 +28,7 @@ from fixres.finetune import (SyncedBatchNorm2d, find_last_bn, finetune_modes, fi
                              prepare_for_finetuning, timm_overlay)
 from fixres.models import ModelError, load_run_model
 from fixres.sweep import SweepConfig
-from fixres.training import weights_meta
+from fixres.training import train, weights_meta
 from fixres.transforms import eval_transform
 from tests.conftest import COLOURS, ROOT, error_line, free_port
 
@@ -287,6 +287,42 @@ def test_a_finetuned_run_keeps_the_source_min_scale(tmp_path, tiny_csv, monkeypa
 
     finetune_lib.finetune(FinetuneConfig(**common, method="bn-stats", min_scale=0.5, name="given"), {"min_scale"})
     assert json.loads((tmp_path / "out" / "given" / "config.json").read_text())["min_scale"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def unlearning(tmp_path_factory, tiny_csv):
+    """A source that has learned the colours (train.py, 2 epochs: 100% on validation) and its
+    data with the training labels rotated: fine-tuning on them unlearns, so the last epoch
+    scores below an earlier one."""
+    root = tmp_path_factory.mktemp("unlearning")
+    train(TrainConfig(data=str(tiny_csv), model="test_resnet", train_res=32, batch_size=16, epochs=2, lr=2e-3,
+                      workers=0, cpu=True, output=str(root), name="source"))
+    rotate = dict(zip(CLASSES, CLASSES[1:] + CLASSES[:1]))
+    header, *rows = tiny_csv.read_text().splitlines()
+    rows = [(image, rotate[label] if is_val == "False" else label, is_val) for image, label, is_val in
+            (row.split(",") for row in rows)]
+    rotated = tiny_csv.parent / "rotated.csv"
+    rotated.write_text("\n".join([header] + [",".join(row) for row in rows]) + "\n")
+    return root / "source", rotated
+
+
+def test_finetune_json_describes_the_weights_it_ships(unlearning, tmp_path):
+    source, rotated = unlearning
+    finetune_lib.finetune(FinetuneConfig(checkpoint=str(source), data=str(rotated), res=40, epochs=3, lr=3e-3,
+                                         aug="test", batch_size=10, workers=0, cpu=True, output=str(tmp_path),
+                                         name="ft"))
+    run = tmp_path / "ft"
+    summary = json.loads((run / "finetune.json").read_text())
+    accuracies = [record["val_acc"] for record in summary["epochs"]]
+    assert max(accuracies) > accuracies[-1], accuracies  # the case at issue: the last epoch is not the best
+    # sweep.py scores the run by its best.safetensors; "after" is those weights, and says which epoch they are
+    shipped = sweep_lib.sweep(SweepConfig(checkpoint=str(run), sizes=[40], cpu=True, workers=0,
+                                          output=str(tmp_path / "sweep")))["rows"][0]
+    assert (summary["top1"]["after"], summary["loss"]["after"]) == pytest.approx((shipped["top1"], shipped["loss"]))
+    assert summary["after_epoch"] == load_weights(run / "best.safetensors")[1]["epoch"]
+    assert summary["after_epoch"] == accuracies.index(max(accuracies)) + 1
+    last = summary["epochs"][-1]
+    assert summary["last_epoch"] == {"epoch": 3, "top1": last["val_acc"], "loss": last["val_loss"]}
 
 
 def start(script, *args, processes=1):
