@@ -10,8 +10,9 @@ things that change during fine-tuning:
 
 Then the two zero-training alternatives to fine-tuning.
 
-bn-stats: reset the last BatchNorm's running statistics and re-estimate them at the new
-resolution as a plain average over the training images (no gradients; seconds).
+bn-stats: re-estimate the last BatchNorm's running statistics at the new resolution as
+an average over every training image, each batch weighted by its images (no gradients;
+seconds).
 
 parametric (the paper's parametric adaptation): the pooled features that feed the
 classifier follow, roughly, a Frechet distribution (GEV with shape xi > 0; xi = 0.3
@@ -41,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fixres.data import DataError
 from fixres.engine import to_device_batch
 from fixres.models import ModelError, classifier_name
 
@@ -91,6 +93,23 @@ def find_last_bn(model: nn.Module, *, input_size: int = 64) -> str:
     return on_maps[-1]
 
 
+def channel_moments(x: torch.Tensor) -> torch.Tensor:
+    """Per channel of an NCHW batch: (sums, sums of squares, count of values per channel) in
+    one float64 vector, to be summed across batches or processes; `mean_var` reads it."""
+    var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+    count = x.numel() // x.shape[1]
+    # local moments in float32 (two-pass, accurate), combined in float64
+    mean, var = mean.double(), var.double()
+    return torch.cat([mean * count, (var + mean * mean) * count, mean.new_tensor([count])])
+
+
+def mean_var(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased variance, count) from summed `channel_moments`."""
+    c, total = (len(stats) - 1) // 2, stats[-1]
+    mean = stats[:c] / total
+    return mean, (stats[c:2 * c] / total - mean * mean).clamp_min(0), total
+
+
 def _distributed() -> bool:
     # also with one process in a process group (torchrun --nproc_per_node 1): same result, one code path
     return dist.is_available() and dist.is_initialized()
@@ -119,15 +138,9 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
         if x.requires_grad:
             raise RuntimeError("SyncedBatchNorm2d: the layers before the synced BatchNorm must be frozen")
         with torch.no_grad():
-            var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
-            count = x.numel() // x.shape[1]
-            # local moments in float32 (two-pass, accurate), combined in float64
-            mean, var = mean.double(), var.double()
-            stats = torch.cat([mean * count, (var + mean * mean) * count, mean.new_tensor([count])])
+            stats = channel_moments(x)
             dist.all_reduce(stats)
-            c, total = self.num_features, stats[-1]
-            mean = stats[:c] / total
-            var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)
+            mean, var, total = mean_var(stats)
             if self.track_running_stats:
                 self.num_batches_tracked.add_(1)
                 m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -264,21 +277,46 @@ def pooled_features(model: nn.Module, loader, accelerator, *, channels_last: boo
 
 
 @torch.no_grad()
-def reestimate_bn_stats(model: nn.Module, bn: nn.Module, loader, accelerator, *, channels_last: bool = True) -> int:
-    """Reset `bn`'s running statistics and set them to the average of the batch statistics
-    over `loader` (momentum None: a cumulative average), the rest of the model in eval
-    mode. With a SyncedBatchNorm2d the batches are global ones. Returns the images seen."""
-    bn.reset_running_stats()
-    momentum, bn.momentum = bn.momentum, None
+def reestimate_bn_stats(model: nn.Module, bn: nn.Module, batches, accelerator, *, channels_last: bool = True) -> int:
+    """Set `bn`'s running statistics to the average of its batch statistics over `batches`,
+    each batch weighted by its number of images: the mean is the plain mean over every image,
+    the variance the images' average of their batch's (unbiased) variance. The whole model
+    stays in eval mode; a hook reads the BN's input, so nothing else changes.
+
+    In a process group, `batches` are this process's part of each round (fixres.data.round_batches:
+    the same number of rounds everywhere, a part may be empty) and a round's statistics are
+    those of all parts together, so N processes give what one gives with the round as its
+    batch. Returns the images seen, all processes; with none (every image undecodable), a
+    DataError, and the statistics stay as they were."""
+    param = bn.running_mean
+    captured = []
+    handle = bn.register_forward_pre_hook(lambda module, args: captured.append(channel_moments(args[0])))
     model.eval()
-    bn.train()
-    seen = 0
+    seen, rounds, mean, var = 0, 0, None, None
     try:
-        for images, labels, _ in loader:
-            with accelerator.autocast():
-                model(to_device_batch(images, channels_last))
-            seen += labels.numel() * accelerator.num_processes
+        for images, labels, _ in batches:
+            stats = torch.zeros(2 * bn.num_features + 1, dtype=torch.float64, device=param.device)
+            if labels.numel():
+                with accelerator.autocast():
+                    model(to_device_batch(images.to(param.device), channels_last))
+                stats = captured.pop()
+            stats = torch.cat([stats, stats.new_tensor([labels.numel()])])  # + the images
+            if _distributed():
+                dist.all_reduce(stats)
+            n = int(stats[-1])
+            if n == 0:
+                continue
+            batch_mean, batch_var, values = mean_var(stats[:-1])
+            batch_var = batch_var * values / (values - 1).clamp_min(1)  # unbiased, as BatchNorm keeps it
+            seen, rounds = seen + n, rounds + 1
+            mean = batch_mean if mean is None else mean + (batch_mean - mean) * (n / seen)
+            var = batch_var if var is None else var + (batch_var - var) * (n / seen)
     finally:
-        bn.momentum = momentum
-        model.eval()
+        handle.remove()
+    if not seen:
+        raise DataError("bn-stats: no training image could be read, so the last BatchNorm's statistics "
+                        "were not re-estimated (they stay as they were)")
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(var)
+    bn.num_batches_tracked.fill_(rounds)
     return seen

@@ -72,9 +72,11 @@ class TrainConfig:
     batch_size: int | str = _opt(64, "images per process per step, or 'auto': the largest power of two whose "
                                      "training step fits in 90%% of the GPU's memory (64 on a CPU)", parse=batch_size_arg)
     lr: float = _opt(1e-3, "peak learning rate (reached after warm-up)")
-    optimizer: str = _opt("adamw", "optimizer", ("adamw", "sgd"))
-    weight_decay: float = _opt(0.1, "weight decay (0.1 as in the Cassava blog post's AdamW run)")
-    momentum: float = _opt(0.9, "SGD momentum")
+    optimizer: str = _opt("adamw", "optimizer; sgd is torch's SGD with Nesterov momentum", ("adamw", "sgd"))
+    weight_decay: float = _opt(0.1, "weight decay (0.1 as in the Cassava blog post's AdamW run), of the weights of "
+                                    "dim > 1 only: biases and norm parameters are not decayed (timm's and torchvision's "
+                                    "recipes)")
+    momentum: float = _opt(0.9, "SGD momentum (Nesterov)")
     warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs, then cosine decay to zero")
     freeze_epochs: int = _opt(0, "train only the classifier for the first N epochs, the rest frozen in eval mode (transfer learning from --weights)")
     label_smoothing: float = _opt(0.0, "label smoothing for the cross-entropy loss")
@@ -195,17 +197,27 @@ class FinetuneConfig(TrainConfig):
                        "that BN's statistics (no gradients); parametric: the paper's Frechet map before the classifier",
                        FINETUNE_METHODS)
     aug: str = _opt("test+", "fine-tuning images: test = Resize + CenterCrop at --res; test+ = that with flip, light "
-                    "colour jitter and a horizontally shifted crop (FixRes v2); rrc = RandomResizedCrop", FINETUNE_AUGS)
+                    "colour jitter and a horizontally shifted crop (FixRes v2, its offset uniform over the whole margin: "
+                    "README, finetune.py); rrc = RandomResizedCrop", FINETUNE_AUGS)
     train_bn_affine: bool = _opt(False, "also train the last BN's weight and bias (the reference code trains only the classifier)")
     sizes: list[int] | None = _opt(None, "with --res auto: the sizes to sweep (default: sweep.py's, about 0.5x to 2x the training res)")
     parametric_scope: str = _opt("global", "parametric: one distribution for all pooled features, or one per feature",
                                  ("global", "feature"))
     fit_images: int = _opt(5000, "parametric: training images whose pooled features are fitted at each resolution")
+    # the source's training-time preprocessing, kept unless given here
+    min_scale: float = _opt(0.08, "RandomResizedCrop min area fraction for --aug rrc and the predicted best size; "
+                                  "not given: the source run's (its weights' metadata, else its config), else this")
+    crop_pct: float = _opt(0.875, "test crop ratio: Resize(int(res / crop_pct)) then CenterCrop(res); not given: "
+                                  "the source run's, else this")
+    interpolation: str = _opt("bilinear", "resize interpolation; not given: the source run's, else this",
+                              ("bilinear", "bicubic", "nearest"))
     # the training loop's options with fine-tuning defaults (reference: SGD, momentum 0.9, wd 1e-4, lr 1e-3..8e-3)
     epochs: int = _opt(5, "fine-tuning epochs (5 at lr 8e-3 did best of the settings tried on the built-in data)")
-    optimizer: str = _opt("sgd", "optimizer", ("adamw", "sgd"))
+    optimizer: str = _opt("sgd", "optimizer; sgd is torch's SGD with Nesterov momentum, as in train.py (the reference "
+                                 "code's momentum is plain)", ("adamw", "sgd"))
     lr: float = _opt(8e-3, "peak learning rate, cosine decay, no warm-up (the reference's range: 1e-3 to 8e-3)")
-    weight_decay: float = _opt(1e-4, "weight decay of the classifier weights")
+    weight_decay: float = _opt(1e-4, "weight decay of the classifier's weight matrix only: not of its bias nor the "
+                                     "last BN's weight and bias, as in train.py (the reference code decays all)")
     warmup_epochs: float = _opt(0.0, "linear warm-up length in epochs (the head starts trained: none needed)")
     output: str | None = _opt(None, "folder for the new run folder (default: the folder that holds the source run)")
 

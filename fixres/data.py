@@ -15,9 +15,12 @@ the path when they are read.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import torch
@@ -73,10 +76,22 @@ def _is_int(text: str) -> bool:
     return text.lstrip("-").isdigit()
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,3})?")
+
+
+def canonical_label(text: str) -> str:
+    """A label that is a number with an integer value is that integer: "3", "03", "3.0" and
+    "+3" are class "3" (a spreadsheet writes 3 as 3.0). Anything else ("3.5", "cat") is a name."""
+    if not _NUMBER.fullmatch(text):
+        return text
+    value = Decimal(text)  # exact: no float rounding of long integers
+    return str(int(value)) if value == value.to_integral_value() else text
+
+
 def _class_index(classes: list[str]) -> dict[str, int]:
-    index = {name: i for i, name in enumerate(classes)}
-    # "3" and "03" or 3.0-style integer labels name the same class as 3
-    index.update({str(int(name)): i for i, name in enumerate(classes) if _is_int(name)})
+    # "03" or "3.0" in a class list (an older run's) is found by "3"; the exact names win
+    index = {canonical_label(name): i for i, name in enumerate(classes)}
+    index.update({name: i for i, name in enumerate(classes)})
     return index
 
 
@@ -127,11 +142,11 @@ def read_csv_split(csv_path: Path, images: str | Path | None = None,
             raise DataError(f"{where}: image {path} does not exist")
         rows.append((str(path), label, val, where))
 
-    classes = list(classes) if classes is not None else _sorted_labels(r[1] for r in rows)
+    classes = list(classes) if classes is not None else _sorted_labels(canonical_label(r[1]) for r in rows)
     index = _class_index(classes)
     train, val = [], []
     for path, label, is_val, where in rows:
-        key = str(int(label)) if _is_int(label) else label
+        key = label if label in index else canonical_label(label)
         if key not in index:
             raise DataError(f"{where}: label {label!r} is not a known class ({_preview(classes)})")
         (val if is_val else train).append((path, index[key]))
@@ -295,6 +310,17 @@ class EpochSampler(torch.utils.data.Sampler):
             return iter(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def round_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """This process's batch of every round over range(n): round k is batches k*world .. k*world +
+    world - 1, and batch b goes to process b mod world. No index is repeated or dropped, so
+    the last round may leave a process a partial or an empty batch; every process has
+    ceil(n / (batch_size * world)) rounds, and a round holds the same images whatever `world`
+    is for the same batch_size * world."""
+    rounds = math.ceil(n / (batch_size * world))
+    starts = ((k * world + rank) * batch_size for k in range(rounds))
+    return [list(range(min(start, n), min(start + batch_size, n))) for start in starts]
 
 
 def default_workers() -> int:

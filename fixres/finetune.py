@@ -15,10 +15,13 @@ a step costs little more than a forward pass. That BatchNorm is replaced by
 batch on every backend, gloo included, where torch.nn.SyncBatchNorm refuses to run.
 
 The run folder is train.py's; its weights say train_res = the original K_train,
-test_res = input_size = the new resolution and crop_pct, so sweep.py and any fixres
-evaluation preprocess for the new resolution. finetune.json holds the accuracies at
-the training resolution, at the new one before and after; activations.png the
-distributions of the pooled features there.
+test_res = input_size = the new resolution, crop_pct, interpolation and min_scale (the
+source's, unless given on the command line), so sweep.py and any fixres evaluation
+preprocess for the new resolution and predict from the source's training crops.
+finetune.json holds the accuracies at the training resolution, at the new one before and
+after; "after" is measured on the weights the run ships (best.safetensors: the best epoch
+on validation, `after_epoch`), and `last_epoch` keeps the last epoch's numbers when that
+is another epoch. activations.png: the distributions of the pooled features there.
 """
 from __future__ import annotations
 
@@ -37,19 +40,22 @@ from fixres import checkpoint as ckpt
 from fixres.adapt import (SyncedBatchNorm2d, find_last_bn, finetune_modes, freeze_for_finetuning,  # noqa: F401
                           install_synced_bn, prepare_for_finetuning)
 from fixres.config import ConfigError, FinetuneConfig
-from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, default_workers
-from fixres.models import ModelError
+from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, default_workers, round_batches
+from fixres.models import ModelError, load_run_model
 from fixres.report import EpochProgress, config_table, make_console
 from fixres.resolution import recommended_test_res, resize_size
 from fixres.sweep import (ACT_EDGES, SweepConfig, _run_folder, best_row, default_sizes, load_for_sweep,
-                          run_sweep)
+                          run_sweep, trained_min_scale)
 from fixres.training import Job, make_accelerator, new_run_dir, resumed_config, train, weights_meta
 from fixres.transforms import INTERPOLATIONS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 
 class HorizontalShiftCrop(nn.Module):
     """A size x size crop at the vertical centre and a random horizontal offset: the centre
-    crop's framing, translated sideways (the FixRes v2 fine-tuning crop)."""
+    crop's framing, translated sideways (the FixRes v2 fine-tuning crop). The offset is
+    uniform over the whole margin; the reference's `center_crop_new` draws centre +- a
+    uniform integer, the same range with the centre offset twice as likely (README says why
+    this one is kept)."""
 
     def __init__(self, size: int):
         super().__init__()
@@ -109,16 +115,18 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     if cfg.name and not cfg.resume:  # before the sweep: refuse now, not minutes later
         _check_free(Path(output) / cfg.name)
     train_res = int(meta["train_res"])
+    # the source's preprocessing and crop scale, unless given on this command line: --aug rrc
+    # crops as the source was trained, and the new run's weights and config say so
     crop_pct = cfg.crop_pct if "crop_pct" in explicit else meta.get("crop_pct", cfg.crop_pct)
     interpolation = cfg.interpolation if "interpolation" in explicit else meta.get("interpolation", cfg.interpolation)
+    min_scale = cfg.min_scale if "min_scale" in explicit else trained_min_scale(meta, source_cfg)
     eval_meta = {**meta, "interpolation": interpolation}
     last_bn = find_last_bn(model, input_size=train_res)
     workers = cfg.workers if cfg.workers is not None else default_workers()
     sweep = dict(batch_size=cfg.batch_size, workers=workers, activations=True)
 
     # before: the training resolution and the new one (--res auto: every size of the sweep)
-    predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct,
-                                     scale=(source_cfg.get("min_scale") or 0.08, 1.0))
+    predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct, scale=(min_scale, 1.0))
     if cfg.res == "auto":
         sizes = sorted(set(cfg.sizes or default_sizes(train_res, predicted)) | {train_res})
     else:
@@ -140,19 +148,24 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
 
     source_name = source_dir.name if source_dir else Path(meta["weights_path"]).stem
     cfg = dataclasses.replace(
-        cfg, res=res, model=meta["model"], output_stride=meta.get("output_stride"), train_res=train_res, test_res=res, crop_pct=crop_pct,
-        interpolation=interpolation, data=cfg.data or source_cfg.get("data"),
+        cfg, res=res, model=meta["model"], output_stride=meta.get("output_stride"), train_res=train_res,
+        test_res=res, crop_pct=crop_pct, interpolation=interpolation, min_scale=min_scale,
+        # the built-in data's CSV as the source's sweep found it (its images depend on the source's seed)
+        data=cfg.data or source_cfg.get("data") or split.source,
         images=cfg.images or source_cfg.get("images"),
         output=output,
         name=cfg.name or f"{source_name}-{cfg.method}-{res}px-{time.strftime('%Y%m%d-%H%M%S')}")
     extra = dict(finetune_res=res, finetune_method=cfg.method, finetuned_from=meta["weights_path"], last_bn=last_bn)
     start = time.perf_counter()
-    records = []
+    records, shipped = [], {}
     if cfg.method == "finetune":
         result = _finetune(cfg, explicit, model, meta, extra, accelerator)
         if result["stopped"]:
             return result
         run_dir, records = Path(result["run_dir"]), result["records"]
+        # the run ships its best epoch on validation (best.safetensors, what sweep.py loads),
+        # not the last one in memory: "after" is measured on those weights
+        model, shipped = load_run_model(run_dir, "best")
     else:
         run_dir = _check_free(new_run_dir(cfg, "", accelerator))
         console.print(config_table({**cfg.to_dict(), "run folder": run_dir, "dataset": split.source,
@@ -174,8 +187,14 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
 
     with EpochProgress(console, f"after: {res} px", len(split.val)) as bar:
         after = run_sweep(model, eval_meta, split, [res], crop_pct, accelerator, progress=bar, **sweep)[0]
+    after_epoch = shipped.get("epoch")
     stages = [(f"trained resolution {train_res} px, as trained", by_size[train_res]),
-              (f"{res} px, before", by_size[res]), (f"{res} px, after {cfg.method} ({seconds:.0f} s)", after)]
+              (f"{res} px, before", by_size[res]),
+              (f"{res} px, after {cfg.method}" + (f", epoch {after_epoch} (best.safetensors)" if after_epoch else "")
+               + f" ({seconds:.0f} s)", after)]
+    last = records[-1] if records and records[-1]["epoch"] != after_epoch else None
+    if last:  # numbers from train.py's evaluation of that epoch, the same preprocessing
+        last = {"epoch": last["epoch"], "top1": last["val_acc"], "loss": last["val_loss"]}
     summary = {"source": meta["weights_path"], "model": meta["model"], "method": cfg.method,
                "aug": cfg.aug if cfg.method == "finetune" else None, "train_res": train_res, "res": res,
                "res_choice": why, "predicted_res": predicted, "crop_pct": crop_pct, "last_bn": last_bn,
@@ -183,8 +202,10 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
                "loss": {"train_res": by_size[train_res]["loss"], "before": by_size[res]["loss"], "after": after["loss"]},
                "val_images": after["count"], "method_seconds": seconds, "processes": accelerator.num_processes,
                "device": str(accelerator.device), "sweep": [{k: r[k] for k in ("size", "top1", "loss")} for r in rows],
+               "after_epoch": after_epoch, **({"last_epoch": last} if last else {}),
                "epochs": records, **{k: v for k, v in extra.items() if k not in ("last_bn", "finetuned_from")}}
-    console.print(result_table(stages, title=f"fixres finetune: {run_dir}"))
+    console.print(result_table(stages + ([(f"{res} px, last epoch {last['epoch']} (last.safetensors)", last)]
+                                         if last else []), title=f"fixres finetune: {run_dir}"))
     if accelerator.is_main_process:
         ckpt.write_json_atomic(run_dir / "finetune.json", summary)
         plot_activations([(label, r["act_hist"]) for label, r in stages], run_dir / "activations.png",
@@ -209,14 +230,17 @@ def _finetune(cfg, explicit, model, meta, extra, accelerator) -> dict:
 
 def _bn_stats(cfg, model, split, accelerator, console, workers, last_bn) -> dict:
     """The last BN's running statistics, re-estimated over the training split at the new
-    resolution with the test preprocessing (one pass, no gradients, synced)."""
-    bn = install_synced_bn(model, last_bn)
+    resolution with the test preprocessing (one pass, no gradients). Every training image
+    counts once: a shuffled order cut into rounds of --batch-size per process, the last
+    round partial, not padded by Accelerate's repeats nor dropped."""
     tf = eval_transform(size=cfg.res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(split.train, tf, cfg.skip_bad_images), batch_size=cfg.batch_size, drop_last=True,
-        sampler=EpochSampler(len(split.train), cfg.seed), collate_fn=collate_skipping, num_workers=workers)
+    order = list(EpochSampler(len(split.train), cfg.seed))
+    rounds = [[order[i] for i in batch] for batch in
+              round_batches(len(order), cfg.batch_size, accelerator.process_index, accelerator.num_processes)]
+    loader = torch.utils.data.DataLoader(ImageDataset(split.train, tf, cfg.skip_bad_images), batch_sampler=rounds,
+                                         collate_fn=collate_skipping, num_workers=workers)
     with EpochProgress(console, f"bn-stats at {cfg.res} px", len(split.train)):
-        seen = adapt.reestimate_bn_stats(model, bn, accelerator.prepare(loader), accelerator,
+        seen = adapt.reestimate_bn_stats(model, model.get_submodule(last_bn), loader, accelerator,
                                          channels_last=cfg.channels_last)
     return {"bn_stats_images": seen}
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from fixres.config import ConfigError, _opt
-from fixres.data import DataError, default_workers, load_split, open_image
+from fixres.data import DataError, default_workers, load_split, open_image, round_batches
 from fixres.engine import to_device_batch
 from fixres.models import (check_model_name, classifier_name, create_model, load_run_model, load_weights_into,
                            read_state_dict)
@@ -50,7 +50,7 @@ class SweepConfig:
     model: str | None = _opt(None, "with --weights: timm model name, or tv:<name>")
     weights: str | None = _opt(None, "plain state dict (.safetensors or .pth, no fixres metadata) instead of --checkpoint; needs --model")
     train_res: int | None = _opt(None, "with --weights: the resolution they were trained at (default 224; a checkpoint knows its own)")
-    min_scale: float | None = _opt(None, "RandomResizedCrop min scale of training, for the prediction (default: the run's config, else 0.08)")
+    min_scale: float | None = _opt(None, "RandomResizedCrop min scale of training, for the prediction (default: the weights' metadata, else the run's config, else 0.08)")
     # data
     data: str | None = _opt(None, "CSV split or ImageFolder root (default: the data in the run's config.json)")
     images: str | None = _opt(None, "image folder for a CSV split (default: the run's, else beside the CSV)")
@@ -133,8 +133,7 @@ class MultiSizeDataset(torch.utils.data.Dataset):
 
 def shard_indices(n: int, batch_size: int, rank: int, world: int) -> list[int]:
     """This process's samples: whole batches b = rank, rank + world, ... of range(n)."""
-    batches = range(rank, math.ceil(n / batch_size), world)
-    return [i for b in batches for i in range(b * batch_size, min(n, (b + 1) * batch_size))]
+    return [i for batch in round_batches(n, batch_size, rank, world) for i in batch]
 
 
 def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, batch_size: int = 64,
@@ -224,6 +223,12 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
     return rows
 
 
+def trained_min_scale(meta: dict, run_cfg: dict) -> float:
+    """The RandomResizedCrop min scale the weights were trained with: their metadata (the
+    weights alone suffice), else their run's config.json, else torchvision's 0.08."""
+    return meta.get("min_scale") or run_cfg.get("min_scale") or 0.08
+
+
 def best_row(rows: list[dict]) -> dict:
     """Highest top-1; among equals, the lowest loss."""
     return max(rows, key=lambda r: (r["top1"], -r["loss"]))
@@ -286,7 +291,7 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
     model, meta, split, run_dir, run_cfg = load_for_sweep(cfg, accelerator)
     crop_pct = cfg.crop_pct or meta.get("crop_pct") or 0.875
     train_res = int(meta["train_res"])
-    min_scale = cfg.min_scale or run_cfg.get("min_scale") or 0.08
+    min_scale = cfg.min_scale or trained_min_scale(meta, run_cfg)
     predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct, scale=(min_scale, 1.0))
     sizes = cfg.sizes or default_sizes(train_res, predicted)
     out = Path(cfg.output or run_dir or Path(meta["weights_path"]).parent)

@@ -126,7 +126,8 @@ def weights_meta(cfg: TrainConfig, classes: list[str], **extra) -> dict:
     """The preprocessing a set of weights expects, stored inside the weights file."""
     return {"model": cfg.model, "output_stride": cfg.output_stride, "classes": classes, "num_classes": len(classes), "train_res": cfg.train_res,
             "test_res": cfg.eval_res, "input_size": [3, cfg.eval_res, cfg.eval_res], "crop_pct": cfg.crop_pct,
-            "interpolation": cfg.interpolation, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), **extra}
+            "interpolation": cfg.interpolation, "min_scale": cfg.min_scale, "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD), **extra}
 
 
 def default_train_transform(cfg: TrainConfig, device: torch.device):

@@ -110,8 +110,11 @@ class DecodeRandomResizedCrop:
         img = open_image(path, draft_size=draw_crop)
         top, left, h, w = box["crop"]
         fy, fx = img.height / box["height"], img.width / box["width"]
-        top, left = round(top * fy), round(left * fx)
-        return img, (left, top, left + max(1, round(w * fx)), top + max(1, round(h * fy)))
+        # scale both edges, not the start and the length: round(left * f) + round(w * f) can
+        # end a pixel past the decoded image, which Pillow's crop pads with black
+        left, right = _scaled_span(left, w, fx, img.width)
+        top, bottom = _scaled_span(top, h, fy, img.height)
+        return img, (left, top, right, bottom)
 
     def __call__(self, path: str) -> torch.Tensor:
         img, box = self.decode(path)
@@ -125,6 +128,12 @@ class DecodeRandomResizedCrop:
     def __repr__(self) -> str:
         return (f"DecodeRandomResizedCrop(size={self.size}, scale={self.scale}, draft={self.draft}, "
                 f"interpolation={self.interpolation.value})")
+
+
+def _scaled_span(start: int, length: int, factor: float, limit: int) -> tuple[int, int]:
+    """[start, start + length) scaled by `factor` and rounded, inside [0, limit), >= 1 pixel."""
+    first = min(round(start * factor), limit - 1)
+    return first, max(first + 1, min(limit, round((start + length) * factor)))
 
 
 def normalize_batch(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

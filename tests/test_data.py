@@ -36,6 +36,20 @@ def test_csv_integer_labels_and_flag_spellings(tmp_path):
     assert [label for _, label in split.val] == [1, 2]
 
 
+def test_integer_labels_written_two_ways_are_one_class(tmp_path):
+    names = [f"{i}.jpg" for i in range(6)]
+    labels = ["3", "3.0", "1", "1", "3", "1.0"]
+    rows = "".join(f"{name},{label},{i >= 4}\n" for i, (name, label) in enumerate(zip(names, labels)))
+    csv = write_csv(tmp_path, "image_id,label,is_val\n" + rows, images=names)
+    split = load_split(csv)
+    assert split.classes == ["1", "3"]
+    assert [split.classes[label] for _, label in split.train + split.val] == ["3", "3", "1", "1", "3", "1"]
+    assert load_split(csv, classes=["1", "3"]).classes == ["1", "3"]  # a trained run's class list
+    # "03" is 3 as well; 3.5 is not an integer, so it stays a name, as do non-numeric labels
+    csv.write_text("image_id,label,is_val\n0.jpg,03,0\n1.jpg,3.5,0\n2.jpg,x,0\n3.jpg,3,1\n")
+    assert load_split(csv).classes == ["3", "3.5", "x"]
+
+
 def test_csv_with_byte_order_mark(tmp_path):
     csv = write_csv(tmp_path, "\ufeffimage_id,label,is_val\na.jpg,x,0\nb.jpg,y,1\n")
     assert load_split(csv).classes == ["x", "y"]

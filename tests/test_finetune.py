@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -16,14 +17,18 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+from fixres import finetune as finetune_lib
+from fixres import sweep as sweep_lib
 from fixres.adapt import (ADAPTER, FrechetAdapter, attach_adapter, attach_saved_adapter, fit_gev, gev_cdf, gev_icdf,
                           pooled_features, reestimate_bn_stats)
 from fixres.checkpoint import load_weights, save_weights, write_json_atomic
 from fixres.config import ConfigError, FinetuneConfig, TrainConfig
+from fixres.data import DataError, load_split, open_image
 from fixres.finetune import (SyncedBatchNorm2d, find_last_bn, finetune_modes, finetune_transform,
                              prepare_for_finetuning, timm_overlay)
 from fixres.models import ModelError, load_run_model
-from fixres.training import weights_meta
+from fixres.sweep import SweepConfig
+from fixres.training import train, weights_meta
 from fixres.transforms import eval_transform
 from tests.conftest import COLOURS, ROOT, error_line, free_port
 
@@ -138,6 +143,30 @@ def test_bn_stats_changes_only_the_last_bn_running_statistics():
     assert not any(m.training for m in model.modules())
 
 
+def test_bn_stats_weighs_each_batch_by_its_images_and_refuses_none():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    name, bn = prepare_for_finetuning(model, input_size=32)
+    inputs = []
+    bn.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+    # a partial last batch, as a training split that the batch size does not divide leaves
+    batches = [(torch.randn(n, 3, 64, 64) * (1 + i), torch.zeros(n, dtype=torch.long), 0)
+               for i, n in enumerate((4, 4, 1))]
+    assert reestimate_bn_stats(model, bn, batches, OneProcess(), channels_last=False) == 9
+    sizes = torch.tensor([len(x) for x in inputs], dtype=torch.float32)
+    torch.testing.assert_close(bn.running_mean, torch.cat(inputs).mean((0, 2, 3)))  # every image once
+    torch.testing.assert_close(bn.running_var, (torch.stack([x.var((0, 2, 3)) for x in inputs])
+                                                * sizes[:, None]).sum(0) / sizes.sum())
+
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    empty = [(torch.empty(0), torch.empty(0, dtype=torch.long), 4)]  # every image of the batch undecodable
+    for nothing in ([], empty):
+        with pytest.raises(DataError, match="no training image"):
+            reestimate_bn_stats(model, bn, nothing, OneProcess(), channels_last=False)
+        for key, value in bn.state_dict().items():  # the statistics it had, not reset ones
+            assert torch.equal(value, before[key]), key
+
+
 # ----------------------------------------------------------------------------- parametric
 
 def gev_sample(n, loc, scale, generator):
@@ -225,15 +254,75 @@ def test_finetune_config_refuses_bad_values():
 
 # ----------------------------------------------------------------------------- the script end to end
 
-def write_source_run(folder, model_name, data, train_res=32, seed=0):
+def write_source_run(folder, model_name, data, train_res=32, seed=0, **options):
     """A run folder as train.py writes it (its weights untrained: nothing here needs accuracy)."""
     torch.manual_seed(seed)
     model = timm.create_model(model_name, num_classes=len(CLASSES))
-    cfg = TrainConfig(data=str(data), model=model_name, train_res=train_res)
+    cfg = TrainConfig(data=str(data), model=model_name, train_res=train_res, **options)
     folder.mkdir(parents=True)
     write_json_atomic(folder / "config.json", cfg.to_dict())
     save_weights(folder / "best.safetensors", model.state_dict(), weights_meta(cfg, CLASSES))
     return folder
+
+
+def test_a_finetuned_run_keeps_the_source_min_scale(tmp_path, tiny_csv, monkeypatch):
+    """A source trained with --min-scale 0.25: its fine-tuned run crops (--aug rrc), records and
+    predicts with 0.25, also from its weights alone; --min-scale given to finetune.py wins."""
+    source = write_source_run(tmp_path / "source", "test_resnet", tiny_csv, min_scale=0.25)
+    crops = []
+    real = finetune_lib.train_transform
+    monkeypatch.setattr(finetune_lib, "train_transform", lambda **kw: crops.append(kw["min_scale"]) or real(**kw))
+    common = dict(checkpoint=str(source), res=40, output=str(tmp_path / "out"), workers=0, cpu=True, batch_size=30)
+    finetune_lib.finetune(FinetuneConfig(**common, aug="rrc", epochs=1, name="rrc"))
+    run = tmp_path / "out" / "rrc"
+    assert crops == [0.25]
+    assert json.loads((run / "config.json").read_text())["min_scale"] == 0.25
+    assert [load_weights(run / f"{which}.safetensors")[1].get("min_scale") for which in ("best", "last")] == [0.25] * 2
+    alone = tmp_path / "alone"  # no config.json beside them
+    alone.mkdir()
+    shutil.copy(run / "best.safetensors", alone / "weights.safetensors")
+    swept = sweep_lib.sweep(SweepConfig(checkpoint=str(alone / "weights.safetensors"), data=str(tiny_csv),
+                                        sizes=[32], cpu=True, workers=0))
+    assert swept["meta"]["min_scale"] == 0.25
+
+    finetune_lib.finetune(FinetuneConfig(**common, method="bn-stats", min_scale=0.5, name="given"), {"min_scale"})
+    assert json.loads((tmp_path / "out" / "given" / "config.json").read_text())["min_scale"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def unlearning(tmp_path_factory, tiny_csv):
+    """A source that has learned the colours (train.py, 2 epochs: 100% on validation) and its
+    data with the training labels rotated: fine-tuning on them unlearns, so the last epoch
+    scores below an earlier one."""
+    root = tmp_path_factory.mktemp("unlearning")
+    train(TrainConfig(data=str(tiny_csv), model="test_resnet", train_res=32, batch_size=16, epochs=2, lr=2e-3,
+                      workers=0, cpu=True, output=str(root), name="source"))
+    rotate = dict(zip(CLASSES, CLASSES[1:] + CLASSES[:1]))
+    header, *rows = tiny_csv.read_text().splitlines()
+    rows = [(image, rotate[label] if is_val == "False" else label, is_val) for image, label, is_val in
+            (row.split(",") for row in rows)]
+    rotated = tiny_csv.parent / "rotated.csv"
+    rotated.write_text("\n".join([header] + [",".join(row) for row in rows]) + "\n")
+    return root / "source", rotated
+
+
+def test_finetune_json_describes_the_weights_it_ships(unlearning, tmp_path):
+    source, rotated = unlearning
+    finetune_lib.finetune(FinetuneConfig(checkpoint=str(source), data=str(rotated), res=40, epochs=3, lr=3e-3,
+                                         aug="test", batch_size=10, workers=0, cpu=True, output=str(tmp_path),
+                                         name="ft"))
+    run = tmp_path / "ft"
+    summary = json.loads((run / "finetune.json").read_text())
+    accuracies = [record["val_acc"] for record in summary["epochs"]]
+    assert max(accuracies) > accuracies[-1], accuracies  # the case at issue: the last epoch is not the best
+    # sweep.py scores the run by its best.safetensors; "after" is those weights, and says which epoch they are
+    shipped = sweep_lib.sweep(SweepConfig(checkpoint=str(run), sizes=[40], cpu=True, workers=0,
+                                          output=str(tmp_path / "sweep")))["rows"][0]
+    assert (summary["top1"]["after"], summary["loss"]["after"]) == pytest.approx((shipped["top1"], shipped["loss"]))
+    assert summary["after_epoch"] == load_weights(run / "best.safetensors")[1]["epoch"]
+    assert summary["after_epoch"] == accuracies.index(max(accuracies)) + 1
+    last = summary["epochs"][-1]
+    assert summary["last_epoch"] == {"epoch": 3, "top1": last["val_acc"], "loss": last["val_loss"]}
 
 
 def start(script, *args, processes=1):
@@ -354,11 +443,49 @@ def test_bn_stats_run(runs):
     results, out, source = runs
     ok(results["bn_stats"])
     summary = json.loads((out / "bn_stats" / "finetune.json").read_text())
-    assert summary["method"] == "bn-stats" and summary["bn_stats_images"] == 56  # 7 full batches of 8
+    assert summary["method"] == "bn-stats" and summary["bn_stats_images"] == 60  # 7 batches of 8 and one of 4
     state, meta = load_weights(out / "bn_stats" / "best.safetensors")
     original, _ = load_weights(source / "best.safetensors")
     changed = {k for k in state if not torch.equal(state[k], original[k])}
     assert changed == {f"{meta['last_bn']}.{k}" for k in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+@pytest.fixture(scope="module")
+def bn_runs(tmp_path_factory, tiny_csv):
+    """bn-stats where the batches do not divide the 60 training images: one batch larger than
+    all of them; 2 processes x 8 (a last round of 8 + 4) and 1 process x 16 (a last batch of 12)."""
+    root = tmp_path_factory.mktemp("bn_stats")
+    source = write_source_run(root / "source", "test_resnet", tiny_csv)
+    common = ["--checkpoint", source, "--res", "40", "--method", "bn-stats", "--output", root / "out",
+              "--workers", "0", "--cpu"]
+    jobs = {"whole": start("finetune.py", *common, "--batch-size", "100", "--name", "whole"),
+            "two": start("finetune.py", *common, "--batch-size", "8", "--name", "two", processes=2),
+            "one": start("finetune.py", *common, "--batch-size", "16", "--name", "one")}
+    return {name: finish(process) for name, process in jobs.items()}, root / "out", source
+
+
+def test_bn_stats_counts_every_training_image_once(bn_runs, tiny_csv):
+    results, out, source = bn_runs
+    images = {name: json.loads((ok(result) and out / name / "finetune.json").read_text())["bn_stats_images"]
+              for name, result in results.items()}
+    assert images == {"whole": 60, "two": 60, "one": 60}
+    # one batch of all 60: the statistics of the last BN's input over the training split, computed here
+    state, meta = load_weights(out / "whole" / "best.safetensors")
+    bn = meta["last_bn"]
+    model, _ = load_run_model(source / "best.safetensors")
+    inputs = []
+    model.get_submodule(bn).register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    tf = eval_transform(size=40)
+    batch = torch.stack([tf(open_image(path)) for path, _ in load_split(tiny_csv, classes=CLASSES).train])
+    with torch.no_grad():
+        model.eval()(batch)
+    torch.testing.assert_close(state[f"{bn}.running_mean"], inputs[0].mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(state[f"{bn}.running_var"], inputs[0].var((0, 2, 3)), atol=1e-5, rtol=1e-4)
+    # 2 x 8 per round is 1 x 16, the partial last round included
+    one, _ = load_weights(out / "one" / "best.safetensors")
+    two, _ = load_weights(out / "two" / "best.safetensors")
+    for key in (f"{bn}.running_mean", f"{bn}.running_var"):
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-5)
 
 
 def test_train_freeze_epochs_trains_only_the_classifier_first(runs):

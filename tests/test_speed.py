@@ -82,6 +82,24 @@ def test_fast_decode_matches_torchvision_crop_of_the_full_decode(tmp_path):
     assert torch.equal(ours, expected)
 
 
+@pytest.mark.parametrize("size, seed", [((500, 375), 766), ((500, 333), 232), ((375, 500), 345)])
+def test_reduced_scale_box_stays_inside_the_decoded_image(tmp_path, size, seed):
+    """Draws (about 1 in 2,000 at 64 px) whose box, scaled to the 1/4 decode, used to round one
+    pixel past its right or bottom edge, where Pillow's crop pads with black."""
+    colour = (200, 150, 100)
+    path = tmp_path / "flat.jpg"
+    Image.new("RGB", size, colour).save(path, quality=95)
+    decoder = DecodeRandomResizedCrop(size=64, hflip=False)
+    torch.manual_seed(seed)
+    img, (left, top, right, bottom) = decoder.decode(str(path))
+    assert img.width < size[0]  # decoded at reduced scale
+    assert 0 <= left < right <= img.width and 0 <= top < bottom <= img.height
+    torch.manual_seed(seed)
+    out = decoder(str(path)).float()
+    worst = (out - torch.tensor(colour, dtype=torch.float32)[:, None, None]).abs().amax(dim=(0, 1))
+    assert worst.max() < 8, f"off the flat colour by up to {worst.tolist()} per column"
+
+
 def test_sample_crop_stays_inside_and_covers_the_scale_range():
     torch.manual_seed(0)
     areas = []

@@ -157,6 +157,46 @@ def test_decode_once_and_same_numbers_as_train_evaluation(tiny_run, monkeypatch)
     model(torch.randn(2, 3, 32, 32)).sum().backward()  # no inference tensors: finetune can still train it
 
 
+def reference_eval(path: str, *, size: int, crop_pct: float, resample) -> np.ndarray:
+    """The test preprocessing written out with PIL and numpy: the shorter side to
+    int(size / crop_pct) (the longer in proportion, rounded down), the centre size x size,
+    scaled to [0, 1] and normalised with ImageNet's mean and std; CHW float32."""
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    short = int(size / crop_pct)
+    new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    img = img.resize(new, resample)
+    left, top = round((new[0] - size) / 2), round((new[1] - size) / 2)
+    pixels = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    return ((pixels - mean) / std).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("crop_pct, interpolation", [(0.875, "bilinear"), (0.8, "bicubic"), (0.875, "bicubic")])
+def test_sweep_equals_the_preprocessing_written_out(tiny_run, tmp_path, crop_pct, interpolation):
+    """Top-1 and loss at two sizes against the model fed by reference_eval: the sweep's
+    preprocessing is the documented one, not just the same as train.py's."""
+    from accelerate import Accelerator
+    model, meta = load_run_model(tiny_run)
+    split = load_split(json.loads((tiny_run / "config.json").read_text())["data"], classes=meta["classes"])
+    portrait = tmp_path / "portrait.jpg"  # the data's images are landscape: one of each, and odd sizes
+    Image.open(split.val[0][0]).transpose(Image.Transpose.ROTATE_90).resize((37, 53)).save(portrait)
+    split.val = split.val + [(str(portrait), split.val[0][1])]
+    resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[interpolation]
+    rows = run_sweep(model, {**meta, "interpolation": interpolation}, split, [32, 40], crop_pct, Accelerator(cpu=True),
+                     batch_size=8, workers=0)
+    labels = torch.tensor([label for _, label in split.val])
+    model.eval()
+    for row in rows:
+        batch = torch.from_numpy(np.stack([reference_eval(path, size=row["size"], crop_pct=crop_pct, resample=resample)
+                                           for path, _ in split.val]))
+        with torch.no_grad():
+            logits = model(batch)
+        assert row["resize"] == int(row["size"] / crop_pct) and row["count"] == len(labels)
+        assert row["correct"] == (logits.argmax(1) == labels).sum().item()
+        assert row["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
 def test_torchvision_model_and_plots(tv_run, tmp_path, capsys):
     out = tmp_path / "out"
     assert run_main(SCRIPT.main, ["--checkpoint", str(tv_run), "--sizes", "32", "48", "--cpu", "--workers", "0",
