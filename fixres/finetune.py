@@ -105,6 +105,9 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         if cfg.res == "auto" and str(err).endswith("the validation split is empty"):
             raise ConfigError(f"--res auto chooses on the validation split, and there is none ({err})") from None
         raise
+    if cfg.method == "parametric" and hasattr(model, adapt.ADAPTER):
+        raise ConfigError(f"--method parametric: {meta['weights_path']} carries a parametric adapter already; "
+                          f"adapt the run it came from ({meta.get('finetuned_from', 'its source')})")
     output = cfg.output or str(beside_source(Path(meta["weights_path"])))
     if cfg.name and not cfg.resume:  # before the sweep: refuse now, not minutes later
         _check_free(Path(output) / cfg.name)

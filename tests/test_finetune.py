@@ -1,6 +1,7 @@
 """finetune.py: what trains and in which mode, the synced last BN, bn-stats, the parametric
 map, the exported weights, and the script end to end (1 and 2 processes, bad input)."""
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -19,13 +20,14 @@ from torch import nn
 from fixres.adapt import (ADAPTER, FrechetAdapter, attach_adapter, attach_saved_adapter, fit_gev, gev_cdf, gev_icdf,
                           pooled_features, reestimate_bn_stats)
 from fixres.checkpoint import load_weights, save_weights, write_json_atomic
+from fixres.cli import run_main
 from fixres.config import ConfigError, FinetuneConfig, TrainConfig
 from fixres.finetune import (SyncedBatchNorm2d, find_last_bn, finetune_modes, finetune_transform,
                              prepare_for_finetuning, timm_overlay)
 from fixres.models import ModelError, load_run_model
 from fixres.training import weights_meta
 from fixres.transforms import eval_transform
-from tests.conftest import COLOURS, ROOT, error_line, free_port
+from tests.conftest import COLOURS, ROOT, TINY_TRAIN, error_line, free_port
 
 CLASSES = sorted(COLOURS)
 
@@ -198,7 +200,7 @@ def test_per_feature_fit_and_the_adapter_saved_with_the_model():
     assert set(state) - plain_keys == {f"{ADAPTER}.{k}" for k in ("test_loc", "test_scale", "train_loc", "train_scale", "xi")}
     restored = timm.create_model("test_resnet", num_classes=3).eval()
     restored.load_state_dict({k: v for k, v in state.items() if k in plain_keys})
-    attach_saved_adapter(restored, state, {"adaptation": {"kind": "frechet"}})
+    attach_saved_adapter(restored, state)
     with torch.no_grad():
         torch.testing.assert_close(restored(x), expected)
 
@@ -345,9 +347,9 @@ def test_res_auto_with_the_parametric_method(runs):
     assert summary["adaptation"]["scope"] == "feature" and summary["adaptation"]["fit_images"] == 60
     state, meta = load_weights(out / "auto" / "best.safetensors")
     assert meta["adaptation"]["kind"] == "frechet" and state[f"{ADAPTER}.test_loc"].numel() > 1
-    model, _ = load_run_model(out / "auto" / "best.safetensors")
-    attach_saved_adapter(model, state, meta)  # what a fixres evaluation of this run does
+    model, _ = load_run_model(out / "auto" / "best.safetensors")  # what every fixres evaluation loads
     assert isinstance(model.get_submodule(ADAPTER), FrechetAdapter)
+    torch.testing.assert_close(model.get_submodule(ADAPTER).test_loc, state[f"{ADAPTER}.test_loc"])
 
 
 def test_bn_stats_run(runs):
@@ -382,3 +384,42 @@ def test_train_freeze_epochs_trains_only_the_classifier_first(runs):
 ])
 def test_bad_input_is_one_line(runs, case, message):
     assert message in error_line(runs[0][case])
+
+
+# ----------------------------------------------------------------------------- a parametric run reloaded
+
+@pytest.fixture(scope="module")
+def parametric_of_trained(tmp_path_factory, tiny_csv):
+    """A parametric run of a tiny model trained by train.py, then sweep.py of that run at its size."""
+    root = tmp_path_factory.mktemp("parametric")
+    ok(finish(start("train.py", "--data", tiny_csv, *TINY_TRAIN, "--epochs", "2", "--output", root, "--name", "trained")))
+    ok(finish(start("finetune.py", "--checkpoint", root / "trained", "--res", "40", "--method", "parametric",
+                    "--workers", "0", "--output", root, "--name", "parametric")))
+    ok(finish(start("sweep.py", "--checkpoint", root / "parametric", "--sizes", "40", "--workers", "0")))
+    return root / "parametric"
+
+
+def _script_main(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_sweep_of_a_parametric_run_evaluates_the_adapted_model(parametric_of_trained):
+    summary = json.loads((parametric_of_trained / "finetune.json").read_text())
+    swept = json.loads((parametric_of_trained / "sweep.json").read_text())["rows"]
+    assert summary["loss"]["after"] != pytest.approx(summary["loss"]["before"], rel=1e-3)  # the adapter changes outputs
+    # the same images, preprocessing and weights: the same numbers as finetune.py's "after"
+    assert [(r["size"], r["top1"]) for r in swept] == [(40, summary["top1"]["after"])]
+    assert swept[0]["loss"] == pytest.approx(summary["loss"]["after"], rel=1e-6)
+
+
+def test_a_parametric_run_is_not_adapted_twice(parametric_of_trained, tmp_path, capsys):
+    argv = ["--checkpoint", str(parametric_of_trained), "--res", "40", "--method", "parametric", "--cpu",
+            "--output", str(tmp_path)]
+    assert run_main(_script_main("finetune"), argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --method parametric: {parametric_of_trained / 'best.safetensors'} carries a parametric adapter "
+        f"already; adapt the run it came from ({parametric_of_trained.parent / 'trained' / 'best.safetensors'})"]
+    assert not any(tmp_path.iterdir())  # refused before any work
