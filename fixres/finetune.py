@@ -17,7 +17,9 @@ batch on every backend, gloo included, where torch.nn.SyncBatchNorm refuses to r
 The run folder is train.py's; its weights say train_res = the original K_train,
 test_res = input_size = the new resolution and crop_pct, so sweep.py and any fixres
 evaluation preprocess for the new resolution. finetune.json holds the accuracies at
-the training resolution, at the new one before and after; activations.png the
+the training resolution, at the new one before and after, and the paired differences
+after - before and after - training resolution (and before - training resolution) on the
+same validation images with their 95% intervals (fixres.stats); activations.png the
 distributions of the pooled features there.
 """
 from __future__ import annotations
@@ -39,8 +41,10 @@ from fixres.adapt import (SyncedBatchNorm2d, find_last_bn, finetune_modes, freez
 from fixres.config import ConfigError, FinetuneConfig
 from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, default_workers
 from fixres.models import ModelError
-from fixres.report import EpochProgress, config_table, make_console
+from fixres.report import EpochProgress, config_table, finetune_table, make_console
 from fixres.resolution import recommended_test_res, resize_size
+from fixres.stats import METHOD as STATS_METHOD
+from fixres.stats import paired_difference_of
 from fixres.sweep import (ACT_EDGES, SweepConfig, _run_folder, best_row, default_sizes, load_for_sweep,
                           run_sweep)
 from fixres.training import Job, make_accelerator, new_run_dir, resumed_config, train, weights_meta
@@ -179,15 +183,21 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         after = run_sweep(model, eval_meta, split, [res], crop_pct, accelerator, progress=bar, **sweep)[0]
     stages = [(f"trained resolution {train_res} px, as trained", by_size[train_res]),
               (f"{res} px, before", by_size[res]), (f"{res} px, after {cfg.method} ({seconds:.0f} s)", after)]
+    correct = {key: row["per_image_correct"] for key, (_, row) in zip(("train_res", "before", "after"), stages)}
+    differences = {f"{a}_vs_{b}": paired_difference_of(correct[a], correct[b])  # the same validation images
+                   for a, b in (("after", "before"), ("after", "train_res"), ("before", "train_res"))}
     summary = {"source": meta["weights_path"], "model": meta["model"], "method": cfg.method,
                "aug": cfg.aug if cfg.method == "finetune" else None, "train_res": train_res, "res": res,
                "res_choice": why, "predicted_res": predicted, "crop_pct": crop_pct, "last_bn": last_bn,
                "top1": {"train_res": by_size[train_res]["top1"], "before": by_size[res]["top1"], "after": after["top1"]},
                "loss": {"train_res": by_size[train_res]["loss"], "before": by_size[res]["loss"], "after": after["loss"]},
+               "differences": {**differences, "interval": STATS_METHOD},
                "val_images": after["count"], "method_seconds": seconds, "processes": accelerator.num_processes,
                "device": str(accelerator.device), "sweep": [{k: r[k] for k in ("size", "top1", "loss")} for r in rows],
                "epochs": records, **{k: v for k, v in extra.items() if k not in ("last_bn", "finetuned_from")}}
-    console.print(result_table(stages, title=f"fixres finetune: {run_dir}"))
+    console.print(finetune_table(stages, differences, title=f"fixres finetune: {run_dir}"))
+    console.print(f"vs: the difference in top-1, in points, on the same {after['count']} validation images; "
+                  f"{STATS_METHOD}")
     if accelerator.is_main_process:
         ckpt.write_json_atomic(run_dir / "finetune.json", summary)
         plot_activations([(label, r["act_hist"]) for label, r in stages], run_dir / "activations.png",
@@ -285,16 +295,6 @@ def timm_overlay(weights: str | Path) -> dict:
             "input_size": tuple(meta.get("input_size") or (3, meta["test_res"], meta["test_res"])),
             "crop_pct": meta.get("crop_pct", 0.875), "interpolation": meta.get("interpolation", "bilinear"),
             "mean": tuple(meta.get("mean", IMAGENET_MEAN)), "std": tuple(meta.get("std", IMAGENET_STD))}
-
-
-def result_table(stages, title: str):
-    from rich.table import Table
-    table = Table(title=title)
-    for column in ("", "top-1", "loss"):
-        table.add_column(column, justify="right" if column else "left")
-    for label, r in stages:
-        table.add_row(label, f"{100 * r['top1']:.2f}%", f"{r['loss']:.4f}")
-    return table
 
 
 def plot_activations(curves, path: Path, *, title: str) -> None:

@@ -110,6 +110,23 @@ def sweep_table(rows: list[dict], *, train_res: int, predicted: int, best: int) 
     return table
 
 
+def finetune_table(stages: list[tuple[str, dict]], differences: dict, title: str) -> Table:
+    """finetune.py's result: (label, row) at the training size, before and after, each with
+    its paired differences (finetune's `differences`, keyed "after_vs_before" and so on)."""
+    def cell(key):
+        d = differences[key]
+        return difference_cell(d["diff"], d["low"], d["high"])
+
+    table = Table(title=title)
+    for column in ("", "top-1", "vs training size (95% CI)", "vs before (95% CI)", "loss"):
+        table.add_column(column, justify="right" if column else "left")
+    versus = [("reference", ""), (cell("before_vs_train_res"), "reference"),
+              (cell("after_vs_train_res"), cell("after_vs_before"))]
+    for (label, r), (vs_train, vs_before) in zip(stages, versus):
+        table.add_row(label, f"{100 * r['top1']:.2f}%", vs_train, vs_before, f"{r['loss']:.4f}")
+    return table
+
+
 def activation_table(rows: list[dict]) -> Table:
     table = Table(title="pooled features before the classifier")
     for column in ("size", "zeros", "mean", "std"):

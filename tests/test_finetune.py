@@ -323,6 +323,16 @@ def test_finetune_run_folder_and_timm_loads_its_weights(runs):
     summary = json.loads((out / "one" / "finetune.json").read_text())
     assert summary["train_res"] == 32 and summary["res"] == 48 and summary["method"] == "finetune"
     assert set(summary["top1"]) == {"train_res", "before", "after"} and summary["val_images"] == 25
+    # paired differences on the same 25 images: the top-1 gap, split into images gained and lost
+    top1, differences = summary["top1"], summary["differences"]
+    for a, b in (("after", "before"), ("after", "train_res"), ("before", "train_res")):
+        d = differences[f"{a}_vs_{b}"]
+        assert d["n"] == 25 and d["diff"] == pytest.approx(top1[a] - top1[b]) == (d["gained"] - d["lost"]) / 25
+        assert d["low"] <= d["diff"] <= d["high"]
+    assert differences["interval"].startswith("95% interval: paired bootstrap over the images")
+    assert re.search(r"48 px, after finetune .*│ +[\d.]+% │ +[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] │ "
+                     r"+[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] │", stdout)
+    assert "vs training size (95% CI)" in stdout and "vs before (95% CI)" in stdout
     assert (out / "one" / "activations.png").stat().st_size > 10_000
     path = out / "one" / "best.safetensors"
     state, meta = load_weights(path)
