@@ -190,7 +190,10 @@ class FinetuneConfig(TrainConfig):
                                           "compile", "fast_decode")
 
     checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py")
-    res: str | int = _opt("auto", "resolution to fine-tune and test at, or 'auto': sweep the validation split and take its best")
+    res: str | int = _opt("auto", "resolution to fine-tune and test at, or 'auto': sweep --choice-images training images "
+                          "and take the best size (the validation split only reports before and after)")
+    choice_images: int = _opt(1000, "with --res auto: training images to choose the size on, drawn with --seed (all "
+                                    "when there are fewer)")
     method: str = _opt("finetune", "finetune: train the classifier with the last BN in train mode; bn-stats: only re-estimate "
                        "that BN's statistics (no gradients); parametric: the paper's Frechet map before the classifier",
                        FINETUNE_METHODS)
@@ -229,6 +232,8 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError(f"--sizes must all be > 0, got {self.sizes}")
         if self.fit_images <= 1:
             raise ConfigError(f"--fit-images must be > 1, got {self.fit_images}")
+        if self.choice_images <= 0:
+            raise ConfigError(f"--choice-images must be > 0, got {self.choice_images}")
 
 
 def build_parser(cls, description: str, preset_note: str = "") -> argparse.ArgumentParser:

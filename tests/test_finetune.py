@@ -23,8 +23,9 @@ from fixres.checkpoint import load_weights, save_weights, write_json_atomic
 from fixres.cli import run_main
 from fixres.config import ConfigError, FinetuneConfig, TrainConfig
 from fixres.finetune import (SyncedBatchNorm2d, find_last_bn, finetune_modes, finetune_transform,
-                             prepare_for_finetuning, timm_overlay)
+                             prepare_for_finetuning, seeded_subset, timm_overlay)
 from fixres.models import ModelError, load_run_model
+from fixres.sweep import best_row
 from fixres.training import weights_meta
 from fixres.transforms import eval_transform
 from tests.conftest import COLOURS, ROOT, TINY_TRAIN, error_line, free_port
@@ -219,10 +220,19 @@ def test_finetune_transforms():
 def test_finetune_config_refuses_bad_values():
     for kwargs, message in ((dict(res=0), "--res must be > 0"), (dict(res="-3"), "--res must be > 0"),
                             (dict(res="big"), "--res must be a size"), (dict(method="lora"), "--method must be one of"),
-                            (dict(aug="cutmix"), "--aug must be one of"), (dict(checkpoint=None), "--checkpoint is required")):
+                            (dict(aug="cutmix"), "--aug must be one of"), (dict(checkpoint=None), "--checkpoint is required"),
+                            (dict(choice_images=0), "--choice-images must be > 0")):
         with pytest.raises(ConfigError, match=message):
             FinetuneConfig(**{"checkpoint": "runs/x", **kwargs})
     assert FinetuneConfig(checkpoint="runs/x", res="80").res == 80
+
+
+def test_the_choice_images_are_a_seeded_slice_of_the_training_split():
+    train = [(f"{i:04d}.jpg", i % 3) for i in range(60)]
+    chosen = seeded_subset(train, 20, seed=0)
+    assert len(set(chosen)) == 20 and set(chosen) <= set(train)
+    assert chosen == seeded_subset(train, 20, seed=0) and chosen != seeded_subset(train, 20, seed=1)
+    assert sorted(seeded_subset(train, 1000, seed=0)) == train  # fewer than asked for: all of them
 
 
 # ----------------------------------------------------------------------------- the script end to end
@@ -273,7 +283,8 @@ def runs(tmp_path_factory, tiny_csv):
         "two": start("finetune.py", *sync, "--batch-size", "5", "--name", "two", processes=2),
         "one": start("finetune.py", *sync, "--batch-size", "10", "--name", "one"),
         "auto": start("finetune.py", "--checkpoint", source, "--res", "auto", "--sizes", "24", "40",
-                      "--method", "parametric", "--parametric-scope", "feature", "--name", "auto", *out),
+                      "--choice-images", "20", "--method", "parametric", "--parametric-scope", "feature",
+                      "--name", "auto", *out),
         "bn_stats": start("finetune.py", "--checkpoint", source, "--res", "40", "--method", "bn-stats",
                           "--batch-size", "8", "--name", "bn_stats", *out),
         # train.py --freeze-epochs (transfer learning): the first epoch trains only the classifier
@@ -351,9 +362,16 @@ def test_finetune_run_folder_and_timm_loads_its_weights(runs):
 def test_res_auto_with_the_parametric_method(runs):
     results, out, _ = runs
     stdout = ok(results["auto"]).stdout
-    assert "--res auto: " in stdout and "the best of the sweep (24, 32, 40 px)" in stdout
+    assert re.search(r"--res auto: (24|32|40) px, the best of the sweep \(24, 32, 40 px\) on 20 training images "
+                     r"\(drawn with --seed 0\)", stdout)
+    assert "chosen on: 20 training images; reported on: validation split (25 images)" in stdout
     summary = json.loads((out / "auto" / "finetune.json").read_text())
-    assert summary["res"] in (24, 32, 40) and [r["size"] for r in summary["sweep"]] == [24, 32, 40]
+    assert summary["chosen_on"] == "20 training images"
+    assert summary["reported_on"] == "validation split (25 images)" and summary["val_images"] == 25
+    choice = summary["choice_sweep"]
+    assert [r["size"] for r in choice] == [24, 32, 40] and {r["count"] for r in choice} == {20}
+    assert summary["res"] == best_row(choice)["size"]  # chosen on those rows
+    assert [r["size"] for r in summary["sweep"]] == sorted({32, summary["res"]})  # the validation split: reports only
     assert summary["adaptation"]["scope"] == "feature" and summary["adaptation"]["fit_images"] == 60
     state, meta = load_weights(out / "auto" / "best.safetensors")
     assert meta["adaptation"]["kind"] == "frechet" and state[f"{ADAPTER}.test_loc"].numel() > 1
@@ -389,7 +407,7 @@ def test_train_freeze_epochs_trains_only_the_classifier_first(runs):
     ("aug", "argument --aug: invalid choice: 'autoaugment'"),
     ("junk", "not a classifier trained by fixres"),
     ("convnext", "has no BatchNorm layer"),
-    ("no_val", "--res auto chooses on the validation split, and there is none"),
+    ("no_val", "finetune.py measures before and after on the validation split, and there is none"),
     ("taken", "taken already holds a run; choose another --name"),
 ])
 def test_bad_input_is_one_line(runs, case, message):
