@@ -1,6 +1,7 @@
 """FixRes: adapt a trained classifier to a higher test resolution; the second step.
 
     python finetune.py --checkpoint runs/<name>                  # --res auto: choose on training images, fine-tune
+    python finetune.py                                           # the newest train.py run under runs/
     accelerate launch finetune.py --checkpoint runs/<name> --res 384      # all GPUs, last BN synced
     torchrun --nproc_per_node 2 finetune.py --cpu --checkpoint runs/<name> --res 80   # two CPU processes
     python finetune.py --checkpoint runs/<name> --res 80 --method bn-stats     # no gradients, seconds

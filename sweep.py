@@ -1,6 +1,7 @@
 """Evaluate a checkpoint at many test resolutions; compare the best with the FixRes prediction.
 
     python sweep.py --checkpoint runs/<name>                      # sizes about 0.5x..2x the training res
+    python sweep.py                                               # the newest run under runs/
     python sweep.py --checkpoint runs/<name> --sizes 64 128 224 384 480 --crop-pct 0.8
     accelerate launch sweep.py --checkpoint runs/<name>           # all GPUs share every size
     torchrun --nproc_per_node 2 sweep.py --cpu --checkpoint runs/<name>   # two CPU processes (gloo)

@@ -44,7 +44,7 @@ from fixres import adapt
 from fixres import checkpoint as ckpt
 from fixres.adapt import (SyncedBatchNorm2d, find_last_bn, finetune_modes, freeze_for_finetuning,  # noqa: F401
                           install_synced_bn, prepare_for_finetuning)
-from fixres.config import ConfigError, FinetuneConfig
+from fixres.config import RUNS, ConfigError, FinetuneConfig
 from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, default_workers
 from fixres.models import ModelError
 from fixres.report import EpochProgress, config_table, finetune_table, make_console
@@ -96,6 +96,9 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     method, evaluate after, write the run folder, finetune.json and activations.png."""
     accelerator = make_accelerator(cfg)
     console = make_console(accelerator.is_main_process)
+    if cfg.checkpoint is None and cfg.resume is None:  # right after train.py: its newest run, not a fine-tuned one
+        cfg = dataclasses.replace(cfg, checkpoint=str(ckpt.newest_run(Path(cfg.output or RUNS), trained_only=True)))
+        console.print(f"--checkpoint not given: using the newest train.py run {cfg.checkpoint}")
     if cfg.resume == "auto":  # a requeued SLURM job: the run of its --name, if it got as far as a checkpoint
         output = Path(cfg.output) if cfg.output else beside_source(ckpt.find_weights(Path(cfg.checkpoint)))
         found = ckpt.resolve_resume("auto", output, name=cfg.name)
@@ -252,7 +255,7 @@ def _finetune(cfg, explicit, model, meta, extra, accelerator) -> dict:
               build_model=lambda c, classes: model, set_modes=finetune_modes(bn),
               transforms=lambda c: (finetune_transform(aug=c.aug, size=c.res, min_scale=c.min_scale, **preprocess),
                                     eval_transform(size=c.res, **preprocess)),
-              meta=lambda c, classes: weights_meta(c, classes, **extra))
+              meta=lambda c, classes: weights_meta(c, classes, **extra), next_steps=False)
     return train(cfg, explicit, job)
 
 

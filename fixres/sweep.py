@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from fixres.config import ConfigError, _opt
+from fixres.config import RUNS, ConfigError, _opt
 from fixres.data import DataError, default_workers, load_split, open_image
 from fixres.engine import to_device_batch
 from fixres.models import (check_model_name, classifier_name, create_model, load_run_model, load_weights_into,
@@ -55,7 +55,8 @@ ACT_EDGES = torch.cat([-_POS_EDGES.flip(0), _POS_EDGES])
 @dataclass
 class SweepConfig:
     # what to evaluate
-    checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py or finetune.py")
+    checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py or "
+                                        f"finetune.py (default: the newest run under {RUNS}/)")
     which: str = _opt("best", "which weights of a run folder", ("best", "last"))
     model: str | None = _opt(None, "with --weights: timm model name, or tv:<name>")
     weights: str | None = _opt(None, "plain state dict (.safetensors or .pth, no fixres metadata) instead of --checkpoint; needs --model")
@@ -76,8 +77,8 @@ class SweepConfig:
     output: str | None = _opt(None, "folder for sweep.csv, sweep.json and the plots (default: the run folder)")
 
     def __post_init__(self):
-        if (self.checkpoint is None) == (self.weights is None):
-            raise ConfigError("give --checkpoint (a fixres run) or --weights FILE with --model NAME, not both or neither")
+        if self.checkpoint is not None and self.weights is not None:
+            raise ConfigError("give --checkpoint (a fixres run) or --weights FILE with --model NAME, not both")
         if self.weights and not self.model:
             raise ConfigError("--weights needs --model NAME (the checkpoint's model is only known to fixres runs)")
         if self.model and not self.weights:
@@ -314,8 +315,13 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
 
     from fixres.report import EpochProgress, activation_table, config_table, make_console, sweep_table
 
+    from fixres.checkpoint import newest_run
+
     accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
     console = make_console(accelerator.is_main_process)
+    if cfg.checkpoint is None and cfg.weights is None:
+        cfg = dataclasses.replace(cfg, checkpoint=str(newest_run(Path(RUNS))))
+        console.print(f"--checkpoint not given: using the newest run {cfg.checkpoint}")
     model, meta, split, run_dir, run_cfg = load_for_sweep(cfg, accelerator)
     crop_pct = cfg.crop_pct or meta.get("crop_pct") or 0.875
     train_res = int(meta["train_res"])

@@ -220,8 +220,8 @@ def test_finetune_transforms():
 def test_finetune_config_refuses_bad_values():
     for kwargs, message in ((dict(res=0), "--res must be > 0"), (dict(res="-3"), "--res must be > 0"),
                             (dict(res="big"), "--res must be a size"), (dict(method="lora"), "--method must be one of"),
-                            (dict(aug="cutmix"), "--aug must be one of"), (dict(checkpoint=None), "--checkpoint is required"),
-                            (dict(choice_images=0), "--choice-images must be > 0")):
+                            (dict(aug="cutmix"), "--aug must be one of"), (dict(choice_images=0), "--choice-images must be > 0"),
+                            (dict(resume="auto", name="x", checkpoint=None), "--resume auto needs --checkpoint")):
         with pytest.raises(ConfigError, match=message):
             FinetuneConfig(**{"checkpoint": "runs/x", **kwargs})
     assert FinetuneConfig(checkpoint="runs/x", res="80").res == 80
@@ -451,3 +451,18 @@ def test_a_parametric_run_is_not_adapted_twice(parametric_of_trained, tmp_path, 
         f"error: --method parametric: {parametric_of_trained / 'best.safetensors'} carries a parametric adapter "
         f"already; adapt the run it came from ({parametric_of_trained.parent / 'trained' / 'best.safetensors'})"]
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_without_checkpoint_the_newest_train_run(parametric_of_trained, tmp_path, monkeypatch, capsys):
+    """Beside the train.py run, the folder holds a newer fine-tuning run: not what to fine-tune."""
+    runs = parametric_of_trained.parent
+    argv = ["--res", "40", "--method", "bn-stats", "--cpu", "--workers", "0", "--output", str(runs), "--name", "newest"]
+    assert run_main(_script_main("finetune"), argv) == 0
+    assert f"--checkpoint not given: using the newest train.py run {runs / 'trained'}\n" in capsys.readouterr().out
+    assert json.loads((runs / "newest" / "finetune.json").read_text())["source"] == str(runs / "trained" / "best.safetensors")
+
+    monkeypatch.chdir(tmp_path)  # no --output: the source is looked for under runs/, and there is none
+    assert run_main(_script_main("finetune"), ["--res", "40", "--cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --checkpoint not given, and runs/ holds no train.py run (a folder with config.json and "
+        "best.safetensors or last.safetensors): give --checkpoint"]

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,7 @@ def test_default_sizes_ladder():
 @pytest.mark.parametrize("kwargs,named", [
     (dict(sizes=[0, 32]), "--sizes"), (dict(sizes=[-8]), "--sizes"), (dict(sizes=[4096]), "--sizes"),
     (dict(crop_pct=0.0), "--crop-pct"), (dict(crop_pct=1.5), "--crop-pct"), (dict(batch_size=0), "--batch-size"),
-    (dict(checkpoint=None), "--checkpoint"), (dict(weights="w.pth"), "--checkpoint"),
+    (dict(weights="w.pth"), "--checkpoint"),
     (dict(checkpoint=None, weights="w.pth"), "--model"),
 ])
 def test_config_refuses(kwargs, named):
@@ -188,6 +189,27 @@ def test_plain_pretrained_weights(tv_run, data_csv, tmp_path, capsys):
     assert "trained at 32 px, predicted 40 px" in capsys.readouterr().out
     assert (tmp_path / "sweep.csv").read_text().startswith(
         "size,resize,top1,loss,correct,count,diff_vs_train,diff_low,diff_high,gained,lost,")
+
+
+def test_without_checkpoint_the_newest_run_under_runs(tv_run, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    for name, written in (("older", 1000), ("newer", 2000), ("oldest", 10)):
+        shutil.copytree(tv_run, runs / name)
+        os.utime(runs / name / "best.safetensors", (written, written))
+    (runs / "notes").mkdir()  # newer, but not a run: no config.json nor weights
+    (runs / "halfway").mkdir()
+    (runs / "halfway" / "config.json").write_text("{}")  # a run that has not saved weights yet
+    monkeypatch.chdir(tmp_path)
+    argv = ["--sizes", "32", "--cpu", "--workers", "0", "--output", str(tmp_path / "out")]
+    assert run_main(SCRIPT.main, argv) == 0
+    assert "--checkpoint not given: using the newest run runs/newer\n" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["meta"]["weights"] == "runs/newer/best.safetensors"
+
+    monkeypatch.chdir(tmp_path / "out")  # no runs/ here
+    assert run_main(SCRIPT.main, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --checkpoint not given, and runs/ holds no run (a folder with config.json and best.safetensors or "
+        "last.safetensors): give --checkpoint"]
 
 
 # ---- bad input: one line, exit status 2, before any evaluation ---------------------------------
