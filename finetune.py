@@ -1,14 +1,19 @@
 """FixRes: adapt a trained classifier to a higher test resolution; the second step.
 
-    python finetune.py --checkpoint runs/<name>                  # --res auto: sweep, choose, fine-tune
+    python finetune.py --checkpoint runs/<name>                  # --res auto: choose on training images, fine-tune
+    python finetune.py                                           # the newest train.py run under runs/
     accelerate launch finetune.py --checkpoint runs/<name> --res 384      # all GPUs, last BN synced
     torchrun --nproc_per_node 2 finetune.py --cpu --checkpoint runs/<name> --res 80   # two CPU processes
     python finetune.py --checkpoint runs/<name> --res 80 --method bn-stats     # no gradients, seconds
     python finetune.py --checkpoint runs/<name> --res 80 --method parametric   # the paper's Frechet map
 
-Prints the accuracy at the training resolution, at the new one before and after
-(a table), with --res auto first the size it chose and why ("--res auto: 80 px, the
-best of the sweep ..."), and one line per fine-tuning epoch. Writes a run folder next
+Prints the accuracy at the training resolution, at the new one before and after, with
+the paired differences after - before and after - training resolution and their 95%
+intervals (a table, on the validation split); with --res auto first the size it chose
+on --choice-images training images and why ("--res auto: 80 px, the best of the sweep
+(...) on 1000 training images ..."), and one line per fine-tuning epoch; last, which
+images chose and which reported ("chosen on: 1000 training images; reported on:
+validation split (3000 images)"). Writes a run folder next
 to the source run (or under --output) in train.py's format whose weights expect the new
 resolution, plus finetune.json and activations.png. `--help` lists every option.
 """

@@ -8,7 +8,9 @@
 
 Prints the resolved config, a progress bar and one line per epoch
 ("epoch   3 | train loss ... | val loss ... acc 81.20% (n=1000) | ..."), then a
-table; writes runs/<name>/ (see fixres/checkpoint.py). `--help` lists every option.
+table and the commands that come next ("next: python sweep.py --checkpoint runs/<name>",
+"then: python finetune.py --checkpoint runs/<name>"); writes runs/<name>/ (see
+fixres/checkpoint.py). `--help` lists every option.
 """
 import sys
 

@@ -30,8 +30,10 @@ lower end) below it, where F_test is 0: not foldable into the classifier because
 that floor. The adapter is a submodule (`fixres_adapter`) applied by a forward
 pre-hook of the classifier, so the model's other state-dict keys do not change; the
 weights file carries `fixres_adapter.*` and `meta["adaptation"]`, and
-`attach_saved_adapter` restores it after loading. timm's strict loading refuses those
-extra keys: a parametric run is for fixres evaluation only.
+`attach_saved_adapter` restores it (models.load_run_model calls it, so every fixres
+evaluation of a parametric run uses the adapted model). Loading those weights anywhere
+else fails on the extra keys, in timm's strict loading as in fixres's: a parametric
+run is for fixres evaluation only.
 """
 from __future__ import annotations
 
@@ -242,17 +244,24 @@ class FrechetAdapter(nn.Module):
 
 def attach_adapter(model: nn.Module, adapter: FrechetAdapter) -> nn.Module:
     """Register the adapter as `model.fixres_adapter` and apply it to the classifier's input."""
+    if hasattr(model, ADAPTER):  # a second pre-hook would apply both maps, one after the other
+        raise ModelError(f"{type(model).__name__} carries a parametric adapter already")
     head = model.get_submodule(classifier_name(model))
     model.add_module(ADAPTER, adapter)
     head.register_forward_pre_hook(adapter.pre_hook)
     return model
 
 
-def attach_saved_adapter(model: nn.Module, state: dict, meta: dict) -> nn.Module:
-    """After loading fixres weights: if they carry a parametric adaptation, attach it."""
-    if not meta.get("adaptation"):
+def attach_saved_adapter(model: nn.Module, state: dict) -> nn.Module:
+    """If a state dict carries a parametric adapter (`fixres_adapter.*`), attach it to `model`.
+    The keys decide, not the metadata: a run fine-tuned from a parametric run keeps the adapter."""
+    names = ("test_loc", "test_scale", "train_loc", "train_scale", "xi")
+    if not any(k.startswith(ADAPTER + ".") for k in state):
         return model
-    values = {k: state[f"{ADAPTER}.{k}"] for k in ("test_loc", "test_scale", "train_loc", "train_scale", "xi")}
+    lacking = [f"{ADAPTER}.{k}" for k in names if f"{ADAPTER}.{k}" not in state]
+    if lacking:
+        raise ModelError(f"the weights hold a partial parametric adapter (no {lacking[0]})")
+    values = {k: state[f"{ADAPTER}.{k}"] for k in names}
     return attach_adapter(model, FrechetAdapter(values["test_loc"], values["test_scale"], values["train_loc"],
                                                 values["train_scale"], xi=float(values["xi"])))
 

@@ -231,6 +231,30 @@ def newest_checkpoint(output: Path) -> Path | None:
     return max(found, key=lambda c: (c / STATE_FILE).stat().st_mtime, default=None)
 
 
+def newest_run(folder: Path, *, trained_only: bool = False) -> Path:
+    """The run folder under `folder` (one holding config.json and best.safetensors or
+    last.safetensors) whose weights were written last; with trained_only, train.py's runs
+    only (a fine-tuning run's config names the --checkpoint it came from)."""
+    folder = Path(folder)
+    written = {}
+    for run in sorted(folder.iterdir()) if folder.is_dir() else ():
+        weights = [run / f"{which}.safetensors" for which in ("best", "last") if (run / f"{which}.safetensors").is_file()]
+        if not weights or not (run / "config.json").is_file():
+            continue
+        if trained_only:
+            try:
+                if json.loads((run / "config.json").read_text()).get("checkpoint"):
+                    continue
+            except (OSError, ValueError):
+                continue  # not a run this job can read
+        written[run] = max(w.stat().st_mtime for w in weights)
+    if not written:
+        kind = "train.py run" if trained_only else "run"
+        raise CheckpointError(f"--checkpoint not given, and {folder}/ holds no {kind} (a folder with config.json and "
+                              f"best.safetensors or last.safetensors): give --checkpoint")
+    return max(written, key=written.get)
+
+
 def resolve_resume(resume: str, output: Path, name: str | None = None) -> Path | None:
     """--resume: 'auto', a run folder, or a checkpoint folder. 'auto' is the newest checkpoint
     of the run called `name` under output when a name is given (what a requeued SLURM job

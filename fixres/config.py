@@ -27,6 +27,9 @@ class ConfigError(ValueError):
     """A bad option or config file; the message names it."""
 
 
+RUNS = "runs"  # train.py's folder of run folders, where sweep.py and finetune.py look without --checkpoint
+
+
 def _opt(default, help: str, choices: tuple | None = None, parse=None):
     """A config field; `parse` replaces the type's own conversion of the command-line text."""
     return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
@@ -88,7 +91,7 @@ class TrainConfig:
                                             "with an error (a rank died or hangs); torch's own default is 30 min")
     workers: int | None = _opt(None, "data loader worker processes per rank (default: from the CPU count)")
     seed: int = _opt(0, "random seed (data order, augmentation, initialisation)")
-    output: str = _opt("runs", "folder that holds the run folders")
+    output: str = _opt(RUNS, "folder that holds the run folders")
     name: str | None = _opt(None, "run folder name (default: <data>-<model>-<res>-<time>)")
     resume: str | None = _opt(None, "run folder or checkpoint to continue, or 'auto' for the newest under --output")
     stop_after: int | None = _opt(None, "stop with a checkpoint after this many epochs of this invocation (time-sliced jobs)")
@@ -191,8 +194,12 @@ class FinetuneConfig(TrainConfig):
     CLI_HIDDEN: typing.ClassVar[tuple] = ("model", "pretrained", "weights", "output_stride", "train_res", "test_res", "freeze_epochs",
                                           "compile", "fast_decode")
 
-    checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py")
-    res: str | int = _opt("auto", "resolution to fine-tune and test at, or 'auto': sweep the validation split and take its best")
+    checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py "
+                                        f"(default: the newest train.py run under --output, else under {RUNS}/)")
+    res: str | int = _opt("auto", "resolution to fine-tune and test at, or 'auto': sweep --choice-images training images "
+                          "and take the best size (the validation split only reports before and after)")
+    choice_images: int = _opt(1000, "with --res auto: training images to choose the size on, drawn with --seed (all "
+                                    "when there are fewer)")
     method: str = _opt("finetune", "finetune: train the classifier with the last BN in train mode; bn-stats: only re-estimate "
                        "that BN's statistics (no gradients); parametric: the paper's Frechet map before the classifier",
                        FINETUNE_METHODS)
@@ -223,8 +230,6 @@ class FinetuneConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.checkpoint is None and self.resume is None:
-            raise ConfigError("--checkpoint is required: the run folder (or weights file) of train.py to fine-tune")
         if self.resume == "auto" and (self.checkpoint is None or not self.name):
             raise ConfigError("finetune.py --resume auto needs --checkpoint and --name (it continues the fine-tuning "
                               "run of that name, if any); or give --resume the fine-tuning run folder")
@@ -241,6 +246,8 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError(f"--sizes must all be > 0, got {self.sizes}")
         if self.fit_images <= 1:
             raise ConfigError(f"--fit-images must be > 1, got {self.fit_images}")
+        if self.choice_images <= 0:
+            raise ConfigError(f"--choice-images must be > 0, got {self.choice_images}")
 
 
 def build_parser(cls, description: str, preset_note: str = "") -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """FixRes fine-tuning: adapt a trained classifier to a new test resolution.
 
     accelerate launch finetune.py --checkpoint runs/<name> --res 384
-    python finetune.py --checkpoint runs/<name>                       # --res auto: sweep, choose, fine-tune
+    python finetune.py --checkpoint runs/<name>                       # --res auto: choose, then fine-tune
     python finetune.py --checkpoint runs/<name> --method bn-stats     # no gradients, seconds
     python finetune.py --checkpoint runs/<name> --method parametric   # the paper's Frechet map
 
@@ -18,10 +18,18 @@ The run folder is train.py's; its weights say train_res = the original K_train,
 test_res = input_size = the new resolution, crop_pct, interpolation and min_scale (the
 source's, unless given on the command line), so sweep.py and any fixres evaluation
 preprocess for the new resolution and predict from the source's training crops.
-finetune.json holds the accuracies at the training resolution, at the new one before and
-after; "after" is measured on the weights the run ships (best.safetensors: the best epoch
-on validation, `after_epoch`), and `last_epoch` keeps the last epoch's numbers when that
-is another epoch. activations.png: the distributions of the pooled features there.
+
+--res auto chooses the size on --choice-images training images (1000, drawn with --seed),
+swept at every candidate size, and the validation split, which the choice never sees,
+reports before and after: choosing on the reported images would add the luck of the
+choice to the reported gain. finetune.json says which images did what ("chosen_on",
+"reported_on") and keeps the choice sweep's rows ("choice_sweep"). It holds the accuracies at
+the training resolution, at the new one before and after, and the paired differences
+after - before and after - training resolution (and before - training resolution) on the
+same validation images with their 95% intervals (fixres.stats). "after" is measured on the
+weights the run ships (best.safetensors: the best epoch on validation, `after_epoch`), and
+`last_epoch` keeps the last epoch's numbers when that is another epoch. activations.png:
+the distributions of the pooled features there.
 """
 from __future__ import annotations
 
@@ -39,13 +47,15 @@ from fixres import adapt
 from fixres import checkpoint as ckpt
 from fixres.adapt import (SyncedBatchNorm2d, find_last_bn, finetune_modes, freeze_for_finetuning,  # noqa: F401
                           install_synced_bn, prepare_for_finetuning)
-from fixres.config import ConfigError, FinetuneConfig
+from fixres.config import RUNS, ConfigError, FinetuneConfig
 from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, default_workers, round_batches
 from fixres.models import ModelError, load_run_model
-from fixres.report import EpochProgress, config_table, make_console
+from fixres.report import EpochProgress, config_table, finetune_table, make_console
 from fixres.resolution import recommended_test_res, resize_size
-from fixres.sweep import (ACT_EDGES, SweepConfig, _run_folder, best_row, default_sizes, load_for_sweep,
-                          run_sweep, trained_min_scale)
+from fixres.stats import METHOD as STATS_METHOD
+from fixres.stats import paired_difference_of
+from fixres.sweep import (ACT_EDGES, SweepConfig, _run_folder, add_differences, best_row, default_sizes,
+                          load_for_sweep, run_sweep, trained_min_scale)
 from fixres.training import Job, make_accelerator, new_run_dir, resumed_config, train, weights_meta
 from fixres.transforms import INTERPOLATIONS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
@@ -92,6 +102,9 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     method, evaluate after, write the run folder, finetune.json and activations.png."""
     accelerator = make_accelerator(cfg)
     console = make_console(accelerator.is_main_process)
+    if cfg.checkpoint is None and cfg.resume is None:  # right after train.py: its newest run, not a fine-tuned one
+        cfg = dataclasses.replace(cfg, checkpoint=str(ckpt.newest_run(Path(cfg.output or RUNS), trained_only=True)))
+        console.print(f"--checkpoint not given: using the newest train.py run {cfg.checkpoint}")
     if cfg.resume == "auto":  # a requeued SLURM job: the run of its --name, if it got as far as a checkpoint
         output = Path(cfg.output) if cfg.output else beside_source(ckpt.find_weights(Path(cfg.checkpoint)))
         found = ckpt.resolve_resume("auto", output, name=cfg.name)
@@ -108,9 +121,13 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         model, meta, split, source_dir, source_cfg = load_for_sweep(
             SweepConfig(checkpoint=cfg.checkpoint, data=cfg.data, images=cfg.images), accelerator)
     except DataError as err:
-        if cfg.res == "auto" and str(err).endswith("the validation split is empty"):
-            raise ConfigError(f"--res auto chooses on the validation split, and there is none ({err})") from None
+        if str(err).endswith("the validation split is empty"):
+            raise ConfigError(f"finetune.py measures before and after on the validation split, and there is none "
+                              f"({err})") from None
         raise
+    if cfg.method == "parametric" and hasattr(model, adapt.ADAPTER):
+        raise ConfigError(f"--method parametric: {meta['weights_path']} carries a parametric adapter already; "
+                          f"adapt the run it came from ({meta.get('finetuned_from', 'its source')})")
     output = cfg.output or str(beside_source(Path(meta["weights_path"])))
     if cfg.name and not cfg.resume:  # before the sweep: refuse now, not minutes later
         _check_free(Path(output) / cfg.name)
@@ -128,23 +145,19 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     # before: the training resolution and the new one (--res auto: every size of the sweep)
     predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct, scale=(min_scale, 1.0))
     if cfg.res == "auto":
-        sizes = sorted(set(cfg.sizes or default_sizes(train_res, predicted)) | {train_res})
+        res, why, choice_rows = _choose_res(cfg, model, eval_meta, split, crop_pct, accelerator, console, sweep,
+                                            train_res=train_res, predicted=predicted)
+        chosen_on = f"{choice_rows[0]['count']} training images"
+        console.print(why)
     else:
-        sizes = sorted({train_res, cfg.res})
+        res, why, choice_rows, chosen_on = cfg.res, f"--res {cfg.res}", [], None
+    # before: the training resolution and the new one, on the validation split the choice never saw
+    reported_on = f"validation split ({len(split.val)} images)"
+    sizes = sorted({train_res, res})
     with EpochProgress(console, f"before: {len(sizes)} size(s)", len(split.val)) as bar:
         # a copy: run_sweep moves the model inside inference_mode, after which it cannot be trained
         rows = run_sweep(copy.deepcopy(model), eval_meta, split, sizes, crop_pct, accelerator, progress=bar, **sweep)
     by_size = {r["size"]: r for r in rows}
-    if cfg.res == "auto":
-        res = best_row(rows)["size"]
-        why = (f"--res auto: {res} px, the best of the sweep ({', '.join(map(str, sizes))} px) without fine-tuning: "
-               f"top-1 {100 * by_size[res]['top1']:.2f}% against {100 * by_size[train_res]['top1']:.2f}% at the "
-               f"training resolution {train_res} px; the apparent-size model predicts {predicted} px")
-        if res == train_res:
-            why += "; no larger size did better, so this only adapts the last BN to test-style crops"
-        console.print(why)
-    else:
-        res, why = cfg.res, f"--res {cfg.res}"
 
     source_name = source_dir.name if source_dir else Path(meta["weights_path"]).stem
     cfg = dataclasses.replace(
@@ -195,17 +208,26 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     last = records[-1] if records and records[-1]["epoch"] != after_epoch else None
     if last:  # numbers from train.py's evaluation of that epoch, the same preprocessing
         last = {"epoch": last["epoch"], "top1": last["val_acc"], "loss": last["val_loss"]}
+    correct = {key: row["per_image_correct"] for key, (_, row) in zip(("train_res", "before", "after"), stages)}
+    differences = {f"{a}_vs_{b}": paired_difference_of(correct[a], correct[b])  # the same validation images
+                   for a, b in (("after", "before"), ("after", "train_res"), ("before", "train_res"))}
     summary = {"source": meta["weights_path"], "model": meta["model"], "method": cfg.method,
                "aug": cfg.aug if cfg.method == "finetune" else None, "train_res": train_res, "res": res,
-               "res_choice": why, "predicted_res": predicted, "crop_pct": crop_pct, "last_bn": last_bn,
+               "res_choice": why, "chosen_on": chosen_on, "reported_on": reported_on, "predicted_res": predicted,
+               "crop_pct": crop_pct, "last_bn": last_bn,
                "top1": {"train_res": by_size[train_res]["top1"], "before": by_size[res]["top1"], "after": after["top1"]},
                "loss": {"train_res": by_size[train_res]["loss"], "before": by_size[res]["loss"], "after": after["loss"]},
+               "differences": {**differences, "interval": STATS_METHOD},
                "val_images": after["count"], "method_seconds": seconds, "processes": accelerator.num_processes,
                "device": str(accelerator.device), "sweep": [{k: r[k] for k in ("size", "top1", "loss")} for r in rows],
                "after_epoch": after_epoch, **({"last_epoch": last} if last else {}),
+               "choice_sweep": [{k: r[k] for k in CHOICE_KEYS} for r in choice_rows],
                "epochs": records, **{k: v for k, v in extra.items() if k not in ("last_bn", "finetuned_from")}}
-    console.print(result_table(stages + ([(f"{res} px, last epoch {last['epoch']} (last.safetensors)", last)]
-                                         if last else []), title=f"fixres finetune: {run_dir}"))
+    last_row = [(f"{res} px, last epoch {last['epoch']} (last.safetensors)", last)] if last else []
+    console.print(finetune_table(stages, differences, title=f"fixres finetune: {run_dir}", also=last_row))
+    console.print(f"vs: the difference in top-1, in points, on the same {after['count']} validation images; "
+                  f"{STATS_METHOD}")
+    console.print(f"chosen on: {chosen_on or 'given (--res)'}; reported on: {reported_on}")
     if accelerator.is_main_process:
         ckpt.write_json_atomic(run_dir / "finetune.json", summary)
         plot_activations([(label, r["act_hist"]) for label, r in stages], run_dir / "activations.png",
@@ -213,6 +235,37 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         console.print(f"wrote {run_dir}/finetune.json, activations.png and the weights (test_res {res} px)")
     accelerator.wait_for_everyone()
     return {**summary, "run_dir": str(run_dir), "stopped": False}
+
+
+CHOICE_KEYS = ("size", "top1", "loss", "count", "diff_vs_train", "diff_low", "diff_high", "gained", "lost")
+
+
+def _choose_res(cfg, model, eval_meta, split, crop_pct, accelerator, console, sweep, *, train_res, predicted):
+    """--res auto: the best size of a sweep over --choice-images training images (drawn with
+    --seed), never over the validation images that then report before and after: a size
+    chosen on those would carry the luck of the choice into the reported gain.
+    Returns (size, the printed reason, the sweep's rows)."""
+    sizes = sorted(set(cfg.sizes or default_sizes(train_res, predicted)) | {train_res})
+    images = seeded_subset(split.train, cfg.choice_images, cfg.seed)
+    with EpochProgress(console, f"choosing: {len(sizes)} sizes", len(images)) as bar:
+        rows = run_sweep(copy.deepcopy(model), eval_meta, split, sizes, crop_pct, accelerator, progress=bar,
+                         samples=images, **{**sweep, "activations": False})
+    by_size = {r["size"]: r for r in add_differences(rows, train_res)}
+    res = best_row(rows)["size"]
+    drawn = f"drawn with --seed {cfg.seed}" if len(images) < len(split.train) else "all of them"
+    why = (f"--res auto: {res} px, the best of the sweep ({', '.join(map(str, sizes))} px) on {len(images)} training "
+           f"images ({drawn}) without fine-tuning: top-1 "
+           f"{100 * by_size[res]['top1']:.2f}% against {100 * by_size[train_res]['top1']:.2f}% at the training "
+           f"resolution {train_res} px; the apparent-size model predicts {predicted} px")
+    if res == train_res:
+        why += "; no larger size did better, so this only adapts the last BN to test-style crops"
+    return res, why, rows
+
+
+def seeded_subset(samples: list, count: int, seed: int) -> list:
+    """`count` samples (all when there are fewer) in an order drawn with `seed`: the same on every process."""
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+    return [samples[i] for i in order[:count].tolist()]
 
 
 def _finetune(cfg, explicit, model, meta, extra, accelerator) -> dict:
@@ -224,7 +277,7 @@ def _finetune(cfg, explicit, model, meta, extra, accelerator) -> dict:
               build_model=lambda c, classes: model, set_modes=finetune_modes(bn),
               transforms=lambda c: (finetune_transform(aug=c.aug, size=c.res, min_scale=c.min_scale, **preprocess),
                                     eval_transform(size=c.res, **preprocess)),
-              meta=lambda c, classes: weights_meta(c, classes, **extra))
+              meta=lambda c, classes: weights_meta(c, classes, **extra), next_steps=False)
     return train(cfg, explicit, job)
 
 
@@ -248,8 +301,7 @@ def _bn_stats(cfg, model, split, accelerator, console, workers, last_bn) -> dict
 def _parametric(cfg, model, split, accelerator, console, workers) -> dict:
     """Fit the Frechet model to the pooled features of --fit-images training images at the
     training and at the new resolution; attach the equalising map before the classifier."""
-    order = torch.randperm(len(split.train), generator=torch.Generator().manual_seed(cfg.seed))
-    subset = [split.train[i] for i in order[:cfg.fit_images].tolist()]
+    subset = seeded_subset(split.train, cfg.fit_images, cfg.seed)
     fits = {}
     for size in (cfg.train_res, cfg.res):
         tf = eval_transform(size=size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
@@ -306,16 +358,6 @@ def timm_overlay(weights: str | Path) -> dict:
             "input_size": tuple(meta.get("input_size") or (3, meta["test_res"], meta["test_res"])),
             "crop_pct": meta.get("crop_pct", 0.875), "interpolation": meta.get("interpolation", "bilinear"),
             "mean": tuple(meta.get("mean", IMAGENET_MEAN)), "std": tuple(meta.get("std", IMAGENET_STD))}
-
-
-def result_table(stages, title: str):
-    from rich.table import Table
-    table = Table(title=title)
-    for column in ("", "top-1", "loss"):
-        table.add_column(column, justify="right" if column else "left")
-    for label, r in stages:
-        table.add_row(label, f"{100 * r['top1']:.2f}%", f"{r['loss']:.4f}")
-    return table
 
 
 def plot_activations(curves, path: Path, *, title: str) -> None:

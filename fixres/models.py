@@ -147,13 +147,20 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
     if missing:
         raise ModelError(f"{source}: does not match the model: {len(missing)} missing key(s), "
                          f"e.g. {missing[0]}" + (f"; unexpected e.g. {unexpected[0]}" if unexpected else ""))
+    if unexpected:  # dropping them silently evaluates another model than the file's (a lost adapter)
+        from fixres.adapt import ADAPTER
+        hint = (f" (a parametric run's adapter: load the run with --checkpoint, which restores it)"
+                if unexpected[0].startswith(ADAPTER + ".") else "")
+        raise ModelError(f"{source}: holds {len(unexpected)} key(s) the model lacks, e.g. {unexpected[0]}{hint}")
     model.load_state_dict(usable, strict=False)
     return skipped
 
 
 def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, dict]:
     """A classifier from a run folder (its `which` weights), a checkpoint folder or a
-    .safetensors file written by fixres, with the preprocessing metadata it carries."""
+    .safetensors file written by fixres, with the preprocessing metadata it carries, and
+    the parametric adapter when the weights hold one (so it is evaluated as it was made)."""
+    from fixres.adapt import attach_saved_adapter  # adapt imports this module
     from fixres.checkpoint import find_weights, load_weights
     weights_path = find_weights(Path(path), which)
     state, meta = load_weights(weights_path)
@@ -161,5 +168,6 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, di
         raise ModelError(f"{weights_path}: no fixres metadata (model name, classes); "
                          f"pass plain weights with --weights and --model instead")
     model = _build(meta["model"], len(meta["classes"]), pretrained=False, output_stride=meta.get("output_stride"))
+    attach_saved_adapter(model, state)  # first: its keys are then the model's own
     load_weights_into(model, state, source=str(weights_path), replace_classifier=False)
     return model, {**meta, "weights_path": str(weights_path)}

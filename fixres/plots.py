@@ -1,6 +1,7 @@
 """Figures of the sweep, drawn with matplotlib's Agg canvas (no display, no pyplot state).
 
-    plot_sweep(rows, "sweep.png", train_res=64, predicted=79)     # top-1 against test size
+    plot_sweep(rows, "sweep.png", train_res=64, predicted=79)     # top-1 against test size, and the
+                                                                   # paired difference against 64 px
     plot_activation_cdfs(rows, edges, "activations.png", train_res=64)   # the paper's CDF figure
 """
 from __future__ import annotations
@@ -19,22 +20,34 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def plot_sweep(rows: list[dict], path: Path, *, train_res: int, predicted: int, title: str = "") -> None:
-    """Top-1 against test size; the training size, the measured best and the predicted best marked."""
+    """Top-1 against test size; the training size, the measured best and the predicted best
+    marked. Below it, when the rows carry them (sweep.add_differences), the paired
+    difference against the training size with its 95% interval as error bars."""
     sizes = [r["size"] for r in rows]
-    top1 = [100 * r["top1"] for r in rows]
     best = max(rows, key=lambda r: (r["top1"], -r["loss"]))
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.add_subplot()
-    ax.plot(sizes, top1, "o-", color="tab:blue", label="measured")
-    ax.axvline(train_res, color="grey", linestyle="--", label=f"trained at {train_res} px")
-    ax.axvline(predicted, color="tab:orange", linestyle=":", label=f"predicted best {predicted} px")
+    if "diff_low" in rows[0]:
+        fig = Figure(figsize=(6.4, 6.2))
+        ax, ax_diff = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    else:
+        fig = Figure(figsize=(6.4, 4.2))
+        ax, ax_diff = fig.add_subplot(), None
+    ax.plot(sizes, [100 * r["top1"] for r in rows], "o-", color="tab:blue", label="measured")
+    for axis in (ax, ax_diff) if ax_diff else (ax,):
+        axis.axvline(train_res, color="grey", linestyle="--", label=f"trained at {train_res} px")
+        axis.axvline(predicted, color="tab:orange", linestyle=":", label=f"predicted best {predicted} px")
+        axis.grid(alpha=0.3)
     ax.plot([best["size"]], [100 * best["top1"]], "*", color="tab:red", markersize=15,
             label=f"measured best {best['size']} px ({100 * best['top1']:.1f}%)")
-    ax.set_xlabel("test size (px)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title or "top-1 against test resolution")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    if ax_diff:
+        diff = np.array([100 * r["diff_vs_train"] for r in rows])
+        low, high = (np.array([100 * r[k] for r in rows]) for k in ("diff_low", "diff_high"))
+        ax_diff.axhline(0, color="black", linewidth=0.8)
+        ax_diff.errorbar(sizes, diff, yerr=[diff - low, high - diff], fmt="o", color="tab:blue", capsize=4)
+        ax_diff.set_ylabel(f"top-1 vs {train_res} px (points)\npaired, 95% interval")
+    (ax_diff or ax).set_xlabel("test size (px)")
     _save(fig, path)
 
 

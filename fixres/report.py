@@ -4,6 +4,7 @@ final table. Only the main process prints; the other ranks get a silent console.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -11,9 +12,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
+LOG_WIDTH = 160  # columns of a table printed to a file or pipe (rich's own default there is 80)
+
+
 def make_console(is_main: bool) -> Console:
     # soft_wrap: a long path in a line stays on one line in logs
-    return Console(quiet=not is_main, soft_wrap=True, highlight=False)
+    console = Console(quiet=not is_main, soft_wrap=True, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = LOG_WIDTH  # the sweep table's rows stay one line each, not 80 columns of wrapped cells
+    return console
 
 
 class EpochProgress:
@@ -80,4 +87,53 @@ def config_table(values: dict, title: str) -> Table:
     table.add_column()
     for key, value in values.items():
         table.add_row(key, str(value))
+    return table
+
+
+def difference_cell(diff: float, low: float, high: float) -> str:
+    """A difference in top-1 and its interval, in points: "+2.40 [+1.20, +3.60]"."""
+    return f"{100 * diff:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+def sweep_table(rows: list[dict], *, train_res: int, predicted: int, best: int) -> Table:
+    table = Table(title="fixres sweep")
+    for column in ("size", "resize", "top-1", f"vs {train_res} px (95% CI)", "gained", "lost", "loss", "images",
+                   "forward img/s", ""):
+        table.add_column(column, justify="right" if column else "left")
+    for r in rows:
+        notes = [name for name, size in (("trained", train_res), ("predicted", predicted), ("best", best))
+                 if size == r["size"]]
+        difference = ("reference" if r["size"] == train_res
+                      else difference_cell(r["diff_vs_train"], r["diff_low"], r["diff_high"]))
+        table.add_row(str(r["size"]), str(r["resize"]), f"{100 * r['top1']:.2f}%", difference, str(r["gained"]),
+                      str(r["lost"]), f"{r['loss']:.4f}", str(r["count"]), f"{r['images_per_s']:.1f}", ", ".join(notes))
+    return table
+
+
+def finetune_table(stages: list[tuple[str, dict]], differences: dict, title: str, also=()) -> Table:
+    """finetune.py's result: (label, row) at the training size, before and after, each with
+    its paired differences (finetune's `differences`, keyed "after_vs_before" and so on);
+    `also`: further (label, row) lines without differences (the last epoch's)."""
+    def cell(key):
+        d = differences[key]
+        return difference_cell(d["diff"], d["low"], d["high"])
+
+    table = Table(title=title)
+    for column in ("", "top-1", "vs training size (95% CI)", "vs before (95% CI)", "loss"):
+        table.add_column(column, justify="right" if column else "left")
+    versus = [("reference", ""), (cell("before_vs_train_res"), "reference"),
+              (cell("after_vs_train_res"), cell("after_vs_before"))]
+    for (label, r), (vs_train, vs_before) in zip(stages, versus):
+        table.add_row(label, f"{100 * r['top1']:.2f}%", vs_train, vs_before, f"{r['loss']:.4f}")
+    for label, r in also:
+        table.add_row(label, f"{100 * r['top1']:.2f}%", "", "", f"{r['loss']:.4f}")
+    return table
+
+
+def activation_table(rows: list[dict]) -> Table:
+    table = Table(title="pooled features before the classifier")
+    for column in ("size", "zeros", "mean", "std"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(str(r["size"]), f"{100 * r['act_zero_frac']:.2f}%", f"{r['act_mean']:.4f}", f"{r['act_std']:.4f}")
     return table

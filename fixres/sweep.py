@@ -13,6 +13,14 @@ process b mod N, so each image is counted once at every size (no padding), a bat
 the same images whatever N is, and N processes share the work of every size. Counts and
 histograms are summed across processes exactly; only the loss sum's last float bits can
 depend on N (it is printed to 4 decimals).
+
+Paired differences: every row also holds which images were right (`per_image_correct`;
+each process fills in the images it evaluated, a sum across processes assembles them
+exactly), and sweep.py compares every size with the training size on the same images:
+the difference in top-1 with its 95% interval (fixres.stats: a paired bootstrap over the
+validation images, 10,000 resamples, fixed seed) and the counts behind it, gained and
+lost (images right only at that size / only at the training size). The training size is
+always swept: it is the reference. The numbers are the same with 1 and N processes.
 """
 from __future__ import annotations
 
@@ -27,12 +35,14 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from fixres.config import ConfigError, _opt
+from fixres.config import RUNS, ConfigError, _opt
 from fixres.data import DataError, default_workers, load_split, open_image, round_batches
 from fixres.engine import to_device_batch
 from fixres.models import (check_model_name, classifier_name, create_model, load_run_model, load_weights_into,
                            read_state_dict)
 from fixres.resolution import recommended_test_res, resize_size
+from fixres.stats import METHOD as STATS_METHOD
+from fixres.stats import paired_difference_of
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 MAX_SIZE = 2048  # larger is almost surely a typo (and a 64-image batch of it is ~3 GB)
@@ -45,7 +55,8 @@ ACT_EDGES = torch.cat([-_POS_EDGES.flip(0), _POS_EDGES])
 @dataclass
 class SweepConfig:
     # what to evaluate
-    checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py or finetune.py")
+    checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py or "
+                                        f"finetune.py (default: the newest run under {RUNS}/)")
     which: str = _opt("best", "which weights of a run folder", ("best", "last"))
     model: str | None = _opt(None, "with --weights: timm model name, or tv:<name>")
     weights: str | None = _opt(None, "plain state dict (.safetensors or .pth, no fixres metadata) instead of --checkpoint; needs --model")
@@ -66,8 +77,8 @@ class SweepConfig:
     output: str | None = _opt(None, "folder for sweep.csv, sweep.json and the plots (default: the run folder)")
 
     def __post_init__(self):
-        if (self.checkpoint is None) == (self.weights is None):
-            raise ConfigError("give --checkpoint (a fixres run) or --weights FILE with --model NAME, not both or neither")
+        if self.checkpoint is not None and self.weights is not None:
+            raise ConfigError("give --checkpoint (a fixres run) or --weights FILE with --model NAME, not both")
         if self.weights and not self.model:
             raise ConfigError("--weights needs --model NAME (the checkpoint's model is only known to fixres runs)")
         if self.model and not self.weights:
@@ -137,14 +148,16 @@ def shard_indices(n: int, batch_size: int, rank: int, world: int) -> list[int]:
 
 
 def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, batch_size: int = 64,
-              workers: int = 0, activations: bool = False, progress=None) -> list[dict]:
-    """Evaluate `model` on split.val at every size; one row per size, equal on every process.
+              workers: int = 0, activations: bool = False, progress=None, samples=None) -> list[dict]:
+    """Evaluate `model` on split.val (or on `samples`, (path, label) pairs) at every size;
+    one row per size, equal on every process.
 
     `meta` gives the preprocessing (interpolation, mean, std; fixres weights metadata).
     The model is unwrapped (no DDP: ranks run different numbers of batches), moved to the
     device in channels_last (outside inference mode, so it can still be trained after) and put
     in eval mode; its train/eval modes are restored after.
-    Rows: size, resize, top1, loss, correct, count, forward_seconds (slowest process),
+    Rows: size, resize, top1, loss, correct, count, per_image_correct (a bool tensor in the
+    images' order, for paired comparisons), forward_seconds (slowest process),
     images_per_s (forward pass only, all processes), loader_seconds and seconds (whole sweep,
     slowest process, shared by all rows); with `activations`, act_zero_frac, act_mean,
     act_std and act_hist (counts in the bins cut by ACT_EDGES)."""
@@ -157,13 +170,17 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
     preprocess = dict(crop_pct=crop_pct, interpolation=meta.get("interpolation", "bilinear"),
                       mean=meta.get("mean", IMAGENET_MEAN), std=meta.get("std", IMAGENET_STD))
     per_image, per_batch = zip(*(split_at_float(eval_transform(size=s, **preprocess)) for s in sizes))
-    dataset = MultiSizeDataset(split.val, per_image)
+    dataset = MultiSizeDataset(split.val if samples is None else samples, per_image)
     mine = shard_indices(len(dataset), batch_size, accelerator.process_index, accelerator.num_processes)
+    mine_on_device = torch.tensor(mine, dtype=torch.long, device=device)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     n = len(sizes)
     # per size: correct, count, loss sum | zeros, sum, sum of squares, count of features | histogram
     stats = torch.zeros(n, 7 + len(ACT_EDGES) + 1, dtype=torch.float64, device=device)
+    # each image is on one process only: the sum over processes puts every image's result in place
+    per_image_correct = torch.zeros(n, len(dataset), dtype=torch.int32, device=device)
+    done = 0
     edges = ACT_EDGES.to(device)
     forward_s = [0.0] * n
     captured = []
@@ -178,6 +195,8 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
             for batch, labels in loader:
                 loader_s += time.perf_counter() - waited
                 labels = labels.to(device)
+                indices = mine_on_device[done:done + labels.numel()]  # the loader keeps the shard's order
+                done += labels.numel()
                 for k, images in enumerate(batch):
                     images = to_device_batch(per_batch[k](images.to(device, non_blocking=True)), channels_last=True)
                     t0 = time.perf_counter()
@@ -186,7 +205,9 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)  # so that the time is this size's forward pass
                     forward_s[k] += time.perf_counter() - t0
-                    stats[k, 0] += (logits.argmax(1) == labels).sum()
+                    hits = logits.argmax(1) == labels
+                    stats[k, 0] += hits.sum()
+                    per_image_correct[k, indices] = hits.int()
                     stats[k, 1] += labels.numel()
                     stats[k, 2] += F.cross_entropy(logits, labels, reduction="none").double().sum()
                     if activations:
@@ -206,13 +227,15 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
         for module, training in modes.items():
             module.train(training)
     stats = accelerator.reduce(stats, "sum").cpu()
+    per_image_correct = accelerator.reduce(per_image_correct, "sum").cpu().bool()
     times = torch.tensor(forward_s + [loader_s, time.perf_counter() - start], dtype=torch.float64, device=device)
     times = accelerator.gather(times[None]).view(-1, n + 2).amax(0).tolist()  # the slowest process
     rows = []
     for k, size in enumerate(sizes):
         correct, count, loss_sum, zeros, total, squares, values = stats[k, :7].tolist()
         row = {"size": size, "resize": resize_size(size, crop_pct), "top1": correct / count, "loss": loss_sum / count,
-               "correct": int(correct), "count": int(count), "forward_seconds": times[k],
+               "correct": int(correct), "count": int(count), "per_image_correct": per_image_correct[k],
+               "forward_seconds": times[k],
                "images_per_s": count / max(times[k], 1e-9), "loader_seconds": times[n], "seconds": times[n + 1]}
         if activations:
             mean = total / values
@@ -232,6 +255,17 @@ def trained_min_scale(meta: dict, run_cfg: dict) -> float:
 def best_row(rows: list[dict]) -> dict:
     """Highest top-1; among equals, the lowest loss."""
     return max(rows, key=lambda r: (r["top1"], -r["loss"]))
+
+
+def add_differences(rows: list[dict], train_res: int) -> list[dict]:
+    """Give every row its paired difference in top-1 against the training size's row (the
+    same images): diff_vs_train with its 95% interval diff_low..diff_high, and the counts
+    behind it, gained / lost (images right only at this size / only at the training size)."""
+    reference = next(r for r in rows if r["size"] == train_res)["per_image_correct"]
+    for r in rows:
+        d = paired_difference_of(r["per_image_correct"], reference)
+        r.update(diff_vs_train=d["diff"], diff_low=d["low"], diff_high=d["high"], gained=d["gained"], lost=d["lost"])
+    return rows
 
 
 def _run_folder(weights_path: Path) -> Path | None:
@@ -284,21 +318,27 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
     """The job sweep.py runs: load, evaluate every size, print, write the files."""
     from accelerate import Accelerator
 
-    from fixres.report import EpochProgress, config_table, make_console
+    from fixres.report import EpochProgress, activation_table, config_table, make_console, sweep_table
+
+    from fixres.checkpoint import newest_run
 
     accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
     console = make_console(accelerator.is_main_process)
+    if cfg.checkpoint is None and cfg.weights is None:
+        cfg = dataclasses.replace(cfg, checkpoint=str(newest_run(Path(RUNS))))
+        console.print(f"--checkpoint not given: using the newest run {cfg.checkpoint}")
     model, meta, split, run_dir, run_cfg = load_for_sweep(cfg, accelerator)
     crop_pct = cfg.crop_pct or meta.get("crop_pct") or 0.875
     train_res = int(meta["train_res"])
     min_scale = cfg.min_scale or trained_min_scale(meta, run_cfg)
     predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct, scale=(min_scale, 1.0))
-    sizes = cfg.sizes or default_sizes(train_res, predicted)
+    sizes = sorted(set(cfg.sizes or default_sizes(train_res, predicted)) | {train_res})  # the reference
     out = Path(cfg.output or run_dir or Path(meta["weights_path"]).parent)
     workers = cfg.workers if cfg.workers is not None else default_workers()
     console.print(config_table({
         "weights": meta["weights_path"], "model": meta["model"], "dataset": split.source,
-        "val images": len(split.val), "classes": len(split.classes), "sizes": " ".join(map(str, sizes)),
+        "val images": len(split.val), "classes": len(split.classes), "sizes": " ".join(map(str, sizes))
+        + ("" if not cfg.sizes or train_res in cfg.sizes else f" (with {train_res}, the training size: the reference)"),
         "crop_pct": crop_pct, "trained at": train_res, "predicted best": f"{predicted} (RRC min scale {min_scale})",
         "processes": accelerator.num_processes, "device": accelerator.device,
         "mixed precision": accelerator.mixed_precision, "workers": workers, "output": out},
@@ -306,8 +346,12 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
     with EpochProgress(console, f"sweep ({len(sizes)} sizes)", len(split.val)) as bar:
         rows = run_sweep(model, meta, split, sizes, crop_pct, accelerator, batch_size=cfg.batch_size,
                          workers=workers, activations=cfg.activations, progress=bar)
+    add_differences(rows, train_res)
     best = best_row(rows)
     console.print(sweep_table(rows, train_res=train_res, predicted=predicted, best=best["size"]))
+    console.print(f"vs {train_res} px: the difference in top-1 from the training size, in points, on the same "
+                  f"{len(split.val)} validation images; {STATS_METHOD}; gained / lost: images right only at that "
+                  f"size / only at {train_res} px")
     console.print(f"forward img/s: forward passes only, all {accelerator.num_processes} process(es); decoding and "
                   f"resizing (shared by all sizes) kept the model waiting {rows[0]['loader_seconds']:.1f} s "
                   f"of the sweep's {rows[0]['seconds']:.1f} s")
@@ -318,6 +362,7 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
     summary = {"train_res": train_res, "predicted_best": predicted, "measured_best": best["size"],
                "measured_best_top1": best["top1"], "crop_pct": crop_pct, "min_scale": min_scale,
                "weights": meta["weights_path"], "model": meta["model"], "data": split.source,
+               "val_images": len(split.val), "difference_vs_train": STATS_METHOD,
                "processes": accelerator.num_processes, "device": str(accelerator.device),
                "mixed_precision": accelerator.mixed_precision, "loader_seconds": rows[0]["loader_seconds"],
                "seconds": rows[0]["seconds"], "command": command, "config": cfg.to_dict()}
@@ -328,8 +373,8 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
     return {"rows": rows, "meta": summary, "output": str(out)}
 
 
-CSV_COLUMNS = ("size", "resize", "top1", "loss", "correct", "count", "forward_seconds", "images_per_s",
-               "act_zero_frac", "act_mean", "act_std")
+CSV_COLUMNS = ("size", "resize", "top1", "loss", "correct", "count", "diff_vs_train", "diff_low", "diff_high",
+               "gained", "lost", "forward_seconds", "images_per_s", "act_zero_frac", "act_mean", "act_std")
 
 
 def write_outputs(out: Path, rows: list[dict], summary: dict, title: str) -> None:
@@ -346,26 +391,3 @@ def write_outputs(out: Path, rows: list[dict], summary: dict, title: str) -> Non
     write_json_atomic(out / "sweep.json", record)
     plots.plot_sweep(rows, out / "sweep.png", train_res=summary["train_res"], predicted=summary["predicted_best"],
                      title=title)
-
-
-def sweep_table(rows: list[dict], *, train_res: int, predicted: int, best: int):
-    from rich.table import Table
-    table = Table(title="fixres sweep")
-    for column in ("size", "resize", "top-1", "loss", "images", "forward img/s", ""):
-        table.add_column(column, justify="right" if column else "left")
-    for r in rows:
-        notes = [name for name, size in (("trained", train_res), ("predicted", predicted), ("best", best))
-                 if size == r["size"]]
-        table.add_row(str(r["size"]), str(r["resize"]), f"{100 * r['top1']:.2f}%", f"{r['loss']:.4f}",
-                      str(r["count"]), f"{r['images_per_s']:.1f}", ", ".join(notes))
-    return table
-
-
-def activation_table(rows: list[dict]):
-    from rich.table import Table
-    table = Table(title="pooled features before the classifier")
-    for column in ("size", "zeros", "mean", "std"):
-        table.add_column(column, justify="right")
-    for r in rows:
-        table.add_row(str(r["size"]), f"{100 * r['act_zero_frac']:.2f}%", f"{r['act_mean']:.4f}", f"{r['act_std']:.4f}")
-    return table

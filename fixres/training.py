@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import shlex
 import signal
 import time
 from collections.abc import Callable
@@ -238,6 +239,7 @@ class Job:
     transforms: Callable | None = None          # cfg -> (train transform, eval transform)
     set_modes: Callable = lambda model: model.train()   # before each training epoch
     meta: Callable = weights_meta               # (cfg, classes) -> metadata stored with the weights
+    next_steps: bool = True                     # end by printing the commands that come next (sweep, finetune)
 
 
 def head_only_modes(head: torch.nn.Module) -> Callable:
@@ -395,6 +397,9 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
         if cfg.log_with:
             accelerator.end_training()
     console.print(metrics_table(state.records, title=f"fixres {job.title}: {run_dir}"))
+    if job.next_steps and state.epoch >= cfg.epochs:
+        console.print(f"next: python sweep.py --checkpoint {shlex.quote(str(run_dir))}\n"
+                      f"then: python finetune.py --checkpoint {shlex.quote(str(run_dir))}")
     return {"run_dir": str(run_dir), "records": state.records, "best_acc": state.best_acc, "stopped": False}
 
 

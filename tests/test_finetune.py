@@ -1,6 +1,7 @@
 """finetune.py: what trains and in which mode, the synced last BN, bn-stats, the parametric
 map, the exported weights, and the script end to end (1 and 2 processes, bad input)."""
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -22,15 +23,16 @@ from fixres import sweep as sweep_lib
 from fixres.adapt import (ADAPTER, FrechetAdapter, attach_adapter, attach_saved_adapter, fit_gev, gev_cdf, gev_icdf,
                           pooled_features, reestimate_bn_stats)
 from fixres.checkpoint import load_weights, save_weights, write_json_atomic
+from fixres.cli import run_main
 from fixres.config import ConfigError, FinetuneConfig, TrainConfig
 from fixres.data import DataError, load_split, open_image
 from fixres.finetune import (SyncedBatchNorm2d, find_last_bn, finetune_modes, finetune_transform,
-                             prepare_for_finetuning, timm_overlay)
+                             prepare_for_finetuning, seeded_subset, timm_overlay)
 from fixres.models import ModelError, load_run_model
-from fixres.sweep import SweepConfig
+from fixres.sweep import SweepConfig, best_row
 from fixres.training import train, weights_meta
 from fixres.transforms import eval_transform
-from tests.conftest import COLOURS, ROOT, error_line, free_port
+from tests.conftest import COLOURS, ROOT, TINY_TRAIN, error_line, free_port
 
 CLASSES = sorted(COLOURS)
 
@@ -227,7 +229,7 @@ def test_per_feature_fit_and_the_adapter_saved_with_the_model():
     assert set(state) - plain_keys == {f"{ADAPTER}.{k}" for k in ("test_loc", "test_scale", "train_loc", "train_scale", "xi")}
     restored = timm.create_model("test_resnet", num_classes=3).eval()
     restored.load_state_dict({k: v for k, v in state.items() if k in plain_keys})
-    attach_saved_adapter(restored, state, {"adaptation": {"kind": "frechet"}})
+    attach_saved_adapter(restored, state)
     with torch.no_grad():
         torch.testing.assert_close(restored(x), expected)
 
@@ -246,10 +248,19 @@ def test_finetune_transforms():
 def test_finetune_config_refuses_bad_values():
     for kwargs, message in ((dict(res=0), "--res must be > 0"), (dict(res="-3"), "--res must be > 0"),
                             (dict(res="big"), "--res must be a size"), (dict(method="lora"), "--method must be one of"),
-                            (dict(aug="cutmix"), "--aug must be one of"), (dict(checkpoint=None), "--checkpoint is required")):
+                            (dict(aug="cutmix"), "--aug must be one of"), (dict(choice_images=0), "--choice-images must be > 0"),
+                            (dict(resume="auto", name="x", checkpoint=None), "--resume auto needs --checkpoint")):
         with pytest.raises(ConfigError, match=message):
             FinetuneConfig(**{"checkpoint": "runs/x", **kwargs})
     assert FinetuneConfig(checkpoint="runs/x", res="80").res == 80
+
+
+def test_the_choice_images_are_a_seeded_slice_of_the_training_split():
+    train = [(f"{i:04d}.jpg", i % 3) for i in range(60)]
+    chosen = seeded_subset(train, 20, seed=0)
+    assert len(set(chosen)) == 20 and set(chosen) <= set(train)
+    assert chosen == seeded_subset(train, 20, seed=0) and chosen != seeded_subset(train, 20, seed=1)
+    assert sorted(seeded_subset(train, 1000, seed=0)) == train  # fewer than asked for: all of them
 
 
 # ----------------------------------------------------------------------------- the script end to end
@@ -360,7 +371,8 @@ def runs(tmp_path_factory, tiny_csv):
         "two": start("finetune.py", *sync, "--batch-size", "5", "--name", "two", processes=2),
         "one": start("finetune.py", *sync, "--batch-size", "10", "--name", "one"),
         "auto": start("finetune.py", "--checkpoint", source, "--res", "auto", "--sizes", "24", "40",
-                      "--method", "parametric", "--parametric-scope", "feature", "--name", "auto", *out),
+                      "--choice-images", "20", "--method", "parametric", "--parametric-scope", "feature",
+                      "--name", "auto", *out),
         "bn_stats": start("finetune.py", "--checkpoint", source, "--res", "40", "--method", "bn-stats",
                           "--batch-size", "8", "--name", "bn_stats", *out),
         # train.py --freeze-epochs (transfer learning): the first epoch trains only the classifier
@@ -410,6 +422,16 @@ def test_finetune_run_folder_and_timm_loads_its_weights(runs):
     summary = json.loads((out / "one" / "finetune.json").read_text())
     assert summary["train_res"] == 32 and summary["res"] == 48 and summary["method"] == "finetune"
     assert set(summary["top1"]) == {"train_res", "before", "after"} and summary["val_images"] == 25
+    # paired differences on the same 25 images: the top-1 gap, split into images gained and lost
+    top1, differences = summary["top1"], summary["differences"]
+    for a, b in (("after", "before"), ("after", "train_res"), ("before", "train_res")):
+        d = differences[f"{a}_vs_{b}"]
+        assert d["n"] == 25 and d["diff"] == pytest.approx(top1[a] - top1[b]) == (d["gained"] - d["lost"]) / 25
+        assert d["low"] <= d["diff"] <= d["high"]
+    assert differences["interval"].startswith("95% interval: paired bootstrap over the images")
+    assert re.search(r"48 px, after finetune .*│ +[\d.]+% │ +[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] │ "
+                     r"+[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] │", stdout)
+    assert "vs training size (95% CI)" in stdout and "vs before (95% CI)" in stdout
     assert (out / "one" / "activations.png").stat().st_size > 10_000
     path = out / "one" / "best.safetensors"
     state, meta = load_weights(path)
@@ -428,15 +450,22 @@ def test_finetune_run_folder_and_timm_loads_its_weights(runs):
 def test_res_auto_with_the_parametric_method(runs):
     results, out, _ = runs
     stdout = ok(results["auto"]).stdout
-    assert "--res auto: " in stdout and "the best of the sweep (24, 32, 40 px)" in stdout
+    assert re.search(r"--res auto: (24|32|40) px, the best of the sweep \(24, 32, 40 px\) on 20 training images "
+                     r"\(drawn with --seed 0\)", stdout)
+    assert "chosen on: 20 training images; reported on: validation split (25 images)" in stdout
     summary = json.loads((out / "auto" / "finetune.json").read_text())
-    assert summary["res"] in (24, 32, 40) and [r["size"] for r in summary["sweep"]] == [24, 32, 40]
+    assert summary["chosen_on"] == "20 training images"
+    assert summary["reported_on"] == "validation split (25 images)" and summary["val_images"] == 25
+    choice = summary["choice_sweep"]
+    assert [r["size"] for r in choice] == [24, 32, 40] and {r["count"] for r in choice} == {20}
+    assert summary["res"] == best_row(choice)["size"]  # chosen on those rows
+    assert [r["size"] for r in summary["sweep"]] == sorted({32, summary["res"]})  # the validation split: reports only
     assert summary["adaptation"]["scope"] == "feature" and summary["adaptation"]["fit_images"] == 60
     state, meta = load_weights(out / "auto" / "best.safetensors")
     assert meta["adaptation"]["kind"] == "frechet" and state[f"{ADAPTER}.test_loc"].numel() > 1
-    model, _ = load_run_model(out / "auto" / "best.safetensors")
-    attach_saved_adapter(model, state, meta)  # what a fixres evaluation of this run does
+    model, _ = load_run_model(out / "auto" / "best.safetensors")  # what every fixres evaluation loads
     assert isinstance(model.get_submodule(ADAPTER), FrechetAdapter)
+    torch.testing.assert_close(model.get_submodule(ADAPTER).test_loc, state[f"{ADAPTER}.test_loc"])
 
 
 def test_bn_stats_run(runs):
@@ -504,8 +533,62 @@ def test_train_freeze_epochs_trains_only_the_classifier_first(runs):
     ("aug", "argument --aug: invalid choice: 'autoaugment'"),
     ("junk", "not a classifier trained by fixres"),
     ("convnext", "has no BatchNorm layer"),
-    ("no_val", "--res auto chooses on the validation split, and there is none"),
+    ("no_val", "finetune.py measures before and after on the validation split, and there is none"),
     ("taken", "taken already holds a run; choose another --name"),
 ])
 def test_bad_input_is_one_line(runs, case, message):
     assert message in error_line(runs[0][case])
+
+
+# ----------------------------------------------------------------------------- a parametric run reloaded
+
+@pytest.fixture(scope="module")
+def parametric_of_trained(tmp_path_factory, tiny_csv):
+    """A parametric run of a tiny model trained by train.py, then sweep.py of that run at its size."""
+    root = tmp_path_factory.mktemp("parametric")
+    ok(finish(start("train.py", "--data", tiny_csv, *TINY_TRAIN, "--epochs", "2", "--output", root, "--name", "trained")))
+    ok(finish(start("finetune.py", "--checkpoint", root / "trained", "--res", "40", "--method", "parametric",
+                    "--workers", "0", "--output", root, "--name", "parametric")))
+    ok(finish(start("sweep.py", "--checkpoint", root / "parametric", "--sizes", "40", "--workers", "0")))
+    return root / "parametric"
+
+
+def _script_main(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_sweep_of_a_parametric_run_evaluates_the_adapted_model(parametric_of_trained):
+    summary = json.loads((parametric_of_trained / "finetune.json").read_text())
+    swept = {r["size"]: r for r in json.loads((parametric_of_trained / "sweep.json").read_text())["rows"]}
+    assert summary["loss"]["after"] != pytest.approx(summary["loss"]["before"], rel=1e-3)  # the adapter changes outputs
+    # the same images, preprocessing and weights: the same numbers as finetune.py's "after"
+    assert swept[40]["top1"] == summary["top1"]["after"]
+    assert swept[40]["loss"] == pytest.approx(summary["loss"]["after"], rel=1e-6)
+
+
+def test_a_parametric_run_is_not_adapted_twice(parametric_of_trained, tmp_path, capsys):
+    argv = ["--checkpoint", str(parametric_of_trained), "--res", "40", "--method", "parametric", "--cpu",
+            "--output", str(tmp_path)]
+    assert run_main(_script_main("finetune"), argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --method parametric: {parametric_of_trained / 'best.safetensors'} carries a parametric adapter "
+        f"already; adapt the run it came from ({parametric_of_trained.parent / 'trained' / 'best.safetensors'})"]
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_without_checkpoint_the_newest_train_run(parametric_of_trained, tmp_path, monkeypatch, capsys):
+    """Beside the train.py run, the folder holds a newer fine-tuning run: not what to fine-tune."""
+    runs = parametric_of_trained.parent
+    argv = ["--res", "40", "--method", "bn-stats", "--cpu", "--workers", "0", "--output", str(runs), "--name", "newest"]
+    assert run_main(_script_main("finetune"), argv) == 0
+    assert f"--checkpoint not given: using the newest train.py run {runs / 'trained'}\n" in capsys.readouterr().out
+    assert json.loads((runs / "newest" / "finetune.json").read_text())["source"] == str(runs / "trained" / "best.safetensors")
+
+    monkeypatch.chdir(tmp_path)  # no --output: the source is looked for under runs/, and there is none
+    assert run_main(_script_main("finetune"), ["--res", "40", "--cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --checkpoint not given, and runs/ holds no train.py run (a folder with config.json and "
+        "best.safetensors or last.safetensors): give --checkpoint"]

@@ -46,6 +46,18 @@ def test_weights_that_do_not_fit_are_refused(tmp_path):
         load_weights_into(model, {"fc.weight": torch.zeros(3, 512)}, source="x", replace_classifier=False)
 
 
+def test_weights_with_keys_the_model_lacks_are_refused(tmp_path):
+    state = {k: v.contiguous() for k, v in create_model("resnet18", 3).state_dict().items()}
+    path = tmp_path / "extra.safetensors"
+    save_file({**state, "ema.fc.weight": torch.zeros(3, 512)}, path)
+    with pytest.raises(ModelError, match=f"^{path}: holds 1 key\\(s\\) the model lacks, e.g. ema.fc.weight$"):
+        create_model("resnet18", num_classes=3, weights=path)
+    # a parametric run's adapter, loaded as plain weights: named, with where it is restored
+    with pytest.raises(ModelError, match="e.g. fixres_adapter.xi .*load the run with --checkpoint"):
+        load_weights_into(create_model("resnet18", 3), {**state, "fixres_adapter.xi": torch.tensor(0.3)},
+                          source="p.safetensors", replace_classifier=False)
+
+
 def test_pickled_code_is_not_run(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,12 +87,13 @@ def tv_run(data_csv, tmp_path_factory) -> Path:
 
 
 def table_rows(stdout: str) -> list[list[str]]:
-    """The sweep table's cells, without the timing column (forward img/s)."""
+    """The sweep table's cells (size, resize, top-1, vs trained, gained, lost, loss, images,
+    notes), without the timing column (forward img/s)."""
     rows = []
     for line in stdout.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]
-        if cells and cells[0].isdigit() and len(cells) == 7:
-            rows.append(cells[:5] + cells[6:])
+        if cells and cells[0].isdigit() and len(cells) == 10:
+            rows.append(cells[:8] + cells[9:])
     return rows
 
 
@@ -117,7 +119,7 @@ def test_default_sizes_ladder():
 @pytest.mark.parametrize("kwargs,named", [
     (dict(sizes=[0, 32]), "--sizes"), (dict(sizes=[-8]), "--sizes"), (dict(sizes=[4096]), "--sizes"),
     (dict(crop_pct=0.0), "--crop-pct"), (dict(crop_pct=1.5), "--crop-pct"), (dict(batch_size=0), "--batch-size"),
-    (dict(checkpoint=None), "--checkpoint"), (dict(weights="w.pth"), "--checkpoint"),
+    (dict(weights="w.pth"), "--checkpoint"),
     (dict(checkpoint=None, weights="w.pth"), "--model"),
 ])
 def test_config_refuses(kwargs, named):
@@ -153,6 +155,7 @@ def test_decode_once_and_same_numbers_as_train_evaluation(tiny_run, monkeypatch)
         assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert 0 <= row["act_zero_frac"] <= 1 and row["act_std"] > 0
         assert sum(row["act_hist"]) == N_VAL * 96  # test_resnet pools 96 features
+        assert row["per_image_correct"].shape == (N_VAL,) and int(row["per_image_correct"].sum()) == row["correct"]
     model.train()
     model(torch.randn(2, 3, 32, 32)).sum().backward()  # no inference tensors: finetune can still train it
 
@@ -199,10 +202,15 @@ def test_sweep_equals_the_preprocessing_written_out(tiny_run, tmp_path, crop_pct
 
 def test_torchvision_model_and_plots(tv_run, tmp_path, capsys):
     out = tmp_path / "out"
-    assert run_main(SCRIPT.main, ["--checkpoint", str(tv_run), "--sizes", "32", "48", "--cpu", "--workers", "0",
+    assert run_main(SCRIPT.main, ["--checkpoint", str(tv_run), "--sizes", "48", "--cpu", "--workers", "0",
                                   "--batch-size", "8", "--activations", "--output", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert [r[0] for r in table_rows(stdout)] == ["32", "48"]
+    assert "32 48 (with 32, the training size: the reference)" in stdout
+    rows = table_rows(stdout)
+    assert [r[0] for r in rows] == ["32", "48"] and rows[0][3:6] == ["reference", "0", "0"]
+    assert re.fullmatch(r"[+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", rows[1][3])
+    assert (f"vs 32 px: the difference in top-1 from the training size, in points, on the same {N_VAL} validation "
+            "images; 95% interval: paired bootstrap over the images (10000 resamples, seed 0)") in stdout
     assert re.search(r"best: \d+ px \(top-1 [\d.]+%\), trained at 32 px, predicted 40 px", stdout)
     for name in ("sweep.png", "activations.png"):
         data = (out / name).read_bytes()
@@ -219,7 +227,29 @@ def test_plain_pretrained_weights(tv_run, data_csv, tmp_path, capsys):
             "--train-res", "32", "--sizes", "32", "--cpu", "--workers", "0", "--output", str(tmp_path)]
     assert run_main(SCRIPT.main, argv) == 0
     assert "trained at 32 px, predicted 40 px" in capsys.readouterr().out
-    assert (tmp_path / "sweep.csv").read_text().startswith("size,resize,top1,loss,correct,count")
+    assert (tmp_path / "sweep.csv").read_text().startswith(
+        "size,resize,top1,loss,correct,count,diff_vs_train,diff_low,diff_high,gained,lost,")
+
+
+def test_without_checkpoint_the_newest_run_under_runs(tv_run, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    for name, written in (("older", 1000), ("newer", 2000), ("oldest", 10)):
+        shutil.copytree(tv_run, runs / name)
+        os.utime(runs / name / "best.safetensors", (written, written))
+    (runs / "notes").mkdir()  # newer, but not a run: no config.json nor weights
+    (runs / "halfway").mkdir()
+    (runs / "halfway" / "config.json").write_text("{}")  # a run that has not saved weights yet
+    monkeypatch.chdir(tmp_path)
+    argv = ["--sizes", "32", "--cpu", "--workers", "0", "--output", str(tmp_path / "out")]
+    assert run_main(SCRIPT.main, argv) == 0
+    assert "--checkpoint not given: using the newest run runs/newer\n" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["meta"]["weights"] == "runs/newer/best.safetensors"
+
+    monkeypatch.chdir(tmp_path / "out")  # no runs/ here
+    assert run_main(SCRIPT.main, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --checkpoint not given, and runs/ holds no run (a folder with config.json and best.safetensors or "
+        "last.safetensors): give --checkpoint"]
 
 
 # ---- bad input: one line, exit status 2, before any evaluation ---------------------------------
@@ -274,7 +304,8 @@ def test_script_error_is_one_line(tmp_path):
 # ---- the real script: 1 process vs 2 -----------------------------------------------------------
 
 def _script(launcher: list[str], run: Path, out: Path, *extra) -> str:
-    result = subprocess.run([*launcher, "sweep.py", "--checkpoint", str(run), "--sizes", "24", "32", "40",
+    # 16 px: the 1-epoch model changes its answer on one image there (the others: on none)
+    result = subprocess.run([*launcher, "sweep.py", "--checkpoint", str(run), "--sizes", "16", "24", "32", "40",
                              "--batch-size", "4", "--activations", "--output", str(out), *extra],
                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -288,19 +319,24 @@ def test_same_table_with_one_and_two_processes(tiny_run, tmp_path):
                   "--cpu", "--workers", "0")
     assert re.search(r"processes\s+2\b", two) and re.search(r"processes\s+1\b", one)
     rows_one, rows_two = table_rows(one), table_rows(two)
-    assert [r[0] for r in rows_one] == ["24", "32", "40"]
-    assert all(r[4] == str(N_VAL) for r in rows_one)
-    assert rows_one == rows_two  # size, resize, top-1, loss (4 decimals), images, notes
+    assert [r[0] for r in rows_one] == ["16", "24", "32", "40"]
+    assert all(r[7] == str(N_VAL) for r in rows_one)
+    assert rows_one == rows_two  # size, resize, top-1, vs trained, gained, lost, loss (4 decimals), images, notes
     assert re.search(r"best: \d+ px .*trained at 32 px, predicted 40 px", one)
     a, b = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("one", "two"))
     assert a["meta"]["processes"] == 1 and b["meta"]["processes"] == 2
+    paired = ("diff_vs_train", "diff_low", "diff_high", "gained", "lost")
     for ra, rb in zip(a["rows"], b["rows"]):
         assert (ra["size"], ra["correct"], ra["count"]) == (rb["size"], rb["correct"], rb["count"])
+        assert [ra[k] for k in paired] == [rb[k] for k in paired]  # per-image results gathered exactly
+        assert ra["diff_vs_train"] == (ra["gained"] - ra["lost"]) / N_VAL
+        assert ra["diff_vs_train"] == pytest.approx(ra["top1"] - a["rows"][2]["top1"])  # 32 px: the reference
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6)   # summation order may differ
     assert a["activations"]["hist"] == b["activations"]["hist"]    # exact counts
+    assert any(r["gained"] + r["lost"] for r in a["rows"])  # some images change: the pairing is tested
     for d in ("one", "two"):
         for name in ("sweep.csv", "sweep.json", "sweep.png", "activations.png"):
             assert (tmp_path / d / name).is_file()
         assert (tmp_path / d / "sweep.png").read_bytes().startswith(PNG_SIGNATURE)
         csv_lines = (tmp_path / d / "sweep.csv").read_text().splitlines()
-        assert len(csv_lines) == 4 and csv_lines[0].startswith("size,resize,top1,loss")
+        assert len(csv_lines) == 5 and csv_lines[0].startswith("size,resize,top1,loss")

@@ -38,6 +38,8 @@ def test_two_epochs_write_the_run_folder(tmp_path, tiny_csv):
     _, meta = load_weights(run / "best.safetensors")
     assert meta["classes"] == ["blue", "green", "red"] and meta["test_res"] == 32 and meta["crop_pct"] == 0.875
     assert len(list_checkpoints(run)) == 2
+    assert result.stdout.splitlines()[-2:] == [f"next: python sweep.py --checkpoint {run}",
+                                               f"then: python finetune.py --checkpoint {run}"]
 
 
 def test_resume_is_exact(tmp_path, tiny_csv):
@@ -45,6 +47,7 @@ def test_resume_is_exact(tmp_path, tiny_csv):
     assert_ok(full)
     first, split_run = train(tmp_path, "--epochs", "2", "--stop-after", "1", name="split", data=tiny_csv)
     assert_ok(first)
+    assert "next: " not in first.stdout  # not finished: the next step is --resume
     assert len((split_run / "metrics.jsonl").read_text().splitlines()) == 1
     second = run_script("train.py", "--resume", split_run)
     assert_ok(second)
