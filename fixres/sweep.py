@@ -111,9 +111,11 @@ def check_sizes(sizes, crop_pct: float) -> None:
 
 
 def default_sizes(train_res: int, predicted: int) -> list[int]:
-    """About 0.5x..2x the training res in multiples of 8, plus the training res and the
-    prediction exactly (a ladder step within 4 px of either is dropped)."""
-    ladder = {8 * max(1, round(f * train_res / 8)) for f in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)}
+    """About 0.5x..2x the training res in multiples of 8, in steps of 1/8 between 0.75x and
+    1.5x where the best size is expected (a coarser ladder can step over the peak), plus the
+    training res and the prediction exactly (a ladder step within 4 px of either is dropped)."""
+    factors = (0.5, 0.75, 0.875, 1.0, 1.125, 1.25, 1.375, 1.5, 1.75, 2.0)
+    ladder = {8 * max(1, round(f * train_res / 8)) for f in factors}
     ladder = {s for s in ladder if min(abs(s - train_res), abs(s - predicted)) > 4}
     return sorted(s for s in ladder | {train_res, predicted} if s <= MAX_SIZE)
 

@@ -78,3 +78,39 @@ def test_pretrained_offline_fails_in_one_line():
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     last = result.stderr.strip().splitlines()[-1]
     assert "--pretrained: cannot get pretrained weights for resnet18" in last and "--weights FILE" in last
+
+
+def test_output_stride_gives_a_larger_last_feature_map():
+    x = torch.zeros(1, 3, 64, 64)
+    assert create_model("test_resnet", num_classes=3).forward_features(x).shape[-2:] == (2, 2)
+    assert create_model("test_resnet", num_classes=3, output_stride=16).forward_features(x).shape[-2:] == (4, 4)
+
+
+@pytest.mark.parametrize("name, message", [("tv:resnet18", "for timm models"), ("test_vit", "does not take it")])
+def test_output_stride_refused_where_it_does_not_exist(name, message):
+    with pytest.raises(ModelError, match=f"--output-stride.*{message}|{message}"):
+        create_model(name, num_classes=3, output_stride=16)
+
+
+def test_a_run_with_output_stride_is_rebuilt_with_it(tmp_path):
+    """sweep.py and finetune.py rebuild a run's network from its weights' metadata alone."""
+    from fixres.checkpoint import save_weights
+    from fixres.config import TrainConfig
+    from fixres.models import load_run_model
+    from fixres.training import weights_meta
+
+    cfg = TrainConfig(model="test_resnet", output_stride=16, train_res=64)
+    trained = create_model(cfg.model, num_classes=3, output_stride=cfg.output_stride)
+    save_weights(tmp_path / "best.safetensors", trained.state_dict(), weights_meta(cfg, ["a", "b", "c"]))
+    model, meta = load_run_model(tmp_path)
+    assert meta["output_stride"] == 16
+    x = torch.rand(2, 3, 64, 64)
+    model.eval(), trained.eval()  # a forward pass in train mode would move the BatchNorm statistics
+    assert model.forward_features(x).shape[-2:] == (4, 4)
+    assert torch.equal(model(x), trained(x))
+
+
+def test_output_stride_option_is_checked():
+    from fixres.config import ConfigError, TrainConfig
+    with pytest.raises(ConfigError, match="--output-stride"):
+        TrainConfig(output_stride=12)

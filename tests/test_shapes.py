@@ -128,21 +128,43 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_objects_vary_in_scale(monkeypatch):
+def _square_area_fractions(monkeypatch, framing: str, n: int = 60) -> np.ndarray:
     # The object is the last thing painted; record its alpha mask to get its area exactly.
     painted = []
     orig = shapes._paint
     monkeypatch.setattr(shapes, "_paint", lambda planes, mask, *a: painted.append(mask) or orig(planes, mask, *a))
     fracs = []
-    for seed in range(40):
+    for seed in range(n):
         painted.clear()
-        render_image(np.random.default_rng(seed), CLASS_NAMES.index("square"), 96, 96)
+        render_image(np.random.default_rng(seed), CLASS_NAMES.index("square"), 96, 96, framing=framing)
         fracs.append(painted[-1][0].sum() / 96**2)
-    fracs = np.array(fracs)
-    # Diameter 15%..80% of the side: a square covers ~1%..32% of the image.
-    assert fracs.min() < 0.04
-    assert fracs.max() > 0.15
+    return np.array(fracs)
+
+
+def test_uniform_framing_spans_small_to_large_objects(monkeypatch):
+    fracs = _square_area_fractions(monkeypatch, "uniform")
+    # Diameter 25%..85% of the side: a square (area d^2/2) covers ~3%..36% of the image.
+    assert fracs.min() < 0.05
+    assert fracs.max() > 0.25
     assert fracs.min() > 0.003  # never vanishingly small
+
+
+def test_photo_framing_has_a_typical_size(monkeypatch):
+    """Photo framing: most objects near the typical diameter, a few much smaller or larger,
+    none outside the clip range (a square of diameter d covers d^2/2 of the image)."""
+    diameters = np.sqrt(2 * _square_area_fractions(monkeypatch, "photo", n=120))
+    low, high = shapes._PHOTO_CLIP
+    assert np.median(diameters) == pytest.approx(shapes._PHOTO_MEDIAN, rel=0.1)
+    assert low * 0.9 < diameters.min() and diameters.max() < high * 1.05  # anti-aliased edges blur the area
+    spread = np.std(np.log(diameters))
+    assert 0.5 * shapes._PHOTO_LOG_SPREAD < spread < 1.5 * shapes._PHOTO_LOG_SPREAD
+    # narrower than the uniform framing's: that is what gives the training crops a size to move away from
+    assert spread < np.std(np.log(np.sqrt(2 * _square_area_fractions(monkeypatch, "uniform", n=120))))
+
+
+def test_draw_diameter_refuses_an_unknown_framing():
+    with pytest.raises(ValueError, match="framing"):
+        shapes.draw_diameter(np.random.default_rng(0), "wide")
 
 
 def test_ensure_shapes_uses_cache_dir(tmp_path, monkeypatch):
@@ -151,7 +173,7 @@ def test_ensure_shapes_uses_cache_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("FIXRES_CACHE")
     assert default_cache_dir() == Path.home() / ".cache" / "fixres"
     csv_path = ensure_shapes(n_train=6, n_val=6, width=32, height=24, seed=1, cache_dir=tmp_path)
-    assert csv_path == tmp_path / "shapes-32x24-6-6-s1" / "labels.csv"
+    assert csv_path == tmp_path / f"shapes-v{shapes._VERSION}-32x24-6-6-s1" / "labels.csv"
     assert csv_path.is_file()
     assert ensure_shapes(n_train=6, n_val=6, width=32, height=24, seed=1, cache_dir=tmp_path) == csv_path
 

@@ -110,7 +110,7 @@ def test_shards_cover_every_image_once_in_the_same_batches(n, batch, world):
 
 
 def test_default_sizes_ladder():
-    assert default_sizes(64, 79) == [32, 48, 64, 79, 96, 112, 128]
+    assert default_sizes(64, 79) == [32, 48, 56, 64, 72, 79, 88, 96, 112, 128]
     sizes = default_sizes(224, 277)
     assert 224 in sizes and 277 in sizes and 280 not in sizes
     assert min(sizes) == 112 and max(sizes) == 448
