@@ -39,6 +39,9 @@ _TAG_LABELS, _TAG_IMAGE = 0x5EED1, 0x5EED2
 FRAMINGS = ("photo", "uniform")
 _UNIFORM_DIAM = (0.25, 0.85)
 _PHOTO_MEDIAN, _PHOTO_LOG_SPREAD, _PHOTO_CLIP = 0.55, 0.2, (0.3, 0.9)
+# The object's colour: the first of up to _COLOUR_TRIES random colours whose mean channel
+# distance from the background under it reaches _COLOUR_GAP, else the most distant one.
+_COLOUR_TRIES, _COLOUR_GAP = 10, 70
 
 
 def draw_diameter(rng: np.random.Generator, framing: str) -> float:
@@ -186,12 +189,12 @@ def render_image(rng: np.random.Generator, label: int, width: int, height: int,
         alpha, box = mask
         bg_mean = np.array([(p[box] * alpha).sum() for p in img]) / max(float(alpha.sum()), 1.0)
     best, best_gap = None, -1.0
-    for _ in range(10):
+    for _ in range(_COLOUR_TRIES):
         colour = rng.uniform(0, 255, 3).astype(np.float32)
         gap = float(np.abs(colour - bg_mean).mean())
         if gap > best_gap:
             best, best_gap = colour, gap
-        if gap >= 70:
+        if gap >= _COLOUR_GAP:
             break
     _paint(img, mask, best, rng)
     # Uniform noise (std matched to sigma) is ~4x cheaper to draw than Gaussian.

@@ -327,8 +327,9 @@ def test_finetune_json_describes_the_weights_it_ships(unlearning, tmp_path):
     accuracies = [record["val_acc"] for record in summary["epochs"]]
     assert max(accuracies) > accuracies[-1], accuracies  # the case at issue: the last epoch is not the best
     # sweep.py scores the run by its best.safetensors; "after" is those weights, and says which epoch they are
-    shipped = sweep_lib.sweep(SweepConfig(checkpoint=str(run), sizes=[40], cpu=True, workers=0,
-                                          output=str(tmp_path / "sweep")))["rows"][0]
+    rows = sweep_lib.sweep(SweepConfig(checkpoint=str(run), sizes=[40], cpu=True, workers=0,
+                                       output=str(tmp_path / "sweep")))["rows"]
+    shipped = next(row for row in rows if row["size"] == 40)  # the sweep adds the training size as its reference
     assert (summary["top1"]["after"], summary["loss"]["after"]) == pytest.approx((shipped["top1"], shipped["loss"]))
     assert summary["after_epoch"] == load_weights(run / "best.safetensors")[1]["epoch"]
     assert summary["after_epoch"] == accuracies.index(max(accuracies)) + 1
