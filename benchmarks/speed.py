@@ -5,7 +5,9 @@ train.py's loop end to end, and a plain loop like the Cassava blog post's as the
     python benchmarks/speed.py --model resnet50 --res 224 --batch-size 256 --eval-res 384 \\
         --precision bf16 --compile --images 4096    # a GPU (all CPU cores feed the pipeline)
 
-Parts (--parts, default all):
+    python benchmarks/speed.py --parts epochs --images 640 --rounds 5   # persistent workers, prefetch depth
+
+Parts (--parts, default model,pipeline,loop):
   model     (a) model-bound images/s, inputs already in device memory: a training step
             (forward, backward, optimizer), evaluation at --eval-res, a FixRes fine-tuning step
             (frozen trunk); with --compile the training step compiled too; on a GPU the peak
@@ -19,6 +21,9 @@ Parts (--parts, default all):
             images/s with one worker and with --workers workers
   loop      (c) train.py's loop (build_loaders, Accelerate, train_one_epoch) and (d) the plain
             loop, same model, data, batch and workers, taking turns for --rounds rounds
+  epochs    (e) train.py's epoch loop (training, then evaluation on a quarter of the JPEGs held
+            out) for --epochs epochs, its loader workers re-created each epoch (as before issue
+            15) or kept (persistent), prefetch_factor 2 or 4, the variants taking turns
 
 Prints tables and writes benchmarks/results/speed-<cpu|cuda>.json.
 """
@@ -42,12 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixres.config import TrainConfig  # noqa: E402
 from fixres.data import ImageDataset, collate_skipping, load_split  # noqa: E402
-from fixres.engine import train_one_epoch  # noqa: E402
+from fixres.data import PREFETCH_BATCHES  # noqa: E402
+from fixres.engine import evaluate, train_one_epoch  # noqa: E402
 from fixres.finetune import finetune_modes, prepare_for_finetuning  # noqa: E402
 from fixres.models import create_model  # noqa: E402
 from fixres.shapes import generate  # noqa: E402
 from fixres.training import build_loaders, build_optimizer, default_train_transform, make_accelerator  # noqa: E402
-from fixres.transforms import DecodeRandomResizedCrop, normalize_batch, train_transform  # noqa: E402
+from fixres.transforms import DecodeRandomResizedCrop, eval_transform, normalize_batch, train_transform  # noqa: E402
 from train_loop import BlogDataset  # noqa: E402  (the Cassava blog post's dataset: PIL open, convert, transform)
 from train_loop import plain_loop as blog_loop  # noqa: E402
 
@@ -243,8 +249,11 @@ def plain_loop(a, samples, device) -> float:
     return blog_loop(samples, args, device=device, bf16=a.precision == "bf16")
 
 
-def fixres_loop(a, samples, fast_decode: bool) -> float:
-    """train.py's loop with train.py's defaults, the fast decoder on or off."""
+def fixres_loop(a, samples, fast_decode: bool = True, *, epochs: int = 1, val=(), persistent: bool = True,
+                prefetch: int = PREFETCH_BATCHES) -> dict:
+    """train.py's loop with train.py's defaults, the fast decoder on or off: loaders built
+    once, then `epochs` x (training epoch, evaluation of `val` when given). The training
+    images/s of each epoch and the seconds of each (training + evaluation)."""
     torch.manual_seed(0)
     cfg = TrainConfig(model=a.model, train_res=a.res, batch_size=a.batch_size, workers=a.loop_workers,
                       cpu=a.device == "cpu", fast_decode=fast_decode,
@@ -252,23 +261,33 @@ def fixres_loop(a, samples, fast_decode: bool) -> float:
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     train_tf = default_train_transform(cfg, device)
-    split = type("Split", (), {"train": samples, "val": samples[:8]})
-    train_loader, _ = build_loaders(split, cfg, workers=a.loop_workers, pin_memory=device.type == "cuda",
-                                    train_tf=train_tf, eval_tf=train_tf)
+    split = type("Split", (), {"train": samples, "val": list(val) or samples[:8]})
+    train_loader, val_loader = build_loaders(split, cfg, workers=a.loop_workers, pin_memory=device.type == "cuda",
+                                             train_tf=train_tf, eval_tf=eval_transform(size=a.res),
+                                             persistent=persistent, prefetch=prefetch)
     channels_last = device.type == "cuda"
     model = create_model(a.model, num_classes=a.classes).to(device, memory_format=torch.channels_last
                                                             if channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model.named_parameters(), cfg)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    result, _ = train_one_epoch(model, train_loader, optimizer, accelerator, lr_at=lambda step: 1e-3,
-                                first_step=0, channels_last=channels_last)
-    sync(device)
-    return result.images_per_s
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    rates, seconds = [], []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        train_loader.set_epoch(epoch)
+        result, _ = train_one_epoch(model, train_loader, optimizer, accelerator, lr_at=lambda step: 1e-3,
+                                    first_step=0, channels_last=channels_last)
+        if val:
+            evaluate(model, val_loader, accelerator, channels_last=channels_last)
+        sync(device)
+        rates.append(result.images_per_s)
+        seconds.append(time.perf_counter() - start)
+    return {"images_per_s": rates, "seconds": seconds}
 
 
 def loops(a, samples, device) -> dict:
-    variants = {"plain": lambda: plain_loop(a, samples, device), "fixres": lambda: fixres_loop(a, samples, True),
-                "fixres --no-fast-decode": lambda: fixres_loop(a, samples, False)}  # torchvision's transforms
+    variants = {"plain": lambda: plain_loop(a, samples, device),
+                "fixres": lambda: fixres_loop(a, samples, True)["images_per_s"][0],
+                "fixres --no-fast-decode": lambda: fixres_loop(a, samples, False)["images_per_s"][0]}  # torchvision's
     for run_variant in (lambda n: plain_loop(a, samples[:n], device), lambda n: fixres_loop(a, samples[:n], True)):
         run_variant(2 * a.batch_size)  # warm-up of both: allocations, file cache, cuDNN's algorithm search
     rates = {k: [] for k in variants}
@@ -276,6 +295,34 @@ def loops(a, samples, device) -> dict:
         for key, run in variants.items():
             rates[key].append(run())
     return {k: {"rounds": v, "images_per_s": statistics.median(v)} for k, v in rates.items()}
+
+
+LOADER_VARIANTS = {  # (persistent workers, prefetch_factor)
+    "workers re-created each epoch, prefetch 2": (False, 2),   # train.py before issue 15
+    "persistent workers, prefetch 2": (True, 2),
+    "persistent workers, prefetch 4": (True, 4),
+}
+
+
+def epochs(a, samples) -> dict:
+    """(e) train.py's epoch loop (training, then evaluation) over --epochs epochs with each
+    loader variant, taking turns; the first epoch (worker start for all, allocations) is
+    reported apart from the later ones, where persistent workers are already running."""
+    n_val = max(a.batch_size, len(samples) // 4)
+    train, val = samples[n_val:], samples[:n_val]
+    fixres_loop(a, train[: 2 * a.batch_size], epochs=1, val=val[: a.batch_size])  # warm-up: allocations, file cache
+    runs = {name: [] for name in LOADER_VARIANTS}
+    for _ in range(a.rounds):  # taking turns, so that drift in the machine's speed hits all alike
+        for name, (persistent, prefetch) in LOADER_VARIANTS.items():
+            runs[name].append(fixres_loop(a, train, epochs=a.epochs, val=val, persistent=persistent,
+                                          prefetch=prefetch))
+    report = {}
+    for name, rounds in runs.items():
+        later = [s for r in rounds for s in r["seconds"][1:]]
+        report[name] = {"rounds": rounds, "first_epoch_seconds": statistics.median(r["seconds"][0] for r in rounds),
+                        "later_epoch_seconds": statistics.median(later),
+                        "later_images_per_s": statistics.median(x for r in rounds for x in r["images_per_s"][1:])}
+    return {"train_images": len(train), "val_images": len(val), "variants": report}
 
 
 # ---------------------------------------------------------------- report
@@ -312,6 +359,7 @@ def main(argv=None) -> None:
                         "thousand in a second)")
     p.add_argument("--images-per-worker", type=int, default=256, help="images read per pipeline worker")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3, help="epochs per round in (e)")
     p.add_argument("--classes", type=int, default=6)
     p.add_argument("--data-dir", default=None, help="where the JPEGs go (default: $FIXRES_CACHE or ~/.cache/fixres)")
     p.add_argument("--out", default=None)
@@ -342,7 +390,7 @@ def main(argv=None) -> None:
             print("  peak memory of a training step: " + ", ".join(
                 f"batch {b}: {v if isinstance(v, str) else f'{v:.1f} GiB'}" for b, v in m["peak_memory_gib"].items()))
 
-    if parts & {"pipeline", "loop"}:
+    if parts & {"pipeline", "loop", "epochs"}:
         root = Path(a.data_dir or os.environ.get("FIXRES_CACHE") or Path.home() / ".cache" / "fixres")
         folder = root / f"speed-500x375-q90-{a.images}"
         if not (folder / "labels.csv").exists():
@@ -369,6 +417,16 @@ def main(argv=None) -> None:
         for key, value in lp.items():
             print(f"  {key:<22} {value['images_per_s']:8.1f}  ({value['images_per_s'] / plain:.3f}x plain)  rounds: "
                   + " ".join(f"{r:.1f}" for r in value["rounds"]))
+
+    if "epochs" in parts:
+        report["epochs"] = ep = epochs(a, samples)
+        before = ep["variants"]["workers re-created each epoch, prefetch 2"]["later_epoch_seconds"]
+        print(f"\n(e) train.py's epochs (training on {ep['train_images']} images, then evaluating {ep['val_images']}), "
+              f"{a.model} at {a.res} px, batch {a.batch_size}, {a.loop_workers} workers, median of {a.rounds} rounds")
+        for name, v in ep["variants"].items():
+            print(f"  {name:<44} first epoch {v['first_epoch_seconds']:6.2f} s, later epochs "
+                  f"{v['later_epoch_seconds']:6.2f} s ({before / v['later_epoch_seconds']:.3f}x re-created), "
+                  f"training {v['later_images_per_s']:.1f} img/s")
 
     out = Path(a.out) if a.out else Path(__file__).resolve().parent / "results" / f"speed-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

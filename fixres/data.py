@@ -253,24 +253,27 @@ class ImageDataset(torch.utils.data.Dataset):
 
     With `seed`, each sample's random augmentation is seeded from (seed, epoch, index),
     so it does not depend on worker count, process count or where a run was resumed.
-    With `skip_bad`, an undecodable image yields None, which `collate_skipping` drops
-    and counts."""
+    The epoch comes with the index: `dataset[(epoch, i)]`, as EpochSampler yields them, so
+    that workers kept from one epoch to the next (persistent_workers) seed each sample from
+    the epoch the main process hands them, not from a copy of the dataset made when they
+    started. A plain index means epoch 0. With `skip_bad`, an undecodable image yields None,
+    which `collate_skipping` drops and counts."""
 
     def __init__(self, samples, transform, skip_bad: bool = False, seed: int | None = None):
         self.samples = samples
         self.transform = transform
         self.skip_bad = skip_bad
         self.seed = seed
-        self.epoch = 0  # set by the training loop; workers are re-created each epoch and see it
 
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         path, label = self.samples[i]
         if self.seed is not None:
             # only the CPU generator: torchvision's transforms and fixres's decoders draw from it
-            torch.random.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            torch.random.default_generator.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
         try:
             if getattr(self.transform, "takes_path", False):  # decodes the file itself (DecodeRandomResizedCrop)
                 return self.transform(path), label
@@ -294,7 +297,10 @@ def collate_skipping(batch):
 
 class EpochSampler(torch.utils.data.Sampler):
     """A permutation that depends only on (seed, epoch): every rank draws the same one
-    (Accelerate then gives each rank its own batches), and a resumed run redraws it."""
+    (Accelerate then gives each rank its own batches), and a resumed run redraws it.
+    Yields (epoch, index) pairs for ImageDataset: the epoch travels with each index to the
+    loader workers, which may have started in an earlier epoch. `order()` is the bare
+    permutation."""
 
     def __init__(self, n: int, seed: int, shuffle: bool = True):
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
@@ -305,11 +311,30 @@ class EpochSampler(torch.utils.data.Sampler):
     def __len__(self):
         return self.n
 
-    def __iter__(self):
+    def order(self) -> list[int]:
         if not self.shuffle:
-            return iter(range(self.n))
+            return list(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, i) for i in self.order())
+
+
+# Batches each loader worker keeps ready ahead of the training step (DataLoader's
+# prefetch_factor); 2, PyTorch's default, measured against 4 in docs/benchmarks.md
+PREFETCH_BATCHES = 2
+
+
+def loader_options(workers: int, *, persistent: bool = True, prefetch: int = PREFETCH_BATCHES) -> dict:
+    """DataLoader keyword arguments for `workers` worker processes. `persistent`: the workers
+    stay from one pass over the loader to the next (each epoch's training and evaluation)
+    instead of being started again, which costs a process start and the first batches'
+    wait per pass; loaders read once (the sweep) gain nothing from it."""
+    if workers == 0:
+        return {"num_workers": 0}
+    return {"num_workers": workers, "persistent_workers": persistent, "prefetch_factor": prefetch}
 
 
 def round_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:

@@ -287,7 +287,7 @@ def _bn_stats(cfg, model, split, accelerator, console, workers, last_bn) -> dict
     counts once: a shuffled order cut into rounds of --batch-size per process, the last
     round partial, not padded by Accelerate's repeats nor dropped."""
     tf = eval_transform(size=cfg.res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
-    order = list(EpochSampler(len(split.train), cfg.seed))
+    order = EpochSampler(len(split.train), cfg.seed).order()
     rounds = [[order[i] for i in batch] for batch in
               round_batches(len(order), cfg.batch_size, accelerator.process_index, accelerator.num_processes)]
     loader = torch.utils.data.DataLoader(ImageDataset(split.train, tf, cfg.skip_bad_images), batch_sampler=rounds,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from fixres.config import RUNS, ConfigError, _opt
-from fixres.data import DataError, default_workers, load_split, open_image, round_batches
+from fixres.data import DataError, default_workers, load_split, loader_options, open_image, round_batches
 from fixres.engine import to_device_batch
 from fixres.models import (check_model_name, classifier_name, create_model, load_run_model, load_weights_into,
                            read_state_dict)
@@ -176,7 +176,8 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
     mine = shard_indices(len(dataset), batch_size, accelerator.process_index, accelerator.num_processes)
     mine_on_device = torch.tensor(mine, dtype=torch.long, device=device)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
-                                         num_workers=workers, pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda",
+                                         **loader_options(workers, persistent=False))  # read once
     n = len(sizes)
     # per size: correct, count, loss sum | zeros, sum, sum of squares, count of features | histogram
     stats = torch.zeros(n, 7 + len(ACT_EDGES) + 1, dtype=torch.float64, device=device)

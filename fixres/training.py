@@ -29,7 +29,8 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 
 from fixres import checkpoint as ckpt
 from fixres.config import ConfigError, TrainConfig, load_config
-from fixres.data import EpochSampler, ImageDataset, collate_skipping, default_workers, load_split
+from fixres.data import (PREFETCH_BATCHES, EpochSampler, ImageDataset, collate_skipping, default_workers, load_split,
+                         loader_options)
 from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError, cosine_lr, evaluate,
                            train_one_epoch)
 from fixres.models import check_model_name, classifier_name, create_model, load_weights_into
@@ -139,9 +140,13 @@ def default_train_transform(cfg: TrainConfig, device: torch.device):
     return make(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation)
 
 
-def build_loaders(split, cfg: TrainConfig, *, train_tf, eval_tf, workers: int, pin_memory: bool):
-    common = dict(num_workers=workers, collate_fn=collate_skipping, pin_memory=pin_memory,
-                  persistent_workers=False)
+def build_loaders(split, cfg: TrainConfig, *, train_tf, eval_tf, workers: int, pin_memory: bool,
+                  persistent: bool = True, prefetch: int = PREFETCH_BATCHES):
+    """The training and validation loaders. Their workers stay from epoch to epoch
+    (`persistent`; benchmarks/speed.py --parts epochs measures it against re-created ones):
+    the training epoch reaches them with each index (EpochSampler)."""
+    common = dict(collate_fn=collate_skipping, pin_memory=pin_memory,
+                  **loader_options(workers, persistent=persistent, prefetch=prefetch))
     train_loader = torch.utils.data.DataLoader(
         ImageDataset(split.train, train_tf, cfg.skip_bad_images, seed=cfg.seed), batch_size=cfg.batch_size,
         sampler=EpochSampler(len(split.train), cfg.seed), drop_last=True, **common)
@@ -336,9 +341,9 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
         while state.epoch < cfg.epochs:
             epoch = state.epoch
             # Accelerate's loader re-sets the sampler's epoch from its own iteration count on
-            # every pass, which restarts at 0 in a resumed run: set it explicitly
+            # every pass, which restarts at 0 in a resumed run: set it explicitly. The sampler
+            # hands the epoch to the (persistent) workers with each index
             train_loader.set_epoch(epoch)
-            train_loader.dataset.epoch = epoch
             loader = train_loader
             set_modes = job.set_modes
             if head:  # --freeze-epochs: lr scale 0 outside the head (exact: no step, no decay), eval modes

@@ -158,7 +158,8 @@ def test_skip_bad_images_drops_and_counts(tmp_path):
 def test_sampler_order_depends_on_seed_and_epoch_only():
     a, b = EpochSampler(50, seed=3), EpochSampler(50, seed=3)
     a.set_epoch(2), b.set_epoch(2)
-    assert list(a) == list(b) and sorted(a) == list(range(50))
+    assert list(a) == list(b) and sorted(i for _, i in a) == list(range(50))
+    assert {epoch for epoch, _ in a} == {2} and [i for _, i in a] == a.order()
     b.set_epoch(3)
     assert list(a) != list(b)
 
@@ -169,5 +170,51 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     draw = lambda img: torch.rand(3)  # noqa: E731  stands in for a random transform
     a, b = ImageDataset(split.train, draw, seed=1), ImageDataset(split.train, draw, seed=1)
     assert torch.equal(a[2][0], b[2][0]) and not torch.equal(a[2][0], a[3][0])
-    b.epoch = 1
-    assert not torch.equal(a[2][0], b[2][0])
+    assert torch.equal(a[2][0], a[(0, 2)][0])  # a plain index is epoch 0
+    assert not torch.equal(a[(0, 2)][0], b[(1, 2)][0])
+
+
+def epoch_crops(loader, accelerator, epoch: int, skip: int = 0) -> dict:
+    """{sample index: crop} of one pass over a prepared training loader, as train.py runs it."""
+    loader.set_epoch(epoch)
+    order = loader.batch_sampler.sampler.order()  # the indices in the order the batches take them
+    passed = accelerator.skip_first_batches(loader, skip) if skip else loader
+    images = torch.cat([batch[0] for batch in passed])
+    first = skip * loader.total_batch_size
+    return dict(zip(order[first:first + len(images)], images))
+
+
+def test_persistent_workers_get_each_epoch_and_match_no_workers(tiny_csv):
+    """Workers kept from epoch to epoch crop epoch 2 differently from epoch 1 (the epoch
+    reaches them with each index), exactly as the main process alone does, also when a
+    resumed run skips the batches it had trained (Accelerate's skip_first_batches)."""
+    from accelerate import Accelerator
+
+    from fixres.config import TrainConfig
+    from fixres.training import build_loaders
+    from fixres.transforms import DecodeRandomResizedCrop, eval_transform
+
+    split = load_split(tiny_csv)
+    cfg = TrainConfig(train_res=32, batch_size=16, seed=5)
+    accelerator = Accelerator(cpu=True)
+    crops = {}
+    for workers in (0, 2):
+        loader, _ = build_loaders(split, cfg, workers=workers, pin_memory=False,
+                                  train_tf=DecodeRandomResizedCrop(size=32), eval_tf=eval_transform(size=32))
+        loader = accelerator.prepare(loader)
+        crops[workers, 0] = epoch_crops(loader, accelerator, 0)
+        started = loader.base_dataloader._iterator  # the workers of epoch 1 ...
+        crops[workers, 1] = epoch_crops(loader, accelerator, 1)
+        if workers:  # ... are those of epoch 2
+            assert loader.base_dataloader._iterator is started and started._persistent_workers
+            assert all(w.is_alive() for w in started._workers)
+        crops[workers, "resumed"] = epoch_crops(loader, accelerator, 1, skip=1)
+    for key in (0, 1, "resumed"):
+        assert crops[0, key].keys() == crops[2, key].keys()
+        assert all(torch.equal(crops[0, key][i], crops[2, key][i]) for i in crops[0, key])
+    assert len(crops[0, 0]) == len(crops[0, 1]) == 48  # 60 images, batches of 16, the last one dropped
+    assert len(crops[2, "resumed"]) == 32 and all(torch.equal(crops[2, "resumed"][i], crops[2, 1][i])
+                                                  for i in crops[2, "resumed"])
+    both = crops[2, 0].keys() & crops[2, 1].keys()
+    changed = sum(not torch.equal(crops[2, 0][i], crops[2, 1][i]) for i in both)
+    assert len(both) >= 30 and changed == len(both), f"{len(both) - changed} of {len(both)} crops repeat epoch 1's"

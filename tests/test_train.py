@@ -60,6 +60,19 @@ def test_resume_is_exact(tmp_path, tiny_csv):
         assert torch.equal(expected[key], resumed[key]), key
 
 
+def test_workers_that_stay_train_the_weights_of_no_workers(tmp_path, tiny_csv):
+    """Two loader workers kept over both epochs (persistent) crop every image as the main
+    process alone does, epoch 2 included (tests/test_data.py checks that its crops change)."""
+    runs = {workers: train(tmp_path, "--epochs", "2", "--workers", workers, name=f"w{workers}", data=tiny_csv)
+            for workers in (0, 2)}
+    for result, _ in runs.values():
+        assert_ok(result)
+    expected, _ = load_weights(runs[0][1] / "last.safetensors")
+    with_workers, _ = load_weights(runs[2][1] / "last.safetensors")
+    for key in expected:
+        assert torch.equal(expected[key], with_workers[key]), key
+
+
 def test_resume_auto_with_nothing_to_resume_starts_fresh(tmp_path, tiny_csv):
     result, run = train(tmp_path, "--epochs", "1", "--resume", "auto", data=tiny_csv)
     assert_ok(result)
