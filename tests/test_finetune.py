@@ -430,7 +430,7 @@ def test_finetune_run_folder_and_timm_loads_its_weights(runs):
         assert d["n"] == 25 and d["diff"] == pytest.approx(top1[a] - top1[b]) == (d["gained"] - d["lost"]) / 25
         assert d["low"] <= d["diff"] <= d["high"]
     assert differences["interval"].startswith("95% interval: paired bootstrap over the images")
-    assert re.search(r"48 px, after finetune .*│ +[\d.]+% │ +[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] │ "
+    assert re.search(r"48 px, after finetune\b.*│ +[\d.]+% │ +[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] │ "
                      r"+[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] │", stdout)
     assert "vs training size (95% CI)" in stdout and "vs before (95% CI)" in stdout
     assert (out / "one" / "activations.png").stat().st_size > 10_000
