@@ -205,8 +205,8 @@ class FinetuneConfig(TrainConfig):
 
     checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py "
                                         f"(default: the newest train.py run under --output, else under {RUNS}/)")
-    res: str | int = _opt("auto", "resolution to fine-tune and test at, or 'auto': sweep --choice-images training images "
-                          "and take the best size (the validation split only reports before and after)")
+    res: str | int = _opt("auto", "resolution to fine-tune and test at, or 'auto': the best size on --choice-images "
+                          "training images with the last BN re-estimated at each (the validation split only reports)")
     choice_images: int = _opt(1000, "with --res auto: training images to choose the size on, drawn with --seed (all "
                                     "when there are fewer)")
     method: str = _opt("finetune", "finetune: train the classifier with the last BN in train mode; bn-stats: only re-estimate "
