@@ -5,6 +5,7 @@
     accelerate launch --mixed_precision bf16 train.py --data /imagenet  # ImageFolder, all GPUs
     torchrun --nproc_per_node 2 train.py --cpu --epochs 1               # two CPU processes (gloo)
     python train.py --resume auto                      # continue the newest run under runs/
+    python train.py --data /imagenet --recipe tv-resnet50-v2   # torchvision's ResNet-50 V2 recipe (README)
 
 Prints the resolved config, a progress bar and one line per epoch
 ("epoch   3 | train loss ... | val loss ... acc 81.20% (n=1000) | ..."), then a
@@ -15,17 +16,13 @@ fixres/checkpoint.py). `--help` lists every option.
 import sys
 
 from fixres.cli import run_main
-from fixres.config import SHAPES_PRESET, TrainConfig, parse_args
+from fixres.config import TrainConfig, parse_args, train_presets
 from fixres.training import train
 
 
-def presets(given: dict) -> dict:
-    # No --data: the built-in dataset, with defaults sized for a laptop CPU.
-    return {} if given.get("data") else SHAPES_PRESET
-
-
 def main(argv=None):
-    cfg, explicit = parse_args(TrainConfig, argv, __doc__.split("\n")[0], presets)
+    # No --data: the built-in dataset, with defaults sized for a laptop CPU; --recipe: a published recipe's
+    cfg, explicit = parse_args(TrainConfig, argv, __doc__.split("\n")[0], train_presets)
     return train(cfg, explicit)
 
 

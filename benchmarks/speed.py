@@ -16,7 +16,8 @@ Parts (--parts, default model,pipeline,loop):
             90, made by the built-in dataset's generator), for each --pipeline-res: the Cassava
             blog post's (PIL open, RandomResizedCrop, ToTensor, Normalize), train_transform
             (torchvision v2 on the decoded PIL image) and DecodeRandomResizedCrop (train.py's
-            fast decode: reduced-scale JPEG decoding, uint8, normalised on the device); and the
+            fast decode: reduced-scale JPEG decoding, uint8, normalised on the device), also with
+            --recipe tv-resnet50-v2's TrivialAugmentWide and random erasing after it; and the
             decoding step alone of the blog's and of the fast decode, the bound on each;
             images/s with one worker and with --workers workers
   loop      (c) train.py's loop (build_loaders, Accelerate, train_one_epoch) and (d) the plain
@@ -53,7 +54,8 @@ from fixres.finetune import finetune_modes, prepare_for_finetuning  # noqa: E402
 from fixres.models import create_model  # noqa: E402
 from fixres.shapes import generate  # noqa: E402
 from fixres.training import build_loaders, build_optimizer, default_train_transform, make_accelerator  # noqa: E402
-from fixres.transforms import DecodeRandomResizedCrop, eval_transform, normalize_batch, train_transform  # noqa: E402
+from fixres.transforms import (DecodeRandomResizedCrop, crop_augment, eval_transform, normalize_batch,  # noqa: E402
+                               train_transform)
 from train_loop import BlogDataset  # noqa: E402  (the Cassava blog post's dataset: PIL open, convert, transform)
 from train_loop import plain_loop as blog_loop  # noqa: E402
 
@@ -200,10 +202,13 @@ class DecodingAlone:
 def pipelines(res: int) -> dict:
     blog_tf = T.Compose([T.RandomResizedCrop(res), T.ToTensor(), BLOG_NORMALIZE])
     fast = DecodeRandomResizedCrop(size=res)
+    # --recipe tv-resnet50-v2's per-image augmentation on the fast decoder's crops
+    recipe = DecodeRandomResizedCrop(size=res, augment=crop_augment(auto_augment="ta_wide", random_erase=0.1))
     return {
         "blog": lambda samples: BlogDataset(samples, blog_tf),
         "train_transform": lambda samples: ImageDataset(samples, train_transform(size=res), seed=0),
         "fast decode": lambda samples: ImageDataset(samples, fast, seed=0),
+        "fast decode + TrivialAugment, erasing 0.1": lambda samples: ImageDataset(samples, recipe, seed=0),
         "fast decode, normalised in worker": lambda samples: ImageDataset(samples, NormalizedInWorker(fast), seed=0),
         "blog's decoding alone": lambda samples: ImageDataset(
             samples, DecodingAlone(lambda path: Image.open(path).convert("RGB")), seed=0),

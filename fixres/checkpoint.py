@@ -7,9 +7,12 @@
       last.safetensors     newest weights; the preprocessing they expect is in the
       best.safetensors     file's metadata (key "fixres"): model, classes, train_res,
                            test_res, crop_pct, interpolation, mean, std
+      ema.safetensors      with --model-ema: the weights' moving average (metadata "ema": true);
+                           best.safetensors is then the raw or the EMA weights of the best
+                           epoch, whichever scored higher (its "ema" says which)
       checkpoints/epoch-0003-step-000120/
         model.safetensors  weights + metadata, as above
-        state.pt           optimizer, epoch, step and RNG states (tensors and plain
+        state.pt           optimizer, epoch, step, RNG states and the EMA (tensors and plain
                            Python values only, read with torch.load(weights_only=True))
 
 Every file is written to a temporary name and renamed, and a checkpoint folder is
@@ -136,16 +139,14 @@ def load_weights(path: Path) -> tuple[dict, dict]:
     return state, meta
 
 
-def restore_weights_files(run_dir: Path, state_dict: dict, meta: dict, records: list[dict]) -> None:
-    """last.safetensors and best.safetensors as the save of an end-of-epoch checkpoint left
-    them, when a crash came after the checkpoint and before them (their metadata says
-    which epoch they hold). `records` are the run's epochs (best: the first highest val_acc)."""
-    epoch = meta.get("epoch")
-    if epoch is None or not records:  # a checkpoint from the middle of an epoch
+def restore_weights_files(run_dir: Path, files: dict[str, tuple[dict, dict]], epoch: int | None) -> None:
+    """The weights files ({name: (state dict, metadata)}: last.safetensors, best.safetensors,
+    ema.safetensors) as the save of an end-of-epoch checkpoint left them, when a crash came
+    after the checkpoint and before them (their metadata says which epoch they hold)."""
+    if epoch is None:  # a checkpoint from the middle of an epoch
         return
-    best = max(records, key=lambda r: r["val_acc"])["epoch"]
-    for name in ("last", "best") if best == epoch else ("last",):
-        path = Path(run_dir) / f"{name}.safetensors"
+    for name, (state_dict, meta) in files.items():
+        path = Path(run_dir) / name
         if _epoch_of(path) != epoch:
             save_weights(path, state_dict, meta)
 
@@ -297,10 +298,15 @@ def refused_pickle(err: Exception) -> str | None:
 
 
 def find_weights(path: Path, which: str = "best") -> Path:
-    """A weights file from a run folder (best, else last), a checkpoint folder, or the file itself."""
+    """A weights file from a run folder (best, else last; or ema, which has no stand-in), a
+    checkpoint folder, or the file itself."""
     path = Path(path)
     if path.is_file():
         return path
+    if which == "ema" and path.is_dir():
+        if not (path / "ema.safetensors").is_file():
+            raise CheckpointError(f"{path}: holds no ema.safetensors (a run trained with --model-ema has one)")
+        return path / "ema.safetensors"
     for candidate in (path / f"{which}.safetensors", path / "last.safetensors", path / WEIGHTS_FILE):
         if candidate.is_file():
             return candidate

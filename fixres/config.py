@@ -9,7 +9,11 @@ without a field that something reads. Both spellings work: `--batch-size` and
     python train.py --epochs 2 --lr 1e-3    # overrides on top of the preset
 
 With no `--data`, the built-in dataset's preset (`SHAPES_PRESET`) replaces the
-real-data defaults for the options the user did not give.
+real-data defaults for the options the user did not give; `--recipe NAME` puts a
+published recipe's settings (`RECIPES`) on top, and the options given still win:
+
+    python train.py --data /imagenet --recipe tv-resnet50-v2              # torchvision's ResNet-50 V2
+    python train.py --data /imagenet --recipe tv-resnet50-v2 --epochs 90  # the same, shorter
 """
 from __future__ import annotations
 
@@ -28,6 +32,38 @@ class ConfigError(ValueError):
 
 
 RUNS = "runs"  # train.py's folder of run folders, where sweep.py and finetune.py look without --checkpoint
+
+
+# --recipe: published recipes as presets; an option given on the command line wins over them.
+# torchvision's ResNet-50 IMAGENET1K_V2 weights (80.858% top-1): its blog post "How to Train
+# State-of-the-Art Models Using TorchVision's Latest Primitives" and references/classification.
+# FixRes's "train low, test high" as practised today: crops of 176 in training, 224 at test.
+TV_RESNET50_V2 = dict(
+    model="tv:resnet50",
+    train_res=176,             # train_crop_size
+    test_res=224,              # val_crop_size
+    crop_pct=224 / 232,        # val_resize_size 232: Resize(232) + CenterCrop(224)
+    interpolation="bilinear",
+    epochs=600,
+    batch_size=128,            # per process, on 8 GPUs: 1024 images per optimizer step
+    optimizer="sgd",           # momentum 0.9 (theirs plain, ours Nesterov: README)
+    momentum=0.9,
+    lr=0.5,                    # for 1024 images per step
+    warmup_epochs=5,           # linear, then cosine to 0
+    weight_decay=2e-5,         # none on norm layers (ours: none on biases either)
+    label_smoothing=0.1,
+    auto_augment="ta_wide",
+    random_erase=0.1,
+    mixup_alpha=0.2,
+    cutmix_alpha=1.0,
+    model_ema=True,
+    model_ema_steps=32,
+    # torchvision's train.py turns its --model-ema-decay 0.99998 into a decay per update,
+    # 1 - (1 - 0.99998) * images per update / epochs (the average then spans the same share
+    # of runs of any length): 0.99891 for 8 x 128 images per step, 32 steps, 600 epochs
+    model_ema_decay=1 - (1 - 0.99998) * 8 * 128 * 32 / 600,
+)
+RECIPES = {"tv-resnet50-v2": TV_RESNET50_V2}
 
 
 def _opt(default, help: str, choices: tuple | None = None, parse=None):
@@ -84,6 +120,25 @@ class TrainConfig:
     freeze_epochs: int = _opt(0, "train only the classifier for the first N epochs, the rest frozen in eval mode (transfer learning from --weights)")
     label_smoothing: float = _opt(0.0, "label smoothing for the cross-entropy loss")
     grad_accum: int = _opt(1, "gradient accumulation steps per optimizer step")
+    clip_grad_norm: float | None = _opt(None, "clip the gradients' global L2 norm to this before each optimizer step "
+                                              "(default: no clipping)")
+    # the training features of timm's and torchvision's recipes, all off by default
+    recipe: str | None = _opt(None, "a published recipe's settings as defaults (options given here still win): "
+                                    "tv-resnet50-v2 = torchvision's ResNet-50 IMAGENET1K_V2 (README)", tuple(RECIPES))
+    auto_augment: str | None = _opt(None, "per-image automatic augmentation after the crop and flip: ta_wide = "
+                                          "TrivialAugmentWide, ra = RandAugment (2 ops, magnitude 9); both "
+                                          "training-crop paths (--fast-decode or not)", ("ta_wide", "ra"))
+    random_erase: float = _opt(0.0, "probability of erasing a random rectangle of each training image with the "
+                                    "mean colour (torchvision's RandomErasing; 0 = off)")
+    mixup_alpha: float = _opt(0.0, "Mixup on each training batch, its Beta(alpha, alpha) mixing weight; with "
+                                   "--cutmix-alpha one of the two per batch (0 = off). Training accuracy is then "
+                                   "not reported")
+    cutmix_alpha: float = _opt(0.0, "CutMix on each training batch, its Beta(alpha, alpha) area (0 = off)")
+    model_ema: bool = _opt(False, "keep an exponential moving average (EMA) of the weights, evaluated beside them "
+                                  "every epoch; best.safetensors is whichever did better (README: Model EMA)")
+    model_ema_decay: float = _opt(0.999, "the EMA's weight on its past at each update: it averages over about "
+                                         "--model-ema-steps / (1 - decay) optimizer steps")
+    model_ema_steps: int = _opt(32, "optimizer steps between EMA updates (torchvision's 32)")
     # runtime
     mixed_precision: str | None = _opt(None, "autocast dtype (default: Accelerate's config / launch flag, else none)", ("no", "bf16", "fp16"))
     cpu: bool = _opt(False, "run on the CPU even when a GPU is present")
@@ -123,6 +178,17 @@ class TrainConfig:
             raise ConfigError(f"--output-stride must be 8, 16 or 32, got {self.output_stride}")
         if self.freeze_epochs < 0:
             raise ConfigError(f"--freeze-epochs must be >= 0, got {self.freeze_epochs}")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ConfigError(f"--clip-grad-norm must be > 0, got {self.clip_grad_norm}")
+        if not 0 <= self.random_erase <= 1:
+            raise ConfigError(f"--random-erase must be a probability in [0, 1], got {self.random_erase}")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if not 0 < self.model_ema_decay < 1:
+            raise ConfigError(f"--model-ema-decay must be in (0, 1), got {self.model_ema_decay}")
+        if self.model_ema_steps < 1:
+            raise ConfigError(f"--model-ema-steps must be >= 1, got {self.model_ema_steps}")
         if self.collective_timeout <= 0:
             raise ConfigError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
         for f in dataclasses.fields(self):
@@ -191,6 +257,12 @@ SHAPES_PRESET = dict(
 FINETUNE_SHAPES_PRESET = dict(lr=0.05, epochs=10)
 
 
+def train_presets(given: dict) -> dict:
+    """train.py's defaults for the options not given: the built-in dataset's preset when there
+    is no --data, and --recipe's settings over it."""
+    return {**({} if given.get("data") else SHAPES_PRESET), **RECIPES.get(given.get("recipe"), {})}
+
+
 FINETUNE_METHODS = ("finetune", "bn-stats", "parametric")
 FINETUNE_AUGS = ("test", "test+", "rrc")
 
@@ -201,7 +273,10 @@ class FinetuneConfig(TrainConfig):
     training resolution and the data come from --checkpoint (model, train_res and
     test_res are filled in from it, so they are not command-line options)."""
     CLI_HIDDEN: typing.ClassVar[tuple] = ("model", "pretrained", "weights", "output_stride", "train_res", "test_res", "freeze_epochs",
-                                          "compile", "fast_decode")
+                                          "compile", "fast_decode",
+                                          # train.py's recipe features; fine-tuning has its own --aug
+                                          "recipe", "auto_augment", "random_erase", "mixup_alpha", "cutmix_alpha",
+                                          "model_ema", "model_ema_decay", "model_ema_steps", "clip_grad_norm")
 
     checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py "
                                         f"(default: the newest train.py run under --output, else under {RUNS}/)")

@@ -40,7 +40,7 @@ def cosine_lr(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float)
 @dataclass
 class EpochResult:
     loss: float
-    accuracy: float
+    accuracy: float | None   # None with Mixup/CutMix: mixed images have no single right answer
     images: int          # over all processes
     skipped: int         # undecodable images skipped (--skip-bad-images)
     seconds: float
@@ -63,10 +63,16 @@ def to_device_batch(images, channels_last: bool):
 
 def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step: int,
                     label_smoothing: float = 0.0, channels_last: bool = False, progress=None,
-                    should_stop=lambda: False, set_modes=lambda m: m.train()) -> tuple[EpochResult, int]:
+                    should_stop=lambda: False, set_modes=lambda m: m.train(), mix=None, first_batch: int = 0,
+                    clip_grad_norm: float | None = None, ema=None) -> tuple[EpochResult, int]:
     """Train over `loader`; `lr_at(optimizer_step)` sets the learning rate before each
     optimizer step; `set_modes(model)` puts modules in train/eval mode (fine-tuning keeps
-    most of the network in eval mode). Returns the epoch's result and the next step index."""
+    most of the network in eval mode). Returns the epoch's result and the next step index.
+
+    Options of the recipes: `mix(images, labels, batch=i)` -> (images, soft targets) for
+    Mixup/CutMix, `first_batch` being the index of the loader's first batch in the epoch (a
+    resumed epoch skips the ones done); `clip_grad_norm` clips the gradients' global norm
+    before each optimizer step; `ema.update(model, step)` after it (fixres.ema.ModelEma)."""
     set_modes(model)
     device = accelerator.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -76,13 +82,16 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
     step, lr = first_step, lr_at(first_step)
     start = time.perf_counter()
     completed = True
-    for images, labels, n_skipped in loader:
+    for batch, (images, labels, n_skipped) in enumerate(loader, start=first_batch):
         skipped += n_skipped
         with accelerator.accumulate(model):
+            targets = labels
+            if mix is not None:  # on the normalised floats, before channels_last
+                images, targets = mix(normalize_batch(images), labels, batch=batch)
             images = to_device_batch(images, channels_last)
             with accelerator.autocast():
                 logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss is {loss.item()} at optimizer step {step} (learning rate "
                                          f"{lr:.3g}); {NONFINITE_HINT}")
@@ -91,13 +100,18 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
             accelerator.backward(loss)
+            if clip_grad_norm is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 step += 1
+                if ema is not None:
+                    ema.update(accelerator.unwrap_model(model), step)
         n = labels.numel()
         loss_sum += loss.detach().double() * n
-        correct += (logits.detach().argmax(1) == labels).sum()
+        if mix is None:
+            correct += (logits.detach().argmax(1) == labels).sum()
         seen += n
         if progress is not None:
             progress(n * accelerator.num_processes, loss.item())
@@ -106,7 +120,8 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
             break
     totals = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double(), skipped.double()]), "sum")
     loss_total, correct_total, seen_total, skipped_total = totals.tolist()
-    return EpochResult(loss=loss_total / max(seen_total, 1), accuracy=correct_total / max(seen_total, 1),
+    accuracy = correct_total / max(seen_total, 1) if mix is None else None
+    return EpochResult(loss=loss_total / max(seen_total, 1), accuracy=accuracy,
                        images=int(seen_total), skipped=int(skipped_total),
                        seconds=time.perf_counter() - start, lr=lr, completed=completed), step
 

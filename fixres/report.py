@@ -48,11 +48,17 @@ class EpochProgress:
         self.progress.update(self.task, advance=images, **fields)
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"  # None: training accuracy under Mixup/CutMix
+
+
 def epoch_line(record: dict) -> str:
     parts = [f"epoch {record['epoch']:>3}",
-             f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%",
+             f"train loss {record['train_loss']:.4f} acc {_percent(record['train_acc'])}",
              f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% (n={record['val_count']})",
              f"lr {record['lr']:.2e}", f"{record['images_per_s']:.1f} img/s", f"{record['seconds']:.0f}s"]
+    if "ema_val_acc" in record:
+        parts.insert(3, f"EMA val loss {record['ema_val_loss']:.4f} acc {100 * record['ema_val_acc']:.2f}%")
     if record.get("skipped"):
         parts.append(f"skipped {record['skipped']} bad images")
     return " | ".join(parts)
@@ -60,11 +66,14 @@ def epoch_line(record: dict) -> str:
 
 def metrics_table(records: list[dict], title: str) -> Table:
     table = Table(title=title)
-    for column in ("epoch", "train loss", "train acc", "val loss", "val acc", "img/s", "seconds"):
+    ema = any("ema_val_acc" in r for r in records)
+    for column in ("epoch", "train loss", "train acc", "val loss", "val acc", *(("EMA loss", "EMA acc") if ema else ()),
+                   "img/s", "seconds"):
         table.add_column(column, justify="right")
     for r in records:
-        table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{100 * r['train_acc']:.2f}%",
-                      f"{r['val_loss']:.4f}", f"{100 * r['val_acc']:.2f}%", f"{r['images_per_s']:.1f}",
+        ema_cells = (f"{r['ema_val_loss']:.4f}", f"{100 * r['ema_val_acc']:.2f}%") if ema else ()
+        table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", _percent(r["train_acc"]),
+                      f"{r['val_loss']:.4f}", f"{100 * r['val_acc']:.2f}%", *ema_cells, f"{r['images_per_s']:.1f}",
                       f"{r['seconds']:.0f}")
     return table
 

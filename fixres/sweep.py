@@ -57,7 +57,9 @@ class SweepConfig:
     # what to evaluate
     checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py or "
                                         f"finetune.py (default: the newest run under {RUNS}/)")
-    which: str = _opt("best", "which weights of a run folder", ("best", "last"))
+    which: str = _opt("best", "which weights of a run folder: best (with --model-ema the raw or the EMA weights, "
+                              "whichever scored higher), last, or ema (the EMA after the last epoch)",
+                      ("best", "last", "ema"))
     model: str | None = _opt(None, "with --weights: timm model name, or tv:<name>")
     weights: str | None = _opt(None, "plain state dict (.safetensors or .pth, no fixres metadata) instead of --checkpoint; needs --model")
     train_res: int | None = _opt(None, "with --weights: the resolution they were trained at (default 224; a checkpoint knows its own)")

@@ -13,6 +13,7 @@ workers, and a run stopped mid-epoch continues with the batches it had not seen.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import shlex
@@ -31,12 +32,13 @@ from fixres import checkpoint as ckpt
 from fixres.config import ConfigError, TrainConfig, load_config
 from fixres.data import (PREFETCH_BATCHES, EpochSampler, ImageDataset, collate_skipping, default_workers, load_split,
                          loader_options)
+from fixres.ema import ModelEma
 from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError, cosine_lr, evaluate,
                            train_one_epoch)
 from fixres.models import check_model_name, classifier_name, create_model, load_weights_into
 from fixres.report import EpochProgress, config_table, epoch_line, make_console, metrics_table, write_jsonl
-from fixres.transforms import (IMAGENET_MEAN, IMAGENET_STD, DecodeRandomResizedCrop, eval_transform,
-                               train_transform)
+from fixres.transforms import (IMAGENET_MEAN, IMAGENET_STD, BatchMix, DecodeRandomResizedCrop, crop_augment,
+                               eval_transform, train_transform)
 
 # Options that define what a run is: a resumed run must keep them.
 IDENTITY_KEYS = ("model", "data", "images")
@@ -134,10 +136,36 @@ def weights_meta(cfg: TrainConfig, classes: list[str], **extra) -> dict:
 
 def default_train_transform(cfg: TrainConfig, device: torch.device):
     """train.py's training augmentation: the fast decoder unless --no-fast-decode; a run
-    configured before it was the default (fast_decode null) keeps its GPU-only choice."""
+    configured before it was the default (fast_decode null) keeps its GPU-only choice.
+    --auto-augment and --random-erase follow the crop on either path."""
     fast_decode = cfg.fast_decode if cfg.fast_decode is not None else device.type == "cuda"
     make = DecodeRandomResizedCrop if fast_decode else train_transform
-    return make(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation)
+    augment = crop_augment(auto_augment=cfg.auto_augment, random_erase=cfg.random_erase,
+                           interpolation=cfg.interpolation)
+    return make(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation, augment=augment)
+
+
+def epoch_score(record: dict) -> tuple[float, str]:
+    """An epoch's validation top-1 and the weights that reached it: the EMA's ("ema") when
+    it did strictly better than the raw weights ("raw")."""
+    ema = record.get("ema_val_acc")
+    return (ema, "ema") if ema is not None and ema > record["val_acc"] else (record["val_acc"], "raw")
+
+
+def weights_files(meta: dict, weights: dict, ema_weights: dict | None, record: dict | None,
+                  best: str | None) -> dict[str, tuple[dict, dict]]:
+    """{file name: (state dict, metadata)} that a save writes beside the checkpoint:
+    last.safetensors (the raw weights), ema.safetensors (with --model-ema) and, when `best`
+    says which of the two ("raw", "ema") is the run's best so far, best.safetensors.
+    `record`: the epoch's, None for a stop in the middle of an epoch."""
+    at = {"epoch": record["epoch"], "val_acc": record["val_acc"]} if record else {}
+    files = {"last.safetensors": (weights, {**meta, **at, **({"ema": False} if ema_weights is not None else {})})}
+    if ema_weights is not None:
+        files["ema.safetensors"] = (ema_weights, {**meta, **at, "ema": True,
+                                                  **({"val_acc": record["ema_val_acc"]} if record else {})})
+    if best:
+        files["best.safetensors"] = files["ema.safetensors" if best == "ema" else "last.safetensors"]
+    return files
 
 
 def build_loaders(split, cfg: TrainConfig, *, train_tf, eval_tf, workers: int, pin_memory: bool,
@@ -309,11 +337,22 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
         saved = ckpt.load_training_state(checkpoint)
         optimizer.load_state_dict(saved["optimizer"])
         state = RunState(**saved["run"])
-        if accelerator.is_main_process:  # a crash may have come between the checkpoint and these
-            ckpt.restore_weights_files(run_dir, weights, saved_meta, state.records)
         console.print(f"resumed from {checkpoint} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}")
+    # a copy of the plain model, before it is compiled or wrapped; its warm-up is set below
+    ema = ModelEma(model, decay=cfg.model_ema_decay, every=cfg.model_ema_steps) if cfg.model_ema else None
+    if ema is not None and checkpoint:
+        if "ema" in saved:
+            ema.load_state_dict(saved["ema"])
+        else:
+            console.print(f"--model-ema: {checkpoint} holds no EMA (it was trained without); it starts from "
+                          f"the weights resumed")
+    if checkpoint and accelerator.is_main_process:  # a crash may have come between the checkpoint and these
+        ckpt.restore_weights_files(run_dir, _resumed_files(job.meta(cfg, split.classes), weights, ema, saved_meta,
+                                                           state.records), epoch=saved_meta.get("epoch"))
     if cfg.compile:
         model.compile()  # in place: the state dict keeps its names (no "_orig_mod." prefix)
+        if ema is not None:
+            ema.module.compile()
 
     workers = cfg.workers if cfg.workers is not None else default_workers()
     if job.transforms:
@@ -330,6 +369,14 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
     warmup_steps = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps // 2)
     lr_at = lambda step: cosine_lr(step, total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=cfg.lr)  # noqa: E731
     meta = job.meta(cfg, split.classes)
+    if ema is not None:
+        ema.warmup_steps = warmup_steps  # the average copies the weights while the learning rate warms up
+        console.print(f"--model-ema: decay {cfg.model_ema_decay:.6g} every {cfg.model_ema_steps} optimizer steps "
+                      f"averages over about {ema.horizon_steps / steps_per_epoch:.3g} epochs of this run's "
+                      f"{cfg.epochs} ({steps_per_epoch} steps each)")
+    mix = (BatchMix(num_classes=len(split.classes), mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+                    seed=cfg.seed, rank=accelerator.process_index)
+           if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0 else None)
     if cfg.log_with:
         accelerator.init_trackers("fixres", config=cfg.to_dict())
     if accelerator.is_main_process:
@@ -358,10 +405,12 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
                 result, state.step = train_one_epoch(
                     model, loader, optimizer, accelerator, lr_at=lr_at, first_step=state.step,
                     label_smoothing=cfg.label_smoothing, channels_last=channels_last,
-                    progress=bar, should_stop=stop, set_modes=set_modes)
+                    progress=bar, should_stop=stop, set_modes=set_modes,
+                    mix=functools.partial(mix, epoch=epoch) if mix else None, first_batch=state.batch_in_epoch,
+                    clip_grad_norm=cfg.clip_grad_norm, ema=ema)
             if not result.completed:
                 state.batch_in_epoch += result.images // (cfg.batch_size * accelerator.num_processes)
-                _save(accelerator, model, optimizer, run_dir, meta, state)
+                _save(accelerator, model, optimizer, run_dir, meta, state, ema=ema)
                 console.print(f"stopped by {stop.received or 'a signal on another rank'}: checkpoint saved "
                               f"at epoch {epoch + 1}, batch {state.batch_in_epoch}; "
                               f"continue with --resume {run_dir}")
@@ -375,14 +424,21 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
                       "val_loss": val["loss"], "val_acc": val["accuracy"], "val_count": val["count"],
                       "lr": result.lr, "images_per_s": result.images_per_s, "train_images": result.images,
                       "skipped": result.skipped, "seconds": result.seconds + val["seconds"]}
-            improved = val["accuracy"] > state.best_acc
+            if ema is not None:  # the EMA weights, evaluated as the raw ones are
+                ema.sync(accelerator)
+                with EpochProgress(console, "evaluating the EMA", len(split.val)) as bar:
+                    ema_val = evaluate(ema.module, val_loader, accelerator, channels_last=channels_last, progress=bar)
+                record.update(ema_val_loss=ema_val["loss"], ema_val_acc=ema_val["accuracy"],
+                              seconds=record["seconds"] + ema_val["seconds"])
+            score, which = epoch_score(record)
+            improved = score > state.best_acc
             state = RunState(epoch=epoch + 1, step=state.step, records=state.records + [record],
-                             best_acc=max(state.best_acc, val["accuracy"]))
-            _save(accelerator, model, optimizer, run_dir, {**meta, "epoch": epoch + 1, "val_acc": val["accuracy"]},
-                  state, improved=improved)
+                             best_acc=max(state.best_acc, score))
+            _save(accelerator, model, optimizer, run_dir, meta, state, record=record,
+                  best=which if improved else None, ema=ema)
             console.print(epoch_line(record))
             if cfg.log_with:
-                accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+                accelerator.log({k: v for k, v in record.items() if k != "epoch" and v is not None}, step=epoch + 1)
             epochs_this_run += 1
             if cfg.stop_after and epochs_this_run >= cfg.stop_after and state.epoch < cfg.epochs:
                 console.print(f"--stop-after {cfg.stop_after}: stopping; continue with --resume {run_dir}")
@@ -402,6 +458,11 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
         if cfg.log_with:
             accelerator.end_training()
     console.print(metrics_table(state.records, title=f"fixres {job.title}: {run_dir}"))
+    if ema is not None and state.records:
+        best_acc, which = epoch_score(max(state.records, key=lambda r: epoch_score(r)[0]))
+        best_epoch = next(r["epoch"] for r in state.records if epoch_score(r)[0] == best_acc)
+        console.print(f"best.safetensors: epoch {best_epoch}, the {'EMA' if which == 'ema' else 'raw'} weights "
+                      f"(val top-1 {100 * best_acc:.2f}%); ema.safetensors: the EMA after the last epoch")
     if job.next_steps and state.epoch >= cfg.epochs:
         console.print(f"next: python sweep.py --checkpoint {shlex.quote(str(run_dir))}\n"
                       f"then: python finetune.py --checkpoint {shlex.quote(str(run_dir))}")
@@ -423,15 +484,37 @@ def _collective_failure(err: RuntimeError, cfg: TrainConfig) -> str:
     return f"lost the connection to another process, which probably died ({reason})"
 
 
-def _save(accelerator, model, optimizer, run_dir: Path, meta: dict, state: RunState, improved: bool = False):
-    """Checkpoint first (the source of truth for resume), then the files derived from it."""
+def _save(accelerator, model, optimizer, run_dir: Path, meta: dict, state: RunState, *, record: dict | None = None,
+          best: str | None = None, ema: ModelEma | None = None):
+    """Checkpoint first (the source of truth for resume), then the files derived from it
+    (weights_files: `record` is the epoch's, None in the middle of one; `best` which weights
+    became the best). The EMA's weights travel in the checkpoint's training state."""
     weights = accelerator.get_state_dict(model)
     optimizer_state = optimizer.state_dict()
+    ema_weights = None
+    if ema is not None:
+        ema.sync(accelerator)
+        ema_weights = ema.state_dict()
+    files = weights_files(meta, weights, ema_weights, record, best)
     if accelerator.is_main_process:
+        training_state = {"optimizer": optimizer_state, "run": vars(state),
+                          **({"ema": ema_weights} if ema_weights is not None else {})}
         ckpt.save_checkpoint(run_dir, name=ckpt.checkpoint_name(state.epoch, state.step), state_dict=weights,
-                             meta=meta, training_state={"optimizer": optimizer_state, "run": vars(state)})
+                             meta=files["last.safetensors"][1], training_state=training_state)
         write_jsonl(run_dir / "metrics.jsonl", state.records)
-        ckpt.save_weights(run_dir / "last.safetensors", weights, meta)
-        if improved:
-            ckpt.save_weights(run_dir / "best.safetensors", weights, meta)
+        for name, (state_dict, file_meta) in files.items():
+            ckpt.save_weights(run_dir / name, state_dict, file_meta)
     accelerator.wait_for_everyone()
+
+
+def _resumed_files(meta: dict, weights: dict, ema: ModelEma | None, saved_meta: dict,
+                   records: list[dict]) -> dict[str, tuple[dict, dict]]:
+    """The weights files as the save of the resumed checkpoint left them (weights_files), for
+    ckpt.restore_weights_files; none for a checkpoint from the middle of an epoch."""
+    epoch = saved_meta.get("epoch")
+    record = next((r for r in records if r["epoch"] == epoch), None)
+    if record is None:
+        return {}
+    best = max(records, key=lambda r: epoch_score(r)[0])  # the first of the highest, as the run chose
+    return weights_files(meta, weights, ema.state_dict() if ema is not None else None, record,
+                         epoch_score(record)[1] if best is record else None)

@@ -4,6 +4,14 @@
     eval_transform(size=224, crop_pct=0.875)   # Resize(256) + CenterCrop(224)
     DecodeRandomResizedCrop(size=224)          # path -> the training crop as uint8, decoded at reduced scale
     normalize_batch(uint8_batch)               # on the device: float, ImageNet mean/std
+    crop_augment(auto_augment="ta_wide", random_erase=0.1)   # after the crop, on uint8: both paths
+    BatchMix(num_classes=1000, mixup_alpha=0.2, cutmix_alpha=1.0, seed=0)   # Mixup or CutMix per batch
+
+The recipe augmentations run on the uint8 crop, in the loader workers, whichever path made
+it (train_transform from a decoded image, DecodeRandomResizedCrop from the file): the
+automatic augmentation (TrivialAugmentWide or RandAugment) and then random erasing, whose
+rectangle gets the mean colour, 0 after normalisation as in torchvision's recipe (which
+erases after normalising). Mixup and CutMix mix a normalised batch on the device.
 
 The test-time resize follows timm and the FixRes code: the shorter side goes to
 int(size / crop_pct), rounded down, then the centre size x size is kept.
@@ -33,13 +41,31 @@ def _to_normalized_tensor(mean, std) -> list:
     return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
+def crop_augment(*, auto_augment: str | None = None, random_erase: float = 0.0, interpolation: str = "bilinear",
+                 mean=IMAGENET_MEAN) -> v2.Compose | None:
+    """What the recipes add after the crop and flip, on a uint8 CHW tensor; None when nothing."""
+    steps = []
+    if auto_augment == "ta_wide":
+        steps.append(v2.TrivialAugmentWide(interpolation=INTERPOLATIONS[interpolation]))
+    elif auto_augment == "ra":
+        steps.append(v2.RandAugment(interpolation=INTERPOLATIONS[interpolation]))  # 2 ops, magnitude 9
+    elif auto_augment is not None:
+        raise ValueError(f"--auto-augment must be ta_wide or ra, got {auto_augment!r}")
+    if random_erase > 0:
+        steps.append(v2.RandomErasing(p=random_erase, value=[round(255 * m) for m in mean]))
+    return v2.Compose(steps) if steps else None
+
+
 def train_transform(*, size: int, min_scale: float = 0.08, interpolation: str = "bilinear",
-                    hflip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
+                    hflip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    augment: v2.Compose | None = None) -> v2.Compose:
+    """RandomResizedCrop + flip on a decoded image, then `augment` (crop_augment) on its uint8 tensor."""
     steps = [v2.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=INTERPOLATIONS[interpolation],
                                   antialias=True)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps + _to_normalized_tensor(mean, std))
+    tensor, *normalize = _to_normalized_tensor(mean, std)
+    return v2.Compose(steps + [tensor] + ([augment] if augment else []) + normalize)
 
 
 def eval_transform(*, size: int, crop_pct: float = 0.875, interpolation: str = "bilinear",
@@ -91,9 +117,10 @@ class DecodeRandomResizedCrop:
     takes_path = True
 
     def __init__(self, *, size: int, min_scale: float = 0.08, ratio=(3 / 4, 4 / 3),
-                 interpolation: str = "bilinear", hflip: bool = True, draft: bool = True):
+                 interpolation: str = "bilinear", hflip: bool = True, draft: bool = True, augment=None):
         self.size, self.scale, self.ratio = size, (min_scale, 1.0), ratio
         self.interpolation, self.hflip, self.draft = INTERPOLATIONS[interpolation], hflip, draft
+        self.augment = augment  # crop_augment's, on the uint8 crop
 
     def decode(self, path: str) -> tuple:
         """The image, decoded at reduced scale where the crop allows, and the crop's
@@ -123,11 +150,11 @@ class DecodeRandomResizedCrop:
                         antialias=True)
         if self.hflip and torch.rand(1).item() < 0.5:
             out = out.flip(-1)
-        return out
+        return self.augment(out) if self.augment else out
 
     def __repr__(self) -> str:
         return (f"DecodeRandomResizedCrop(size={self.size}, scale={self.scale}, draft={self.draft}, "
-                f"interpolation={self.interpolation.value})")
+                f"interpolation={self.interpolation.value}, augment={self.augment})")
 
 
 def _scaled_span(start: int, length: int, factor: float, limit: int) -> tuple[int, int]:
@@ -150,3 +177,32 @@ def _scaled_mean_std(device: torch.device, mean: tuple, std: tuple) -> tuple[tor
     to the device at every training step."""
     return (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255,
             torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
+
+
+class BatchMix:
+    """Mixup or CutMix (one of the two at random per batch when both are on, as torchvision's
+    recipe does) on a normalised batch: (images, labels) -> (mixed images, soft targets of
+    shape (N, num_classes)) for a cross-entropy on probabilities.
+
+    Each batch's draws come from a generator seeded with (seed, rank, epoch, batch index), and
+    the global random state is left as it was: a run resumed in the middle of an epoch mixes
+    its remaining batches as the uninterrupted run did."""
+
+    def __init__(self, *, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, seed: int = 0,
+                 rank: int = 0):
+        mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + \
+                ([v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
+        if not mixes:
+            raise ValueError("BatchMix needs mixup_alpha > 0 or cutmix_alpha > 0")
+        self.mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+        self.seed, self.rank = seed, rank
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, epoch: int, batch: int):
+        # torchvision's MixUp and CutMix draw from torch's global CPU generator; fork it
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(
+                ((self.seed * 1_000_033 + self.rank) * 100_003 + epoch) * 10_000_079 + batch)
+            return self.mix(images, labels)
+
+    def __repr__(self) -> str:
+        return f"BatchMix({self.mix})"

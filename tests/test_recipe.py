@@ -1,0 +1,297 @@
+"""The recipe features (model EMA, Mixup/CutMix, TrivialAugment/RandAugment, random erasing,
+gradient clipping) and the --recipe preset: what each changes, and resume with them on.
+
+    python -m pytest -q tests/test_recipe.py     # about 4 minutes on 2 busy cores
+"""
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from fixres import checkpoint as ckpt
+from fixres.config import TrainConfig, parse_args, train_presets
+from fixres.ema import ModelEma
+from fixres.engine import train_one_epoch
+from fixres.resolution import resize_size
+from fixres.sweep import SweepConfig, sweep
+from fixres.training import default_train_transform, epoch_score, make_accelerator, weights_files
+from fixres.transforms import IMAGENET_MEAN, BatchMix, DecodeRandomResizedCrop, crop_augment, train_transform
+from tests import kill_harness as harness
+from tests.conftest import TINY_TRAIN, run_script
+
+MEAN_COLOUR = [round(255 * m) for m in IMAGENET_MEAN]
+
+
+def seeded(transform, source, seed: int = 0):
+    torch.manual_seed(seed)
+    return transform(source)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A JPEG with structure everywhere, so that any augmentation shows."""
+    path = tmp_path_factory.mktemp("photo") / "photo.jpg"
+    torch.manual_seed(0)
+    pixels = (torch.rand(90, 120, 3) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(path, quality=95)
+    return path
+
+
+# ----------------------------------------------------------------------------- per-image augmentation
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-decode", "decoded-image"])
+@pytest.mark.parametrize("auto_augment", ["ta_wide", "ra"])
+def test_auto_augment_changes_the_crop_on_both_paths(photo, fast, auto_augment):
+    cfg = dict(fast_decode=fast, train_res=32, min_scale=0.5)
+    plain = default_train_transform(TrainConfig(**cfg), torch.device("cpu"))
+    augmented = default_train_transform(TrainConfig(**cfg, auto_augment=auto_augment), torch.device("cpu"))
+    source = str(photo) if fast else Image.open(photo).convert("RGB")
+    changed = 0
+    for seed in range(8):
+        a, b = seeded(plain, source, seed), seeded(augmented, source, seed)
+        assert a.shape == b.shape == (3, 32, 32) and a.dtype == b.dtype
+        assert torch.equal(b, seeded(augmented, source, seed))  # a function of the sample's seed
+        changed += not torch.equal(a, b)
+    assert changed >= 6  # TrivialAugment's "identity" op, or a no-op magnitude, may leave one alone
+
+
+def erased(image: torch.Tensor, fill: torch.Tensor) -> int:
+    """How many pixels hold exactly `fill` (a colour per channel) in a CHW image."""
+    return int((image == fill.view(-1, 1, 1)).all(0).sum())
+
+
+def test_random_erasing_paints_a_rectangle_with_the_mean_colour_on_both_paths(photo):
+    augment = crop_augment(random_erase=1.0)
+    fast = seeded(DecodeRandomResizedCrop(size=48, augment=augment), str(photo))
+    assert erased(fast, torch.tensor(MEAN_COLOUR, dtype=torch.uint8)) >= 0.02 * 48 * 48  # RandomErasing's smallest area
+    assert erased(seeded(DecodeRandomResizedCrop(size=48), str(photo)), torch.tensor(MEAN_COLOUR, dtype=torch.uint8)) == 0
+
+    decoded = seeded(train_transform(size=48, augment=augment), Image.open(photo).convert("RGB"))
+    near_zero = (decoded.abs() < 0.01).all(0).sum()  # the mean colour, normalised, as torchvision erases
+    assert near_zero >= 0.02 * 48 * 48
+    assert crop_augment(random_erase=0.0) is None and crop_augment() is None
+
+
+# ----------------------------------------------------------------------------- Mixup and CutMix
+
+def batch(n=8, classes=4):
+    torch.manual_seed(1)
+    return torch.randn(n, 3, 16, 16), torch.arange(n) % classes
+
+
+@pytest.mark.parametrize("alphas", [dict(mixup_alpha=0.2), dict(cutmix_alpha=1.0), dict(mixup_alpha=0.2, cutmix_alpha=1.0)])
+def test_batch_mix_gives_soft_targets_of_two_classes_drawn_from_its_own_seed(alphas):
+    images, labels = batch()
+    mix = BatchMix(num_classes=4, seed=3, **alphas)
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    mixed, targets = mix(images, labels, epoch=2, batch=5)
+    assert torch.equal(torch.rand(1), expected_next)  # the global generator is as it was
+    assert targets.shape == (8, 4) and torch.allclose(targets.sum(1), torch.ones(8))
+    assert ((targets > 0).sum(1) <= 2).all() and not torch.equal(targets, nn.functional.one_hot(labels, 4).float())
+    again = mix(images, labels, epoch=2, batch=5)
+    assert torch.equal(again[0], mixed) and torch.equal(again[1], targets)  # a resumed run mixes as the first did
+    others = [mix(images, labels, epoch=2, batch=b)[1] for b in range(6, 10)]
+    assert any(not torch.equal(t, targets) for t in others)
+
+
+def test_mixup_images_are_the_mixtures_their_targets_say():
+    images, labels = batch()
+    mixed, targets = BatchMix(num_classes=4, mixup_alpha=0.4, seed=0)(images, labels, epoch=0, batch=0)
+    own = targets[torch.arange(8), labels]  # each image's weight on its own class
+    neighbour = images.roll(1, 0)  # torchvision's MixUp pairs each image with the one before it
+    expected = own.view(-1, 1, 1, 1) * images + (1 - own.view(-1, 1, 1, 1)) * neighbour
+    assert torch.allclose(mixed, expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- clipping, EMA
+
+def one_step(clip: float | None) -> float:
+    """The L2 norm of the change one plain SGD step (lr 1) makes to a linear model."""
+    accelerator = make_accelerator(TrainConfig(cpu=True))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loader = [(torch.randn(4, 3, 2, 2) * 10, torch.tensor([0, 1, 2, 0]), 0)]
+    train_one_epoch(model, loader, optimizer, accelerator, lr_at=lambda step: 1.0, first_step=0, clip_grad_norm=clip)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return float((after - before).norm())
+
+
+def test_clip_grad_norm_bounds_the_step():
+    unclipped = one_step(None)
+    assert unclipped > 0.5
+    assert one_step(0.1) == pytest.approx(0.1, rel=1e-4)
+    assert one_step(2 * unclipped) == pytest.approx(unclipped, rel=1e-6)  # a norm under the bound is left alone
+
+
+def test_ema_averages_every_n_steps_and_copies_during_warm_up():
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
+    nn.init.zeros_(model[0].weight)
+    ema = ModelEma(model, decay=0.75, every=2, warmup_steps=2)
+    assert ema.horizon_steps == 8
+    weight = lambda m: float(m[0].weight)  # noqa: E731
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[1].num_batches_tracked.fill_(7)
+    ema.update(model, 1)  # not a multiple of 2: nothing
+    assert weight(ema.module) == 0.0
+    ema.update(model, 2)  # in the warm-up: a copy
+    assert weight(ema.module) == 1.0 and int(ema.module[1].num_batches_tracked) == 7
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+        model[1].running_mean.fill_(4.0)
+    ema.update(model, 4)  # 0.75 * old + 0.25 * new, buffers too
+    assert weight(ema.module) == pytest.approx(1.5) and float(ema.module[1].running_mean) == pytest.approx(1.0)
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_best_is_the_ema_when_it_scores_higher_and_says_so():
+    raw, averaged = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    record = {"epoch": 3, "val_acc": 0.5, "ema_val_acc": 0.75}
+    assert epoch_score(record) == (0.75, "ema")
+    assert epoch_score({**record, "ema_val_acc": 0.5}) == (0.5, "raw")  # a tie keeps the raw weights
+    files = weights_files({"model": "m"}, raw, averaged, record, best="ema")
+    assert files["best.safetensors"] == files["ema.safetensors"]
+    assert files["best.safetensors"][1] == {"model": "m", "epoch": 3, "val_acc": 0.75, "ema": True}
+    assert files["last.safetensors"][1] == {"model": "m", "epoch": 3, "val_acc": 0.5, "ema": False}
+    assert "best.safetensors" not in weights_files({}, raw, averaged, record, best=None)
+
+
+# ----------------------------------------------------------------------------- the --recipe preset
+
+def test_tv_resnet50_v2_recipe_resolves_to_torchvisions_values():
+    cfg, explicit = parse_args(TrainConfig, ["--data", "x.csv", "--recipe", "tv-resnet50-v2", "--epochs", "90"],
+                               "train", train_presets)
+    # torchvision's blog post and references/classification README, with ours for what differs
+    assert (cfg.model, cfg.train_res, cfg.test_res, resize_size(cfg.test_res, cfg.crop_pct)) == ("tv:resnet50", 176, 224, 232)
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.warmup_epochs) == ("sgd", 0.5, 0.9, 2e-5, 5)
+    assert (cfg.batch_size, cfg.label_smoothing, cfg.interpolation, cfg.min_scale) == (128, 0.1, "bilinear", 0.08)
+    assert (cfg.auto_augment, cfg.random_erase, cfg.mixup_alpha, cfg.cutmix_alpha) == ("ta_wide", 0.1, 0.2, 1.0)
+    assert (cfg.model_ema, cfg.model_ema_steps) == (True, 32)
+    assert cfg.model_ema_decay == pytest.approx(0.998908, abs=1e-6)  # torchvision's 0.99998 at 8 x 128 images per step
+    assert cfg.epochs == 90 and explicit == {"data", "recipe", "epochs"}  # what is given wins
+    assert parse_args(TrainConfig, ["--data", "x.csv", "--recipe", "tv-resnet50-v2"], "train", train_presets)[0].epochs == 600
+    plain = parse_args(TrainConfig, ["--data", "x.csv"], "train", train_presets)[0]
+    assert (plain.model_ema, plain.auto_augment, plain.mixup_alpha, plain.random_erase, plain.clip_grad_norm) == \
+        (False, None, 0.0, 0.0, None)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--random-erase", "1.5"], "--random-erase must be a probability in [0, 1], got 1.5"),
+    (["--mixup-alpha", "-1"], "--mixup-alpha must be >= 0 (0 = off), got -1.0"),
+    (["--clip-grad-norm", "0"], "--clip-grad-norm must be > 0, got 0.0"),
+    (["--model-ema-decay", "1"], "--model-ema-decay must be in (0, 1), got 1.0"),
+    (["--model-ema-steps", "0"], "--model-ema-steps must be >= 1, got 0"),
+    (["--recipe", "tv-resnet50-v3"], "argument --recipe: invalid choice: 'tv-resnet50-v3'"),
+    (["--auto-augment", "aa"], "invalid choice: 'aa' (choose from 'ta_wide', 'ra')"),
+])
+def test_bad_recipe_options_are_refused(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(TrainConfig, ["--data", "x.csv", *args], "train", train_presets)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- train.py with all of them
+
+# EMA updates at steps 2 (a copy: the warm-up is 3 steps), 4, 6, 8; 3 steps an epoch
+FEATURES = ["--model-ema", "--model-ema-decay", 0.5, "--model-ema-steps", 2, "--mixup-alpha", 0.2, "--cutmix-alpha",
+            1.0, "--auto-augment", "ta_wide", "--random-erase", 0.5, "--clip-grad-norm", 0.5, "--label-smoothing", 0.1]
+
+
+def featured_args(data, out, *extra) -> list:
+    return ["--data", data, *TINY_TRAIN, "--epochs", 3, "--output", out, "--name", "run", *FEATURES, *extra]
+
+
+def finish(process, timeout=300):
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode in (0, 75), out[-3000:] + err[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def featured_run(tmp_path_factory, tiny_csv):
+    out = tmp_path_factory.mktemp("featured")
+    result = run_script("train.py", *featured_args(tiny_csv, out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out / "run", result.stdout
+
+
+def records(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ema_is_evaluated_beside_the_weights_and_saved(featured_run):
+    run, stdout = featured_run
+    rows = records(run)
+    assert all(r["train_acc"] is None for r in rows)  # mixed batches: no training accuracy
+    assert all({"ema_val_acc", "ema_val_loss"} <= set(r) for r in rows)
+    assert [r["ema_val_loss"] != r["val_loss"] for r in rows][1:] == [True, True]  # averaged after the warm-up
+    epoch_lines = [line for line in stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 3 and all("train loss" in line and "acc - |" in line and "EMA val loss" in line
+                                         for line in epoch_lines)
+    assert "--model-ema: decay 0.5 every 2 optimizer steps averages over about 1.33 epochs" in stdout
+    best_acc, which = max((epoch_score(r) for r in rows), key=lambda s: s[0])
+    assert "best.safetensors: epoch" in stdout and f"the {'EMA' if which == 'ema' else 'raw'} weights" in stdout
+    ema_weights, ema_meta = ckpt.load_weights(run / "ema.safetensors")
+    assert ema_meta["ema"] is True and ema_meta["val_acc"] == rows[-1]["ema_val_acc"] and ema_meta["epoch"] == 3
+    assert ckpt.load_weights(run / "best.safetensors")[1]["ema"] is (which == "ema")
+    assert ckpt.load_weights(run / "last.safetensors")[1]["ema"] is False
+    saved = ckpt.load_training_state(ckpt.list_checkpoints(run)[-1])
+    assert all(torch.equal(saved["ema"][k].cpu(), v) for k, v in ema_weights.items())
+    # sweep.py --which ema evaluates the EMA that train.py evaluated
+    sweep(SweepConfig(checkpoint=str(run), which="ema", sizes=[32], workers=0, output=str(run / "ema-sweep")))
+    row = json.loads((run / "ema-sweep" / "sweep.json").read_text())["rows"][0]
+    assert row["top1"] == rows[-1]["ema_val_acc"] and row["loss"] == pytest.approx(rows[-1]["ema_val_loss"], abs=1e-6)
+
+
+def test_recipe_features_resume_exactly_mid_epoch_and_at_an_epoch_end(featured_run, tiny_csv, tmp_path):
+    """Stopped by SIGTERM before optimizer step 4 (epoch 2, batch 2), resumed for one epoch
+    (--stop-after 1: to the end of epoch 2), resumed to the end: the weights, the EMA and the
+    numbers of the uninterrupted run."""
+    reference, _ = featured_run
+    out = tmp_path / "runs"
+    process = harness.start(featured_args(tiny_csv, out), events=tmp_path / "events.jsonl", pause_at="train step 4")
+    harness.wait_for(tmp_path / "events.jsonl", "paused", process, timeout=240)
+    process.send_signal(signal.SIGTERM)
+    assert "checkpoint saved at epoch 2, batch 2" in finish(process)
+    assert "resumed from" in finish(harness.start(featured_args(tiny_csv, out, "--resume", "auto", "--stop-after", 1),
+                                                  events=tmp_path / "events-2.jsonl"))
+    assert ckpt.list_checkpoints(out / "run")[-1].name == "epoch-0002-step-000006"
+    finish(harness.start(featured_args(tiny_csv, out, "--resume", "auto"), events=tmp_path / "events-3.jsonl"))
+    for name in ("last.safetensors", "ema.safetensors", "best.safetensors"):
+        expected, expected_meta = ckpt.load_weights(reference / name)
+        resumed, resumed_meta = ckpt.load_weights(out / "run" / name)
+        assert resumed_meta == expected_meta, name
+        assert all(torch.equal(expected[k], resumed[k]) for k in expected), name
+    # the evaluations; an epoch resumed in its middle reports the training loss of the batches after the resume
+    kept = ("epoch", "lr", "val_loss", "val_acc", "ema_val_loss", "ema_val_acc")
+    assert [{k: r[k] for k in kept} for r in records(out / "run")] == [{k: r[k] for k in kept} for r in records(reference)]
+
+
+def test_two_processes_evaluate_and_save_the_same_ema(tiny_csv, tmp_path):
+    """Each process's BatchNorm statistics follow its own batches; the EMA that two processes
+    evaluate must be the one saved, which one process then evaluates alike."""
+    result = run_script("train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", 32, "--batch-size", 8,
+                        "--workers", 0, "--epochs", 1, "--cpu", "--warmup-epochs", 0, "--model-ema",
+                        "--model-ema-decay", 0.5, "--model-ema-steps", 1, "--output", tmp_path, "--name", "run",
+                        processes=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = records(tmp_path / "run")[0]
+    sweep(SweepConfig(checkpoint=str(tmp_path / "run"), which="ema", sizes=[32], workers=0, output=str(tmp_path / "s")))
+    row = json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"][0]
+    assert row["top1"] == record["ema_val_acc"] and row["loss"] == pytest.approx(record["ema_val_loss"], abs=1e-5)
+
+
+def test_which_ema_of_a_run_without_it_is_refused(tmp_path):
+    (tmp_path / "last.safetensors").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="holds no ema.safetensors"):
+        ckpt.find_weights(tmp_path, "ema")
