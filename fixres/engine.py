@@ -46,6 +46,13 @@ class EpochResult:
     seconds: float
     lr: float
     completed: bool = True   # False when a stop was requested mid-epoch
+    data_wait_seconds: float = 0.0   # waiting for the loader's next batch (mean over processes)
+
+    @property
+    def data_wait_frac(self) -> float:
+        """The share of the epoch spent waiting for data: near 0 when the model is the bottleneck,
+        near 1 when the loader workers cannot keep up."""
+        return min(1.0, self.data_wait_seconds / max(self.seconds, 1e-9))
 
     @property
     def images_per_s(self) -> float:
@@ -74,9 +81,11 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
     seen = torch.zeros((), device=device, dtype=torch.long)
     skipped = torch.zeros((), device=device, dtype=torch.long)
     step, lr = first_step, lr_at(first_step)
-    start = time.perf_counter()
+    start = asked = time.perf_counter()
+    data_wait = 0.0
     completed = True
     for images, labels, n_skipped in loader:
+        data_wait += time.perf_counter() - asked
         skipped += n_skipped
         with accelerator.accumulate(model):
             images = to_device_batch(images, channels_last)
@@ -104,11 +113,15 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
         if accelerator.sync_gradients and should_stop():
             completed = False
             break
-    totals = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double(), skipped.double()]), "sum")
-    loss_total, correct_total, seen_total, skipped_total = totals.tolist()
+        asked = time.perf_counter()
+    waited = torch.tensor(data_wait, device=device, dtype=torch.float64)
+    totals = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double(), skipped.double(), waited]),
+                                "sum")
+    loss_total, correct_total, seen_total, skipped_total, waited_total = totals.tolist()
     return EpochResult(loss=loss_total / max(seen_total, 1), accuracy=correct_total / max(seen_total, 1),
                        images=int(seen_total), skipped=int(skipped_total),
-                       seconds=time.perf_counter() - start, lr=lr, completed=completed), step
+                       seconds=time.perf_counter() - start, lr=lr, completed=completed,
+                       data_wait_seconds=waited_total / accelerator.num_processes), step
 
 
 @torch.inference_mode()

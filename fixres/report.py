@@ -53,6 +53,8 @@ def epoch_line(record: dict) -> str:
              f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%",
              f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% (n={record['val_count']})",
              f"lr {record['lr']:.2e}", f"{record['images_per_s']:.1f} img/s", f"{record['seconds']:.0f}s"]
+    if "data_wait_frac" in record:  # the training epoch's time spent waiting for the loader (older runs: absent)
+        parts.append(f"data wait {100 * record['data_wait_frac']:.0f}%")
     if record.get("skipped"):
         parts.append(f"skipped {record['skipped']} bad images")
     return " | ".join(parts)

@@ -374,7 +374,8 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
             record = {"epoch": epoch + 1, "train_loss": result.loss, "train_acc": result.accuracy,
                       "val_loss": val["loss"], "val_acc": val["accuracy"], "val_count": val["count"],
                       "lr": result.lr, "images_per_s": result.images_per_s, "train_images": result.images,
-                      "skipped": result.skipped, "seconds": result.seconds + val["seconds"]}
+                      "skipped": result.skipped, "seconds": result.seconds + val["seconds"],
+                      "val_seconds": val["seconds"], "data_wait_frac": result.data_wait_frac}
             improved = val["accuracy"] > state.best_acc
             state = RunState(epoch=epoch + 1, step=state.step, records=state.records + [record],
                              best_acc=max(state.best_acc, val["accuracy"]))
