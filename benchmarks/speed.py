@@ -369,8 +369,8 @@ def main(argv=None) -> None:
     cores = len(os.sched_getaffinity(0))
     a.workers = a.workers if a.workers is not None else cores
     if a.loop_workers is None:
-        from fixres.data import default_workers
-        a.loop_workers = default_workers()
+        from fixres.data import worker_count
+        a.loop_workers = worker_count()
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else "cpu")
     torch.set_flush_denormal(True)  # as make_accelerator does, for every part alike
     parts = set(a.parts.split(","))

@@ -348,11 +348,14 @@ def round_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[i
     return [list(range(min(start, n), min(start + batch_size, n))) for start in starts]
 
 
-def default_workers() -> int:
-    """Loader workers per process: the cores this process may use, shared among the
+def worker_count(requested: int | None = None) -> int:
+    """Loader workers per process, the one rule of train.py, sweep.py and finetune.py:
+    `requested` (--workers) when given; else the cores this process may use, shared among the
     processes of this node (torchrun and accelerate set LOCAL_WORLD_SIZE), less one
     core for the process itself, at most 16 (on an H100 with 16 cores, the fast decoder's
     rate grew linearly up to 16 workers: docs/benchmarks.md)."""
+    if requested is not None:
+        return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(0, min(16, cores // max(1, local_processes) - 1))

@@ -48,7 +48,7 @@ from fixres import checkpoint as ckpt
 from fixres.adapt import (SyncedBatchNorm2d, find_last_bn, finetune_modes, freeze_for_finetuning,  # noqa: F401
                           install_synced_bn, prepare_for_finetuning)
 from fixres.config import RUNS, ConfigError, FinetuneConfig
-from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, default_workers, round_batches
+from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, round_batches, worker_count
 from fixres.models import ModelError, load_run_model
 from fixres.report import EpochProgress, config_table, finetune_table, make_console
 from fixres.resolution import recommended_test_res, resize_size
@@ -139,7 +139,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     min_scale = cfg.min_scale if "min_scale" in explicit else trained_min_scale(meta, source_cfg)
     eval_meta = {**meta, "interpolation": interpolation}
     last_bn = find_last_bn(model, input_size=train_res)
-    workers = cfg.workers if cfg.workers is not None else default_workers()
+    workers = worker_count(cfg.workers)
     sweep = dict(batch_size=cfg.batch_size, workers=workers, activations=True)
 
     # before: the training resolution and the new one (--res auto: every size of the sweep)

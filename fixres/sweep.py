@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from fixres.config import RUNS, ConfigError, _opt
-from fixres.data import DataError, default_workers, load_split, loader_options, open_image, round_batches
+from fixres.data import DataError, load_split, loader_options, open_image, round_batches, worker_count
 from fixres.engine import to_device_batch
 from fixres.models import (check_model_name, classifier_name, create_model, load_run_model, load_weights_into,
                            read_state_dict)
@@ -337,7 +337,7 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
     predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct, scale=(min_scale, 1.0))
     sizes = sorted(set(cfg.sizes or default_sizes(train_res, predicted)) | {train_res})  # the reference
     out = Path(cfg.output or run_dir or Path(meta["weights_path"]).parent)
-    workers = cfg.workers if cfg.workers is not None else default_workers()
+    workers = worker_count(cfg.workers)
     console.print(config_table({
         "weights": meta["weights_path"], "model": meta["model"], "dataset": split.source,
         "val images": len(split.val), "classes": len(split.classes), "sizes": " ".join(map(str, sizes))

@@ -29,8 +29,8 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 
 from fixres import checkpoint as ckpt
 from fixres.config import ConfigError, TrainConfig, load_config
-from fixres.data import (PREFETCH_BATCHES, EpochSampler, ImageDataset, collate_skipping, default_workers, load_split,
-                         loader_options)
+from fixres.data import (PREFETCH_BATCHES, EpochSampler, ImageDataset, collate_skipping, load_split,
+                         loader_options, worker_count)
 from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError, cosine_lr, evaluate,
                            train_one_epoch)
 from fixres.models import check_model_name, classifier_name, create_model, load_weights_into
@@ -315,7 +315,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
     if cfg.compile:
         model.compile()  # in place: the state dict keeps its names (no "_orig_mod." prefix)
 
-    workers = cfg.workers if cfg.workers is not None else default_workers()
+    workers = worker_count(cfg.workers)
     if job.transforms:
         train_tf, eval_tf = job.transforms(cfg)
     else:
