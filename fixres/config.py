@@ -64,6 +64,10 @@ class TrainConfig:
                                           "augmentation as torchvision's, cheaper: benchmarks/speed.py); --no-fast-decode: "
                                           "torchvision's transforms on each decoded image. Runs made before it was the "
                                           "default store null, which resumes as they started: on for GPUs only")
+    decode: str = _opt("auto", "where JPEGs are decoded: cpu = in the loader workers (Pillow); gpu = the workers only "
+                               "read the files, the batch is decoded on the model's device in one call (TorchCodec, "
+                               "nvJPEG on a GPU; pip install torchcodec), then cropped, resized and flipped there; "
+                               "auto = gpu on CUDA when torchcodec is installed, else cpu", ("auto", "cpu", "gpu"))
     # resolution and preprocessing
     train_res: int = _opt(224, "RandomResizedCrop size for training")
     test_res: int | None = _opt(None, "centre-crop size for validation (default: --train-res)")

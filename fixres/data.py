@@ -286,11 +286,16 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def collate_skipping(batch):
-    """Default collation over the decodable samples, plus how many were skipped."""
+    """Default collation over the decodable samples, plus how many were skipped. Samples of
+    a type with a `collate` (fixres.device_decode.DeviceSample: file bytes to decode on the
+    device) collate themselves."""
     good = [b for b in batch if b is not None]
     skipped = len(batch) - len(good)
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    collate_own = getattr(type(good[0][0]), "collate", None)
+    if collate_own is not None:
+        return collate_own([image for image, _ in good]), torch.tensor([label for _, label in good]), skipped
     images, labels = torch.utils.data.default_collate(good)
     return images, labels, skipped
 

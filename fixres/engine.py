@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fixres.device_decode import decode_on_device
 from fixres.transforms import normalize_batch
 
 
@@ -51,7 +52,7 @@ class EpochResult:
     @property
     def data_wait_frac(self) -> float:
         """The share of the epoch spent waiting for data: near 0 when the model is the bottleneck,
-        near 1 when the loader workers cannot keep up."""
+        near 1 when the loader workers cannot keep up (more workers, or --decode gpu)."""
         return min(1.0, self.data_wait_seconds / max(self.seconds, 1e-9))
 
     @property
@@ -86,6 +87,7 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
     completed = True
     for images, labels, n_skipped in loader:
         data_wait += time.perf_counter() - asked
+        images, labels, n_skipped = decode_on_device(images, labels, n_skipped, device)
         skipped += n_skipped
         with accelerator.accumulate(model):
             images = to_device_batch(images, channels_last)
@@ -134,6 +136,7 @@ def evaluate(model, loader, accelerator, *, channels_last: bool = False, progres
     count = torch.zeros((), device=device, dtype=torch.long)
     start = time.perf_counter()
     for images, labels, _ in loader:
+        images, labels, _ = decode_on_device(images, labels, 0, device)
         images = to_device_batch(images, channels_last)
         with accelerator.autocast():
             logits = model(images)

@@ -203,14 +203,15 @@ def test_bad_batch_size_is_one_line(fast_runs):
 
 
 def test_fast_decode_is_the_default_and_old_runs_keep_their_choice():
+    """With --decode cpu (auto on a CPU); tests/test_device_decode.py covers --decode gpu."""
     from fixres.config import TrainConfig
     from fixres.training import default_train_transform
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert isinstance(default_train_transform(TrainConfig(), cpu), DecodeRandomResizedCrop)
-    assert isinstance(default_train_transform(TrainConfig(fast_decode=False), gpu), transforms.v2.Compose)
+    assert isinstance(default_train_transform(TrainConfig(fast_decode=False, decode="cpu"), gpu), transforms.v2.Compose)
     # a run configured before the default changed stored null: the GPU-only choice it started with
     assert isinstance(default_train_transform(TrainConfig(fast_decode=None), cpu), transforms.v2.Compose)
-    assert isinstance(default_train_transform(TrainConfig(fast_decode=None), gpu), DecodeRandomResizedCrop)
+    assert isinstance(default_train_transform(TrainConfig(fast_decode=None, decode="cpu"), gpu), DecodeRandomResizedCrop)
 
 
 class SlowImages(torch.utils.data.Dataset):
