@@ -229,3 +229,15 @@ def test_the_sweep_gives_the_same_accuracy_through_both_decoders(gpu_decoded_run
         # pixels within about a level: at most one of the 25 validation images may change its answer
         assert abs(cpu_row["correct"] - gpu_row["correct"]) <= 1, (cpu_row["size"], cpu_row["top1"], gpu_row["top1"])
         assert abs(cpu_row["loss"] - gpu_row["loss"]) < 0.02 and cpu_row["count"] == gpu_row["count"] == 25
+
+
+@needs_torchcodec
+def test_finetune_py_decodes_on_the_device(gpu_decoded_run, tmp_path):
+    """Its sweeps (before, after) and --aug rrc's training crops go through the device path."""
+    _, run = gpu_decoded_run
+    result = run_script("finetune.py", "--checkpoint", run, "--res", "40", "--epochs", "1", "--aug", "rrc",
+                        "--decode", "gpu", "--cpu", "--workers", "0", "--output", tmp_path, "--name", "ft")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert summary["val_images"] == 25 and 0 <= summary["top1"]["after"] <= 1
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["decode"] == "gpu"
