@@ -328,7 +328,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 # Batches each loader worker keeps ready ahead of the training step (DataLoader's
-# prefetch_factor); 2, PyTorch's default, measured against 4 in docs/benchmarks.md
+# prefetch_factor); 2, PyTorch's default: benchmarks/speed.py --parts epochs compares it with
+# 4, not yet run on a quiet machine (docs/benchmarks.md)
 PREFETCH_BATCHES = 2
 
 
