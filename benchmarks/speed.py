@@ -6,6 +6,8 @@ train.py's loop end to end, and a plain loop like the Cassava blog post's as the
         --precision bf16 --compile --images 4096    # a GPU (all CPU cores feed the pipeline)
 
     python benchmarks/speed.py --parts epochs --images 640 --rounds 5   # persistent workers, prefetch depth
+    python benchmarks/speed.py --parts epochs --data ~/.cache/fixres/<shapes>/labels.csv --model test_resnet \
+        --output-stride 16 --res 64 --batch-size 32 --loop-workers 1   # the same on the quick start's data
 
 Parts (--parts, default model,pipeline,loop):
   model     (a) model-bound images/s, inputs already in device memory: a training step
@@ -24,7 +26,8 @@ Parts (--parts, default model,pipeline,loop):
             loop, same model, data, batch and workers, taking turns for --rounds rounds
   epochs    (e) train.py's epoch loop (training, then evaluation on a quarter of the JPEGs held
             out) for --epochs epochs, its loader workers re-created each epoch (as before issue
-            15) or kept (persistent), prefetch_factor 2 or 4, the variants taking turns
+            15) or kept (persistent), prefetch_factor 2 or 4, the variants taking turns; with
+            --data, on that dataset's training and validation splits instead
 
 Prints tables and writes benchmarks/results/speed-<cpu|cuda>.json.
 """
@@ -261,7 +264,7 @@ def fixres_loop(a, samples, fast_decode: bool = True, *, epochs: int = 1, val=()
     images/s of each epoch and the seconds of each (training + evaluation)."""
     torch.manual_seed(0)
     cfg = TrainConfig(model=a.model, train_res=a.res, batch_size=a.batch_size, workers=a.loop_workers,
-                      cpu=a.device == "cpu", fast_decode=fast_decode,
+                      cpu=a.device == "cpu", fast_decode=fast_decode, output_stride=a.output_stride,
                       mixed_precision="bf16" if a.precision == "bf16" else "no")
     accelerator = make_accelerator(cfg)
     device = accelerator.device
@@ -271,11 +274,11 @@ def fixres_loop(a, samples, fast_decode: bool = True, *, epochs: int = 1, val=()
                                              train_tf=train_tf, eval_tf=eval_transform(size=a.res),
                                              persistent=persistent, prefetch=prefetch)
     channels_last = device.type == "cuda"
-    model = create_model(a.model, num_classes=a.classes).to(device, memory_format=torch.channels_last
+    model = create_model(a.model, num_classes=a.classes, output_stride=a.output_stride).to(device, memory_format=torch.channels_last
                                                             if channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model.named_parameters(), cfg)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    rates, seconds = [], []
+    rates, seconds, waits = [], [], []
     for epoch in range(epochs):
         start = time.perf_counter()
         train_loader.set_epoch(epoch)
@@ -286,7 +289,8 @@ def fixres_loop(a, samples, fast_decode: bool = True, *, epochs: int = 1, val=()
         sync(device)
         rates.append(result.images_per_s)
         seconds.append(time.perf_counter() - start)
-    return {"images_per_s": rates, "seconds": seconds}
+        waits.append(result.data_wait_frac)
+    return {"images_per_s": rates, "seconds": seconds, "data_wait_frac": waits}
 
 
 def loops(a, samples, device) -> dict:
@@ -309,12 +313,16 @@ LOADER_VARIANTS = {  # (persistent workers, prefetch_factor)
 }
 
 
-def epochs(a, samples) -> dict:
+def epochs(a, samples, held_out=None) -> dict:
     """(e) train.py's epoch loop (training, then evaluation) over --epochs epochs with each
     loader variant, taking turns; the first epoch (worker start for all, allocations) is
-    reported apart from the later ones, where persistent workers are already running."""
-    n_val = max(a.batch_size, len(samples) // 4)
-    train, val = samples[n_val:], samples[:n_val]
+    reported apart from the later ones, where persistent workers are already running.
+    `held_out`: the validation samples (--data's); else a quarter of `samples`."""
+    if held_out:
+        train, val = samples, held_out
+    else:
+        n_val = max(a.batch_size, len(samples) // 4)
+        train, val = samples[n_val:], samples[:n_val]
     fixres_loop(a, train[: 2 * a.batch_size], epochs=1, val=val[: a.batch_size])  # warm-up: allocations, file cache
     runs = {name: [] for name in LOADER_VARIANTS}
     for _ in range(a.rounds):  # taking turns, so that drift in the machine's speed hits all alike
@@ -326,7 +334,8 @@ def epochs(a, samples) -> dict:
         later = [s for r in rounds for s in r["seconds"][1:]]
         report[name] = {"rounds": rounds, "first_epoch_seconds": statistics.median(r["seconds"][0] for r in rounds),
                         "later_epoch_seconds": statistics.median(later),
-                        "later_images_per_s": statistics.median(x for r in rounds for x in r["images_per_s"][1:])}
+                        "later_images_per_s": statistics.median(x for r in rounds for x in r["images_per_s"][1:]),
+                        "later_data_wait_frac": statistics.median(x for r in rounds for x in r["data_wait_frac"][1:])}
     return {"train_images": len(train), "val_images": len(val), "variants": report}
 
 
@@ -366,6 +375,9 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3, help="epochs per round in (e)")
     p.add_argument("--classes", type=int, default=6)
+    p.add_argument("--output-stride", type=int, default=None, help="timm's output_stride, as train.py's")
+    p.add_argument("--data", default=None, help="(e) on this CSV split or ImageFolder (e.g. the quick start's "
+                   "built-in data) instead of the generated 500 x 375 JPEGs")
     p.add_argument("--data-dir", default=None, help="where the JPEGs go (default: $FIXRES_CACHE or ~/.cache/fixres)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -374,8 +386,8 @@ def main(argv=None) -> None:
     cores = len(os.sched_getaffinity(0))
     a.workers = a.workers if a.workers is not None else cores
     if a.loop_workers is None:
-        from fixres.data import default_workers
-        a.loop_workers = default_workers()
+        from fixres.data import worker_count
+        a.loop_workers = worker_count()
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else "cpu")
     torch.set_flush_denormal(True)  # as make_accelerator does, for every part alike
     parts = set(a.parts.split(","))
@@ -395,7 +407,11 @@ def main(argv=None) -> None:
             print("  peak memory of a training step: " + ", ".join(
                 f"batch {b}: {v if isinstance(v, str) else f'{v:.1f} GiB'}" for b, v in m["peak_memory_gib"].items()))
 
-    if parts & {"pipeline", "loop", "epochs"}:
+    held_out = None
+    if a.data:
+        split = load_split(a.data)
+        samples, held_out, a.classes = split.train, split.val, len(split.classes)
+    elif parts & {"pipeline", "loop", "epochs"}:
         root = Path(a.data_dir or os.environ.get("FIXRES_CACHE") or Path.home() / ".cache" / "fixres")
         folder = root / f"speed-500x375-q90-{a.images}"
         if not (folder / "labels.csv").exists():
@@ -424,14 +440,14 @@ def main(argv=None) -> None:
                   + " ".join(f"{r:.1f}" for r in value["rounds"]))
 
     if "epochs" in parts:
-        report["epochs"] = ep = epochs(a, samples)
+        report["epochs"] = ep = epochs(a, samples, held_out)
         before = ep["variants"]["workers re-created each epoch, prefetch 2"]["later_epoch_seconds"]
         print(f"\n(e) train.py's epochs (training on {ep['train_images']} images, then evaluating {ep['val_images']}), "
               f"{a.model} at {a.res} px, batch {a.batch_size}, {a.loop_workers} workers, median of {a.rounds} rounds")
         for name, v in ep["variants"].items():
             print(f"  {name:<44} first epoch {v['first_epoch_seconds']:6.2f} s, later epochs "
                   f"{v['later_epoch_seconds']:6.2f} s ({before / v['later_epoch_seconds']:.3f}x re-created), "
-                  f"training {v['later_images_per_s']:.1f} img/s")
+                  f"training {v['later_images_per_s']:.1f} img/s, data wait {100 * v['later_data_wait_frac']:.0f}%")
 
     out = Path(a.out) if a.out else Path(__file__).resolve().parent / "results" / f"speed-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,10 @@ class TrainConfig:
                                           "augmentation as torchvision's, cheaper: benchmarks/speed.py); --no-fast-decode: "
                                           "torchvision's transforms on each decoded image. Runs made before it was the "
                                           "default store null, which resumes as they started: on for GPUs only")
+    decode: str = _opt("auto", "where JPEGs are decoded: cpu = in the loader workers (Pillow); gpu = the workers only "
+                               "read the files, the batch is decoded on the model's device in one call (TorchCodec, "
+                               "nvJPEG on a GPU; pip install torchcodec), then cropped, resized and flipped there; "
+                               "auto = gpu on CUDA when torchcodec is installed, else cpu", ("auto", "cpu", "gpu"))
     # resolution and preprocessing
     train_res: int = _opt(224, "RandomResizedCrop size for training")
     test_res: int | None = _opt(None, "centre-crop size for validation (default: --train-res)")
@@ -182,6 +186,9 @@ class TrainConfig:
             raise ConfigError(f"--clip-grad-norm must be > 0, got {self.clip_grad_norm}")
         if not 0 <= self.random_erase <= 1:
             raise ConfigError(f"--random-erase must be a probability in [0, 1], got {self.random_erase}")
+        if self.decode == "gpu" and (self.auto_augment or self.random_erase):
+            raise ConfigError("--decode gpu decodes after the workers, where --auto-augment and --random-erase run: "
+                              "use --decode cpu (auto does) with them")
         for name in ("mixup_alpha", "cutmix_alpha"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(self, name)}")

@@ -286,11 +286,16 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def collate_skipping(batch):
-    """Default collation over the decodable samples, plus how many were skipped."""
+    """Default collation over the decodable samples, plus how many were skipped. Samples of
+    a type with a `collate` (fixres.device_decode.DeviceSample: file bytes to decode on the
+    device) collate themselves."""
     good = [b for b in batch if b is not None]
     skipped = len(batch) - len(good)
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    collate_own = getattr(type(good[0][0]), "collate", None)
+    if collate_own is not None:
+        return collate_own([image for image, _ in good]), torch.tensor([label for _, label in good]), skipped
     images, labels = torch.utils.data.default_collate(good)
     return images, labels, skipped
 
@@ -323,7 +328,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 # Batches each loader worker keeps ready ahead of the training step (DataLoader's
-# prefetch_factor); 2, PyTorch's default, measured against 4 in docs/benchmarks.md
+# prefetch_factor); 2, PyTorch's default: benchmarks/speed.py --parts epochs compares it with
+# 4, not yet run on a quiet machine (docs/benchmarks.md)
 PREFETCH_BATCHES = 2
 
 
@@ -348,11 +354,14 @@ def round_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[i
     return [list(range(min(start, n), min(start + batch_size, n))) for start in starts]
 
 
-def default_workers() -> int:
-    """Loader workers per process: the cores this process may use, shared among the
+def worker_count(requested: int | None = None) -> int:
+    """Loader workers per process, the one rule of train.py, sweep.py and finetune.py:
+    `requested` (--workers) when given; else the cores this process may use, shared among the
     processes of this node (torchrun and accelerate set LOCAL_WORLD_SIZE), less one
     core for the process itself, at most 16 (on an H100 with 16 cores, the fast decoder's
     rate grew linearly up to 16 workers: docs/benchmarks.md)."""
+    if requested is not None:
+        return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(0, min(16, cores // max(1, local_processes) - 1))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fixres.device_decode import decode_on_device
 from fixres.transforms import normalize_batch
 
 
@@ -46,6 +47,13 @@ class EpochResult:
     seconds: float
     lr: float
     completed: bool = True   # False when a stop was requested mid-epoch
+    data_wait_seconds: float = 0.0   # waiting for the loader's next batch (mean over processes)
+
+    @property
+    def data_wait_frac(self) -> float:
+        """The share of the epoch spent waiting for data: near 0 when the model is the bottleneck,
+        near 1 when the loader workers cannot keep up (more workers, or --decode gpu)."""
+        return min(1.0, self.data_wait_seconds / max(self.seconds, 1e-9))
 
     @property
     def images_per_s(self) -> float:
@@ -80,9 +88,12 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
     seen = torch.zeros((), device=device, dtype=torch.long)
     skipped = torch.zeros((), device=device, dtype=torch.long)
     step, lr = first_step, lr_at(first_step)
-    start = time.perf_counter()
+    start = asked = time.perf_counter()
+    data_wait = 0.0
     completed = True
     for batch, (images, labels, n_skipped) in enumerate(loader, start=first_batch):
+        data_wait += time.perf_counter() - asked
+        images, labels, n_skipped = decode_on_device(images, labels, n_skipped, device)
         skipped += n_skipped
         with accelerator.accumulate(model):
             targets = labels
@@ -118,12 +129,16 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
         if accelerator.sync_gradients and should_stop():
             completed = False
             break
-    totals = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double(), skipped.double()]), "sum")
-    loss_total, correct_total, seen_total, skipped_total = totals.tolist()
+        asked = time.perf_counter()
+    waited = torch.tensor(data_wait, device=device, dtype=torch.float64)
+    totals = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double(), skipped.double(), waited]),
+                                "sum")
+    loss_total, correct_total, seen_total, skipped_total, waited_total = totals.tolist()
     accuracy = correct_total / max(seen_total, 1) if mix is None else None
     return EpochResult(loss=loss_total / max(seen_total, 1), accuracy=accuracy,
                        images=int(seen_total), skipped=int(skipped_total),
-                       seconds=time.perf_counter() - start, lr=lr, completed=completed), step
+                       seconds=time.perf_counter() - start, lr=lr, completed=completed,
+                       data_wait_seconds=waited_total / accelerator.num_processes), step
 
 
 @torch.inference_mode()
@@ -136,6 +151,7 @@ def evaluate(model, loader, accelerator, *, channels_last: bool = False, progres
     count = torch.zeros((), device=device, dtype=torch.long)
     start = time.perf_counter()
     for images, labels, _ in loader:
+        images, labels, _ = decode_on_device(images, labels, 0, device)
         images = to_device_batch(images, channels_last)
         with accelerator.autocast():
             logits = model(images)

@@ -48,7 +48,8 @@ from fixres import checkpoint as ckpt
 from fixres.adapt import (SyncedBatchNorm2d, find_last_bn, finetune_modes, freeze_for_finetuning,  # noqa: F401
                           install_synced_bn, prepare_for_finetuning)
 from fixres.config import FINETUNE_SHAPES_PRESET, RUNS, ConfigError, FinetuneConfig
-from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, default_workers, round_batches
+from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, round_batches, worker_count
+from fixres.device_decode import CropSpec, ReadForDevice, ResizeSpec, resolve_decode
 from fixres.models import ModelError, load_run_model
 from fixres.report import EpochProgress, config_table, finetune_table, make_console
 from fixres.resolution import recommended_test_res, resize_size
@@ -102,6 +103,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     method, evaluate after, write the run folder, finetune.json and activations.png."""
     accelerator = make_accelerator(cfg)
     console = make_console(accelerator.is_main_process)
+    resolve_decode(cfg.decode, accelerator.device)  # --decode gpu without torchcodec: refused before any work
     if cfg.checkpoint is None and cfg.resume is None:  # right after train.py: its newest run, not a fine-tuned one
         cfg = dataclasses.replace(cfg, checkpoint=str(ckpt.newest_run(Path(cfg.output or RUNS), trained_only=True)))
         console.print(f"--checkpoint not given: using the newest train.py run {cfg.checkpoint}")
@@ -141,8 +143,9 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     min_scale = cfg.min_scale if "min_scale" in explicit else trained_min_scale(meta, source_cfg)
     eval_meta = {**meta, "interpolation": interpolation}
     last_bn = find_last_bn(model, input_size=train_res)
-    workers = cfg.workers if cfg.workers is not None else default_workers()
-    sweep = dict(batch_size=cfg.batch_size, workers=workers, activations=True)
+    workers = worker_count(cfg.workers)
+    decode = resolve_decode(cfg.decode, accelerator.device)
+    sweep = dict(batch_size=cfg.batch_size, workers=workers, activations=True, decode=decode)
 
     # before: the training resolution and the new one (--res auto: every size of the sweep)
     predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct, scale=(min_scale, 1.0))
@@ -284,13 +287,28 @@ def _finetune(cfg, explicit, model, meta, extra, accelerator) -> dict:
     """The training loop of train.py on the frozen model, its last BN synced and in train mode."""
     bn = install_synced_bn(model, extra["last_bn"])
     freeze_for_finetuning(model, last_bn=extra["last_bn"], train_bn_affine=cfg.train_bn_affine)
-    preprocess = dict(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
     job = Job(title="finetune", accelerator=accelerator, classes=meta["classes"],
               build_model=lambda c, classes: model, set_modes=finetune_modes(bn),
-              transforms=lambda c: (finetune_transform(aug=c.aug, size=c.res, min_scale=c.min_scale, **preprocess),
-                                    eval_transform(size=c.res, **preprocess)),
+              transforms=lambda c: finetune_transforms(c, resolve_decode(c.decode, accelerator.device)),
               meta=lambda c, classes: weights_meta(c, classes, **extra), next_steps=False)
     return train(cfg, explicit, job)
+
+
+def finetune_transforms(cfg, decode: str) -> tuple:
+    """(training, evaluation) transforms at --res. With --decode gpu the evaluation and --aug
+    test / rrc decode on the device; test+ (flip, jitter, shifted crop) has no device version
+    and stays in the workers."""
+    preprocess = dict(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+    if decode == "gpu":
+        evaluation = ReadForDevice(ResizeSpec((cfg.res,), **preprocess), skip_bad=cfg.skip_bad_images)
+        if cfg.aug == "test":
+            return evaluation, evaluation
+        if cfg.aug == "rrc":
+            return ReadForDevice(CropSpec(cfg.res, cfg.interpolation), min_scale=cfg.min_scale,
+                                 skip_bad=cfg.skip_bad_images), evaluation
+        return finetune_transform(aug=cfg.aug, size=cfg.res, min_scale=cfg.min_scale, **preprocess), evaluation
+    return (finetune_transform(aug=cfg.aug, size=cfg.res, min_scale=cfg.min_scale, **preprocess),
+            eval_transform(size=cfg.res, **preprocess))
 
 
 def _bn_stats(cfg, model, split, eval_meta, accelerator, console, workers, last_bn) -> dict:

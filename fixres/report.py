@@ -59,6 +59,8 @@ def epoch_line(record: dict) -> str:
              f"lr {record['lr']:.2e}", f"{record['images_per_s']:.1f} img/s", f"{record['seconds']:.0f}s"]
     if "ema_val_acc" in record:
         parts.insert(3, f"EMA val loss {record['ema_val_loss']:.4f} acc {100 * record['ema_val_acc']:.2f}%")
+    if "data_wait_frac" in record:  # the training epoch's time spent waiting for the loader (older runs: absent)
+        parts.append(f"data wait {100 * record['data_wait_frac']:.0f}%")
     if record.get("skipped"):
         parts.append(f"skipped {record['skipped']} bad images")
     return " | ".join(parts)

@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from fixres.config import RUNS, ConfigError, _opt
-from fixres.data import DataError, default_workers, load_split, loader_options, open_image, round_batches
+from fixres.data import (DataError, ImageDataset, collate_skipping, load_split, loader_options, open_image,
+                         round_batches, worker_count)
+from fixres.device_decode import ReadForDevice, ResizeSpec, resolve_decode
 from fixres.engine import to_device_batch
 from fixres.models import (check_model_name, classifier_name, create_model, load_run_model, load_weights_into,
                            read_state_dict)
@@ -74,6 +76,9 @@ class SweepConfig:
     # runtime
     batch_size: int = _opt(64, "images per process per forward pass")
     workers: int | None = _opt(None, "data loader worker processes per rank (default: from the CPU count)")
+    decode: str = _opt("auto", "cpu: the workers decode and resize; gpu: they read the files, each image is decoded "
+                               "once on the model's device and resized there to every size (pip install torchcodec); "
+                               "auto: gpu on CUDA when torchcodec is installed", ("auto", "cpu", "gpu"))
     mixed_precision: str | None = _opt(None, "autocast dtype (default: Accelerate's config / launch flag, else none)", ("no", "bf16", "fp16"))
     cpu: bool = _opt(False, "run on the CPU even when a GPU is present")
     output: str | None = _opt(None, "folder for sweep.csv, sweep.json and the plots (default: the run folder)")
@@ -152,9 +157,11 @@ def shard_indices(n: int, batch_size: int, rank: int, world: int) -> list[int]:
 
 
 def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, batch_size: int = 64,
-              workers: int = 0, activations: bool = False, progress=None, samples=None) -> list[dict]:
+              workers: int = 0, activations: bool = False, progress=None, samples=None,
+              decode: str = "cpu") -> list[dict]:
     """Evaluate `model` on split.val (or on `samples`, (path, label) pairs) at every size;
-    one row per size, equal on every process.
+    one row per size, equal on every process. `decode` "gpu": the workers read the files, and
+    each batch is decoded once on the device and resized there to every size (fixres.device_decode).
 
     `meta` gives the preprocessing (interpolation, mean, std; fixres weights metadata).
     The model is unwrapped (no DDP: ranks run different numbers of batches), moved to the
@@ -174,11 +181,16 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
     preprocess = dict(crop_pct=crop_pct, interpolation=meta.get("interpolation", "bilinear"),
                       mean=meta.get("mean", IMAGENET_MEAN), std=meta.get("std", IMAGENET_STD))
     per_image, per_batch = zip(*(split_at_float(eval_transform(size=s, **preprocess)) for s in sizes))
-    dataset = MultiSizeDataset(split.val if samples is None else samples, per_image)
+    samples = split.val if samples is None else samples
+    if decode == "gpu":
+        reader = ReadForDevice(ResizeSpec(tuple(sizes), crop_pct, preprocess["interpolation"]))
+        dataset, collate = ImageDataset(samples, reader), collate_skipping
+    else:
+        dataset, collate = MultiSizeDataset(samples, per_image), None
     mine = shard_indices(len(dataset), batch_size, accelerator.process_index, accelerator.num_processes)
     mine_on_device = torch.tensor(mine, dtype=torch.long, device=device)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
-                                         pin_memory=device.type == "cuda",
+                                         pin_memory=device.type == "cuda", collate_fn=collate,
                                          **loader_options(workers, persistent=False))  # read once
     n = len(sizes)
     # per size: correct, count, loss sum | zeros, sum, sum of squares, count of features | histogram
@@ -197,8 +209,10 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
     loader_s = 0.0
     try:
         with torch.inference_mode():
-            for batch, labels in loader:
+            for batch, labels, *_ in loader:
                 loader_s += time.perf_counter() - waited
+                if decode == "gpu":
+                    batch = batch.decode(device)[0]  # a file nothing decodes raised BadImageError: none dropped
                 labels = labels.to(device)
                 indices = mine_on_device[done:done + labels.numel()]  # the loader keeps the shard's order
                 done += labels.numel()
@@ -329,6 +343,7 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
 
     accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
     console = make_console(accelerator.is_main_process)
+    decode = resolve_decode(cfg.decode, accelerator.device)  # before any work
     if cfg.checkpoint is None and cfg.weights is None:
         cfg = dataclasses.replace(cfg, checkpoint=str(newest_run(Path(RUNS))))
         console.print(f"--checkpoint not given: using the newest run {cfg.checkpoint}")
@@ -339,18 +354,18 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
     predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct, scale=(min_scale, 1.0))
     sizes = sorted(set(cfg.sizes or default_sizes(train_res, predicted)) | {train_res})  # the reference
     out = Path(cfg.output or run_dir or Path(meta["weights_path"]).parent)
-    workers = cfg.workers if cfg.workers is not None else default_workers()
+    workers = worker_count(cfg.workers)
     console.print(config_table({
         "weights": meta["weights_path"], "model": meta["model"], "dataset": split.source,
         "val images": len(split.val), "classes": len(split.classes), "sizes": " ".join(map(str, sizes))
         + ("" if not cfg.sizes or train_res in cfg.sizes else f" (with {train_res}, the training size: the reference)"),
         "crop_pct": crop_pct, "trained at": train_res, "predicted best": f"{predicted} (RRC min scale {min_scale})",
         "processes": accelerator.num_processes, "device": accelerator.device,
-        "mixed precision": accelerator.mixed_precision, "workers": workers, "output": out},
+        "mixed precision": accelerator.mixed_precision, "workers": workers, "decoding on": decode, "output": out},
         title="fixres sweep: resolved config"))
     with EpochProgress(console, f"sweep ({len(sizes)} sizes)", len(split.val)) as bar:
         rows = run_sweep(model, meta, split, sizes, crop_pct, accelerator, batch_size=cfg.batch_size,
-                         workers=workers, activations=cfg.activations, progress=bar)
+                         workers=workers, activations=cfg.activations, progress=bar, decode=decode)
     add_differences(rows, train_res)
     best = best_row(rows)
     console.print(sweep_table(rows, train_res=train_res, predicted=predicted, best=best["size"]))

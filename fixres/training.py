@@ -30,8 +30,9 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 
 from fixres import checkpoint as ckpt
 from fixres.config import ConfigError, TrainConfig, load_config
-from fixres.data import (PREFETCH_BATCHES, EpochSampler, ImageDataset, collate_skipping, default_workers, load_split,
-                         loader_options)
+from fixres.data import (PREFETCH_BATCHES, EpochSampler, ImageDataset, collate_skipping, load_split,
+                         loader_options, worker_count)
+from fixres.device_decode import CropSpec, ReadForDevice, ResizeSpec, resolve_decode
 from fixres.ema import ModelEma
 from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError, cosine_lr, evaluate,
                            train_one_epoch)
@@ -135,9 +136,15 @@ def weights_meta(cfg: TrainConfig, classes: list[str], **extra) -> dict:
 
 
 def default_train_transform(cfg: TrainConfig, device: torch.device):
-    """train.py's training augmentation: the fast decoder unless --no-fast-decode; a run
-    configured before it was the default (fast_decode null) keeps its GPU-only choice.
-    --auto-augment and --random-erase follow the crop on either path."""
+    """train.py's training augmentation: with --decode gpu (or auto on CUDA with torchcodec)
+    the workers read bytes and draw the crop, decoded on `device` (fixres.device_decode);
+    else the fast decoder unless --no-fast-decode; a run configured before it was the
+    default (fast_decode null) keeps its GPU-only choice. --auto-augment and --random-erase
+    follow the crop on the CPU paths: with either, auto decodes on the CPU."""
+    on_device = resolve_decode(cfg.decode, device) == "gpu" and not (cfg.auto_augment or cfg.random_erase)
+    if on_device:
+        return ReadForDevice(CropSpec(cfg.train_res, cfg.interpolation), min_scale=cfg.min_scale,
+                             skip_bad=cfg.skip_bad_images)
     fast_decode = cfg.fast_decode if cfg.fast_decode is not None else device.type == "cuda"
     make = DecodeRandomResizedCrop if fast_decode else train_transform
     augment = crop_augment(auto_augment=cfg.auto_augment, random_erase=cfg.random_erase,
@@ -166,6 +173,13 @@ def weights_files(meta: dict, weights: dict, ema_weights: dict | None, record: d
     if best:
         files["best.safetensors"] = files["ema.safetensors" if best == "ema" else "last.safetensors"]
     return files
+
+
+def default_eval_transform(cfg: TrainConfig, device: torch.device):
+    """train.py's validation preprocessing at --test-res, on `device` with --decode gpu."""
+    if resolve_decode(cfg.decode, device) == "gpu":
+        return ReadForDevice(ResizeSpec((cfg.eval_res,), cfg.crop_pct, cfg.interpolation), skip_bad=cfg.skip_bad_images)
+    return eval_transform(size=cfg.eval_res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
 
 
 def build_loaders(split, cfg: TrainConfig, *, train_tf, eval_tf, workers: int, pin_memory: bool,
@@ -296,6 +310,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
         else:
             cfg = resumed_config(checkpoint, cfg, explicit)
     check_model_name(cfg.model)
+    decode = resolve_decode(cfg.decode, accelerator.device)  # --decode gpu without torchcodec: refused before any work
     data, images, data_name = resolve_data(cfg, accelerator)
     saved_meta = ckpt.load_weights(checkpoint / ckpt.WEIGHTS_FILE)[1] if checkpoint else {}
     split = load_split(data, images, classes=saved_meta.get("classes") or job.classes)
@@ -304,7 +319,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
     console.print(config_table({**cfg.to_dict(), "run folder": run_dir, "dataset": split.source,
                                 "classes": len(split.classes), "train images": len(split.train),
                                 "val images": len(split.val), "processes": accelerator.num_processes,
-                                "device": accelerator.device,
+                                "device": accelerator.device, "decoding on": decode,
                                 "mixed precision": accelerator.mixed_precision},
                                title=f"fixres {job.title}: resolved config"))
     if accelerator.is_main_process:
@@ -354,12 +369,12 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
         if ema is not None:
             ema.module.compile()
 
-    workers = cfg.workers if cfg.workers is not None else default_workers()
+    workers = worker_count(cfg.workers)
     if job.transforms:
         train_tf, eval_tf = job.transforms(cfg)
     else:
         train_tf = default_train_transform(cfg, accelerator.device)
-        eval_tf = eval_transform(size=cfg.eval_res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+        eval_tf = default_eval_transform(cfg, accelerator.device)
     train_loader, val_loader = build_loaders(split, cfg, workers=workers, train_tf=train_tf, eval_tf=eval_tf,
                                              pin_memory=accelerator.device.type == "cuda")
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
@@ -423,7 +438,8 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
             record = {"epoch": epoch + 1, "train_loss": result.loss, "train_acc": result.accuracy,
                       "val_loss": val["loss"], "val_acc": val["accuracy"], "val_count": val["count"],
                       "lr": result.lr, "images_per_s": result.images_per_s, "train_images": result.images,
-                      "skipped": result.skipped, "seconds": result.seconds + val["seconds"]}
+                      "skipped": result.skipped, "seconds": result.seconds + val["seconds"],
+                      "val_seconds": val["seconds"], "data_wait_frac": result.data_wait_frac}
             if ema is not None:  # the EMA weights, evaluated as the raw ones are
                 ema.sync(accelerator)
                 with EpochProgress(console, "evaluating the EMA", len(split.val)) as bar:

@@ -1,5 +1,6 @@
 """Both data layouts, their one-line errors, and image decoding of real-world files."""
 import io
+import os
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 from PIL import Image
 
 from fixres.data import (BadImageError, DataError, EpochSampler, ImageDataset, collate_skipping, load_split,
-                         open_image)
+                         open_image, worker_count)
 from tests.conftest import make_csv_dataset
 
 
@@ -218,3 +219,15 @@ def test_persistent_workers_get_each_epoch_and_match_no_workers(tiny_csv):
     both = crops[2, 0].keys() & crops[2, 1].keys()
     changed = sum(not torch.equal(crops[2, 0][i], crops[2, 1][i]) for i in both)
     assert len(both) >= 30 and changed == len(both), f"{len(both) - changed} of {len(both)} crops repeat epoch 1's"
+
+
+@pytest.mark.parametrize("cores, local_processes, expected", [(16, None, 15), (16, "2", 7), (64, None, 16),
+                                                               (2, None, 1), (1, None, 0), (4, "8", 0)])
+def test_worker_count_follows_the_cores_per_process(monkeypatch, cores, local_processes, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if local_processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
+    assert worker_count() == expected
+    assert worker_count(3) == 3 and worker_count(0) == 0  # --workers wins

@@ -117,7 +117,7 @@ def temporaries(run: Path) -> list[str]:
 
 
 def metrics(run: Path) -> list[dict]:
-    drop = ("images_per_s", "seconds")  # timings
+    drop = ("images_per_s", "seconds", "val_seconds", "data_wait_frac")  # timings
     return [{k: v for k, v in json.loads(line).items() if k not in drop}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 

@@ -1,19 +1,23 @@
 """The fast paths against the plain ones: the reduced-scale decode, uint8 cropping with
-normalisation on the device, channels_last, torch.compile and --batch-size auto.
+normalisation on the device, channels_last, torch.compile and --batch-size auto; and the
+data-wait share that tells a user the loader is what limits them.
 No timings here; benchmarks/speed.py measures the speed."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
 import timm
 import torch
+from accelerate import Accelerator
 from PIL import Image
 
 from conftest import TINY_TRAIN, error_line, make_csv_dataset, run_script
 from fixres import transforms
 from fixres.data import BadImageError, ImageDataset, open_image
+from fixres.engine import train_one_epoch
 from fixres.training import largest_batch
 from fixres.transforms import DecodeRandomResizedCrop, normalize_batch, sample_crop
 
@@ -199,11 +203,36 @@ def test_bad_batch_size_is_one_line(fast_runs):
 
 
 def test_fast_decode_is_the_default_and_old_runs_keep_their_choice():
+    """With --decode cpu (auto on a CPU); tests/test_device_decode.py covers --decode gpu."""
     from fixres.config import TrainConfig
     from fixres.training import default_train_transform
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert isinstance(default_train_transform(TrainConfig(), cpu), DecodeRandomResizedCrop)
-    assert isinstance(default_train_transform(TrainConfig(fast_decode=False), gpu), transforms.v2.Compose)
+    assert isinstance(default_train_transform(TrainConfig(fast_decode=False, decode="cpu"), gpu), transforms.v2.Compose)
     # a run configured before the default changed stored null: the GPU-only choice it started with
     assert isinstance(default_train_transform(TrainConfig(fast_decode=None), cpu), transforms.v2.Compose)
-    assert isinstance(default_train_transform(TrainConfig(fast_decode=None), gpu), DecodeRandomResizedCrop)
+    assert isinstance(default_train_transform(TrainConfig(fast_decode=None, decode="cpu"), gpu), DecodeRandomResizedCrop)
+
+
+class SlowImages(torch.utils.data.Dataset):
+    """Random uint8 images that take 30 ms each to 'load'."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        time.sleep(0.03)
+        return torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8), i % 2
+
+
+def test_a_slow_loader_shows_as_data_wait():
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(SlowImages(), batch_size=4,
+                                         collate_fn=lambda b: (*torch.utils.data.default_collate(b), 0))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    result, _ = train_one_epoch(model, loader, optimizer, accelerator, lr_at=lambda step: 0.1, first_step=0)
+    assert result.images == 16
+    # 120 ms of loading per batch against a linear layer's step: nearly all of it is waiting
+    assert 0.5 < result.data_wait_frac <= 1.0 and result.data_wait_seconds <= result.seconds
