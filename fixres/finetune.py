@@ -55,7 +55,7 @@ from fixres.report import EpochProgress, config_table, finetune_table, make_cons
 from fixres.resolution import recommended_test_res, resize_size
 from fixres.stats import METHOD as STATS_METHOD
 from fixres.stats import paired_difference_of
-from fixres.sweep import (ACT_EDGES, SweepConfig, _run_folder, add_differences, best_row, default_sizes,
+from fixres.sweep import (ACT_EDGES, SweepConfig, _run_folder, add_differences, default_sizes,
                           load_for_sweep, run_sweep, trained_min_scale)
 from fixres.training import Job, make_accelerator, new_run_dir, resumed_config, train, weights_meta
 from fixres.transforms import INTERPOLATIONS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
