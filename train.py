@@ -7,8 +7,9 @@
     python train.py --resume auto                      # continue the newest run under runs/
 
 Prints the resolved config, a progress bar and one line per epoch
-("epoch   3 | train loss ... | val loss ... acc 81.20% (n=1000) | ..."), then a
-table and the commands that come next ("next: python sweep.py --checkpoint runs/<name>",
+("epoch   3 | train loss ... | val loss ... acc 81.20% top-5 97.10% (n=1000) | ..."; top-5 is
+top-k with k = min(5, classes)), the timm export's folder ("timm export: runs/<name>/timm
+..."), then a table and the commands that come next ("next: python sweep.py --checkpoint runs/<name>",
 "then: python finetune.py --checkpoint runs/<name>"); writes runs/<name>/ (see
 fixres/checkpoint.py). `--help` lists every option.
 """

@@ -31,9 +31,11 @@ from fixres import checkpoint as ckpt
 from fixres.config import ConfigError, TrainConfig, load_config
 from fixres.data import (PREFETCH_BATCHES, EpochSampler, ImageDataset, collate_skipping, default_workers, load_split,
                          loader_options)
-from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError, cosine_lr, evaluate,
+from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError, cosine_lr, evaluate, top5_k,
                            train_one_epoch)
-from fixres.models import check_model_name, classifier_name, create_model, load_weights_into
+from fixres.export import write_run_export
+from fixres.models import (PREPROCESSING_KEYS, check_model_name, classifier_name, create_model, load_weights_into,
+                           pretrained_preprocessing)
 from fixres.report import EpochProgress, config_table, epoch_line, make_console, metrics_table, write_jsonl
 from fixres.transforms import (IMAGENET_MEAN, IMAGENET_STD, DecodeRandomResizedCrop, eval_transform,
                                train_transform)
@@ -128,16 +130,52 @@ def weights_meta(cfg: TrainConfig, classes: list[str], **extra) -> dict:
     """The preprocessing a set of weights expects, stored inside the weights file."""
     return {"model": cfg.model, "output_stride": cfg.output_stride, "classes": classes, "num_classes": len(classes), "train_res": cfg.train_res,
             "test_res": cfg.eval_res, "input_size": [3, cfg.eval_res, cfg.eval_res], "crop_pct": cfg.crop_pct,
-            "interpolation": cfg.interpolation, "min_scale": cfg.min_scale, "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD), **extra}
+            "interpolation": cfg.interpolation, "min_scale": cfg.min_scale, "mean": list(cfg.mean or IMAGENET_MEAN),
+            "std": list(cfg.std or IMAGENET_STD), **extra}
+
+
+def resolve_preprocessing(cfg: TrainConfig, explicit: set[str], *, resumed: bool = False) -> tuple[TrainConfig, str]:
+    """The normalisation (and crop_pct, interpolation) a run trains and evaluates with, and
+    where it came from, in words. Options given on the command line win; then, with
+    --pretrained or --weights, what those weights were made with: a fixres weights file's
+    metadata, else the library's pretrained config of the model (timm's pretrained_cfg,
+    torchvision's weights transforms); else ImageNet's mean and std and the option defaults.
+    A resumed run keeps its config; one saved before mean/std were options used ImageNet's."""
+    own, source = {}, "ImageNet's mean and std (training from scratch)"
+    if resumed:
+        source = "the run's config"
+    elif cfg.mean is not None and "mean" not in explicit:
+        source = "the job's config (finetune.py: the source weights' metadata)"
+    elif cfg.pretrained or cfg.weights:
+        own = {k: v for k, v in ckpt.read_metadata(Path(cfg.weights)).items() if k in PREPROCESSING_KEYS} \
+            if cfg.weights else {}
+        source = f"the metadata of {cfg.weights}"
+        if not own:
+            own = pretrained_preprocessing(cfg.model)
+            library = "torchvision's weights transforms" if cfg.model.startswith("tv:") else "timm's pretrained_cfg"
+            source = f"{library} of {cfg.model}, whose pretrained weights {'--weights' if cfg.weights else 'these'} are"
+    keep = lambda key: key in explicit or key not in own  # noqa: E731
+    cfg = dataclasses.replace(
+        cfg, mean=list(cfg.mean or own.get("mean") or IMAGENET_MEAN), std=list(cfg.std or own.get("std") or IMAGENET_STD),
+        crop_pct=cfg.crop_pct if keep("crop_pct") else float(own["crop_pct"]),
+        interpolation=cfg.interpolation if keep("interpolation") else own["interpolation"])
+    given = [f"--{k.replace('_', '-')}" for k in ("mean", "std", "crop_pct", "interpolation") if k in explicit]
+    return cfg, (f"mean {_numbers(cfg.mean)}, std {_numbers(cfg.std)}, crop_pct {cfg.crop_pct:g}, "
+                 f"{cfg.interpolation}: {source}" + (f"; given: {' '.join(given)}" if given else ""))
+
+
+def _numbers(values) -> str:
+    return " ".join(f"{v:g}" for v in values)
 
 
 def default_train_transform(cfg: TrainConfig, device: torch.device):
     """train.py's training augmentation: the fast decoder unless --no-fast-decode; a run
     configured before it was the default (fast_decode null) keeps its GPU-only choice."""
     fast_decode = cfg.fast_decode if cfg.fast_decode is not None else device.type == "cuda"
-    make = DecodeRandomResizedCrop if fast_decode else train_transform
-    return make(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation)
+    if fast_decode:  # uint8 crops: the engine normalises them on the device with cfg.mean and cfg.std
+        return DecodeRandomResizedCrop(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation)
+    return train_transform(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation,
+                           mean=cfg.mean, std=cfg.std)
 
 
 def build_loaders(split, cfg: TrainConfig, *, train_tf, eval_tf, workers: int, pin_memory: bool,
@@ -268,6 +306,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
         else:
             cfg = resumed_config(checkpoint, cfg, explicit)
     check_model_name(cfg.model)
+    cfg, normalisation = resolve_preprocessing(cfg, explicit, resumed=checkpoint is not None)
     data, images, data_name = resolve_data(cfg, accelerator)
     saved_meta = ckpt.load_weights(checkpoint / ckpt.WEIGHTS_FILE)[1] if checkpoint else {}
     split = load_split(data, images, classes=saved_meta.get("classes") or job.classes)
@@ -279,6 +318,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
                                 "device": accelerator.device,
                                 "mixed precision": accelerator.mixed_precision},
                                title=f"fixres {job.title}: resolved config"))
+    console.print(f"normalisation: {normalisation}")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_temporaries(run_dir)  # what a killed run was writing
@@ -320,7 +360,8 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
         train_tf, eval_tf = job.transforms(cfg)
     else:
         train_tf = default_train_transform(cfg, accelerator.device)
-        eval_tf = eval_transform(size=cfg.eval_res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+        eval_tf = eval_transform(size=cfg.eval_res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
+                                 mean=cfg.mean, std=cfg.std)
     train_loader, val_loader = build_loaders(split, cfg, workers=workers, train_tf=train_tf, eval_tf=eval_tf,
                                              pin_memory=accelerator.device.type == "cuda")
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
@@ -358,7 +399,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
                 result, state.step = train_one_epoch(
                     model, loader, optimizer, accelerator, lr_at=lr_at, first_step=state.step,
                     label_smoothing=cfg.label_smoothing, channels_last=channels_last,
-                    progress=bar, should_stop=stop, set_modes=set_modes)
+                    progress=bar, should_stop=stop, set_modes=set_modes, mean=cfg.mean, std=cfg.std)
             if not result.completed:
                 state.batch_in_epoch += result.images // (cfg.batch_size * accelerator.num_processes)
                 _save(accelerator, model, optimizer, run_dir, meta, state)
@@ -367,12 +408,14 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
                               f"continue with --resume {run_dir}")
                 return {"run_dir": str(run_dir), "stopped": True}
             with EpochProgress(console, "evaluating", len(split.val)) as bar:
-                val = evaluate(model, val_loader, accelerator, channels_last=channels_last, progress=bar)
+                val = evaluate(model, val_loader, accelerator, channels_last=channels_last, progress=bar,
+                               mean=cfg.mean, std=cfg.std)
             if not math.isfinite(val["loss"]):  # weights that diverged in the epoch's last steps: not saved
                 raise NonFiniteLossError(f"validation loss is {val['loss']} after epoch {epoch + 1} (optimizer step "
                                          f"{state.step}, learning rate {result.lr:.3g}); {NONFINITE_HINT}")
             record = {"epoch": epoch + 1, "train_loss": result.loss, "train_acc": result.accuracy,
-                      "val_loss": val["loss"], "val_acc": val["accuracy"], "val_count": val["count"],
+                      "val_loss": val["loss"], "val_acc": val["accuracy"], "val_top5": val["top5"],
+                      "val_count": val["count"],
                       "lr": result.lr, "images_per_s": result.images_per_s, "train_images": result.images,
                       "skipped": result.skipped, "seconds": result.seconds + val["seconds"]}
             improved = val["accuracy"] > state.best_acc
@@ -401,7 +444,10 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
         stop.restore()
         if cfg.log_with:
             accelerator.end_training()
-    console.print(metrics_table(state.records, title=f"fixres {job.title}: {run_dir}"))
+    if accelerator.is_main_process:
+        write_run_export(run_dir, console)
+    console.print(metrics_table(state.records, title=f"fixres {job.title}: {run_dir}",
+                                top5_label=f"val top-{top5_k(len(split.classes))}"))
     if job.next_steps and state.epoch >= cfg.epochs:
         console.print(f"next: python sweep.py --checkpoint {shlex.quote(str(run_dir))}\n"
                       f"then: python finetune.py --checkpoint {shlex.quote(str(run_dir))}")
