@@ -67,7 +67,8 @@ class SweepConfig:
     images: str | None = _opt(None, "image folder for a CSV split (default: the run's, else beside the CSV)")
     # the sweep
     sizes: list[int] | None = _opt(None, "test sizes (default: about 0.5x to 2x the training res, with it and the predicted best)")
-    crop_pct: float | None = _opt(None, "Resize(int(size / crop_pct)) + CenterCrop(size); 0.8 = the Cassava post's Resize(1.25 x size) (default: the run's, else 0.875)")
+    crop_pct: float | None = _opt(None, "Resize(int(size / crop_pct)) + CenterCrop(size); 0.8 = the Cassava post's Resize(1.25 x size) (default: the run's; with --weights, the library's "
+                                          "for the model's pretrained weights, as mean, std and interpolation; else 0.875)")
     activations: bool = _opt(False, "also collect the pooled features that feed the classifier: stats per size and activations.png")
     # runtime
     batch_size: int = _opt(64, "images per process per forward pass")

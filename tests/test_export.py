@@ -188,3 +188,12 @@ def test_finetune_run_exports_at_its_new_size_with_the_sources_normalisation(pre
     right, config = timm_correct(model, split.val)
     assert config["input_size"] == (3, 44, 44) and tuple(config["mean"]) == (0.5,) * 3 and config["crop_pct"] == 0.95
     assert sum(right) == round(summary["top1"]["after"] * len(split.val))
+
+
+def test_sweep_of_plain_weights_preprocesses_as_the_library_made_them(tmp_path, tiny_csv):
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_resnet", num_classes=3).state_dict(), tmp_path / "plain.safetensors")
+    summary = sweep_lib.sweep(sweep_lib.SweepConfig(model="test_resnet", weights=str(tmp_path / "plain.safetensors"),
+                                                    data=str(tiny_csv), train_res=32, sizes=[32], workers=0, cpu=True,
+                                                    output=str(tmp_path)))
+    assert summary["meta"]["crop_pct"] == 0.95 and summary["rows"][0]["resize"] == 33  # int(32 / 0.95)
