@@ -347,3 +347,34 @@ def test_same_table_with_one_and_two_processes(tiny_run, tmp_path):
         assert (tmp_path / d / "sweep.png").read_bytes().startswith(PNG_SIGNATURE)
         csv_lines = (tmp_path / d / "sweep.csv").read_text().splitlines()
         assert len(csv_lines) == 5 and csv_lines[0].startswith("size,resize,top1,top5,loss")
+
+
+@pytest.fixture(scope="module")
+def seven_class_run(tmp_path_factory) -> Path:
+    """7 classes, so that top-5 is not every class; untrained weights: top-5 hits vary."""
+    root = tmp_path_factory.mktemp("seven")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(7)
+    rows = ["image_id,label,is_val"]
+    for i in range(37):
+        Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)).save(root / "images" / f"{i}.jpg")
+        rows.append(f"{i}.jpg,c{i % 7},{i >= 7}")  # 30 validation images
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 7)
+    save_weights(root / "run" / "best.safetensors", model.state_dict(),
+                 {"model": "test_resnet", "classes": [f"c{k}" for k in range(7)], "train_res": 32, "test_res": 32,
+                  "crop_pct": 0.875, "interpolation": "bilinear"})
+    (root / "run" / "config.json").write_text(json.dumps({"data": str(root / "labels.csv"), "images": None}))
+    return root / "run"
+
+
+def test_top5_and_per_class_counts_are_the_same_with_two_processes(seven_class_run, tmp_path):
+    _script([sys.executable], seven_class_run, tmp_path / "one", "--workers", "0")
+    _script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", "localhost:0"], seven_class_run, tmp_path / "two", "--cpu", "--workers", "0")
+    a, b = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("one", "two"))
+    assert a["meta"]["top5_k"] == 5
+    assert [r["correct5"] for r in a["rows"]] == [r["correct5"] for r in b["rows"]]
+    assert any(0 < r["correct5"] < 30 for r in a["rows"])  # some images outside the top 5: the count is tested
+    assert a["per_class"] == b["per_class"]
