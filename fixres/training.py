@@ -153,7 +153,8 @@ def resolve_preprocessing(cfg: TrainConfig, explicit: set[str], *, resumed: bool
         if not own:
             own = pretrained_preprocessing(cfg.model)
             library = "torchvision's weights transforms" if cfg.model.startswith("tv:") else "timm's pretrained_cfg"
-            source = f"{library} of {cfg.model}, whose pretrained weights {'--weights' if cfg.weights else 'these'} are"
+            taken = "--weights taken for its pretrained weights" if cfg.weights else "--pretrained"
+            source = f"{library} of {cfg.model} ({taken})"
     keep = lambda key: key in explicit or key not in own  # noqa: E731
     cfg = dataclasses.replace(
         cfg, mean=list(cfg.mean or own.get("mean") or IMAGENET_MEAN), std=list(cfg.std or own.get("std") or IMAGENET_STD),
@@ -175,7 +176,7 @@ def default_train_transform(cfg: TrainConfig, device: torch.device):
     if fast_decode:  # uint8 crops: the engine normalises them on the device with cfg.mean and cfg.std
         return DecodeRandomResizedCrop(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation)
     return train_transform(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation,
-                           mean=cfg.mean, std=cfg.std)
+                           mean=cfg.mean or IMAGENET_MEAN, std=cfg.std or IMAGENET_STD)  # None: not resolved, ImageNet's
 
 
 def build_loaders(split, cfg: TrainConfig, *, train_tf, eval_tf, workers: int, pin_memory: bool,
