@@ -47,7 +47,7 @@ from fixres import adapt
 from fixres import checkpoint as ckpt
 from fixres.adapt import (SyncedBatchNorm2d, find_last_bn, finetune_modes, freeze_for_finetuning,  # noqa: F401
                           install_synced_bn, prepare_for_finetuning)
-from fixres.config import RUNS, ConfigError, FinetuneConfig
+from fixres.config import FINETUNE_SHAPES_PRESET, RUNS, ConfigError, FinetuneConfig
 from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, default_workers, round_batches
 from fixres.engine import top5_k
 from fixres.export import write_run_export
@@ -127,6 +127,8 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
             raise ConfigError(f"finetune.py measures before and after on the validation split, and there is none "
                               f"({err})") from None
         raise
+    if "data" in source_cfg and source_cfg["data"] is None and not cfg.resume:  # the built-in data: its preset
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in FINETUNE_SHAPES_PRESET.items() if k not in explicit})
     if cfg.method == "parametric" and hasattr(model, adapt.ADAPTER):
         raise ConfigError(f"--method parametric: {meta['weights_path']} carries a parametric adapter already; "
                           f"adapt the run it came from ({meta.get('finetuned_from', 'its source')})")
@@ -148,7 +150,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct, scale=(min_scale, 1.0))
     if cfg.res == "auto":
         res, why, choice_rows = _choose_res(cfg, model, eval_meta, split, crop_pct, accelerator, console, sweep,
-                                            train_res=train_res, predicted=predicted)
+                                            train_res=train_res, predicted=predicted, last_bn=last_bn)
         chosen_on = f"{choice_rows[0]['count']} training images"
         console.print(why)
     else:
@@ -192,7 +194,8 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         if cfg.channels_last is None:  # as train.py: on for GPUs, off on CPUs
             cfg = dataclasses.replace(cfg, channels_last=accelerator.device.type == "cuda")
         adapt_args = (cfg, model, split, accelerator, console, workers)
-        extra.update(_bn_stats(*adapt_args, last_bn) if cfg.method == "bn-stats" else _parametric(*adapt_args))
+        extra.update(_bn_stats(cfg, model, split, eval_meta, accelerator, console, workers, last_bn)
+                     if cfg.method == "bn-stats" else _parametric(*adapt_args))
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.write_json_atomic(run_dir / "config.json", cfg.to_dict())
@@ -248,21 +251,30 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
 CHOICE_KEYS = ("size", "top1", "top5", "loss", "count", "diff_vs_train", "diff_low", "diff_high", "gained", "lost")
 
 
-def _choose_res(cfg, model, eval_meta, split, crop_pct, accelerator, console, sweep, *, train_res, predicted):
-    """--res auto: the best size of a sweep over --choice-images training images (drawn with
-    --seed), never over the validation images that then report before and after: a size
-    chosen on those would carry the luck of the choice into the reported gain.
+def _choose_res(cfg, model, eval_meta, split, crop_pct, accelerator, console, sweep, *, train_res, predicted,
+                last_bn):
+    """--res auto: the size that does best on --choice-images training images (drawn with
+    --seed) once the last BN's statistics are re-estimated there: a seconds-long stand-in for
+    fine-tuning at every size, which moves the best size up (the paper's point; without it the
+    choice stops where the untouched statistics still fit). Ties go to the larger size. Never
+    the validation images that then report before and after: a size chosen on those would
+    carry the luck of the choice into the reported gain.
     Returns (size, the printed reason, the sweep's rows)."""
-    sizes = sorted(set(cfg.sizes or default_sizes(train_res, predicted)) | {train_res})
+    # FixRes tests higher: the default ladder from the training size up (--sizes: any)
+    sizes = sorted(set(cfg.sizes or [s for s in default_sizes(train_res, predicted) if s >= train_res]) | {train_res})
     images = seeded_subset(split.train, cfg.choice_images, cfg.seed)
-    with EpochProgress(console, f"choosing: {len(sizes)} sizes", len(images)) as bar:
-        rows = run_sweep(copy.deepcopy(model), eval_meta, split, sizes, crop_pct, accelerator, progress=bar,
-                         samples=images, **{**sweep, "activations": False})
+    rows = []
+    for size in sizes:
+        trial = copy.deepcopy(model).to(accelerator.device)
+        with EpochProgress(console, f"choosing: {size} px, last BN re-estimated", len(images)) as bar:
+            _reestimate_last_bn(trial, images, size, cfg, eval_meta, crop_pct, accelerator, sweep["workers"], last_bn)
+            rows += run_sweep(trial, eval_meta, split, [size], crop_pct, accelerator, progress=bar, samples=images,
+                              **{**sweep, "activations": False})
     by_size = {r["size"]: r for r in add_differences(rows, train_res)}
-    res = best_row(rows)["size"]
+    res = max(rows, key=lambda r: (r["top1"], r["size"]))["size"]
     drawn = f"drawn with --seed {cfg.seed}" if len(images) < len(split.train) else "all of them"
     why = (f"--res auto: {res} px, the best of the sweep ({', '.join(map(str, sizes))} px) on {len(images)} training "
-           f"images ({drawn}) without fine-tuning: top-1 "
+           f"images ({drawn}) with the last BN's statistics re-estimated at each size: top-1 "
            f"{100 * by_size[res]['top1']:.2f}% against {100 * by_size[train_res]['top1']:.2f}% at the training "
            f"resolution {train_res} px; the apparent-size model predicts {predicted} px")
     if res == train_res:
@@ -289,21 +301,28 @@ def _finetune(cfg, explicit, model, meta, extra, accelerator) -> dict:
     return train(cfg, explicit, job)
 
 
-def _bn_stats(cfg, model, split, accelerator, console, workers, last_bn) -> dict:
+def _bn_stats(cfg, model, split, eval_meta, accelerator, console, workers, last_bn) -> dict:
     """The last BN's running statistics, re-estimated over the training split at the new
-    resolution with the test preprocessing (one pass, no gradients). Every training image
-    counts once: a shuffled order cut into rounds of --batch-size per process, the last
-    round partial, not padded by Accelerate's repeats nor dropped."""
-    tf = eval_transform(size=cfg.res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)
-    order = EpochSampler(len(split.train), cfg.seed).order()
+    resolution with the test preprocessing (one pass, no gradients)."""
+    with EpochProgress(console, f"bn-stats at {cfg.res} px", len(split.train)):
+        seen = _reestimate_last_bn(model, split.train, cfg.res, cfg, eval_meta, cfg.crop_pct, accelerator, workers,
+                                   last_bn)
+    return {"bn_stats_images": seen}
+
+
+def _reestimate_last_bn(model, samples, size, cfg, eval_meta, crop_pct, accelerator, workers, last_bn) -> int:
+    """Every sample counts once: a shuffled order cut into rounds of --batch-size per process,
+    the last round partial, not padded by Accelerate's repeats nor dropped. Returns the images seen."""
+    tf = eval_transform(size=size, crop_pct=crop_pct, interpolation=eval_meta.get("interpolation", cfg.interpolation),
+                        mean=eval_meta.get("mean", IMAGENET_MEAN), std=eval_meta.get("std", IMAGENET_STD))
+    order = EpochSampler(len(samples), cfg.seed).order()
     rounds = [[order[i] for i in batch] for batch in
               round_batches(len(order), cfg.batch_size, accelerator.process_index, accelerator.num_processes)]
-    loader = torch.utils.data.DataLoader(ImageDataset(split.train, tf, cfg.skip_bad_images), batch_sampler=rounds,
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, tf, cfg.skip_bad_images), batch_sampler=rounds,
                                          collate_fn=collate_skipping, num_workers=workers)
-    with EpochProgress(console, f"bn-stats at {cfg.res} px", len(split.train)):
-        seen = adapt.reestimate_bn_stats(model, model.get_submodule(last_bn), loader, accelerator,
-                                         channels_last=cfg.channels_last)
-    return {"bn_stats_images": seen}
+    channels_last = accelerator.device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    return adapt.reestimate_bn_stats(model, model.get_submodule(last_bn), loader, accelerator,
+                                     channels_last=channels_last)
 
 
 def _parametric(cfg, model, split, accelerator, console, workers) -> dict:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from accelerate import Accelerator
 import timm
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ from fixres.export import EXPORT_DIR
 from fixres.finetune import (SyncedBatchNorm2d, find_last_bn, finetune_modes, finetune_transform,
                              prepare_for_finetuning, seeded_subset, timm_overlay)
 from fixres.models import ModelError, load_run_model
-from fixres.sweep import SweepConfig, best_row
+from fixres.sweep import SweepConfig
 from fixres.training import train, weights_meta
 from fixres.transforms import eval_transform
 from tests.conftest import COLOURS, ROOT, TINY_TRAIN, error_line, free_port
@@ -467,8 +468,8 @@ def test_finetune_run_folder_and_timm_loads_its_weights(runs, tiny_csv):
     assert right == round(summary["top1"]["after"] * 25)
 
 
-def test_res_auto_with_the_parametric_method(runs):
-    results, out, _ = runs
+def test_res_auto_with_the_parametric_method(runs, tiny_csv):
+    results, out, source = runs
     stdout = ok(results["auto"]).stdout
     assert re.search(r"--res auto: (24|32|40) px, the best of the sweep \(24, 32, 40 px\) on 20 training images "
                      r"\(drawn with --seed 0\)", stdout)
@@ -478,7 +479,13 @@ def test_res_auto_with_the_parametric_method(runs):
     assert summary["reported_on"] == "validation split (25 images)" and summary["val_images"] == 25
     choice = summary["choice_sweep"]
     assert [r["size"] for r in choice] == [24, 32, 40] and {r["count"] for r in choice} == {20}
-    assert summary["res"] == best_row(choice)["size"]  # chosen on those rows
+    best = max(r["top1"] for r in choice)
+    assert summary["res"] == max(r["size"] for r in choice if r["top1"] == best)  # on those rows, ties to the larger
+    # each size scored with the last BN re-estimated there, not as the source model stands
+    model, meta = load_run_model(source / "best.safetensors")
+    images = finetune_lib.seeded_subset(load_split(tiny_csv).train, 20, 0)
+    untouched = sweep_lib.run_sweep(model, meta, None, [24, 32, 40], 0.875, Accelerator(cpu=True), samples=images)
+    assert all(abs(a["loss"] - b["loss"]) > 1e-3 for a, b in zip(untouched, choice))
     assert [r["size"] for r in summary["sweep"]] == sorted({32, summary["res"]})  # the validation split: reports only
     assert summary["adaptation"]["scope"] == "feature" and summary["adaptation"]["fit_images"] == 60
     state, meta = load_weights(out / "auto" / "best.safetensors")
@@ -615,3 +622,27 @@ def test_without_checkpoint_the_newest_train_run(parametric_of_trained, tmp_path
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --checkpoint not given, and runs/ holds no train.py run (a folder with config.json and "
         "best.safetensors or last.safetensors): give --checkpoint"]
+
+
+def test_a_run_of_the_built_in_data_gets_the_built_in_fine_tuning_preset(tmp_path, tiny_csv, monkeypatch):
+    """The built-in data has 125 steps an epoch, not ImageNet's thousands: finetune.py of such a
+    run uses FINETUNE_SHAPES_PRESET for what the command line does not give; other runs keep
+    the reference defaults."""
+    from fixres import shapes
+    from fixres.config import FINETUNE_SHAPES_PRESET
+    monkeypatch.setattr(shapes, "ensure_shapes", lambda **kw: tiny_csv)  # stands in for the generated images
+    built_in = write_source_run(tmp_path / "built_in", "test_resnet", tiny_csv)
+    config = json.loads((built_in / "config.json").read_text())
+    write_json_atomic(built_in / "config.json", {**config, "data": None})  # as train.py writes it without --data
+    user = write_source_run(tmp_path / "user", "test_resnet", tiny_csv)
+    common = dict(res=40, output=str(tmp_path / "out"), workers=0, cpu=True, batch_size=30)
+
+    def used(source, name, **given):
+        finetune_lib.finetune(FinetuneConfig(checkpoint=str(source), name=name, **common, **given), set(given))
+        run = json.loads((tmp_path / "out" / name / "config.json").read_text())
+        return {k: run[k] for k in FINETUNE_SHAPES_PRESET}
+
+    assert used(built_in, "preset") == FINETUNE_SHAPES_PRESET
+    assert used(built_in, "given", epochs=1) == {**FINETUNE_SHAPES_PRESET, "epochs": 1}
+    defaults = FinetuneConfig()
+    assert used(user, "user", epochs=1) == {"lr": defaults.lr, "epochs": 1}
