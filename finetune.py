@@ -15,7 +15,9 @@ on --choice-images training images and why ("--res auto: 80 px, the best of the 
 images chose and which reported ("chosen on: 1000 training images; reported on:
 validation split (3000 images)"). Writes a run folder next
 to the source run (or under --output) in train.py's format whose weights expect the new
-resolution, plus finetune.json and activations.png. `--help` lists every option.
+resolution, plus finetune.json (top-1 and top-5), activations.png and the timm export
+(runs/<name>/timm, whose test_input_size is the new resolution; none for --method
+parametric, whose adapter timm cannot load). `--help` lists every option.
 """
 import sys
 

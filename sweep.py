@@ -6,18 +6,23 @@
     accelerate launch sweep.py --checkpoint runs/<name>           # all GPUs share every size
     torchrun --nproc_per_node 2 sweep.py --cpu --checkpoint runs/<name>   # two CPU processes (gloo)
     python sweep.py --checkpoint runs/<name> --activations        # + pooled-feature statistics
+    python sweep.py --checkpoint runs/<name> --write-best         # the best size becomes the run's test size
     python sweep.py --model tv:resnet50 --weights r50.pth --data data/ --train-res 224  # plain weights
 
 Prints the resolved config, a progress bar, a table (size, resize, top-1, the paired
 difference in top-1 against the training size on the same images with its 95% interval,
-"+2.40 [+1.20, +3.60]" in points, the images gained and lost against it, loss, images,
+"+2.40 [+1.20, +3.60]" in points, the images gained and lost against it, top-5 (top-k,
+k = min(5, classes), named so: "top-3" for 3 classes), loss, images,
 forward img/s, which size was trained / predicted / best) and a line like
 "best: 80 px (top-1 91.2%), trained at 64 px, predicted 79 px"; with --activations, the
 fraction of zeros, mean and spread of the pooled features per size. Writes sweep.csv,
-sweep.json (columns diff_vs_train, diff_low, diff_high, gained, lost among them) and
+sweep.json (columns top5, diff_vs_train, diff_low, diff_high, gained, lost among them; sweep.json
+also per-class top-1 at every size, "per_class") and
 sweep.png (top-1, and below it the difference with its interval as error bars; and
 activations.png) into the run folder or --output. The table is the same with 1 and N
-processes. `--help` lists every option.
+processes. With --write-best, the swept weights' metadata then says test_res = the best
+size, and the run's timm export (runs/<name>/timm, fixres/export.py) is written again with
+it as test_input_size. `--help` lists every option.
 """
 import shlex
 import sys

@@ -8,8 +8,9 @@
     python train.py --data /imagenet --recipe tv-resnet50-v2   # torchvision's ResNet-50 V2 recipe (README)
 
 Prints the resolved config, a progress bar and one line per epoch
-("epoch   3 | train loss ... | val loss ... acc 81.20% (n=1000) | ..."), then a
-table and the commands that come next ("next: python sweep.py --checkpoint runs/<name>",
+("epoch   3 | train loss ... | val loss ... acc 81.20% top-5 97.10% (n=1000) | ..."; top-5 is
+top-k with k = min(5, classes)), the timm export's folder ("timm export: runs/<name>/timm
+..."), then a table and the commands that come next ("next: python sweep.py --checkpoint runs/<name>",
 "then: python finetune.py --checkpoint runs/<name>"); writes runs/<name>/ (see
 fixres/checkpoint.py). `--help` lists every option.
 """

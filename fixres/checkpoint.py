@@ -10,6 +10,8 @@
       ema.safetensors      with --model-ema: the weights' moving average (metadata "ema": true);
                            best.safetensors is then the raw or the EMA weights of the best
                            epoch, whichever scored higher (its "ema" says which)
+      timm/                the best weights in timm's Hub layout (fixres/export.py):
+                           timm.create_model("local-dir:runs/<name>/timm", pretrained=True)
       checkpoints/epoch-0003-step-000120/
         model.safetensors  weights + metadata, as above
         state.pt           optimizer, epoch, step, RNG states and the EMA (tensors and plain
@@ -139,6 +141,26 @@ def load_weights(path: Path) -> tuple[dict, dict]:
     return state, meta
 
 
+def read_metadata(path: Path) -> dict:
+    """The fixres metadata of a weights file, without reading its tensors; {} for a file
+    without it (plain safetensors, .pth) or one that cannot be read."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+    except Exception:
+        return {}
+
+
+def update_metadata(path: Path, **changes) -> dict:
+    """Rewrite a weights file's metadata with `changes` (the tensors unchanged, the file
+    replaced atomically); returns the new metadata."""
+    state, meta = load_weights(path)
+    meta = {**meta, **changes}
+    save_weights(Path(path), state, meta)
+    return meta
+
+
 def restore_weights_files(run_dir: Path, files: dict[str, tuple[dict, dict]], epoch: int | None) -> None:
     """The weights files ({name: (state dict, metadata)}: last.safetensors, best.safetensors,
     ema.safetensors) as the save of an end-of-epoch checkpoint left them, when a crash came
@@ -152,12 +174,7 @@ def restore_weights_files(run_dir: Path, files: dict[str, tuple[dict, dict]], ep
 
 
 def _epoch_of(path: Path) -> int | None:
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get(META_KEY, "{}")).get("epoch")
-    except Exception:  # missing or unreadable: rewrite it
-        return None
+    return read_metadata(path).get("epoch")  # None when missing or unreadable: rewrite it
 
 
 def checkpoint_name(epoch: int, step: int) -> str:

@@ -108,8 +108,15 @@ class TrainConfig:
     train_res: int = _opt(224, "RandomResizedCrop size for training")
     test_res: int | None = _opt(None, "centre-crop size for validation (default: --train-res)")
     min_scale: float = _opt(0.08, "smallest RandomResizedCrop area fraction (torchvision's default 0.08)")
-    crop_pct: float = _opt(0.875, "test crop ratio: Resize(int(res / crop_pct)) then CenterCrop(res)")
-    interpolation: str = _opt("bilinear", "resize interpolation", ("bilinear", "bicubic", "nearest"))
+    crop_pct: float = _opt(0.875, "test crop ratio: Resize(int(res / crop_pct)) then CenterCrop(res); not given, "
+                                  "with --pretrained or --weights: the model's pretrained weights' own")
+    interpolation: str = _opt("bilinear", "resize interpolation; not given, with --pretrained or --weights: the "
+                                          "model's pretrained weights' own, as crop_pct", ("bilinear", "bicubic", "nearest"))
+    mean: list[float] | None = _opt(None, "per-channel normalisation mean (R G B); not given: the model's pretrained "
+                                          "weights' own with --pretrained or --weights (timm's pretrained_cfg, "
+                                          "torchvision's weights transforms; fixres metadata in a --weights file), "
+                                          "else ImageNet's")
+    std: list[float] | None = _opt(None, "per-channel normalisation std (R G B); chosen as --mean")
     # optimisation
     epochs: int = _opt(10, "training epochs")
     batch_size: int | str = _opt(64, "images per process per step, or 'auto': the largest power of two whose "
@@ -180,6 +187,12 @@ class TrainConfig:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if self.output_stride is not None and self.output_stride not in (8, 16, 32):
             raise ConfigError(f"--output-stride must be 8, 16 or 32, got {self.output_stride}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 3:
+                raise ConfigError(f"--{name} takes 3 numbers (R G B), got {len(value)}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ConfigError(f"--std must be > 0 for every channel, got {' '.join(map(str, self.std))}")
         if self.freeze_epochs < 0:
             raise ConfigError(f"--freeze-epochs must be >= 0, got {self.freeze_epochs}")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
@@ -278,9 +291,10 @@ FINETUNE_AUGS = ("test", "test+", "rrc")
 class FinetuneConfig(TrainConfig):
     """finetune.py: the training loop with FixRes fields and defaults. The model, its
     training resolution and the data come from --checkpoint (model, train_res and
-    test_res are filled in from it, so they are not command-line options)."""
+    test_res are filled in from it, so they are not command-line options; so are mean and
+    std, which the weights' metadata holds)."""
     CLI_HIDDEN: typing.ClassVar[tuple] = ("model", "pretrained", "weights", "output_stride", "train_res", "test_res", "freeze_epochs",
-                                          "compile", "fast_decode",
+                                          "compile", "fast_decode", "mean", "std",
                                           # train.py's recipe features; fine-tuning has its own --aug
                                           "recipe", "auto_augment", "random_erase", "mixup_alpha", "cutmix_alpha",
                                           "model_ema", "model_ema_decay", "model_ema_steps", "clip_grad_norm")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fixres.device_decode import decode_on_device
-from fixres.transforms import normalize_batch
+from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,10 +60,10 @@ class EpochResult:
         return self.images / max(self.seconds, 1e-9)
 
 
-def to_device_batch(images, channels_last: bool):
+def to_device_batch(images, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The model's input: uint8 batches (DecodeRandomResizedCrop) are normalised here, on
     the device, once per batch instead of once per image in the loader workers."""
-    images = normalize_batch(images)
+    images = normalize_batch(images, mean, std)
     if channels_last and images.dim() == 4:
         return images.contiguous(memory_format=torch.channels_last)
     return images
@@ -72,7 +72,8 @@ def to_device_batch(images, channels_last: bool):
 def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step: int,
                     label_smoothing: float = 0.0, channels_last: bool = False, progress=None,
                     should_stop=lambda: False, set_modes=lambda m: m.train(), mix=None, first_batch: int = 0,
-                    clip_grad_norm: float | None = None, ema=None) -> tuple[EpochResult, int]:
+                    clip_grad_norm: float | None = None, ema=None, mean=IMAGENET_MEAN,
+                    std=IMAGENET_STD) -> tuple[EpochResult, int]:
     """Train over `loader`; `lr_at(optimizer_step)` sets the learning rate before each
     optimizer step; `set_modes(model)` puts modules in train/eval mode (fine-tuning keeps
     most of the network in eval mode). Returns the epoch's result and the next step index.
@@ -98,8 +99,8 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
         with accelerator.accumulate(model):
             targets = labels
             if mix is not None:  # on the normalised floats, before channels_last
-                images, targets = mix(normalize_batch(images), labels, batch=batch)
-            images = to_device_batch(images, channels_last)
+                images, targets = mix(normalize_batch(images, mean, std), labels, batch=batch)
+            images = to_device_batch(images, channels_last, mean, std)
             with accelerator.autocast():
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
@@ -141,28 +142,42 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
                        data_wait_seconds=waited_total / accelerator.num_processes), step
 
 
+def top5_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Whether each label is among its row's k = min(5, classes) highest logits (with fewer
+    than 5 classes, "top-5" is top-k over all of them; top5_k says which k)."""
+    k = top5_k(logits.shape[1])
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(1)
+
+
+def top5_k(classes: int) -> int:
+    return min(5, classes)
+
+
 @torch.inference_mode()
-def evaluate(model, loader, accelerator, *, channels_last: bool = False, progress=None) -> dict:
-    """Top-1 accuracy and mean cross-entropy over the whole validation split."""
+def evaluate(model, loader, accelerator, *, channels_last: bool = False, progress=None, mean=IMAGENET_MEAN,
+             std=IMAGENET_STD) -> dict:
+    """Top-1 and top-5 accuracy and mean cross-entropy over the whole validation split."""
     model.eval()
     device = accelerator.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    correct5 = torch.zeros((), device=device, dtype=torch.long)
     count = torch.zeros((), device=device, dtype=torch.long)
     start = time.perf_counter()
     for images, labels, _ in loader:
         images, labels, _ = decode_on_device(images, labels, 0, device)
-        images = to_device_batch(images, channels_last)
+        images = to_device_batch(images, channels_last, mean, std)
         with accelerator.autocast():
             logits = model(images)
         losses = F.cross_entropy(logits.float(), labels, reduction="none")
-        hits = logits.argmax(1) == labels
-        losses, hits = accelerator.gather_for_metrics((losses, hits))
+        hits, hits5 = logits.argmax(1) == labels, top5_hits(logits, labels)
+        losses, hits, hits5 = accelerator.gather_for_metrics((losses, hits, hits5))
         loss_sum += losses.double().sum()
         correct += hits.sum()
+        correct5 += hits5.sum()
         count += hits.numel()
         if progress is not None:
             progress(hits.numel(), None)
     n = int(count.item())
-    return {"accuracy": correct.item() / max(n, 1), "loss": loss_sum.item() / max(n, 1), "count": n,
-            "seconds": time.perf_counter() - start}
+    return {"accuracy": correct.item() / max(n, 1), "top5": correct5.item() / max(n, 1), "loss": loss_sum.item() / max(n, 1),
+            "count": n, "seconds": time.perf_counter() - start}

@@ -50,6 +50,8 @@ from fixres.adapt import (SyncedBatchNorm2d, find_last_bn, finetune_modes, freez
 from fixres.config import FINETUNE_SHAPES_PRESET, RUNS, ConfigError, FinetuneConfig
 from fixres.data import DataError, EpochSampler, ImageDataset, collate_skipping, round_batches, worker_count
 from fixres.device_decode import CropSpec, ReadForDevice, ResizeSpec, resolve_decode
+from fixres.engine import top5_k
+from fixres.export import write_run_export
 from fixres.models import ModelError, load_run_model
 from fixres.report import EpochProgress, config_table, finetune_table, make_console
 from fixres.resolution import recommended_test_res, resize_size
@@ -168,6 +170,8 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     cfg = dataclasses.replace(
         cfg, res=res, model=meta["model"], output_stride=meta.get("output_stride"), train_res=train_res,
         test_res=res, crop_pct=crop_pct, interpolation=interpolation, min_scale=min_scale,
+        # the source's normalisation, as its weights' metadata records it (runs before it did: ImageNet's)
+        mean=list(meta.get("mean", IMAGENET_MEAN)), std=list(meta.get("std", IMAGENET_STD)),
         # the built-in data's CSV as the source's sweep found it (its images depend on the source's seed)
         data=cfg.data or source_cfg.get("data") or split.source,
         images=cfg.images or source_cfg.get("images"),
@@ -202,6 +206,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
             for which in ("best", "last"):
                 ckpt.save_weights(run_dir / f"{which}.safetensors", model.state_dict(),
                                   weights_meta(cfg, split.classes, **extra))
+            write_run_export(run_dir, console)  # train() writes it for --method finetune
     seconds = time.perf_counter() - start
 
     with EpochProgress(console, f"after: {res} px", len(split.val)) as bar:
@@ -213,7 +218,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
                + f" ({seconds:.0f} s)", after)]
     last = records[-1] if records and records[-1]["epoch"] != after_epoch else None
     if last:  # numbers from train.py's evaluation of that epoch, the same preprocessing
-        last = {"epoch": last["epoch"], "top1": last["val_acc"], "loss": last["val_loss"]}
+        last = {"epoch": last["epoch"], "top1": last["val_acc"], "top5": last.get("val_top5"), "loss": last["val_loss"]}
     correct = {key: row["per_image_correct"] for key, (_, row) in zip(("train_res", "before", "after"), stages)}
     differences = {f"{a}_vs_{b}": paired_difference_of(correct[a], correct[b])  # the same validation images
                    for a, b in (("after", "before"), ("after", "train_res"), ("before", "train_res"))}
@@ -222,15 +227,18 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
                "res_choice": why, "chosen_on": chosen_on, "reported_on": reported_on, "predicted_res": predicted,
                "crop_pct": crop_pct, "last_bn": last_bn,
                "top1": {"train_res": by_size[train_res]["top1"], "before": by_size[res]["top1"], "after": after["top1"]},
+               "top5": {"train_res": by_size[train_res]["top5"], "before": by_size[res]["top5"], "after": after["top5"]},
+               "top5_k": top5_k(len(split.classes)),
                "loss": {"train_res": by_size[train_res]["loss"], "before": by_size[res]["loss"], "after": after["loss"]},
                "differences": {**differences, "interval": STATS_METHOD},
                "val_images": after["count"], "method_seconds": seconds, "processes": accelerator.num_processes,
-               "device": str(accelerator.device), "sweep": [{k: r[k] for k in ("size", "top1", "loss")} for r in rows],
+               "device": str(accelerator.device), "sweep": [{k: r[k] for k in ("size", "top1", "top5", "loss")} for r in rows],
                "after_epoch": after_epoch, **({"last_epoch": last} if last else {}),
                "choice_sweep": [{k: r[k] for k in CHOICE_KEYS} for r in choice_rows],
                "epochs": records, **{k: v for k, v in extra.items() if k not in ("last_bn", "finetuned_from")}}
     last_row = [(f"{res} px, last epoch {last['epoch']} (last.safetensors)", last)] if last else []
-    console.print(finetune_table(stages, differences, title=f"fixres finetune: {run_dir}", also=last_row))
+    console.print(finetune_table(stages, differences, title=f"fixres finetune: {run_dir}", also=last_row,
+                                 top5_label=f"top-{top5_k(len(split.classes))}"))
     console.print(f"vs: the difference in top-1, in points, on the same {after['count']} validation images; "
                   f"{STATS_METHOD}")
     console.print(f"chosen on: {chosen_on or 'given (--res)'}; reported on: {reported_on}")
@@ -243,7 +251,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     return {**summary, "run_dir": str(run_dir), "stopped": False}
 
 
-CHOICE_KEYS = ("size", "top1", "loss", "count", "diff_vs_train", "diff_low", "diff_high", "gained", "lost")
+CHOICE_KEYS = ("size", "top1", "top5", "loss", "count", "diff_vs_train", "diff_low", "diff_high", "gained", "lost")
 
 
 def _choose_res(cfg, model, eval_meta, split, crop_pct, accelerator, console, sweep, *, train_res, predicted,
@@ -299,13 +307,15 @@ def finetune_transforms(cfg, decode: str) -> tuple:
     test / rrc decode on the device; test+ (flip, jitter, shifted crop) has no device version
     and stays in the workers."""
     preprocess = dict(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
-    if decode == "gpu":
+    if decode == "gpu":  # normalised with cfg.mean / cfg.std on the device, by the training loop
         evaluation = ReadForDevice(ResizeSpec((cfg.res,), **preprocess), skip_bad=cfg.skip_bad_images)
         if cfg.aug == "test":
             return evaluation, evaluation
         if cfg.aug == "rrc":
             return ReadForDevice(CropSpec(cfg.res, cfg.interpolation), min_scale=cfg.min_scale,
                                  skip_bad=cfg.skip_bad_images), evaluation
+    preprocess.update(mean=cfg.mean, std=cfg.std)
+    if decode == "gpu":
         return finetune_transform(aug=cfg.aug, size=cfg.res, min_scale=cfg.min_scale, **preprocess), evaluation
     return (finetune_transform(aug=cfg.aug, size=cfg.res, min_scale=cfg.min_scale, **preprocess),
             eval_transform(size=cfg.res, **preprocess))
@@ -341,7 +351,8 @@ def _parametric(cfg, model, split, accelerator, console, workers) -> dict:
     subset = seeded_subset(split.train, cfg.fit_images, cfg.seed)
     fits = {}
     for size in (cfg.train_res, cfg.res):
-        tf = eval_transform(size=size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+        tf = eval_transform(size=size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, mean=cfg.mean,
+                            std=cfg.std)
         loader = torch.utils.data.DataLoader(ImageDataset(subset, tf, cfg.skip_bad_images), batch_size=cfg.batch_size,
                                              collate_fn=collate_skipping, num_workers=workers)
         with EpochProgress(console, f"pooled features at {size} px", len(subset)):

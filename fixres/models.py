@@ -71,6 +71,41 @@ def _build(name: str, num_classes: int, pretrained: bool, output_stride: int | N
         raise
 
 
+# what fixres's transforms can reproduce of a library's preprocessing
+PREPROCESSING_KEYS = ("mean", "std", "interpolation", "crop_pct")
+
+
+def pretrained_preprocessing(name: str) -> dict:
+    """The preprocessing the library's pretrained weights of `name` were made with: mean,
+    std, interpolation and crop_pct from timm's pretrained_cfg (the tag's, e.g.
+    "resnet50.a1_in1k", else the default tag's) or from torchvision's DEFAULT weights'
+    transforms (crop_pct = crop / resize: 224 / 232 for ResNet-50 V2). Read from the
+    libraries' registries: nothing is downloaded. Keys it cannot give are left out."""
+    from fixres.transforms import INTERPOLATIONS
+    check_model_name(name)
+    if name.startswith(TV_PREFIX):
+        import torchvision
+        try:
+            weights = torchvision.models.get_model_weights(name[len(TV_PREFIX):]).DEFAULT
+        except (ValueError, AttributeError):  # a model without pretrained weights
+            return {}
+        preset = weights.transforms()
+        found = {"mean": list(preset.mean), "std": list(preset.std), "interpolation": preset.interpolation.value,
+                 "crop_pct": preset.crop_size[0] / preset.resize_size[0]}
+    else:
+        import timm
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None:
+            return {}
+        found = {"mean": list(cfg.mean), "std": list(cfg.std), "interpolation": cfg.interpolation,
+                 "crop_pct": cfg.crop_pct}
+        if cfg.crop_mode not in (None, "center"):  # squash / border crops: not ours; keep our crop_pct
+            del found["crop_pct"]
+    if found.get("interpolation") not in INTERPOLATIONS:
+        found.pop("interpolation", None)
+    return found
+
+
 def classifier_name(model: nn.Module) -> str:
     """Dotted name of the final Linear layer (timm knows it; for others, the last Linear)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}

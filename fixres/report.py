@@ -55,7 +55,8 @@ def _percent(value: float | None) -> str:
 def epoch_line(record: dict) -> str:
     parts = [f"epoch {record['epoch']:>3}",
              f"train loss {record['train_loss']:.4f} acc {_percent(record['train_acc'])}",
-             f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% (n={record['val_count']})",
+             f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}%"
+             + (f" top-5 {100 * record['val_top5']:.2f}%" if "val_top5" in record else "") + f" (n={record['val_count']})",
              f"lr {record['lr']:.2e}", f"{record['images_per_s']:.1f} img/s", f"{record['seconds']:.0f}s"]
     if "ema_val_acc" in record:
         parts.insert(3, f"EMA val loss {record['ema_val_loss']:.4f} acc {100 * record['ema_val_acc']:.2f}%")
@@ -66,16 +67,19 @@ def epoch_line(record: dict) -> str:
     return " | ".join(parts)
 
 
-def metrics_table(records: list[dict], title: str) -> Table:
+def metrics_table(records: list[dict], title: str, top5_label: str = "val top-5") -> Table:
+    """One row per epoch; `top5_label` names top-k with k = min(5, classes) ("val top-3")."""
     table = Table(title=title)
     ema = any("ema_val_acc" in r for r in records)
-    for column in ("epoch", "train loss", "train acc", "val loss", "val acc", *(("EMA loss", "EMA acc") if ema else ()),
-                   "img/s", "seconds"):
+    for column in ("epoch", "train loss", "train acc", "val loss", "val acc", top5_label,
+                   *(("EMA loss", "EMA acc") if ema else ()), "img/s", "seconds"):
         table.add_column(column, justify="right")
     for r in records:
+        top5 = f"{100 * r['val_top5']:.2f}%" if "val_top5" in r else "-"  # epochs of a run made before top-5
         ema_cells = (f"{r['ema_val_loss']:.4f}", f"{100 * r['ema_val_acc']:.2f}%") if ema else ()
         table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", _percent(r["train_acc"]),
-                      f"{r['val_loss']:.4f}", f"{100 * r['val_acc']:.2f}%", *ema_cells, f"{r['images_per_s']:.1f}",
+                      f"{r['val_loss']:.4f}", f"{100 * r['val_acc']:.2f}%", top5, *ema_cells,
+                      f"{r['images_per_s']:.1f}",
                       f"{r['seconds']:.0f}")
     return table
 
@@ -106,10 +110,11 @@ def difference_cell(diff: float, low: float, high: float) -> str:
     return f"{100 * diff:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
 
 
-def sweep_table(rows: list[dict], *, train_res: int, predicted: int, best: int) -> Table:
+def sweep_table(rows: list[dict], *, train_res: int, predicted: int, best: int, top5_label: str = "top-5") -> Table:
+    """`top5_label`: top-k with k = min(5, classes) ("top-3")."""
     table = Table(title="fixres sweep")
-    for column in ("size", "resize", "top-1", f"vs {train_res} px (95% CI)", "gained", "lost", "loss", "images",
-                   "forward img/s", ""):
+    for column in ("size", "resize", "top-1", f"vs {train_res} px (95% CI)", "gained", "lost", top5_label, "loss",
+                   "images", "forward img/s", ""):
         table.add_column(column, justify="right" if column else "left")
     for r in rows:
         notes = [name for name, size in (("trained", train_res), ("predicted", predicted), ("best", best))
@@ -117,11 +122,13 @@ def sweep_table(rows: list[dict], *, train_res: int, predicted: int, best: int) 
         difference = ("reference" if r["size"] == train_res
                       else difference_cell(r["diff_vs_train"], r["diff_low"], r["diff_high"]))
         table.add_row(str(r["size"]), str(r["resize"]), f"{100 * r['top1']:.2f}%", difference, str(r["gained"]),
-                      str(r["lost"]), f"{r['loss']:.4f}", str(r["count"]), f"{r['images_per_s']:.1f}", ", ".join(notes))
+                      str(r["lost"]), f"{100 * r['top5']:.2f}%", f"{r['loss']:.4f}", str(r["count"]),
+                      f"{r['images_per_s']:.1f}", ", ".join(notes))
     return table
 
 
-def finetune_table(stages: list[tuple[str, dict]], differences: dict, title: str, also=()) -> Table:
+def finetune_table(stages: list[tuple[str, dict]], differences: dict, title: str, also=(),
+                   top5_label: str = "top-5") -> Table:
     """finetune.py's result: (label, row) at the training size, before and after, each with
     its paired differences (finetune's `differences`, keyed "after_vs_before" and so on);
     `also`: further (label, row) lines without differences (the last epoch's)."""
@@ -130,14 +137,15 @@ def finetune_table(stages: list[tuple[str, dict]], differences: dict, title: str
         return difference_cell(d["diff"], d["low"], d["high"])
 
     table = Table(title=title)
-    for column in ("", "top-1", "vs training size (95% CI)", "vs before (95% CI)", "loss"):
+    for column in ("", "top-1", "vs training size (95% CI)", "vs before (95% CI)", top5_label, "loss"):
         table.add_column(column, justify="right" if column else "left")
     versus = [("reference", ""), (cell("before_vs_train_res"), "reference"),
               (cell("after_vs_train_res"), cell("after_vs_before"))]
+    top5 = lambda r: f"{100 * r['top5']:.2f}%" if r.get("top5") is not None else "-"  # noqa: E731
     for (label, r), (vs_train, vs_before) in zip(stages, versus):
-        table.add_row(label, f"{100 * r['top1']:.2f}%", vs_train, vs_before, f"{r['loss']:.4f}")
+        table.add_row(label, f"{100 * r['top1']:.2f}%", vs_train, vs_before, top5(r), f"{r['loss']:.4f}")
     for label, r in also:
-        table.add_row(label, f"{100 * r['top1']:.2f}%", "", "", f"{r['loss']:.4f}")
+        table.add_row(label, f"{100 * r['top1']:.2f}%", "", "", top5(r), f"{r['loss']:.4f}")
     return table
 
 

@@ -39,9 +39,9 @@ from fixres.config import RUNS, ConfigError, _opt
 from fixres.data import (DataError, ImageDataset, collate_skipping, load_split, loader_options, open_image,
                          round_batches, worker_count)
 from fixres.device_decode import ReadForDevice, ResizeSpec, resolve_decode
-from fixres.engine import to_device_batch
+from fixres.engine import to_device_batch, top5_hits, top5_k
 from fixres.models import (check_model_name, classifier_name, create_model, load_run_model, load_weights_into,
-                           read_state_dict)
+                           pretrained_preprocessing, read_state_dict)
 from fixres.resolution import recommended_test_res, resize_size
 from fixres.stats import METHOD as STATS_METHOD
 from fixres.stats import paired_difference_of
@@ -71,7 +71,8 @@ class SweepConfig:
     images: str | None = _opt(None, "image folder for a CSV split (default: the run's, else beside the CSV)")
     # the sweep
     sizes: list[int] | None = _opt(None, "test sizes (default: about 0.5x to 2x the training res, with it and the predicted best)")
-    crop_pct: float | None = _opt(None, "Resize(int(size / crop_pct)) + CenterCrop(size); 0.8 = the Cassava post's Resize(1.25 x size) (default: the run's, else 0.875)")
+    crop_pct: float | None = _opt(None, "Resize(int(size / crop_pct)) + CenterCrop(size); 0.8 = the Cassava post's Resize(1.25 x size) (default: the run's; with --weights, the library's "
+                                          "for the model's pretrained weights, as mean, std and interpolation; else 0.875)")
     activations: bool = _opt(False, "also collect the pooled features that feed the classifier: stats per size and activations.png")
     # runtime
     batch_size: int = _opt(64, "images per process per forward pass")
@@ -82,6 +83,9 @@ class SweepConfig:
     mixed_precision: str | None = _opt(None, "autocast dtype (default: Accelerate's config / launch flag, else none)", ("no", "bf16", "fp16"))
     cpu: bool = _opt(False, "run on the CPU even when a GPU is present")
     output: str | None = _opt(None, "folder for sweep.csv, sweep.json and the plots (default: the run folder)")
+    write_best: bool = _opt(False, "record the best size as the run's test size: in the swept weights' metadata "
+                                   "(test_res, with the sweep's crop_pct) and in the run's timm export "
+                                   "(test_input_size), which is written again from those weights")
 
     def __post_init__(self):
         if self.checkpoint is not None and self.weights is not None:
@@ -90,6 +94,8 @@ class SweepConfig:
             raise ConfigError("--weights needs --model NAME (the checkpoint's model is only known to fixres runs)")
         if self.model and not self.weights:
             raise ConfigError("--model goes with --weights; a --checkpoint names its own model")
+        if self.write_best and self.weights:
+            raise ConfigError("--write-best records the size in a fixres run: give --checkpoint, not --weights")
         for name in ("train_res", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -167,7 +173,7 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
     The model is unwrapped (no DDP: ranks run different numbers of batches), moved to the
     device in channels_last (outside inference mode, so it can still be trained after) and put
     in eval mode; its train/eval modes are restored after.
-    Rows: size, resize, top1, loss, correct, count, per_image_correct (a bool tensor in the
+    Rows: size, resize, top1, top5 (top-k, k = min(5, classes)), loss, correct, correct5, count, per_image_correct (a bool tensor in the
     images' order, for paired comparisons), forward_seconds (slowest process),
     images_per_s (forward pass only, all processes), loader_seconds and seconds (whole sweep,
     slowest process, shared by all rows); with `activations`, act_zero_frac, act_mean,
@@ -193,8 +199,8 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
                                          pin_memory=device.type == "cuda", collate_fn=collate,
                                          **loader_options(workers, persistent=False))  # read once
     n = len(sizes)
-    # per size: correct, count, loss sum | zeros, sum, sum of squares, count of features | histogram
-    stats = torch.zeros(n, 7 + len(ACT_EDGES) + 1, dtype=torch.float64, device=device)
+    # per size: correct, count, loss sum | zeros, sum, sum of squares, count of features | top-5 correct | histogram
+    stats = torch.zeros(n, 8 + len(ACT_EDGES) + 1, dtype=torch.float64, device=device)
     # each image is on one process only: the sum over processes puts every image's result in place
     per_image_correct = torch.zeros(n, len(dataset), dtype=torch.int32, device=device)
     done = 0
@@ -229,6 +235,7 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
                     per_image_correct[k, indices] = hits.int()
                     stats[k, 1] += labels.numel()
                     stats[k, 2] += F.cross_entropy(logits, labels, reduction="none").double().sum()
+                    stats[k, 7] += top5_hits(logits, labels).sum()
                     if activations:
                         feats = captured[-1].detach().double().flatten()
                         captured.clear()
@@ -236,7 +243,7 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
                         stats[k, 4] += feats.sum()
                         stats[k, 5] += feats.square().sum()
                         stats[k, 6] += feats.numel()
-                        stats[k, 7:] += torch.bincount(torch.bucketize(feats, edges), minlength=len(edges) + 1)
+                        stats[k, 8:] += torch.bincount(torch.bucketize(feats, edges), minlength=len(edges) + 1)
                 if progress is not None:
                     progress(labels.numel() * accelerator.num_processes, None)
                 waited = time.perf_counter()
@@ -251,16 +258,17 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
     times = accelerator.gather(times[None]).view(-1, n + 2).amax(0).tolist()  # the slowest process
     rows = []
     for k, size in enumerate(sizes):
-        correct, count, loss_sum, zeros, total, squares, values = stats[k, :7].tolist()
-        row = {"size": size, "resize": resize_size(size, crop_pct), "top1": correct / count, "loss": loss_sum / count,
-               "correct": int(correct), "count": int(count), "per_image_correct": per_image_correct[k],
+        correct, count, loss_sum, zeros, total, squares, values, correct5 = stats[k, :8].tolist()
+        row = {"size": size, "resize": resize_size(size, crop_pct), "top1": correct / count, "top5": correct5 / count,
+               "loss": loss_sum / count, "correct": int(correct), "correct5": int(correct5), "count": int(count),
+               "per_image_correct": per_image_correct[k],
                "forward_seconds": times[k],
                "images_per_s": count / max(times[k], 1e-9), "loader_seconds": times[n], "seconds": times[n + 1]}
         if activations:
             mean = total / values
             row.update(act_zero_frac=zeros / values, act_mean=mean,
                        act_std=math.sqrt(max(squares / values - mean * mean, 0.0)),
-                       act_hist=[int(c) for c in stats[k, 7:].tolist()])
+                       act_hist=[int(c) for c in stats[k, 8:].tolist()])
         rows.append(row)
     return rows
 
@@ -309,7 +317,9 @@ def load_for_sweep(cfg: SweepConfig, accelerator):
                 raise ConfigError(f"{run_dir / 'config.json'}: cannot read ({err})") from None
     else:
         check_model_name(cfg.model)
-        meta = {"model": cfg.model, "train_res": cfg.train_res or 224, "weights_path": str(cfg.weights)}
+        # plain weights: most often a library's pretrained ones, preprocessed as they were made
+        meta = {"model": cfg.model, "train_res": cfg.train_res or 224, "weights_path": str(cfg.weights),
+                **pretrained_preprocessing(cfg.model)}
     if cfg.data:
         data, images = cfg.data, cfg.images
     elif "data" not in run_cfg:
@@ -368,7 +378,8 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
                          workers=workers, activations=cfg.activations, progress=bar, decode=decode)
     add_differences(rows, train_res)
     best = best_row(rows)
-    console.print(sweep_table(rows, train_res=train_res, predicted=predicted, best=best["size"]))
+    k = top5_k(len(split.classes))
+    console.print(sweep_table(rows, train_res=train_res, predicted=predicted, best=best["size"], top5_label=f"top-{k}"))
     console.print(f"vs {train_res} px: the difference in top-1 from the training size, in points, on the same "
                   f"{len(split.val)} validation images; {STATS_METHOD}; gained / lost: images right only at that "
                   f"size / only at {train_res} px")
@@ -385,26 +396,56 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
                "val_images": len(split.val), "difference_vs_train": STATS_METHOD,
                "processes": accelerator.num_processes, "device": str(accelerator.device),
                "mixed_precision": accelerator.mixed_precision, "loader_seconds": rows[0]["loader_seconds"],
-               "seconds": rows[0]["seconds"], "command": command, "config": cfg.to_dict()}
+               "seconds": rows[0]["seconds"], "top5_k": k, "command": command, "config": cfg.to_dict()}
+    per_class = per_class_accuracy(rows, [label for _, label in split.val], split.classes)
     if accelerator.is_main_process:
-        write_outputs(out, rows, summary, title=f"{meta['model']} trained at {train_res} px, crop_pct {crop_pct}")
+        write_outputs(out, rows, summary, title=f"{meta['model']} trained at {train_res} px, crop_pct {crop_pct}",
+                      per_class=per_class)
         console.print(f"wrote {out}/sweep.csv, sweep.json, sweep.png" + (", activations.png" if cfg.activations else ""))
+        if cfg.write_best:
+            write_best_size(Path(meta["weights_path"]), run_dir, best["size"], crop_pct, console)
     accelerator.wait_for_everyone()
     return {"rows": rows, "meta": summary, "output": str(out)}
 
 
-CSV_COLUMNS = ("size", "resize", "top1", "loss", "correct", "count", "diff_vs_train", "diff_low", "diff_high",
+CSV_COLUMNS = ("size", "resize", "top1", "top5", "loss", "correct", "correct5", "count", "diff_vs_train", "diff_low", "diff_high",
                "gained", "lost", "forward_seconds", "images_per_s", "act_zero_frac", "act_mean", "act_std")
 
 
-def write_outputs(out: Path, rows: list[dict], summary: dict, title: str) -> None:
-    """sweep.csv, sweep.json (rows, summary, activation histograms), sweep.png, activations.png."""
+def per_class_accuracy(rows: list[dict], labels: list[int], classes: list[str]) -> dict:
+    """{size: {class: {"top1", "correct", "count"}}} from each row's per-image results (the
+    validation images' order, `labels`): exact whatever the number of processes."""
+    labels = torch.tensor(labels)
+    table = {}
+    for r in rows:
+        correct = r["per_image_correct"]
+        table[str(r["size"])] = {}
+        for index, name in enumerate(classes):
+            mine = labels == index
+            n, right = int(mine.sum()), int(correct[mine].sum())
+            table[str(r["size"])][name] = {"top1": right / n if n else None, "correct": right, "count": n}
+    return table
+
+
+def write_best_size(weights: Path, run_dir: Path | None, size: int, crop_pct: float, console) -> None:
+    """--write-best: the swept weights' metadata says test_res = `size` (at the sweep's
+    crop_pct), and the run's timm export is written again from them."""
+    from fixres.checkpoint import update_metadata
+    from fixres.export import write_run_export
+    update_metadata(weights, test_res=size, input_size=[3, size, size], crop_pct=crop_pct)
+    console.print(f"--write-best: {weights} now says test_res {size} px (crop_pct {crop_pct})")
+    write_run_export(run_dir or weights.parent, console, weights=weights)
+
+
+def write_outputs(out: Path, rows: list[dict], summary: dict, title: str, per_class: dict | None = None) -> None:
+    """sweep.csv, sweep.json (rows, summary, per-class top-1, activation histograms), sweep.png,
+    activations.png."""
     from fixres import plots
     from fixres.checkpoint import atomic_write, write_json_atomic
     table = [{k: r[k] for k in CSV_COLUMNS if k in r} for r in rows]
     lines = [",".join(CSV_COLUMNS)] + [",".join(str(r.get(k, "")) for k in CSV_COLUMNS) for r in table]
     atomic_write(out / "sweep.csv", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-    record = {"meta": summary, "rows": table}
+    record = {"meta": summary, "rows": table, **({"per_class": per_class} if per_class else {})}
     if "act_hist" in rows[0]:
         record["activations"] = {"edges": ACT_EDGES.tolist(), "hist": {str(r["size"]): r["act_hist"] for r in rows}}
         plots.plot_activation_cdfs(rows, ACT_EDGES.tolist(), out / "activations.png", train_res=summary["train_res"])

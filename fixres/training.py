@@ -34,9 +34,11 @@ from fixres.data import (PREFETCH_BATCHES, EpochSampler, ImageDataset, collate_s
                          loader_options, worker_count)
 from fixres.device_decode import CropSpec, ReadForDevice, ResizeSpec, resolve_decode
 from fixres.ema import ModelEma
-from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError, cosine_lr, evaluate,
+from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError, cosine_lr, evaluate, top5_k,
                            train_one_epoch)
-from fixres.models import check_model_name, classifier_name, create_model, load_weights_into
+from fixres.export import write_run_export
+from fixres.models import (PREPROCESSING_KEYS, check_model_name, classifier_name, create_model, load_weights_into,
+                           pretrained_preprocessing)
 from fixres.report import EpochProgress, config_table, epoch_line, make_console, metrics_table, write_jsonl
 from fixres.transforms import (IMAGENET_MEAN, IMAGENET_STD, BatchMix, DecodeRandomResizedCrop, crop_augment,
                                eval_transform, train_transform)
@@ -131,8 +133,43 @@ def weights_meta(cfg: TrainConfig, classes: list[str], **extra) -> dict:
     """The preprocessing a set of weights expects, stored inside the weights file."""
     return {"model": cfg.model, "output_stride": cfg.output_stride, "classes": classes, "num_classes": len(classes), "train_res": cfg.train_res,
             "test_res": cfg.eval_res, "input_size": [3, cfg.eval_res, cfg.eval_res], "crop_pct": cfg.crop_pct,
-            "interpolation": cfg.interpolation, "min_scale": cfg.min_scale, "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD), **extra}
+            "interpolation": cfg.interpolation, "min_scale": cfg.min_scale, "mean": list(cfg.mean or IMAGENET_MEAN),
+            "std": list(cfg.std or IMAGENET_STD), **extra}
+
+
+def resolve_preprocessing(cfg: TrainConfig, explicit: set[str], *, resumed: bool = False) -> tuple[TrainConfig, str]:
+    """The normalisation (and crop_pct, interpolation) a run trains and evaluates with, and
+    where it came from, in words. Options given on the command line win; then, with
+    --pretrained or --weights, what those weights were made with: a fixres weights file's
+    metadata, else the library's pretrained config of the model (timm's pretrained_cfg,
+    torchvision's weights transforms); else ImageNet's mean and std and the option defaults.
+    A resumed run keeps its config; one saved before mean/std were options used ImageNet's."""
+    own, source = {}, "ImageNet's mean and std (training from scratch)"
+    if resumed:
+        source = "the run's config"
+    elif cfg.mean is not None and "mean" not in explicit:
+        source = "the job's config (finetune.py: the source weights' metadata)"
+    elif cfg.pretrained or cfg.weights:
+        own = {k: v for k, v in ckpt.read_metadata(Path(cfg.weights)).items() if k in PREPROCESSING_KEYS} \
+            if cfg.weights else {}
+        source = f"the metadata of {cfg.weights}"
+        if not own:
+            own = pretrained_preprocessing(cfg.model)
+            library = "torchvision's weights transforms" if cfg.model.startswith("tv:") else "timm's pretrained_cfg"
+            taken = "--weights taken for its pretrained weights" if cfg.weights else "--pretrained"
+            source = f"{library} of {cfg.model} ({taken})"
+    keep = lambda key: key in explicit or key not in own  # noqa: E731
+    cfg = dataclasses.replace(
+        cfg, mean=list(cfg.mean or own.get("mean") or IMAGENET_MEAN), std=list(cfg.std or own.get("std") or IMAGENET_STD),
+        crop_pct=cfg.crop_pct if keep("crop_pct") else float(own["crop_pct"]),
+        interpolation=cfg.interpolation if keep("interpolation") else own["interpolation"])
+    given = [f"--{k.replace('_', '-')}" for k in ("mean", "std", "crop_pct", "interpolation") if k in explicit]
+    return cfg, (f"mean {_numbers(cfg.mean)}, std {_numbers(cfg.std)}, crop_pct {cfg.crop_pct:g}, "
+                 f"{cfg.interpolation}: {source}" + (f"; given: {' '.join(given)}" if given else ""))
+
+
+def _numbers(values) -> str:
+    return " ".join(f"{v:g}" for v in values)
 
 
 def default_train_transform(cfg: TrainConfig, device: torch.device):
@@ -146,10 +183,14 @@ def default_train_transform(cfg: TrainConfig, device: torch.device):
         return ReadForDevice(CropSpec(cfg.train_res, cfg.interpolation), min_scale=cfg.min_scale,
                              skip_bad=cfg.skip_bad_images)
     fast_decode = cfg.fast_decode if cfg.fast_decode is not None else device.type == "cuda"
-    make = DecodeRandomResizedCrop if fast_decode else train_transform
     augment = crop_augment(auto_augment=cfg.auto_augment, random_erase=cfg.random_erase,
                            interpolation=cfg.interpolation)
-    return make(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation, augment=augment)
+    if fast_decode:  # uint8 crops: the engine normalises them on the device with cfg.mean and cfg.std
+        return DecodeRandomResizedCrop(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation,
+                                       augment=augment)
+    return train_transform(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation,
+                           mean=cfg.mean or IMAGENET_MEAN, std=cfg.std or IMAGENET_STD,  # None: not resolved yet
+                           augment=augment)
 
 
 def epoch_score(record: dict) -> tuple[float, str]:
@@ -179,7 +220,8 @@ def default_eval_transform(cfg: TrainConfig, device: torch.device):
     """train.py's validation preprocessing at --test-res, on `device` with --decode gpu."""
     if resolve_decode(cfg.decode, device) == "gpu":
         return ReadForDevice(ResizeSpec((cfg.eval_res,), cfg.crop_pct, cfg.interpolation), skip_bad=cfg.skip_bad_images)
-    return eval_transform(size=cfg.eval_res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+    return eval_transform(size=cfg.eval_res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
+                          mean=cfg.mean, std=cfg.std)
 
 
 def build_loaders(split, cfg: TrainConfig, *, train_tf, eval_tf, workers: int, pin_memory: bool,
@@ -310,6 +352,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
         else:
             cfg = resumed_config(checkpoint, cfg, explicit)
     check_model_name(cfg.model)
+    cfg, normalisation = resolve_preprocessing(cfg, explicit, resumed=checkpoint is not None)
     decode = resolve_decode(cfg.decode, accelerator.device)  # --decode gpu without torchcodec: refused before any work
     data, images, data_name = resolve_data(cfg, accelerator)
     saved_meta = ckpt.load_weights(checkpoint / ckpt.WEIGHTS_FILE)[1] if checkpoint else {}
@@ -322,6 +365,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
                                 "device": accelerator.device, "decoding on": decode,
                                 "mixed precision": accelerator.mixed_precision},
                                title=f"fixres {job.title}: resolved config"))
+    console.print(f"normalisation: {normalisation}")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_temporaries(run_dir)  # what a killed run was writing
@@ -422,7 +466,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
                     label_smoothing=cfg.label_smoothing, channels_last=channels_last,
                     progress=bar, should_stop=stop, set_modes=set_modes,
                     mix=functools.partial(mix, epoch=epoch) if mix else None, first_batch=state.batch_in_epoch,
-                    clip_grad_norm=cfg.clip_grad_norm, ema=ema)
+                    clip_grad_norm=cfg.clip_grad_norm, ema=ema, mean=cfg.mean, std=cfg.std)
             if not result.completed:
                 state.batch_in_epoch += result.images // (cfg.batch_size * accelerator.num_processes)
                 _save(accelerator, model, optimizer, run_dir, meta, state, ema=ema)
@@ -431,20 +475,23 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
                               f"continue with --resume {run_dir}")
                 return {"run_dir": str(run_dir), "stopped": True}
             with EpochProgress(console, "evaluating", len(split.val)) as bar:
-                val = evaluate(model, val_loader, accelerator, channels_last=channels_last, progress=bar)
+                val = evaluate(model, val_loader, accelerator, channels_last=channels_last, progress=bar,
+                               mean=cfg.mean, std=cfg.std)
             if not math.isfinite(val["loss"]):  # weights that diverged in the epoch's last steps: not saved
                 raise NonFiniteLossError(f"validation loss is {val['loss']} after epoch {epoch + 1} (optimizer step "
                                          f"{state.step}, learning rate {result.lr:.3g}); {NONFINITE_HINT}")
             record = {"epoch": epoch + 1, "train_loss": result.loss, "train_acc": result.accuracy,
-                      "val_loss": val["loss"], "val_acc": val["accuracy"], "val_count": val["count"],
+                      "val_loss": val["loss"], "val_acc": val["accuracy"], "val_top5": val["top5"],
+                      "val_count": val["count"],
                       "lr": result.lr, "images_per_s": result.images_per_s, "train_images": result.images,
                       "skipped": result.skipped, "seconds": result.seconds + val["seconds"],
                       "val_seconds": val["seconds"], "data_wait_frac": result.data_wait_frac}
             if ema is not None:  # the EMA weights, evaluated as the raw ones are
                 ema.sync(accelerator)
                 with EpochProgress(console, "evaluating the EMA", len(split.val)) as bar:
-                    ema_val = evaluate(ema.module, val_loader, accelerator, channels_last=channels_last, progress=bar)
-                record.update(ema_val_loss=ema_val["loss"], ema_val_acc=ema_val["accuracy"],
+                    ema_val = evaluate(ema.module, val_loader, accelerator, channels_last=channels_last, progress=bar,
+                                       mean=cfg.mean, std=cfg.std)
+                record.update(ema_val_loss=ema_val["loss"], ema_val_acc=ema_val["accuracy"], ema_val_top5=ema_val["top5"],
                               seconds=record["seconds"] + ema_val["seconds"])
             score, which = epoch_score(record)
             improved = score > state.best_acc
@@ -473,7 +520,10 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset(), job: Job | None = 
         stop.restore()
         if cfg.log_with:
             accelerator.end_training()
-    console.print(metrics_table(state.records, title=f"fixres {job.title}: {run_dir}"))
+    if accelerator.is_main_process:
+        write_run_export(run_dir, console)
+    console.print(metrics_table(state.records, title=f"fixres {job.title}: {run_dir}",
+                                top5_label=f"val top-{top5_k(len(split.classes))}"))
     if ema is not None and state.records:
         best_acc, which = epoch_score(max(state.records, key=lambda r: epoch_score(r)[0]))
         best_epoch = next(r["epoch"] for r in state.records if epoch_score(r)[0] == best_acc)

@@ -27,6 +27,7 @@ from fixres.checkpoint import load_weights, save_weights, write_json_atomic
 from fixres.cli import run_main
 from fixres.config import ConfigError, FinetuneConfig, TrainConfig
 from fixres.data import DataError, load_split, open_image
+from fixres.export import EXPORT_DIR
 from fixres.finetune import (SyncedBatchNorm2d, find_last_bn, finetune_modes, finetune_transform,
                              prepare_for_finetuning, seeded_subset, timm_overlay)
 from fixres.models import ModelError, load_run_model
@@ -335,7 +336,8 @@ def test_finetune_json_describes_the_weights_it_ships(unlearning, tmp_path):
     assert summary["after_epoch"] == load_weights(run / "best.safetensors")[1]["epoch"]
     assert summary["after_epoch"] == accuracies.index(max(accuracies)) + 1
     last = summary["epochs"][-1]
-    assert summary["last_epoch"] == {"epoch": 3, "top1": last["val_acc"], "loss": last["val_loss"]}
+    assert summary["last_epoch"] == {"epoch": 3, "top1": last["val_acc"], "top5": last["val_top5"],
+                                     "loss": last["val_loss"]}
 
 
 def start(script, *args, processes=1):
@@ -416,7 +418,7 @@ def test_two_processes_equal_one_with_the_global_batch(runs):
             assert torch.equal(one[key], source[key]) and torch.equal(two[key], source[key]), key
 
 
-def test_finetune_run_folder_and_timm_loads_its_weights(runs):
+def test_finetune_run_folder_and_timm_loads_its_weights(runs, tiny_csv):
     results, out, _ = runs
     stdout = ok(results["one"]).stdout
     assert sum(line.startswith("epoch ") for line in stdout.splitlines()) == 2
@@ -448,6 +450,23 @@ def test_finetune_run_folder_and_timm_loads_its_weights(runs):
     config = timm.data.resolve_data_config(model=loaded)
     assert config["input_size"] == (3, 48, 48) and config["crop_pct"] == 0.875
 
+    # the run's timm export: timm picks the new size with no flags, and gets finetune.json's "after" to the image
+    assert summary["top5"]["after"] == 1.0 and summary["top5_k"] == 3  # three classes: "top-5" is top-3
+    assert re.search(r"48 px, after finetune.*│ +100\.00% │ +[\d.]+ │", stdout)  # the top-3 column, then the loss
+    export = out / "one" / EXPORT_DIR
+    assert f"timm export: {export} (test size 48 px" in stdout
+    exported = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
+    config = timm.data.resolve_data_config({}, model=exported, use_test_size=True)
+    assert config["input_size"] == (3, 48, 48)
+    transform = timm.data.create_transform(**config)
+    split = load_split(tiny_csv, None, classes=exported.pretrained_cfg["label_names"])
+    right = 0
+    with torch.no_grad():
+        for path, label in split.val:
+            with Image.open(path) as img:
+                right += exported(transform(img.convert("RGB"))[None]).argmax(1).item() == label
+    assert right == round(summary["top1"]["after"] * 25)
+
 
 def test_res_auto_with_the_parametric_method(runs, tiny_csv):
     results, out, source = runs
@@ -471,6 +490,8 @@ def test_res_auto_with_the_parametric_method(runs, tiny_csv):
     assert summary["adaptation"]["scope"] == "feature" and summary["adaptation"]["fit_images"] == 60
     state, meta = load_weights(out / "auto" / "best.safetensors")
     assert meta["adaptation"]["kind"] == "frechet" and state[f"{ADAPTER}.test_loc"].numel() > 1
+    assert "timm export: none (" in stdout and "carries a parametric adapter" in stdout  # timm would drop it
+    assert not (out / "auto" / EXPORT_DIR).exists()
     model, _ = load_run_model(out / "auto" / "best.safetensors")  # what every fixres evaluation loads
     assert isinstance(model.get_submodule(ADAPTER), FrechetAdapter)
     torch.testing.assert_close(model.get_submodule(ADAPTER).test_loc, state[f"{ADAPTER}.test_loc"])
@@ -485,6 +506,7 @@ def test_bn_stats_run(runs):
     original, _ = load_weights(source / "best.safetensors")
     changed = {k for k in state if not torch.equal(state[k], original[k])}
     assert changed == {f"{meta['last_bn']}.{k}" for k in ("running_mean", "running_var", "num_batches_tracked")}
+    assert (out / "bn_stats" / EXPORT_DIR / "model.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -87,13 +87,13 @@ def tv_run(data_csv, tmp_path_factory) -> Path:
 
 
 def table_rows(stdout: str) -> list[list[str]]:
-    """The sweep table's cells (size, resize, top-1, vs trained, gained, lost, loss, images,
-    notes), without the timing column (forward img/s)."""
+    """The sweep table's cells (size, resize, top-1, vs trained, gained, lost, top-5, loss,
+    images, notes), without the timing column (forward img/s)."""
     rows = []
     for line in stdout.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]
-        if cells and cells[0].isdigit() and len(cells) == 10:
-            rows.append(cells[:8] + cells[9:])
+        if cells and cells[0].isdigit() and len(cells) == 11:
+            rows.append(cells[:9] + cells[10:])
     return rows
 
 
@@ -228,7 +228,7 @@ def test_plain_pretrained_weights(tv_run, data_csv, tmp_path, capsys):
     assert run_main(SCRIPT.main, argv) == 0
     assert "trained at 32 px, predicted 40 px" in capsys.readouterr().out
     assert (tmp_path / "sweep.csv").read_text().startswith(
-        "size,resize,top1,loss,correct,count,diff_vs_train,diff_low,diff_high,gained,lost,")
+        "size,resize,top1,top5,loss,correct,correct5,count,diff_vs_train,diff_low,diff_high,gained,lost,")
 
 
 def test_without_checkpoint_the_newest_run_under_runs(tv_run, tmp_path, monkeypatch, capsys):
@@ -320,23 +320,61 @@ def test_same_table_with_one_and_two_processes(tiny_run, tmp_path):
     assert re.search(r"processes\s+2\b", two) and re.search(r"processes\s+1\b", one)
     rows_one, rows_two = table_rows(one), table_rows(two)
     assert [r[0] for r in rows_one] == ["16", "24", "32", "40"]
-    assert all(r[7] == str(N_VAL) for r in rows_one)
-    assert rows_one == rows_two  # size, resize, top-1, vs trained, gained, lost, loss (4 decimals), images, notes
+    assert all(r[8] == str(N_VAL) for r in rows_one)
+    assert rows_one == rows_two  # size, resize, top-1, vs trained, gained, lost, top-5, loss (4 decimals), images, notes
     assert re.search(r"best: \d+ px .*trained at 32 px, predicted 40 px", one)
     a, b = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("one", "two"))
     assert a["meta"]["processes"] == 1 and b["meta"]["processes"] == 2
     paired = ("diff_vs_train", "diff_low", "diff_high", "gained", "lost")
     for ra, rb in zip(a["rows"], b["rows"]):
-        assert (ra["size"], ra["correct"], ra["count"]) == (rb["size"], rb["correct"], rb["count"])
+        assert (ra["size"], ra["correct"], ra["correct5"], ra["count"]) == (rb["size"], rb["correct"], rb["correct5"],
+                                                                          rb["count"])
+        assert ra["correct"] <= ra["correct5"] <= ra["count"] and ra["top5"] == ra["correct5"] / N_VAL
         assert [ra[k] for k in paired] == [rb[k] for k in paired]  # per-image results gathered exactly
         assert ra["diff_vs_train"] == (ra["gained"] - ra["lost"]) / N_VAL
         assert ra["diff_vs_train"] == pytest.approx(ra["top1"] - a["rows"][2]["top1"])  # 32 px: the reference
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6)   # summation order may differ
     assert a["activations"]["hist"] == b["activations"]["hist"]    # exact counts
+    assert a["per_class"] == b["per_class"] and a["meta"]["top5_k"] == 3  # 3 classes: top-5 is top-3
+    for row in a["rows"]:
+        per_class = a["per_class"][str(row["size"])]
+        assert sorted(per_class) == sorted(COLOURS) and sum(c["count"] for c in per_class.values()) == N_VAL
+        assert sum(c["correct"] for c in per_class.values()) == row["correct"]
     assert any(r["gained"] + r["lost"] for r in a["rows"])  # some images change: the pairing is tested
     for d in ("one", "two"):
         for name in ("sweep.csv", "sweep.json", "sweep.png", "activations.png"):
             assert (tmp_path / d / name).is_file()
         assert (tmp_path / d / "sweep.png").read_bytes().startswith(PNG_SIGNATURE)
         csv_lines = (tmp_path / d / "sweep.csv").read_text().splitlines()
-        assert len(csv_lines) == 5 and csv_lines[0].startswith("size,resize,top1,loss")
+        assert len(csv_lines) == 5 and csv_lines[0].startswith("size,resize,top1,top5,loss")
+
+
+@pytest.fixture(scope="module")
+def seven_class_run(tmp_path_factory) -> Path:
+    """7 classes, so that top-5 is not every class; untrained weights: top-5 hits vary."""
+    root = tmp_path_factory.mktemp("seven")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(7)
+    rows = ["image_id,label,is_val"]
+    for i in range(37):
+        Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)).save(root / "images" / f"{i}.jpg")
+        rows.append(f"{i}.jpg,c{i % 7},{i >= 7}")  # 30 validation images
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 7)
+    save_weights(root / "run" / "best.safetensors", model.state_dict(),
+                 {"model": "test_resnet", "classes": [f"c{k}" for k in range(7)], "train_res": 32, "test_res": 32,
+                  "crop_pct": 0.875, "interpolation": "bilinear"})
+    (root / "run" / "config.json").write_text(json.dumps({"data": str(root / "labels.csv"), "images": None}))
+    return root / "run"
+
+
+def test_top5_and_per_class_counts_are_the_same_with_two_processes(seven_class_run, tmp_path):
+    _script([sys.executable], seven_class_run, tmp_path / "one", "--workers", "0")
+    _script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", "localhost:0"], seven_class_run, tmp_path / "two", "--cpu", "--workers", "0")
+    a, b = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("one", "two"))
+    assert a["meta"]["top5_k"] == 5
+    assert [r["correct5"] for r in a["rows"]] == [r["correct5"] for r in b["rows"]]
+    assert any(0 < r["correct5"] < 30 for r in a["rows"])  # some images outside the top 5: the count is tested
+    assert a["per_class"] == b["per_class"]

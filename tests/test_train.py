@@ -29,8 +29,9 @@ def test_two_epochs_write_the_run_folder(tmp_path, tiny_csv):
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
-    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds"} <= set(records[0])
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "images_per_s", "seconds"} <= set(records[0])
     assert all(0 <= r["data_wait_frac"] <= 1 and 0 < r["val_seconds"] < r["seconds"] for r in records)
+    assert records[-1]["val_top5"] == 1.0 and "val top-3" in result.stdout  # 3 classes: top-5 is top-3, named so
     assert records[-1]["val_acc"] > 0.5  # three colours: chance is 1/3
     assert json.loads((run / "classes.json").read_text()) == ["blue", "green", "red"]
     config = json.loads((run / "config.json").read_text())

@@ -1,0 +1,149 @@
+"""A run's timm export: its weights in timm's Hugging Face Hub layout, written by timm itself.
+
+    runs/<name>/timm/config.json        architecture, num_classes, label_names, model_args (output_stride,
+                                        ...) and pretrained_cfg: input_size (the training size),
+                                        test_input_size (the FixRes size), crop_pct, test_crop_pct,
+                                        interpolation, mean, std
+    runs/<name>/timm/model.safetensors  the weights, timm's own parameter names
+
+    import timm
+    model = timm.create_model("local-dir:runs/<name>/timm", pretrained=True)   # the trained weights
+    config = timm.data.resolve_data_config({}, model=model, use_test_size=True)   # the FixRes size
+    transform = timm.data.create_transform(**config)
+    model.pretrained_cfg["label_names"]                                       # the class names
+
+    python validate.py /data/val --model local-dir:runs/<name>/timm --pretrained   # timm's script
+    huggingface-cli upload <user>/<repo> runs/<name>/timm                         # publish as is
+
+train.py and finetune.py write it from best.safetensors when they finish; `sweep.py
+--write-best` writes it again with the sweep's best size as test_input_size. timm's
+`save_for_hf` writes the folder under a temporary name; it is then loaded back with
+`timm.create_model("local-dir:...")` and checked (the class names, the preprocessing that
+resolve_data_config gives, and the outputs on a random batch at the test size) before it
+replaces the previous export. An export that timm would build or preprocess differently
+from fixres is not written: ExportError says why. A torchvision model has no timm export,
+and neither has a parametric fine-tuning run (timm cannot load its adapter).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fixres import checkpoint as ckpt
+from fixres.models import TV_PREFIX, ModelError, load_run_model
+from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+EXPORT_DIR = "timm"  # runs/<name>/timm
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported for timm as it evaluates in fixres; the message says why."""
+
+
+def export_data_config(meta: dict) -> dict:
+    """timm's preprocessing fields for fixres weights metadata: trained at train_res, tested at
+    test_res (the FixRes size), the same crop ratio at both."""
+    return {"input_size": (3, int(meta["train_res"]), int(meta["train_res"])),
+            "test_input_size": (3, int(meta["test_res"]), int(meta["test_res"])),
+            "crop_pct": float(meta.get("crop_pct", 0.875)), "test_crop_pct": float(meta.get("crop_pct", 0.875)),
+            "interpolation": meta.get("interpolation", "bilinear"),
+            "mean": tuple(meta.get("mean", IMAGENET_MEAN)), "std": tuple(meta.get("std", IMAGENET_STD))}
+
+
+def export_timm(weights: Path, out_dir: Path) -> Path:
+    """Write `out_dir` (timm's Hub layout) from a fixres weights file; returns out_dir."""
+    import timm
+    from timm.models import save_for_hf
+    meta = ckpt.read_metadata(Path(weights))
+    if str(meta.get("model", "")).startswith(TV_PREFIX):
+        raise ExportError(f"{meta['model']} is a torchvision model; timm exports are for timm models")
+    if meta.get("adaptation"):
+        raise ExportError(f"{weights} carries a parametric adapter (a Frechet map before the classifier) that "
+                          f"timm cannot load: timm would evaluate the model without it. Export the source run "
+                          f"with sweep.py --write-best, or fine-tune with --method finetune or bn-stats")
+    if "data_config" not in inspect.signature(save_for_hf).parameters:
+        raise ExportError(f"timm {timm.__version__}'s save_for_hf takes no data_config (the preprocessing to "
+                          f"export): upgrade timm")
+    model, meta = load_run_model(weights)
+    model.eval()
+    data_config = export_data_config(meta)
+    model_args = {"output_stride": meta["output_stride"]} if meta.get("output_stride") else None
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        # tag and license describe the library's pretrained weights, not these
+        save_for_hf(model, str(tmp), model_config={"label_names": list(meta["classes"]),
+                                                   "pretrained_cfg": {"tag": None, "license": None}},
+                    model_args=model_args, safe_serialization=True, data_config=data_config)
+        check_export(tmp, model, meta, data_config)
+        os.chmod(tmp, 0o777 & ~ckpt._UMASK)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def check_export(folder: Path, model: torch.nn.Module, meta: dict, data_config: dict) -> None:
+    """Load `folder` as a timm user will and compare: class names, the preprocessing at the
+    test and the training size, and the outputs on a random batch at the test size."""
+    import timm
+    try:
+        loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    except Exception as err:
+        raise ExportError(f"timm cannot load the export ({str(err).splitlines()[0][:160]})") from None
+    if list(loaded.pretrained_cfg.get("label_names") or []) != list(meta["classes"]):
+        raise ExportError("timm's loaded model does not carry the class names")
+    for use_test_size, size_key in ((True, "test_input_size"), (False, "input_size")):
+        got = timm.data.resolve_data_config({}, model=loaded, use_test_size=use_test_size)
+        want = {"input_size": data_config[size_key], "crop_pct": data_config["crop_pct"],
+                "interpolation": data_config["interpolation"], "mean": data_config["mean"], "std": data_config["std"]}
+        differs = [k for k, v in want.items() if (tuple(got[k]) if isinstance(v, tuple) else got[k]) != v]
+        if differs:
+            raise ExportError(f"timm resolves another preprocessing from the export ({', '.join(differs)}: "
+                              f"{ {k: got[k] for k in differs} } instead of { {k: want[k] for k in differs} })")
+    size = data_config["test_input_size"][1]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours, theirs = model(x), loaded(x)
+    if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5):
+        raise ExportError(f"the model timm builds from the export computes other outputs (largest difference "
+                          f"{(ours - theirs).abs().max().item() if ours.shape == theirs.shape else 'in shape'}): "
+                          f"it is built with other arguments than {meta['model']} was "
+                          f"(model_args {getattr(model, '_model_args', {})})")
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Put `new` at `final`; the previous folder is moved aside first and deleted after, so a
+    crash leaves either export whole (or a hidden .tmp that checkpoint.remove_temporaries clears)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old.tmp")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_run_export(run_dir: Path, console, weights: Path | None = None) -> Path | None:
+    """The run's export from `weights` (default: its best.safetensors), with one line saying
+    where it is, or why there is none. Main process only."""
+    run_dir = Path(run_dir)
+    weights = Path(weights) if weights else run_dir / "best.safetensors"
+    try:
+        out = export_timm(weights, run_dir / EXPORT_DIR)
+    except (ExportError, ckpt.CheckpointError, ModelError) as err:
+        console.print(f"timm export: none ({err})")
+        return None
+    sizes = export_data_config(ckpt.read_metadata(weights))
+    console.print(f"timm export: {out} (test size {sizes['test_input_size'][1]} px; "
+                  f"timm.create_model('local-dir:{out}', pretrained=True))")
+    return out

@@ -1,0 +1,199 @@
+"""The model's own normalisation, the run's timm export, top-5.
+
+    python -m pytest -q tests/test_export.py      # about a minute on 2 CPU cores
+
+The end-to-end test trains timm's `test_resnet` from a local weights file (its timm
+pretrained_cfg says mean and std 0.5, crop_pct 0.95: not ImageNet's), at stride 16,
+sweeps it with --write-best, then evaluates the export as a timm user would: built by
+timm.create_model("local-dir:..."), preprocessed by timm's own eval transform from
+resolve_data_config(use_test_size=True), and compares with our sweep image by image.
+"""
+import json
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from fixres import sweep as sweep_lib
+from fixres.checkpoint import load_weights, save_weights
+from fixres.config import TrainConfig
+from fixres.data import load_split
+from fixres.engine import top5_hits
+from fixres.export import EXPORT_DIR, ExportError, check_export, export_data_config, write_run_export
+from fixres.models import pretrained_preprocessing
+from fixres.report import make_console
+from fixres.training import resolve_preprocessing
+from tests.conftest import TINY_TRAIN, run_script
+
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def timm_correct(model, samples, use_test_size=True) -> tuple[list[bool], dict]:
+    """Which validation images timm gets right: its own eval transform, from the model's config."""
+    config = timm.data.resolve_data_config({}, model=model, use_test_size=use_test_size)
+    transform = timm.data.create_transform(**config, is_training=False)
+    right = []
+    with torch.inference_mode():
+        for path, label in samples:
+            with Image.open(path) as img:
+                x = transform(img.convert("RGB"))[None]
+            right.append(model.eval()(x).argmax(1).item() == label)
+    return right, config
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory, tiny_csv):
+    """A run of test_resnet at stride 16 started from a plain weights file of that model."""
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    donor = timm.create_model("test_resnet")  # 1000 classes: the head is replaced
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, root / "test_resnet.safetensors")
+    result = run_script("train.py", "--data", tiny_csv, *TINY_TRAIN, "--weights", root / "test_resnet.safetensors",
+                        "--output-stride", "16", "--epochs", "2", "--lr", "3e-3", "--output", root / "runs", "--name", "own")
+    return ok(result), root
+
+
+def test_weights_train_and_evaluate_with_the_models_own_normalisation(pretrained_run, tiny_csv):
+    result, root = pretrained_run
+    run = root / "runs" / "own"
+    assert ("normalisation: mean 0.5 0.5 0.5, std 0.5 0.5 0.5, crop_pct 0.95, bilinear: timm's pretrained_cfg "
+            "of test_resnet") in result.stdout
+    config = json.loads((run / "config.json").read_text())
+    assert (config["mean"], config["std"], config["crop_pct"]) == ([0.5] * 3, [0.5] * 3, 0.95)
+    _, meta = load_weights(run / "best.safetensors")
+    assert (meta["mean"], meta["std"], meta["crop_pct"]) == ([0.5] * 3, [0.5] * 3, 0.95)
+    # the sweep preprocesses from the metadata: at the training size it sees what train.py's evaluation saw
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = max(records, key=lambda r: r["val_acc"])
+    swept = sweep_lib.sweep(sweep_lib.SweepConfig(checkpoint=str(run), sizes=[32], workers=0, cpu=True,
+                                                  output=str(root / "sweep32")))["rows"][0]
+    assert swept["correct"] == round(best["val_acc"] * 25) and swept["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert best["val_top5"] == 1.0  # three classes: "top-5" is top-3
+
+    # --mean/--std override the model's; training itself then computes something else
+    other = ok(run_script("train.py", "--data", tiny_csv, *TINY_TRAIN, "--weights", root / "test_resnet.safetensors",
+                          "--output-stride", "16", "--epochs", "1", "--lr", "3e-3", "--mean", *IMAGENET[0], "--std", *IMAGENET[1],
+                          "--output", root / "runs", "--name", "imagenet"))
+    assert "given: --mean --std" in other.stdout
+    _, meta = load_weights(root / "runs" / "imagenet" / "best.safetensors")
+    assert (meta["mean"], meta["std"], meta["crop_pct"]) == (*IMAGENET, 0.95)
+    first = json.loads((root / "runs" / "imagenet" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["train_loss"] != records[0]["train_loss"]
+
+
+def test_export_evaluates_in_timm_as_in_our_sweep_to_the_image(pretrained_run):
+    result, root = pretrained_run
+    run = root / "runs" / "own"
+    export = run / EXPORT_DIR
+    assert f"timm export: {export} (test size 32 px" in result.stdout
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors"]
+
+    summary = sweep_lib.sweep(sweep_lib.SweepConfig(checkpoint=str(run), sizes=[24, 40, 48], write_best=True,
+                                                    workers=0, cpu=True))
+    best = sweep_lib.best_row(summary["rows"])
+    _, meta = load_weights(run / "best.safetensors")
+    assert meta["test_res"] == best["size"] and meta["train_res"] == 32
+
+    model = timm.create_model(f"local-dir:{export}", pretrained=True)
+    assert model.pretrained_cfg["label_names"] == ["blue", "green", "red"]
+    split = load_split(json.loads((run / "config.json").read_text())["data"], None, classes=meta["classes"])
+    right, config = timm_correct(model, split.val)
+    assert config["input_size"] == (3, best["size"], best["size"])  # no flags: timm picks the FixRes size
+    assert (tuple(config["mean"]), tuple(config["std"]), config["crop_pct"]) == ((0.5,) * 3, (0.5,) * 3, 0.95)
+    assert right == best["per_image_correct"].tolist() and 0 < sum(right) < len(right)  # some right, some wrong
+    # and at the training size, what timm's default (not use_test_size) gives, as our sweep there
+    right32, config = timm_correct(model, split.val, use_test_size=False)
+    assert config["input_size"] == (3, 32, 32)
+    at32 = next(r for r in summary["rows"] if r["size"] == 32)
+    assert right32 == at32["per_image_correct"].tolist()
+
+
+def test_an_export_that_timm_builds_otherwise_is_refused(tmp_path):
+    """The check that stands between save_for_hf and the run folder: a stride-32 export is
+    not the stride-16 model it claims to be."""
+    torch.manual_seed(0)
+    ours = timm.create_model("test_resnet", num_classes=3, output_stride=16).eval()
+    plain = timm.create_model("test_resnet", num_classes=3)
+    plain.load_state_dict(ours.state_dict())
+    meta = {"model": "test_resnet", "classes": ["a", "b", "c"], "train_res": 32, "test_res": 40}
+    data_config = export_data_config(meta)
+    timm.models.save_for_hf(plain, str(tmp_path / "x"), model_config={"label_names": meta["classes"]},
+                            safe_serialization=True, data_config=data_config)
+    with pytest.raises(ExportError, match="computes other outputs"):
+        check_export(tmp_path / "x", ours, meta, data_config)
+    check_export(tmp_path / "x", plain.eval(), meta, data_config)  # the model it is: accepted
+
+
+def test_no_export_for_a_torchvision_model(tmp_path, capsys):
+    save_weights(tmp_path / "best.safetensors", {}, {"model": "tv:resnet18", "classes": ["a"], "train_res": 32})
+    assert write_run_export(tmp_path, make_console(True)) is None
+    assert "timm export: none (tv:resnet18 is a torchvision model" in capsys.readouterr().out
+    assert not (tmp_path / EXPORT_DIR).exists()
+
+
+def test_pretrained_preprocessing_of_both_libraries():
+    assert pretrained_preprocessing("test_resnet") == {"mean": [0.5] * 3, "std": [0.5] * 3,
+                                                       "interpolation": "bilinear", "crop_pct": 0.95}
+    timm_r50 = pretrained_preprocessing("resnet50.a1_in1k")
+    assert (timm_r50["interpolation"], timm_r50["crop_pct"]) == ("bicubic", 0.95)
+    tv = pretrained_preprocessing("tv:resnet50")  # the V2 weights: resize 232, crop 224
+    assert (tv["mean"], tv["std"], tv["interpolation"]) == (*IMAGENET, "bilinear")
+    assert int(224 / tv["crop_pct"]) == 232
+
+
+def test_resolve_preprocessing_rules(tmp_path):
+    scratch, _ = resolve_preprocessing(TrainConfig(model="test_resnet"), set())
+    assert (scratch.mean, scratch.std, scratch.crop_pct) == (*IMAGENET, 0.875)
+    given, _ = resolve_preprocessing(TrainConfig(model="test_resnet", pretrained=True, crop_pct=0.9,
+                                                 mean=[0.1, 0.2, 0.3]), {"crop_pct", "mean"})
+    assert (given.mean, given.std, given.crop_pct) == ([0.1, 0.2, 0.3], [0.5] * 3, 0.9)
+    # a fixres weights file: its metadata says how it was made
+    save_weights(tmp_path / "w.safetensors", {}, {"model": "test_resnet", "mean": [0.2] * 3, "std": [0.3] * 3,
+                                                  "crop_pct": 0.8, "interpolation": "bicubic"})
+    from_file, why = resolve_preprocessing(TrainConfig(model="test_resnet", weights=str(tmp_path / "w.safetensors")),
+                                           set())
+    assert (from_file.mean, from_file.std, from_file.crop_pct, from_file.interpolation) == (
+        [0.2] * 3, [0.3] * 3, 0.8, "bicubic")
+    assert f"the metadata of {tmp_path / 'w.safetensors'}" in why
+    resumed, _ = resolve_preprocessing(TrainConfig(model="test_resnet", pretrained=True), set(), resumed=True)
+    assert resumed.mean == IMAGENET[0]  # a run saved before mean/std were options used ImageNet's
+
+
+def test_top5_is_top_k_over_at_most_five_classes():
+    logits = torch.tensor([[7.0, 6, 5, 4, 3, 2, 1]] * 3)
+    assert top5_hits(logits, torch.tensor([0, 4, 5])).tolist() == [True, True, False]
+    assert top5_hits(logits[:, :3], torch.tensor([0, 1, 2])).tolist() == [True, True, True]  # k = 3
+
+
+def test_finetune_run_exports_at_its_new_size_with_the_sources_normalisation(pretrained_run):
+    """finetune.py keeps the source's normalisation (its weights' metadata: 0.5) and its
+    export makes timm test at the new size with no flags, with finetune.json's top-1."""
+    _, root = pretrained_run
+    result = ok(run_script("finetune.py", "--checkpoint", root / "runs" / "own", "--res", "44", "--epochs", "1",
+                           "--batch-size", "16", "--workers", "0", "--name", "ft44"))
+    run = root / "runs" / "ft44"
+    assert "normalisation: mean 0.5 0.5 0.5, std 0.5 0.5 0.5, crop_pct 0.95" in result.stdout
+    summary = json.loads((run / "finetune.json").read_text())
+    assert set(summary["top5"]) == {"train_res", "before", "after"} and summary["top5_k"] == 3
+    model = timm.create_model(f"local-dir:{run / EXPORT_DIR}", pretrained=True)
+    split = load_split(json.loads((run / "config.json").read_text())["data"], None,
+                       classes=model.pretrained_cfg["label_names"])
+    right, config = timm_correct(model, split.val)
+    assert config["input_size"] == (3, 44, 44) and tuple(config["mean"]) == (0.5,) * 3 and config["crop_pct"] == 0.95
+    assert sum(right) == round(summary["top1"]["after"] * len(split.val))
+
+
+def test_sweep_of_plain_weights_preprocesses_as_the_library_made_them(tmp_path, tiny_csv):
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_resnet", num_classes=3).state_dict(), tmp_path / "plain.safetensors")
+    summary = sweep_lib.sweep(sweep_lib.SweepConfig(model="test_resnet", weights=str(tmp_path / "plain.safetensors"),
+                                                    data=str(tiny_csv), train_res=32, sizes=[32], workers=0, cpu=True,
+                                                    output=str(tmp_path)))
+    assert summary["meta"]["crop_pct"] == 0.95 and summary["rows"][0]["resize"] == 33  # int(32 / 0.95)
