@@ -7,7 +7,7 @@ train.py's loop end to end, and a plain loop like the Cassava blog post's as the
 
     python benchmarks/speed.py --parts epochs --images 640 --rounds 5   # persistent workers, prefetch depth
     python benchmarks/speed.py --parts epochs --data ~/.cache/fixres/<shapes>/labels.csv --model test_resnet \
-        --output-stride 16 --res 64 --batch-size 32 --loop-workers 1   # the same on the quick start's data
+        --output-stride 8 --res 64 --batch-size 32 --loop-workers 1    # the same on the quick start's data
 
 Parts (--parts, default model,pipeline,loop):
   model     (a) model-bound images/s, inputs already in device memory: a training step
