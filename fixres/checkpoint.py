@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -241,12 +242,43 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def newest_checkpoint(output: Path) -> Path | None:
-    """The most recently written complete checkpoint of any run under `output`."""
+    """The most recently written readable checkpoint of any run under `output` (an unreadable
+    newer one is passed over with a warning)."""
     output = Path(output)
     if not output.is_dir():
         return None
     found = [c for run in output.iterdir() if run.is_dir() for c in list_checkpoints(run)]
-    return max(found, key=lambda c: (c / STATE_FILE).stat().st_mtime, default=None)
+    return newest_readable(sorted(found, key=lambda c: (c / STATE_FILE).stat().st_mtime))
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, in one line (a truncated or corrupted file);
+    None when its weights and training state both read."""
+    try:
+        load_weights(Path(checkpoint) / WEIGHTS_FILE)
+        load_training_state(checkpoint)
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+def newest_readable(found: list[Path]) -> Path | None:
+    """The newest of `found` (oldest first) that reads, saying on stderr which newer ones were
+    passed over and why; None when `found` is empty, an error when none reads."""
+    skipped = []
+    for candidate in reversed(found):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            if skipped:
+                print(f"warning: --resume: passed over the newer checkpoint(s) that cannot be read "
+                      f"({'; '.join(skipped)}); resuming from {candidate}", file=sys.stderr, flush=True)
+            return candidate
+        skipped.append(problem)
+    if len(skipped) > 1:
+        raise CheckpointError(f"{skipped[0]} (the {len(skipped) - 1} older checkpoint(s) cannot be read either)")
+    if skipped:
+        raise CheckpointError(skipped[0])
+    return None
 
 
 def newest_run(folder: Path, *, trained_only: bool = False) -> Path:
@@ -277,11 +309,11 @@ def resolve_resume(resume: str, output: Path, name: str | None = None) -> Path |
     """--resume: 'auto', a run folder, or a checkpoint folder. 'auto' is the newest checkpoint
     of the run called `name` under output when a name is given (what a requeued SLURM job
     needs: its own run, not another job's), else the newest of any run under output; None
-    when there is none."""
+    when there is none. A run's newest checkpoint that cannot be read (truncated, corrupted) is
+    passed over for the one before, with a warning; a checkpoint folder given is taken as is."""
     if resume == "auto":
         if name:
-            found = list_checkpoints(Path(output) / name)
-            return found[-1] if found else None
+            return newest_readable(list_checkpoints(Path(output) / name))
         return newest_checkpoint(output)
     path = Path(resume)
     if (path / STATE_FILE).is_file():
@@ -289,7 +321,7 @@ def resolve_resume(resume: str, output: Path, name: str | None = None) -> Path |
     if path.is_dir():
         found = list_checkpoints(path)
         if found:
-            return found[-1]
+            return newest_readable(found)
         raise CheckpointError(f"--resume {path}: the run folder holds no complete checkpoint")
     raise CheckpointError(f"--resume {path}: no such run folder or checkpoint")
 

@@ -62,6 +62,31 @@ def test_resume_is_exact(tmp_path, tiny_csv):
         assert torch.equal(expected[key], resumed[key]), key
 
 
+def test_resume_passes_over_an_unreadable_newest_checkpoint(tmp_path, tiny_csv):
+    """A truncated newest checkpoint (a disk that filled, a copy cut short): --resume warns,
+    naming it, and continues from the one before, to the same weights; none readable: one line."""
+    result, run = train(tmp_path, "--epochs", "2", name="run", data=tiny_csv)
+    assert_ok(result)
+    expected, _ = load_weights(run / "last.safetensors")
+    older, newest = list_checkpoints(run)
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    resumed = run_script("train.py", "--resume", run)
+    assert_ok(resumed)
+    assert "passed over" in resumed.stderr and str(weights) in resumed.stderr and str(older) in resumed.stderr
+    assert "at epoch 2" in resumed.stdout
+    again, meta = load_weights(run / "last.safetensors")
+    assert meta["epoch"] == 2 and all(torch.equal(expected[k], again[k]) for k in expected)
+
+    for checkpoint in list_checkpoints(run):
+        (checkpoint / "state.pt").write_bytes(b"not a checkpoint")
+    refused = run_script("train.py", "--resume", run)
+    assert refused.returncode != 0
+    line = error_line(refused)
+    assert line.startswith(f"error: {list_checkpoints(run)[-1]}/state.pt: ") and line.endswith(
+        "(the 1 older checkpoint(s) cannot be read either)"), line
+
+
 def test_workers_that_stay_train_the_weights_of_no_workers(tmp_path, tiny_csv):
     """Two loader workers kept over both epochs (persistent) crop every image as the main
     process alone does, epoch 2 included (tests/test_data.py checks that its crops change)."""
