@@ -105,7 +105,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     method, evaluate after, write the run folder, finetune.json and activations.png."""
     accelerator = make_accelerator(cfg)
     console = make_console(accelerator.is_main_process)
-    resolve_decode(cfg.decode, accelerator.device)  # --decode gpu without torchcodec: refused before any work
+    decode = resolve_decode(cfg.decode, accelerator.device)  # --decode gpu without torchcodec: refused before any work
     if cfg.checkpoint is None and cfg.resume is None:  # right after train.py: its newest run, not a fine-tuned one
         cfg = dataclasses.replace(cfg, checkpoint=str(ckpt.newest_run(Path(cfg.output or RUNS), trained_only=True)))
         console.print(f"--checkpoint not given: using the newest train.py run {cfg.checkpoint}")
@@ -118,6 +118,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     if cfg.resume:
         resume_from = ckpt.resolve_resume(cfg.resume, Path(cfg.output or "."))
         cfg = dataclasses.replace(resumed_config(resume_from, cfg, explicit), resume=str(resume_from))
+        decode = resolve_decode(cfg.decode, accelerator.device)  # the resumed run's own
         if cfg.checkpoint is None:
             raise ConfigError(f"--resume {cfg.resume}: not a finetune.py run (its config names no --checkpoint)")
     source_meta(cfg.checkpoint)
@@ -146,7 +147,6 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     eval_meta = {**meta, "interpolation": interpolation}
     last_bn = find_last_bn(model, input_size=train_res)
     workers = worker_count(cfg.workers)
-    decode = resolve_decode(cfg.decode, accelerator.device)
     sweep = dict(batch_size=cfg.batch_size, workers=workers, activations=True, decode=decode)
 
     # before: the training resolution and the new one (--res auto: every size of the sweep)
@@ -181,7 +181,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     start = time.perf_counter()
     records, shipped = [], {}
     if cfg.method == "finetune":
-        result = _finetune(cfg, explicit, model, meta, extra, accelerator)
+        result = _finetune(cfg, explicit, model, meta, extra, accelerator, decode)
         if result["stopped"]:
             return result
         run_dir, records = Path(result["run_dir"]), result["records"]
@@ -291,13 +291,13 @@ def seeded_subset(samples: list, count: int, seed: int) -> list:
     return [samples[i] for i in order[:count].tolist()]
 
 
-def _finetune(cfg, explicit, model, meta, extra, accelerator) -> dict:
+def _finetune(cfg, explicit, model, meta, extra, accelerator, decode: str) -> dict:
     """The training loop of train.py on the frozen model, its last BN synced and in train mode."""
     bn = install_synced_bn(model, extra["last_bn"])
     freeze_for_finetuning(model, last_bn=extra["last_bn"], train_bn_affine=cfg.train_bn_affine)
     job = Job(title="finetune", accelerator=accelerator, classes=meta["classes"],
               build_model=lambda c, classes: model, set_modes=finetune_modes(bn),
-              transforms=lambda c: finetune_transforms(c, resolve_decode(c.decode, accelerator.device)),
+              transforms=lambda c: finetune_transforms(c, decode),
               meta=lambda c, classes: weights_meta(c, classes, **extra), next_steps=False)
     return train(cfg, explicit, job)
 
@@ -306,19 +306,19 @@ def finetune_transforms(cfg, decode: str) -> tuple:
     """(training, evaluation) transforms at --res. With --decode gpu the evaluation and --aug
     test / rrc decode on the device; test+ (flip, jitter, shifted crop) has no device version
     and stays in the workers."""
-    preprocess = dict(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
-    if decode == "gpu":  # normalised with cfg.mean / cfg.std on the device, by the training loop
-        evaluation = ReadForDevice(ResizeSpec((cfg.res,), **preprocess), skip_bad=cfg.skip_bad_images)
-        if cfg.aug == "test":
-            return evaluation, evaluation
-        if cfg.aug == "rrc":
-            return ReadForDevice(CropSpec(cfg.res, cfg.interpolation), min_scale=cfg.min_scale,
-                                 skip_bad=cfg.skip_bad_images), evaluation
-    preprocess.update(mean=cfg.mean, std=cfg.std)
-    if decode == "gpu":
-        return finetune_transform(aug=cfg.aug, size=cfg.res, min_scale=cfg.min_scale, **preprocess), evaluation
-    return (finetune_transform(aug=cfg.aug, size=cfg.res, min_scale=cfg.min_scale, **preprocess),
-            eval_transform(size=cfg.res, **preprocess))
+    resize = dict(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+    normalised = dict(resize, mean=cfg.mean, std=cfg.std)
+    training = finetune_transform(aug=cfg.aug, size=cfg.res, min_scale=cfg.min_scale, **normalised)
+    if decode != "gpu":
+        return training, eval_transform(size=cfg.res, **normalised)
+    # on the device: uint8 batches, normalised with cfg.mean / cfg.std by the training loop
+    evaluation = ReadForDevice(ResizeSpec((cfg.res,), **resize), skip_bad=cfg.skip_bad_images)
+    if cfg.aug == "test":
+        return evaluation, evaluation
+    if cfg.aug == "rrc":
+        return ReadForDevice(CropSpec(cfg.res, cfg.interpolation), min_scale=cfg.min_scale,
+                             skip_bad=cfg.skip_bad_images), evaluation
+    return training, evaluation
 
 
 def _bn_stats(cfg, model, split, eval_meta, accelerator, console, workers, last_bn) -> dict:
@@ -333,7 +333,7 @@ def _bn_stats(cfg, model, split, eval_meta, accelerator, console, workers, last_
 def _reestimate_last_bn(model, samples, size, cfg, eval_meta, crop_pct, accelerator, workers, last_bn) -> int:
     """Every sample counts once: a shuffled order cut into rounds of --batch-size per process,
     the last round partial, not padded by Accelerate's repeats nor dropped. Returns the images seen."""
-    tf = eval_transform(size=size, crop_pct=crop_pct, interpolation=eval_meta.get("interpolation", cfg.interpolation),
+    tf = eval_transform(size=size, crop_pct=crop_pct, interpolation=eval_meta["interpolation"],
                         mean=eval_meta.get("mean", IMAGENET_MEAN), std=eval_meta.get("std", IMAGENET_STD))
     order = EpochSampler(len(samples), cfg.seed).order()
     rounds = [[order[i] for i in batch] for batch in
