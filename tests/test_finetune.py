@@ -626,7 +626,6 @@ def test_without_checkpoint_the_newest_train_run(parametric_of_trained, tmp_path
         "best.safetensors or last.safetensors): give --checkpoint"]
 
 
-@pytest.mark.slow  # three fine-tuning runs, in this process
 def test_a_run_of_the_built_in_data_gets_the_built_in_fine_tuning_preset(tmp_path, tiny_csv, monkeypatch):
     """The built-in data has 125 steps an epoch, not ImageNet's thousands: finetune.py of such a
     run uses FINETUNE_SHAPES_PRESET for what the command line does not give; other runs keep
