@@ -22,8 +22,8 @@ def test_checkpoints_rotate_and_newest_is_found(tmp_path):
                              meta={}, training_state={"run": {"epoch": epoch}}, keep=2)
     names = [p.name for p in ckpt.list_checkpoints(run)]
     assert names == ["epoch-0002-step-000020", "epoch-0003-step-000030"]
-    assert ckpt.resolve_resume("auto", tmp_path / "runs").name == names[-1]
-    assert ckpt.resolve_resume(str(run), tmp_path).name == names[-1]
+    assert ckpt.resolve_resume("auto", tmp_path / "runs").path.name == names[-1]
+    assert ckpt.resolve_resume(str(run), tmp_path).path.name == names[-1]
     assert ckpt.load_training_state(ckpt.list_checkpoints(run)[-1])["run"]["epoch"] == 3
 
 
