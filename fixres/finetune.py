@@ -51,7 +51,7 @@ from fixres.export import write_run_export
 from fixres.methods import CHOICE_KEYS, bn_stats, choose_res, parametric
 from fixres.models import load_run_model
 from fixres.plots import plot_activations
-from fixres.preprocessing import finetune_transforms, weights_meta
+from fixres.preprocessing import describe_preprocessing, finetune_transforms, weights_meta
 from fixres.report import EpochProgress, config_table, finetune_table, make_console
 from fixres.resolution import recommended_test_res
 from fixres.run import announce, build_run, new_run_folder, resumed_config
@@ -170,8 +170,7 @@ def apply_method(cfg, model, split, eval_meta, extra, accelerator, console, resu
     folder = resume.run_folder if resume else new_run_folder(cfg, "", accelerator)
     if cfg.method == "finetune":
         announce(cfg, accelerator, console, folder, split, title="finetune",
-                 notes=(f"normalisation: mean {cfg.mean}, std {cfg.std}, crop_pct {cfg.crop_pct:g}, "
-                        f"{cfg.interpolation}: the source weights' metadata",))
+                 notes=("normalisation: " + describe_preprocessing(cfg, "the source weights' metadata"),))
         torch.manual_seed(cfg.seed)  # as train.py, before anything draws from torch's generator
         bn = install_synced_bn(model, extra["last_bn"])
         freeze_for_finetuning(model, last_bn=extra["last_bn"], train_bn_affine=cfg.train_bn_affine)

@@ -18,7 +18,7 @@ from fixres.config import TrainConfig
 from fixres.device_decode import CropSpec, ReadForDevice, ResizeSpec, resolve_decode
 from fixres.models import PREPROCESSING_KEYS, pretrained_preprocessing
 from fixres.transforms import (IMAGENET_MEAN, IMAGENET_STD, DecodeRandomResizedCrop, crop_augment, eval_transform,
-                               train_transform)
+                               finetune_transform, train_transform)
 
 
 def weights_meta(cfg: TrainConfig, classes: list[str], **extra) -> dict:
@@ -54,12 +54,14 @@ def resolve_preprocessing(cfg: TrainConfig, explicit: set[str], *, resumed: bool
         crop_pct=cfg.crop_pct if keep("crop_pct") else float(own["crop_pct"]),
         interpolation=cfg.interpolation if keep("interpolation") else own["interpolation"])
     given = [f"--{k.replace('_', '-')}" for k in ("mean", "std", "crop_pct", "interpolation") if k in explicit]
-    return cfg, (f"mean {_numbers(cfg.mean)}, std {_numbers(cfg.std)}, crop_pct {cfg.crop_pct:g}, "
-                 f"{cfg.interpolation}: {source}" + (f"; given: {' '.join(given)}" if given else ""))
+    return cfg, describe_preprocessing(cfg, source) + (f"; given: {' '.join(given)}" if given else "")
 
 
-def _numbers(values) -> str:
-    return " ".join(f"{v:g}" for v in values)
+def describe_preprocessing(cfg, source: str) -> str:
+    """"mean 0.485 0.456 0.406, std ..., crop_pct 0.875, bilinear: <source>", for the log."""
+    numbers = lambda values: " ".join(f"{v:g}" for v in values)  # noqa: E731
+    return (f"mean {numbers(cfg.mean)}, std {numbers(cfg.std)}, crop_pct {cfg.crop_pct:g}, {cfg.interpolation}: "
+            f"{source}")
 
 
 def default_train_transform(cfg: TrainConfig, device: torch.device):
@@ -89,3 +91,22 @@ def default_eval_transform(cfg: TrainConfig, device: torch.device):
         return ReadForDevice(ResizeSpec((cfg.eval_res,), cfg.crop_pct, cfg.interpolation), skip_bad=cfg.skip_bad_images)
     return eval_transform(size=cfg.eval_res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
                           mean=cfg.mean, std=cfg.std)
+
+
+def finetune_transforms(cfg, decode: str) -> tuple:
+    """(training, evaluation) transforms at --res. With --decode gpu the evaluation and --aug
+    test / rrc decode on the device; test+ (flip, jitter, shifted crop) has no device version
+    and stays in the workers."""
+    resize = dict(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+    normalised = dict(resize, mean=cfg.mean, std=cfg.std)
+    training = finetune_transform(aug=cfg.aug, size=cfg.res, min_scale=cfg.min_scale, **normalised)
+    if decode != "gpu":
+        return training, eval_transform(size=cfg.res, **normalised)
+    # on the device: uint8 batches, normalised with cfg.mean / cfg.std by the training loop
+    evaluation = ReadForDevice(ResizeSpec((cfg.res,), **resize), skip_bad=cfg.skip_bad_images)
+    if cfg.aug == "test":
+        return evaluation, evaluation
+    if cfg.aug == "rrc":
+        return ReadForDevice(CropSpec(cfg.res, cfg.interpolation), min_scale=cfg.min_scale,
+                             skip_bad=cfg.skip_bad_images), evaluation
+    return training, evaluation
