@@ -365,3 +365,29 @@ def worker_count(requested: int | None = None) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(0, min(16, cores // max(1, local_processes) - 1))
+
+
+def build_loaders(split, cfg, *, train_tf, eval_tf, workers: int, pin_memory: bool,
+                  persistent: bool = True, prefetch: int = PREFETCH_BATCHES):
+    """The training and validation loaders. Their workers stay from epoch to epoch
+    (`persistent`; benchmarks/speed.py --parts epochs measures it against re-created ones):
+    the training epoch reaches them with each index (EpochSampler)."""
+    common = dict(collate_fn=collate_skipping, pin_memory=pin_memory,
+                  **loader_options(workers, persistent=persistent, prefetch=prefetch))
+    train_loader = torch.utils.data.DataLoader(
+        ImageDataset(split.train, train_tf, cfg.skip_bad_images, seed=cfg.seed), batch_size=cfg.batch_size,
+        sampler=EpochSampler(len(split.train), cfg.seed), drop_last=True, **common)
+    val_loader = torch.utils.data.DataLoader(
+        ImageDataset(split.val, eval_tf, cfg.skip_bad_images), batch_size=2 * cfg.batch_size,
+        shuffle=False, **common)
+    return train_loader, val_loader
+
+
+def resolve_data(cfg, accelerator) -> tuple[str, str | None, str]:
+    """(data path, image folder, short name); generates the built-in dataset on first use."""
+    if cfg.data:
+        return cfg.data, cfg.images, Path(cfg.data).stem or "data"
+    from fixres.shapes import ensure_shapes
+    with accelerator.local_main_process_first():
+        csv = ensure_shapes(seed=cfg.seed)  # --seed draws the images too: seeds are independent replications
+    return str(csv), None, "shapes"

@@ -147,3 +147,15 @@ def write_run_export(run_dir: Path, console, weights: Path | None = None) -> Pat
     console.print(f"timm export: {out} (test size {sizes['test_input_size'][1]} px; "
                   f"timm.create_model('local-dir:{out}', pretrained=True))")
     return out
+
+
+def timm_overlay(weights: str | Path) -> dict:
+    """`pretrained_cfg_overlay` for timm.create_model(name, num_classes=n, pretrained=True, ...):
+    the file, plus the class count (without it timm drops a classifier whose size differs
+    from the architecture's default 1000) and the preprocessing the weights expect."""
+    path = ckpt.find_weights(Path(weights))
+    meta = ckpt.classifier_metadata(path)
+    return {"file": str(path), "num_classes": len(meta["classes"]),
+            "input_size": tuple(meta.get("input_size") or (3, meta["test_res"], meta["test_res"])),
+            "crop_pct": meta.get("crop_pct", 0.875), "interpolation": meta.get("interpolation", "bilinear"),
+            "mean": tuple(meta.get("mean", IMAGENET_MEAN)), "std": tuple(meta.get("std", IMAGENET_STD))}

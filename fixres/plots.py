@@ -75,3 +75,25 @@ def plot_activation_cdfs(rows: list[dict], edges: list[float], path: Path, *, tr
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", title="test size")
     _save(fig, path)
+
+
+def plot_activations(curves, edges, path: Path, *, title: str) -> None:
+    """Cumulative distributions of the pooled features, from sweep.py's exact histograms."""
+    x = np.asarray(edges, dtype=np.float64)
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    lo = hi = 0.0
+    for (label, hist), style in zip(curves, ("-", "--", "-")):
+        counts = np.asarray(hist, dtype=np.float64)
+        cdf = np.cumsum(counts)[:-1] / counts.sum()
+        lo = min(lo, x[np.searchsorted(cdf, 0.002)])
+        hi = max(hi, x[min(np.searchsorted(cdf, 0.995), len(x) - 1)])
+        ax.plot(x, cdf, style, linewidth=1.8, label=label)
+    ax.set_xlim(lo, hi if hi > lo else lo + 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("pooled activation before the classifier")
+    ax.set_ylabel("cumulative fraction")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))

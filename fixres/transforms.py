@@ -22,9 +22,11 @@ import functools
 import math
 
 import torch
+from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from fixres.config import ConfigError
 from fixres.data import open_image
 from fixres.resolution import resize_size
 
@@ -206,3 +208,37 @@ class BatchMix:
 
     def __repr__(self) -> str:
         return f"BatchMix({self.mix})"
+
+
+class HorizontalShiftCrop(nn.Module):
+    """A size x size crop at the vertical centre and a random horizontal offset: the centre
+    crop's framing, translated sideways (the FixRes v2 fine-tuning crop). The offset is
+    uniform over the whole margin; the reference's `center_crop_new` draws centre +- a
+    uniform integer, the same range with the centre offset twice as likely (README says why
+    this one is kept)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, img):
+        height, width = v2.functional.get_size(img)
+        top = int(round((height - self.size) / 2.0))
+        left = int(torch.randint(0, max(width - self.size, 0) + 1, ()).item())
+        return v2.functional.crop(img, top, left, self.size, self.size)
+
+
+def finetune_transform(*, aug: str, size: int, crop_pct: float = 0.875, interpolation: str = "bilinear",
+                       min_scale: float = 0.08, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
+    """test: the test-time preprocessing at `size`; test+: the same framing with a flip, a
+    horizontal shift and ColorJitter(0.05, 0.05, 0.05); rrc: RandomResizedCrop(size)."""
+    if aug == "test":
+        return eval_transform(size=size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+    if aug == "rrc":
+        return train_transform(size=size, min_scale=min_scale, interpolation=interpolation, mean=mean, std=std)
+    if aug != "test+":
+        raise ConfigError(f"--aug must be one of test, test+, rrc, got {aug!r}")
+    return v2.Compose([
+        v2.Resize(resize_size(size, crop_pct), interpolation=INTERPOLATIONS[interpolation], antialias=True),
+        HorizontalShiftCrop(size), v2.RandomHorizontalFlip(), v2.ColorJitter(0.05, 0.05, 0.05),
+        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])

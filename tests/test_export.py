@@ -24,7 +24,7 @@ from fixres.engine import top5_hits
 from fixres.export import EXPORT_DIR, ExportError, check_export, export_data_config, write_run_export
 from fixres.models import pretrained_preprocessing
 from fixres.report import make_console
-from fixres.training import resolve_preprocessing
+from fixres.preprocessing import resolve_preprocessing
 from tests.conftest import TINY_TRAIN, run_script
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
