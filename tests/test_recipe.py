@@ -14,11 +14,11 @@ from PIL import Image
 from torch import nn
 
 from fixres import checkpoint as ckpt
-from fixres.config import TrainConfig, parse_args, train_presets
+from fixres.config import SweepConfig, TrainConfig, parse_args, train_presets
 from fixres.ema import ModelEma
 from fixres.engine import train_one_epoch
 from fixres.resolution import resize_size
-from fixres.sweep import SweepConfig, sweep
+from fixres.sweep import sweep
 from fixres.training import default_train_transform, epoch_score, make_accelerator, weights_files
 from fixres.transforms import IMAGENET_MEAN, BatchMix, DecodeRandomResizedCrop, crop_augment, train_transform
 from tests import kill_harness as harness
