@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fixres import plots
+from fixres import plots, shapes
 from fixres.checkpoint import newest_run
 from fixres.config import RUNS, ConfigError, SweepConfig, check_sizes
 from fixres.data import (ImageDataset, MultiSizeDataset, collate_skipping, load_split, loader_options, shard_indices,
@@ -37,7 +37,6 @@ from fixres.models import check_model_name, classifier_name, load_plain_weights,
 from fixres.report import EpochProgress, config_table, make_console, per_class_accuracy, print_sweep, write_sweep_tables
 from fixres.resolution import default_sizes, recommended_test_res, resize_size
 from fixres.runtime import make_accelerator
-from fixres.shapes import ensure_shapes
 from fixres.stats import METHOD as STATS_METHOD
 from fixres.stats import add_differences
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, float_normalize
@@ -234,7 +233,7 @@ def load_for_sweep(cfg: SweepConfig, accelerator):
         raise ConfigError("--data is needed: there is no run config.json beside the weights to take it from")
     elif run_cfg["data"] is None:  # the run used the built-in dataset
         with accelerator.local_main_process_first():
-            data, images = str(ensure_shapes(seed=run_cfg.get("seed", 0))), None
+            data, images = str(shapes.ensure_shapes(seed=run_cfg.get("seed", 0))), None
     else:
         data, images = run_cfg["data"], cfg.images or run_cfg.get("images")
     split = load_split(data, images, classes=meta.get("classes"))
