@@ -47,6 +47,7 @@ from torch import nn
 from fixres.data import DataError
 from fixres.engine import to_device_batch
 from fixres.models import ModelError, classifier_name
+from fixres.runtime import error_reason
 
 XI = 0.3          # the paper's fixed Frechet shape
 ADAPTER = "fixres_adapter"
@@ -82,7 +83,7 @@ def find_last_bn(model: nn.Module, *, input_size: int = 64) -> str:
             model.eval()(torch.zeros(1, 3, input_size, input_size, device=param.device, dtype=param.dtype))
     except Exception as err:  # a model that cannot run at this size cannot be traced either
         raise ModelError(f"cannot run {kind} on a {input_size} px image to find its last BatchNorm "
-                         f"({str(err).splitlines()[0][:160] if str(err) else type(err).__name__})") from None
+                         f"({error_reason(err)})") from None
     finally:
         for h in handles:
             h.remove()

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from fixres.runtime import error_reason
+
 # mkstemp/mkdtemp create private files; a run folder should be as readable as any other output
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -65,7 +67,7 @@ def _reason(err: BaseException) -> str:
     """The OS's words for a failed write ("No space left on device"), wherever a library put them."""
     if getattr(err, "strerror", None):
         return err.strerror
-    text = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+    text = error_reason(err)
     found = re.search(r"I/O error: (.+?) \(os error \d+\)", text)  # safetensors' wording
     return found.group(1) if found else re.split(r"(?<=[a-z])\. ", text)[0]  # the first sentence
 
@@ -136,14 +138,13 @@ def load_weights(path: Path) -> tuple[dict, dict]:
     plain safetensors files without metadata give an empty dict."""
     from safetensors import safe_open
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weights file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:
-        raise CheckpointError(f"{path}: unreadable weights ({str(err).splitlines()[0][:160]})") from None
+        reason = "no such weights file" if not path.is_file() else f"unreadable weights ({error_reason(err)})"
+        raise CheckpointError(f"{path}: {reason}") from None
     return state, meta
 
 

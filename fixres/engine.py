@@ -87,6 +87,11 @@ def stop_if_not_finite(loss: torch.Tensor, accelerator, *, step: int, lr: float)
     raise NonFiniteLossError(f"{where} at optimizer step {step} (learning rate {lr:.3g}); {NONFINITE_HINT}")
 
 
+def tallies(device: torch.device, *dtypes: torch.dtype) -> list[torch.Tensor]:
+    """Zeroed scalars on the device, one per dtype: sums kept there until the epoch's end."""
+    return [torch.zeros((), device=device, dtype=dtype) for dtype in dtypes]
+
+
 def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step: int,
                     label_smoothing: float = 0.0, channels_last: bool = False, progress=None,
                     should_stop=lambda: False, set_modes=lambda m: m.train(), mix=None, first_batch: int = 0,
@@ -102,10 +107,7 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
     before each optimizer step; `ema.update(model, step)` after it (fixres.ema.ModelEma)."""
     set_modes(model)
     device = accelerator.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = torch.zeros((), device=device, dtype=torch.long)
-    skipped = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum, correct, seen, skipped = tallies(device, torch.float64, torch.long, torch.long, torch.long)
     step, lr = first_step, lr_at(first_step)
     start = asked = time.perf_counter()
     data_wait = 0.0
@@ -175,10 +177,7 @@ def evaluate(model, loader, accelerator, *, channels_last: bool = False, progres
     """Top-1 and top-5 accuracy and mean cross-entropy over the whole validation split."""
     model.eval()
     device = accelerator.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    correct5 = torch.zeros((), device=device, dtype=torch.long)
-    count = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum, correct, correct5, count = tallies(device, torch.float64, torch.long, torch.long, torch.long)
     start = time.perf_counter()
     for images, labels, _ in loader:
         images, labels, _ = decode_on_device(images, labels, 0, device)

@@ -43,22 +43,22 @@ import torch
 from fixres import adapt
 from fixres import checkpoint as ckpt
 from fixres.adapt import find_last_bn, freeze_for_finetuning, install_synced_bn, train_only
-from fixres.config import FINETUNE_SHAPES_PRESET, RUNS, ConfigError, FinetuneConfig
+from fixres.config import FINETUNE_SHAPES_PRESET, RUNS, ConfigError, FinetuneConfig, SweepConfig
 from fixres.data import DataError, worker_count
 from fixres.device_decode import resolve_decode
 from fixres.engine import top5_k
 from fixres.export import write_run_export
 from fixres.methods import CHOICE_KEYS, bn_stats, choose_res, parametric
 from fixres.models import load_run_model
-from fixres.plots import plot_activations
+from fixres.plots import plot_activation_cdfs
 from fixres.preprocessing import describe_preprocessing, finetune_transforms, weights_meta
 from fixres.report import EpochProgress, config_table, finetune_table, make_console
 from fixres.resolution import recommended_test_res
-from fixres.run import announce, build_run, new_run_folder, resumed_config
-from fixres.runtime import make_accelerator, use_channels_last
+from fixres.run import announce, build_run, new_run_folder, resumed_config, training_accelerator
+from fixres.runtime import use_channels_last
 from fixres.stats import METHOD as STATS_METHOD
 from fixres.stats import paired_difference_of
-from fixres.sweep import ACT_EDGES, SweepConfig, load_for_sweep, run_sweep, trained_min_scale
+from fixres.sweep import ACT_EDGES, load_for_sweep, run_sweep, trained_min_scale
 from fixres.training import fit
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -66,7 +66,7 @@ from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD
 def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     """Load the source run, choose the resolution (--res auto), evaluate before, apply the
     method, evaluate after, write the run folder, finetune.json and activations.png."""
-    accelerator = make_accelerator(cfg)
+    accelerator = training_accelerator(cfg)
     console = make_console(accelerator.is_main_process)
     resolve_decode(cfg.decode, accelerator.device)  # --decode gpu without torchcodec: refused before any work
     cfg, resume = resolve_source(cfg, explicit, console)
@@ -240,8 +240,9 @@ def report(cfg, before: dict, after: dict, applied: dict, context: dict, acceler
     console.print(f"chosen on: {context['chosen_on'] or 'given (--res)'}; reported on: {reported_on}")
     if accelerator.is_main_process:
         ckpt.write_json_atomic(folder.path / "finetune.json", summary)
-        plot_activations([(label, r["act_hist"]) for label, r in stages], ACT_EDGES.tolist(),
-                         folder.path / "activations.png", title=f"{meta['model']}: pooled features before the classifier")
+        plot_activation_cdfs([(label, r["act_hist"]) for label, r in stages], ACT_EDGES.tolist(),
+                             folder.path / "activations.png", title=f"{meta['model']}: pooled features before the classifier",
+                             styles=[{"linestyle": s, "linewidth": 1.8} for s in ("-", "--", "-")])
         console.print(f"wrote {folder}/finetune.json, activations.png and the weights (test_res {res} px)")
     accelerator.wait_for_everyone()
     return summary

@@ -16,7 +16,9 @@ from fixres import adapt
 from fixres.data import EpochSampler, ImageDataset, collate_skipping, round_batches
 from fixres.report import EpochProgress
 from fixres.runtime import use_channels_last
-from fixres.sweep import add_differences, default_sizes, run_sweep
+from fixres.resolution import default_sizes
+from fixres.stats import add_differences
+from fixres.sweep import run_sweep
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 

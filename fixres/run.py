@@ -32,7 +32,7 @@ from fixres.models import classifier_name, load_weights_into
 from fixres.optim import auto_batch_size, build_optimizer
 from fixres.preprocessing import weights_meta
 from fixres.report import config_table
-from fixres.runtime import use_channels_last
+from fixres.runtime import make_accelerator, use_channels_last
 from fixres.transforms import BatchMix
 
 # Options that define what a run is: a resumed run must keep them.
@@ -71,6 +71,11 @@ class Run:
     mix: BatchMix | None = None
     title: str = "train"
     next_steps: bool = True            # end with the commands that come next (sweep, finetune)
+
+
+def training_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The Accelerator of train.py and finetune.py: with gradient accumulation and the tracker."""
+    return make_accelerator(cfg, gradient_accumulation_steps=cfg.grad_accum, log_with=cfg.log_with)
 
 
 def new_run_folder(cfg: TrainConfig, data_name: str, accelerator: Accelerator) -> ckpt.RunFolder:

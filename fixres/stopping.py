@@ -12,6 +12,8 @@ import signal
 import torch
 from accelerate import Accelerator
 
+from fixres.runtime import error_reason
+
 
 class StopRequest:
     """SIGTERM, SIGINT and SIGUSR1 (SLURM's early warning) ask for a checkpoint at the
@@ -43,7 +45,7 @@ def collective_failed(err: RuntimeError) -> bool:
 
 def collective_failure(err: RuntimeError, timeout_s: float) -> str:
     """What a failed collective means, in words, with torch's own reason when it helps."""
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    text = error_reason(err)
     if "timed out" in text.lower() or "timeout" in text.lower():
         return (f"no answer from the other processes within --collective-timeout {timeout_s:g} s "
                 f"(one of them hangs, or its machine is gone)")

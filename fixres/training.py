@@ -35,15 +35,14 @@ from fixres.export import write_run_export
 from fixres.models import check_model_name, create_model
 from fixres.preprocessing import default_eval_transform, default_train_transform, resolve_preprocessing
 from fixres.report import EpochProgress, epoch_line, make_console, metrics_table
-from fixres.run import Run, RunState, announce, build_run, new_run_folder, resumed_config
-from fixres.runtime import make_accelerator
+from fixres.run import Run, RunState, announce, build_run, new_run_folder, resumed_config, training_accelerator
 from fixres.stopping import StopRequest, collective_failed, collective_failure
 
 
 def prepare_run(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
     """train.py's run: resume resolved (and its checkpoint read) once, preprocessing and data
     resolved, the run folder started, a new model built with --seed, then build_run."""
-    accelerator = make_accelerator(cfg)
+    accelerator = training_accelerator(cfg)
     console = make_console(accelerator.is_main_process)
     resume = None
     if cfg.resume:

@@ -26,18 +26,16 @@ from fixres.adapt import (ADAPTER, FrechetAdapter, attach_adapter, attach_saved_
                           pooled_features, reestimate_bn_stats)
 from fixres.checkpoint import load_weights, save_weights, write_json_atomic
 from fixres.cli import run_main
-from fixres.config import ConfigError, FinetuneConfig, TrainConfig
+from fixres.config import ConfigError, FinetuneConfig, SweepConfig, TrainConfig
 from fixres.data import DataError, load_split, open_image
 from fixres.export import EXPORT_DIR
 from fixres.adapt import SyncedBatchNorm2d, find_last_bn, prepare_for_finetuning, train_only
 from fixres.export import timm_overlay
 from fixres.methods import seeded_subset
-from fixres.transforms import finetune_transform
 from fixres.models import ModelError, load_run_model
-from fixres.sweep import SweepConfig
 from fixres.preprocessing import weights_meta
 from fixres.training import train
-from fixres.transforms import eval_transform
+from fixres.transforms import eval_transform, finetune_transform
 from tests.conftest import COLOURS, ROOT, TINY_TRAIN, error_line, free_port
 
 CLASSES = sorted(COLOURS)

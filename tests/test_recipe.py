@@ -14,11 +14,11 @@ from PIL import Image
 from torch import nn
 
 from fixres import checkpoint as ckpt
-from fixres.config import TrainConfig, parse_args, train_presets
+from fixres.config import SweepConfig, TrainConfig, parse_args, train_presets
 from fixres.ema import ModelEma
 from fixres.engine import train_one_epoch
 from fixres.resolution import resize_size
-from fixres.sweep import SweepConfig, sweep
+from fixres.sweep import sweep
 from fixres.checkpoint import epoch_weights_files
 from fixres.ema import epoch_score
 from fixres.preprocessing import default_train_transform
