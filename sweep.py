@@ -28,8 +28,8 @@ import shlex
 import sys
 
 from fixres.cli import run_main
-from fixres.config import parse_args
-from fixres.sweep import SweepConfig, sweep
+from fixres.config import SweepConfig, parse_args
+from fixres.sweep import sweep
 
 
 def main(argv=None):

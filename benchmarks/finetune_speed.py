@@ -28,7 +28,7 @@ from accelerate import Accelerator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fixres.engine import train_one_epoch  # noqa: E402
-from fixres.finetune import finetune_modes, prepare_for_finetuning  # noqa: E402
+from fixres.adapt import prepare_for_finetuning, train_only  # noqa: E402
 from fixres.models import create_model  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     jobs = {
         "full": (full, torch.optim.SGD(full.parameters(), lr=1e-3, momentum=0.9), lambda m: m.train()),
         "finetune": (tuned, torch.optim.SGD([q for q in tuned.parameters() if q.requires_grad], lr=1e-3,
-                                            momentum=0.9), finetune_modes(bn)),
+                                            momentum=0.9), train_only(bn)),
     }
     rates = {key: [] for key in (*jobs, "forward")}
     for key, (model, optimizer, modes) in jobs.items():  # warm-up

@@ -53,10 +53,13 @@ from fixres.config import TrainConfig  # noqa: E402
 from fixres.data import ImageDataset, collate_skipping, load_split  # noqa: E402
 from fixres.data import PREFETCH_BATCHES  # noqa: E402
 from fixres.engine import evaluate, train_one_epoch  # noqa: E402
-from fixres.finetune import finetune_modes, prepare_for_finetuning  # noqa: E402
+from fixres.adapt import prepare_for_finetuning, train_only  # noqa: E402
 from fixres.models import create_model  # noqa: E402
 from fixres.shapes import generate  # noqa: E402
-from fixres.training import build_loaders, build_optimizer, default_train_transform, make_accelerator  # noqa: E402
+from fixres.data import build_loaders  # noqa: E402
+from fixres.optim import build_optimizer  # noqa: E402
+from fixres.preprocessing import default_train_transform  # noqa: E402
+from fixres.runtime import make_accelerator  # noqa: E402
 from fixres.transforms import (DecodeRandomResizedCrop, crop_augment, eval_transform, normalize_batch,  # noqa: E402
                                train_transform)
 from train_loop import BlogDataset  # noqa: E402  (the Cassava blog post's dataset: PIL open, convert, transform)
@@ -130,7 +133,7 @@ def model_bound(a, device) -> dict:
 
     tuned = make()
     _, last_bn = prepare_for_finetuning(tuned, input_size=a.eval_res)  # frozen but the head and the last BN
-    finetune_modes(last_bn)(tuned)
+    train_only(last_bn)(tuned)
     xf, yf = batch(a.batch_size, a.eval_res)
     ft_optimizer = torch.optim.SGD([q for q in tuned.parameters() if q.requires_grad], lr=1e-3, momentum=0.9)
     results[f"finetune@{a.eval_res}"] = timed_rate(train_step_fn(tuned, ft_optimizer, xf, yf), a.batch_size,

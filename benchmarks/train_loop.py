@@ -30,7 +30,9 @@ from fixres.data import load_split  # noqa: E402
 from fixres.engine import train_one_epoch  # noqa: E402
 from fixres.models import create_model  # noqa: E402
 from fixres.shapes import ensure_shapes  # noqa: E402
-from fixres.training import build_loaders, build_optimizer, make_accelerator  # noqa: E402
+from fixres.data import build_loaders  # noqa: E402
+from fixres.optim import build_optimizer  # noqa: E402
+from fixres.runtime import make_accelerator  # noqa: E402
 from fixres.transforms import eval_transform, train_transform  # noqa: E402
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fixres.config import SweepConfig
 from fixres.stats import paired_difference_of
-from fixres.sweep import SweepConfig, load_for_sweep, run_sweep
+from fixres.sweep import load_for_sweep, run_sweep
 
 
 def evaluate(run: Path, size: int, crop_pct: float, accelerator) -> dict:

@@ -3,7 +3,7 @@
 The last BatchNorm before the global pooling: `find_last_bn` finds it,
 `SyncedBatchNorm2d` replaces it so that its statistics are the global batch's on
 any backend (gloo included, where torch.nn.SyncBatchNorm refuses to run),
-`freeze_for_finetuning` and `finetune_modes` leave it and the classifier as the only
+`freeze_for_finetuning` and `train_only` leave it and the classifier as the only
 things that change during fine-tuning:
 
     name, bn = prepare_for_finetuning(model, input_size=224)   # "layer4.2.bn3" for ResNet-50
@@ -47,6 +47,7 @@ from torch import nn
 from fixres.data import DataError
 from fixres.engine import to_device_batch
 from fixres.models import ModelError, classifier_name
+from fixres.runtime import error_reason
 
 XI = 0.3          # the paper's fixed Frechet shape
 ADAPTER = "fixres_adapter"
@@ -82,7 +83,7 @@ def find_last_bn(model: nn.Module, *, input_size: int = 64) -> str:
             model.eval()(torch.zeros(1, 3, input_size, input_size, device=param.device, dtype=param.dtype))
     except Exception as err:  # a model that cannot run at this size cannot be traced either
         raise ModelError(f"cannot run {kind} on a {input_size} px image to find its last BatchNorm "
-                         f"({str(err).splitlines()[0][:160] if str(err) else type(err).__name__})") from None
+                         f"({error_reason(err)})") from None
     finally:
         for h in handles:
             h.remove()
@@ -173,11 +174,13 @@ def freeze_for_finetuning(model: nn.Module, *, last_bn: str, train_bn_affine: bo
     return trainable
 
 
-def finetune_modes(bn: nn.Module):
-    """The set_modes of the training loop: everything in eval mode but the last BN."""
+def train_only(*modules: nn.Module):
+    """A set_modes for the training loop: the model in eval mode but `modules` (fine-tuning:
+    the last BN; --freeze-epochs: the classifier), so the others' BatchNorm statistics stay."""
     def set_modes(model: nn.Module) -> None:
         model.eval()
-        bn.train()
+        for module in modules:
+            module.train()
     return set_modes
 
 
@@ -187,7 +190,7 @@ def prepare_for_finetuning(model: nn.Module, *, input_size: int, train_bn_affine
     name = find_last_bn(model, input_size=input_size)
     bn = install_synced_bn(model, name)
     freeze_for_finetuning(model, last_bn=name, train_bn_affine=train_bn_affine)
-    finetune_modes(bn)(model)
+    train_only(bn)(model)
     return name, bn
 
 

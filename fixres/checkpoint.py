@@ -14,15 +14,19 @@
                            timm.create_model("local-dir:runs/<name>/timm", pretrained=True)
       checkpoints/epoch-0003-step-000120/
         model.safetensors  weights + metadata, as above
-        state.pt           optimizer, epoch, step, RNG states and the EMA (tensors and plain
-                           Python values only, read with torch.load(weights_only=True))
+        state.pt           optimizer, epoch, batch, step, best score, records and the EMA
+                           (tensors and plain values only, read with torch.load(weights_only=True));
+                           no RNG state: the data order and augmentation are functions of
+                           (seed, epoch, sample), see fixres/training.py
 
 Every file is written to a temporary name and renamed, and a checkpoint folder is
 built under a temporary name and renamed, so a crash at any moment leaves the
-previous complete checkpoint readable.
+previous complete checkpoint readable. `RunFolder` is the one owner of that layout:
+its paths, whether a folder holds a run, and every write.
 
-    from fixres.checkpoint import load_weights
+    from fixres.checkpoint import RunFolder, load_weights
     state_dict, meta = load_weights("runs/shapes-resnet18/best.safetensors")
+    RunFolder.holding("runs/shapes-resnet18/checkpoints/epoch-0003-step-000120/model.safetensors")
 """
 from __future__ import annotations
 
@@ -32,9 +36,12 @@ import re
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from fixres.runtime import error_reason
 
 # mkstemp/mkdtemp create private files; a run folder should be as readable as any other output
 _UMASK = os.umask(0)
@@ -60,7 +67,7 @@ def _reason(err: BaseException) -> str:
     """The OS's words for a failed write ("No space left on device"), wherever a library put them."""
     if getattr(err, "strerror", None):
         return err.strerror
-    text = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+    text = error_reason(err)
     found = re.search(r"I/O error: (.+?) \(os error \d+\)", text)  # safetensors' wording
     return found.group(1) if found else re.split(r"(?<=[a-z])\. ", text)[0]  # the first sentence
 
@@ -131,14 +138,13 @@ def load_weights(path: Path) -> tuple[dict, dict]:
     plain safetensors files without metadata give an empty dict."""
     from safetensors import safe_open
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weights file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:
-        raise CheckpointError(f"{path}: unreadable weights ({str(err).splitlines()[0][:160]})") from None
+        reason = "no such weights file" if not path.is_file() else f"unreadable weights ({error_reason(err)})"
+        raise CheckpointError(f"{path}: {reason}") from None
     return state, meta
 
 
@@ -160,22 +166,6 @@ def update_metadata(path: Path, **changes) -> dict:
     meta = {**meta, **changes}
     save_weights(Path(path), state, meta)
     return meta
-
-
-def restore_weights_files(run_dir: Path, files: dict[str, tuple[dict, dict]], epoch: int | None) -> None:
-    """The weights files ({name: (state dict, metadata)}: last.safetensors, best.safetensors,
-    ema.safetensors) as the save of an end-of-epoch checkpoint left them, when a crash came
-    after the checkpoint and before them (their metadata says which epoch they hold)."""
-    if epoch is None:  # a checkpoint from the middle of an epoch
-        return
-    for name, (state_dict, meta) in files.items():
-        path = Path(run_dir) / name
-        if _epoch_of(path) != epoch:
-            save_weights(path, state_dict, meta)
-
-
-def _epoch_of(path: Path) -> int | None:
-    return read_metadata(path).get("epoch")  # None when missing or unreadable: rewrite it
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
@@ -241,7 +231,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
                   and (p / WEIGHTS_FILE).is_file())
 
 
-def newest_checkpoint(output: Path) -> Path | None:
+def newest_checkpoint(output: Path) -> Checkpoint | None:
     """The most recently written readable checkpoint of any run under `output` (an unreadable
     newer one is passed over with a warning)."""
     output = Path(output)
@@ -251,29 +241,41 @@ def newest_checkpoint(output: Path) -> Path | None:
     return newest_readable(sorted(found, key=lambda c: (c / STATE_FILE).stat().st_mtime))
 
 
-def checkpoint_problem(checkpoint: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from, in one line (a truncated or corrupted file);
-    None when its weights and training state both read."""
-    try:
-        load_weights(Path(checkpoint) / WEIGHTS_FILE)
-        load_training_state(checkpoint)
-    except CheckpointError as err:
-        return str(err)
-    return None
+@dataclass
+class Checkpoint:
+    """A checkpoint as read for resuming: read once, when it is chosen, and handed over."""
+    path: Path
+    weights: dict          # the model's state dict
+    meta: dict             # the weights' fixres metadata
+    training_state: dict   # optimizer, "run" (fixres.training.RunState's fields), "ema"
+
+    @property
+    def run_folder(self) -> RunFolder:
+        return RunFolder(self.path.parent.parent)
 
 
-def newest_readable(found: list[Path]) -> Path | None:
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Weights and training state of a checkpoint folder; a one-line CheckpointError naming
+    the file when either cannot be read (truncated, corrupted, a refused pickle)."""
+    path = Path(path)
+    weights, meta = load_weights(path / WEIGHTS_FILE)
+    return Checkpoint(path, weights, meta, load_training_state(path))
+
+
+def newest_readable(found: list[Path]) -> Checkpoint | None:
     """The newest of `found` (oldest first) that reads, saying on stderr which newer ones were
     passed over and why; None when `found` is empty, an error when none reads."""
     skipped = []
     for candidate in reversed(found):
-        problem = checkpoint_problem(candidate)
-        if problem is None:
-            if skipped:
-                print(f"warning: --resume: passed over the newer checkpoint(s) that cannot be read "
-                      f"({'; '.join(skipped)}); resuming from {candidate}", file=sys.stderr, flush=True)
-            return candidate
-        skipped.append(problem)
+        try:
+            checkpoint = read_checkpoint(candidate)
+        except CheckpointError as err:
+            skipped.append(str(err))
+            continue
+        if skipped:
+            print(f"warning: --resume: passed over the newer checkpoint(s) that cannot be read "
+                  f"({'; '.join(skipped)}); resuming from {candidate}", file=sys.stderr, flush=True)
+        return checkpoint
     if len(skipped) > 1:
         raise CheckpointError(f"{skipped[0]} (the {len(skipped) - 1} older checkpoint(s) cannot be read either)")
     if skipped:
@@ -305,19 +307,20 @@ def newest_run(folder: Path, *, trained_only: bool = False) -> Path:
     return max(written, key=written.get)
 
 
-def resolve_resume(resume: str, output: Path, name: str | None = None) -> Path | None:
-    """--resume: 'auto', a run folder, or a checkpoint folder. 'auto' is the newest checkpoint
-    of the run called `name` under output when a name is given (what a requeued SLURM job
-    needs: its own run, not another job's), else the newest of any run under output; None
-    when there is none. A run's newest checkpoint that cannot be read (truncated, corrupted) is
-    passed over for the one before, with a warning; a checkpoint folder given is taken as is."""
+def resolve_resume(resume: str, output: Path, name: str | None = None) -> Checkpoint | None:
+    """--resume: 'auto', a run folder, or a checkpoint folder, read. 'auto' is the newest
+    checkpoint of the run called `name` under output when a name is given (what a requeued
+    SLURM job needs: its own run, not another job's), else the newest of any run under output;
+    None when there is none. A run's newest checkpoint that cannot be read (truncated,
+    corrupted) is passed over for the one before, with a warning; a checkpoint folder given
+    is taken as is."""
     if resume == "auto":
         if name:
             return newest_readable(list_checkpoints(Path(output) / name))
         return newest_checkpoint(output)
     path = Path(resume)
     if (path / STATE_FILE).is_file():
-        return path
+        return read_checkpoint(path)
     if path.is_dir():
         found = list_checkpoints(path)
         if found:
@@ -362,3 +365,114 @@ def find_weights(path: Path, which: str = "best") -> Path:
     if path.is_dir():
         raise CheckpointError(f"{path}: holds no weights (best.safetensors, last.safetensors or {WEIGHTS_FILE})")
     raise CheckpointError(f"{path}: no such checkpoint folder or file")
+
+
+def epoch_weights_files(meta: dict, weights: dict, ema_weights: dict | None, record: dict | None,
+                        best: str | None) -> dict[str, tuple[dict, dict]]:
+    """{file name: (state dict, metadata)} that a save writes beside the checkpoint:
+    last.safetensors (the raw weights), ema.safetensors (with --model-ema) and, when `best`
+    says which of the two ("raw", "ema") is the run's best so far, best.safetensors.
+    `record`: the epoch's, None for a stop in the middle of an epoch."""
+    at = {"epoch": record["epoch"], "val_acc": record["val_acc"]} if record else {}
+    files = {"last.safetensors": (weights, {**meta, **at, **({"ema": False} if ema_weights is not None else {})})}
+    if ema_weights is not None:
+        files["ema.safetensors"] = (ema_weights, {**meta, **at, "ema": True,
+                                                  **({"val_acc": record["ema_val_acc"]} if record else {})})
+    if best:
+        files["best.safetensors"] = files["ema.safetensors" if best == "ema" else "last.safetensors"]
+    return files
+
+
+def classifier_metadata(path: Path) -> dict:
+    """The fixres metadata of the weights a path names (find_weights), for a job that needs a
+    fixres classifier; a one-line error when they cannot be read or are not one."""
+    weights = find_weights(Path(path))
+    from safetensors import safe_open
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+    except Exception as err:
+        raise CheckpointError(f"{weights}: unreadable weights ({_reason(err)})") from None
+    if not (meta.get("model") and meta.get("classes") and meta.get("train_res")):
+        raise CheckpointError(f"--checkpoint {weights}: not a classifier trained by fixres (its metadata names no "
+                              f"model, classes and train_res); give a run folder written by train.py")
+    return meta
+
+
+class RunFolder:
+    """runs/<name>/, the layout at the top of this module: its paths, whether it holds a run,
+    and every write to it (as timm's CheckpointSaver owns its files)."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @classmethod
+    def holding(cls, weights: Path | str) -> RunFolder | None:
+        """The run folder of a weights file: beside it, or above checkpoints/<name>/."""
+        weights = Path(weights)
+        for folder in (weights.parent, weights.parent.parent.parent):
+            if (folder / "config.json").is_file():
+                return cls(folder)
+        return None
+
+    def checkpoints(self) -> list[Path]:
+        return list_checkpoints(self.path)
+
+    def refuse_if_taken(self) -> RunFolder:
+        """A folder that holds a run (a checkpoint, or shipped weights) is never written over."""
+        if self.checkpoints():
+            raise CheckpointError(f"{self.path} already holds a run; continue it with --resume {self.path} "
+                                  f"or choose another --name")
+        if (self.path / "best.safetensors").exists():
+            raise CheckpointError(f"{self.path} already holds a run; choose another --name")
+        return self
+
+    def read_config(self) -> dict:
+        path = self.path / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: cannot read ({err})") from None
+
+    def start(self, config: dict, classes: list[str]) -> None:
+        """Before a job writes anything else: the folder, rid of what a killed writer left,
+        with the job's config and class names."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(self.path)
+        self.write_config(config)
+        write_json_atomic(self.path / "classes.json", classes)
+
+    def write_config(self, config: dict) -> None:
+        write_json_atomic(self.path / "config.json", config)
+
+    def write_metrics(self, records: list[dict]) -> None:
+        """metrics.jsonl: one record per epoch (rewritten whole: a resume drops what a crash left past its checkpoint)."""
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write(self.path / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+
+    def write_weights(self, files: dict[str, tuple[dict, dict]]) -> None:
+        for name, (state_dict, meta) in files.items():
+            save_weights(self.path / name, state_dict, meta)
+
+    def save(self, *, epoch: int, step: int, files: dict[str, tuple[dict, dict]], training_state: dict,
+             records: list[dict]) -> Path:
+        """A checkpoint first (the source of truth for resume), then the files derived from it:
+        metrics.jsonl and the weights files (epoch_weights_files)."""
+        weights, meta = files["last.safetensors"]
+        saved = save_checkpoint(self.path, name=checkpoint_name(epoch, step), state_dict=weights, meta=meta,
+                                training_state=training_state)
+        self.write_metrics(records)
+        self.write_weights(files)
+        return saved
+
+    def restore_weights_files(self, files: dict[str, tuple[dict, dict]], epoch: int | None) -> None:
+        """The weights files as the save of an end-of-epoch checkpoint left them, when a crash
+        came after the checkpoint and before them (their metadata says which epoch they hold)."""
+        if epoch is None:  # a checkpoint from the middle of an epoch
+            return
+        for name, (state_dict, meta) in files.items():
+            if read_metadata(self.path / name).get("epoch") != epoch:  # None when missing or unreadable
+                save_weights(self.path / name, state_dict, meta)

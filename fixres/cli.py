@@ -1,6 +1,8 @@
 """What the scripts share at their edges: one-line errors instead of tracebacks."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from fixres.checkpoint import CheckpointError
@@ -28,11 +30,17 @@ STOPPED_EXIT = 75
 
 
 def run_main(main, argv=None) -> int:
-    """Call main(argv); user errors become `error: <one line>` and exit status 2; a run that
+    """Call main(argv); user errors become `error: <one line>` and exit status 2 (on every rank
+    under torchrun, though it sends the others SIGTERM when the first exits); a run that
     a signal stopped with a checkpoint (main returns {"stopped": True}) exits with STOPPED_EXIT."""
     try:
         result = main(argv)
     except USER_ERRORS as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # The ranks stop on the same error, but torchrun sends SIGTERM to the others once the first
+            # exits, while they still tear down (seconds); ignored (Python's finalisation keeps SIG_IGN,
+            # not a handler), they end with this status rather than -15. A hang still gets its SIGKILL.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return 2
     return STOPPED_EXIT if isinstance(result, dict) and result.get("stopped") else 0

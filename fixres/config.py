@@ -32,6 +32,7 @@ class ConfigError(ValueError):
 
 
 RUNS = "runs"  # train.py's folder of run folders, where sweep.py and finetune.py look without --checkpoint
+MAX_SIZE = 2048  # a larger test size is almost surely a typo (and a 64-image batch of it is ~3 GB)
 
 
 # --recipe: published recipes as presets; an option given on the command line wins over them.
@@ -71,6 +72,51 @@ def _opt(default, help: str, choices: tuple | None = None, parse=None):
     return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
 
 
+# The options of every job's runtime: (default, help, choices), one definition for all configs.
+RUNTIME_OPTIONS = {
+    "mixed_precision": (None, "autocast dtype (default: Accelerate's config / launch flag, else none)",
+                        ("no", "bf16", "fp16")),
+    "cpu": (False, "run on the CPU even when a GPU is present"),
+    "collective_timeout": (600.0, "seconds a process waits for the others at a collective before it stops with an "
+                                  "error (a rank died or hangs); torch's own default is 30 min"),
+    "workers": (None, "data loader worker processes per rank (default: from the CPU count)"),
+}
+
+
+def _runtime_opt(name: str):
+    return _opt(*RUNTIME_OPTIONS[name])
+
+
+def check_finite(cfg) -> None:
+    """float("nan") and float("inf") parse, and pass every comparison: refuse them first."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def check_choices(cfg) -> None:
+    """A value given in code or a config file, not only on the command line, is one of the field's choices."""
+    for f in dataclasses.fields(cfg):
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_collective_timeout(seconds: float) -> None:
+    if seconds <= 0:
+        raise ConfigError(f"--collective-timeout must be > 0 seconds, got {seconds}")
+
+
+def check_sizes(sizes, crop_pct: float) -> None:
+    """Test sizes and crop_pct, as sweep.py and run_sweep take them."""
+    if not 0 < crop_pct <= 1:
+        raise ConfigError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+    for size in sizes:
+        if not 0 < size <= MAX_SIZE:
+            raise ConfigError(f"--sizes: each size must be between 1 and {MAX_SIZE} pixels, got {size}")
+
+
 def batch_size_arg(text: str):
     """--batch-size takes a number or 'auto'."""
     if text == "auto":
@@ -95,15 +141,12 @@ class TrainConfig:
                                            "stages: a larger last feature map at the same resolution, same weights)")
     channels_last: bool | None = _opt(None, "channels_last memory format (default: on for GPUs; off on CPUs, where it measured slower)")
     compile: bool = _opt(False, "torch.compile the model (minutes of compiling first; pays on GPUs for long runs)")
-    fast_decode: bool | None = _opt(True, "training crops: draw the crop before decoding, decode JPEGs at reduced "
-                                          "scale when the crop allows, resize uint8, normalise on the device (the same "
-                                          "augmentation as torchvision's, cheaper: benchmarks/speed.py); --no-fast-decode: "
-                                          "torchvision's transforms on each decoded image. Runs made before it was the "
-                                          "default store null, which resumes as they started: on for GPUs only")
-    decode: str = _opt("auto", "where JPEGs are decoded: cpu = in the loader workers (Pillow); gpu = the workers only "
-                               "read the files, the batch is decoded on the model's device in one call (TorchCodec, "
-                               "nvJPEG on a GPU; pip install torchcodec), then cropped, resized and flipped there; "
-                               "auto = gpu on CUDA when torchcodec is installed, else cpu", ("auto", "cpu", "gpu"))
+    fast_decode: bool | None = _opt(True, "training crops drawn before decoding, JPEGs decoded at reduced scale, "
+                                          "resized as uint8 and normalised on the device; --no-fast-decode: "
+                                          "torchvision's transforms on each decoded image (null: on for GPUs only)")
+    decode: str = _opt("auto", "where JPEGs are decoded: cpu = in the loader workers; gpu = a batch at a time on the "
+                               "model's device (pip install torchcodec); auto = gpu on CUDA when torchcodec is installed",
+                       ("auto", "cpu", "gpu"))
     # resolution and preprocessing
     train_res: int = _opt(224, "RandomResizedCrop size for training")
     test_res: int | None = _opt(None, "centre-crop size for validation (default: --train-res)")
@@ -112,10 +155,8 @@ class TrainConfig:
                                   "with --pretrained or --weights: the model's pretrained weights' own")
     interpolation: str = _opt("bilinear", "resize interpolation; not given, with --pretrained or --weights: the "
                                           "model's pretrained weights' own, as crop_pct", ("bilinear", "bicubic", "nearest"))
-    mean: list[float] | None = _opt(None, "per-channel normalisation mean (R G B); not given: the model's pretrained "
-                                          "weights' own with --pretrained or --weights (timm's pretrained_cfg, "
-                                          "torchvision's weights transforms; fixres metadata in a --weights file), "
-                                          "else ImageNet's")
+    mean: list[float] | None = _opt(None, "per-channel normalisation mean (R G B); not given, with --pretrained or "
+                                          "--weights: the pretrained weights' own; else ImageNet's")
     std: list[float] | None = _opt(None, "per-channel normalisation std (R G B); chosen as --mean")
     # optimisation
     epochs: int = _opt(10, "training epochs")
@@ -123,9 +164,8 @@ class TrainConfig:
                                      "training step fits in 90%% of the GPU's memory (64 on a CPU)", parse=batch_size_arg)
     lr: float = _opt(1e-3, "peak learning rate (reached after warm-up)")
     optimizer: str = _opt("adamw", "optimizer; sgd is torch's SGD with Nesterov momentum", ("adamw", "sgd"))
-    weight_decay: float = _opt(0.1, "weight decay (0.1 as in the Cassava blog post's AdamW run), of the weights of "
-                                    "dim > 1 only: biases and norm parameters are not decayed (timm's and torchvision's "
-                                    "recipes)")
+    weight_decay: float = _opt(0.1, "weight decay of the weights of dim > 1 only: biases and norm parameters are "
+                                    "not decayed")
     momentum: float = _opt(0.9, "SGD momentum (Nesterov)")
     warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs, then cosine decay to zero")
     freeze_epochs: int = _opt(0, "train only the classifier for the first N epochs, the rest frozen in eval mode (transfer learning from --weights)")
@@ -137,13 +177,10 @@ class TrainConfig:
     recipe: str | None = _opt(None, "a published recipe's settings as defaults (options given here still win): "
                                     "tv-resnet50-v2 = torchvision's ResNet-50 IMAGENET1K_V2 (README)", tuple(RECIPES))
     auto_augment: str | None = _opt(None, "per-image automatic augmentation after the crop and flip: ta_wide = "
-                                          "TrivialAugmentWide, ra = RandAugment (2 ops, magnitude 9); both "
-                                          "training-crop paths (--fast-decode or not)", ("ta_wide", "ra"))
-    random_erase: float = _opt(0.0, "probability of erasing a random rectangle of each training image with the "
-                                    "mean colour (torchvision's RandomErasing; 0 = off)")
+                                          "TrivialAugmentWide, ra = RandAugment (2 ops, magnitude 9)", ("ta_wide", "ra"))
+    random_erase: float = _opt(0.0, "probability of filling a rectangle of each training image with the mean colour (RandomErasing; 0 = off)")
     mixup_alpha: float = _opt(0.0, "Mixup on each training batch, its Beta(alpha, alpha) mixing weight; with "
-                                   "--cutmix-alpha one of the two per batch (0 = off). Training accuracy is then "
-                                   "not reported")
+                                   "--cutmix-alpha, one of the two per batch (0 = off; no training accuracy then)")
     cutmix_alpha: float = _opt(0.0, "CutMix on each training batch, its Beta(alpha, alpha) area (0 = off)")
     model_ema: bool = _opt(False, "keep an exponential moving average (EMA) of the weights, evaluated beside them "
                                   "every epoch; best.safetensors is whichever did better (README: Model EMA)")
@@ -151,11 +188,10 @@ class TrainConfig:
                                          "--model-ema-steps / (1 - decay) optimizer steps")
     model_ema_steps: int = _opt(32, "optimizer steps between EMA updates (torchvision's 32)")
     # runtime
-    mixed_precision: str | None = _opt(None, "autocast dtype (default: Accelerate's config / launch flag, else none)", ("no", "bf16", "fp16"))
-    cpu: bool = _opt(False, "run on the CPU even when a GPU is present")
-    collective_timeout: float = _opt(600.0, "seconds a process waits for the others at a collective before it stops "
-                                            "with an error (a rank died or hangs); torch's own default is 30 min")
-    workers: int | None = _opt(None, "data loader worker processes per rank (default: from the CPU count)")
+    mixed_precision: str | None = _runtime_opt("mixed_precision")
+    cpu: bool = _runtime_opt("cpu")
+    collective_timeout: float = _runtime_opt("collective_timeout")
+    workers: int | None = _runtime_opt("workers")
     seed: int = _opt(0, "random seed (data order, augmentation, initialisation)")
     output: str = _opt(RUNS, "folder that holds the run folders")
     name: str | None = _opt(None, "run folder name (default: <data>-<model>-<res>-<time>)")
@@ -167,10 +203,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        for f in dataclasses.fields(self):  # float("nan") and float("inf") parse, and pass every comparison
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+        check_finite(self)
         if isinstance(self.batch_size, str) and self.batch_size != "auto":
             raise ConfigError(f"--batch-size must be a number or 'auto', got {self.batch_size!r}")
         for name in ("train_res", "test_res", "epochs", "batch_size", "grad_accum"):
@@ -209,13 +242,8 @@ class TrainConfig:
             raise ConfigError(f"--model-ema-decay must be in (0, 1), got {self.model_ema_decay}")
         if self.model_ema_steps < 1:
             raise ConfigError(f"--model-ema-steps must be >= 1, got {self.model_ema_steps}")
-        if self.collective_timeout <= 0:
-            raise ConfigError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
+        check_collective_timeout(self.collective_timeout)
+        check_choices(self)
 
     @property
     def eval_res(self) -> int:
@@ -256,24 +284,23 @@ def _has_type(value, hint) -> bool:
     return isinstance(value, hint)
 
 
-# The built-in dataset's defaults: a well-fitted model in about 5 minutes on a 2-core CPU,
-# whose sweep shows the FixRes effect (docs/shapes-lab.md: what was tried).
+# The built-in dataset's defaults: a well-fitted model in minutes on a CPU, whose sweep shows
+# the FixRes effect (docs/shapes-lab.md: what was tried).
 SHAPES_PRESET = dict(
-    model="test_resnet",   # timm's 0.4M-parameter ResNet: ~300 images/s training at 64 px on 2 cores
+    model="test_resnet",   # timm's 0.4M-parameter ResNet: fast enough to train on a CPU
     output_stride=8,       # an 8x8 last feature map at 64 px; stride 32's 2x2 turns the sweep into a saw-tooth
     train_res=64,          # stored images are 128 px, so the sweep can go up to 2x
     min_scale=0.08,        # the paper's RandomResizedCrop: the zoom FixRes corrects
     crop_pct=1.0,          # test on the whole frame (timm's test_crop_pct for its ResNets): the object as framed
-    epochs=15,             # 96% on validation at crop_pct 1.0; the last epochs still add
+    epochs=15,             # the last epochs still add
     lr=3e-3,               # AdamW with batch 32
     batch_size=32,
     weight_decay=0.05,
     workers=1,             # decoding 128 px JPEGs is cheap; one worker keeps a core for compute
 )
 
-# finetune.py on a run of the built-in data (4,000 training images: 125 steps an epoch at batch
-# 32, where the reference's settings assume ImageNet's thousands): a longer, stronger fine-tune.
-# docs/shapes-lab.md: 5 epochs at 8e-3 left top-1 where it was; 10 at 0.05 added 0.2-0.5 points.
+# finetune.py on a run of the built-in data: few steps an epoch where the reference's settings
+# assume ImageNet's thousands, so a longer, stronger fine-tune (docs/shapes-lab.md: what was tried)
 FINETUNE_SHAPES_PRESET = dict(lr=0.05, epochs=10)
 
 
@@ -308,10 +335,9 @@ class FinetuneConfig(TrainConfig):
     method: str = _opt("finetune", "finetune: train the classifier with the last BN in train mode; bn-stats: only re-estimate "
                        "that BN's statistics (no gradients); parametric: the paper's Frechet map before the classifier",
                        FINETUNE_METHODS)
-    aug: str = _opt("test+", "fine-tuning images: test = Resize + CenterCrop at --res; test+ = that with flip, light "
-                    "colour jitter and a horizontally shifted crop (FixRes v2, its offset uniform over the whole margin: "
-                    "README, finetune.py); rrc = RandomResizedCrop", FINETUNE_AUGS)
-    train_bn_affine: bool = _opt(False, "also train the last BN's weight and bias (the reference code trains only the classifier)")
+    aug: str = _opt("test+", "fine-tuning images: test = Resize + CenterCrop at --res; test+ = that with a flip, light "
+                    "colour jitter and a horizontally shifted crop (FixRes v2); rrc = RandomResizedCrop", FINETUNE_AUGS)
+    train_bn_affine: bool = _opt(False, "also train the last BN's weight and bias")
     sizes: list[int] | None = _opt(None, "with --res auto: the sizes to sweep (default: sweep.py's, about 0.5x to 2x the training res)")
     parametric_scope: str = _opt("global", "parametric: one distribution for all pooled features, or one per feature",
                                  ("global", "feature"))
@@ -324,12 +350,11 @@ class FinetuneConfig(TrainConfig):
     interpolation: str = _opt("bilinear", "resize interpolation; not given: the source run's, else this",
                               ("bilinear", "bicubic", "nearest"))
     # the training loop's options with fine-tuning defaults (reference: SGD, momentum 0.9, wd 1e-4, lr 1e-3..8e-3)
-    epochs: int = _opt(5, "fine-tuning epochs (5 at lr 8e-3 did best of the settings tried on the built-in data)")
-    optimizer: str = _opt("sgd", "optimizer; sgd is torch's SGD with Nesterov momentum, as in train.py (the reference "
-                                 "code's momentum is plain)", ("adamw", "sgd"))
-    lr: float = _opt(8e-3, "peak learning rate, cosine decay, no warm-up (the reference's range: 1e-3 to 8e-3)")
+    epochs: int = _opt(5, "fine-tuning epochs")
+    optimizer: str = _opt("sgd", "optimizer; sgd is torch's SGD with Nesterov momentum, as in train.py", ("adamw", "sgd"))
+    lr: float = _opt(8e-3, "peak learning rate, cosine decay, no warm-up")
     weight_decay: float = _opt(1e-4, "weight decay of the classifier's weight matrix only: not of its bias nor the "
-                                     "last BN's weight and bias, as in train.py (the reference code decays all)")
+                                     "last BN's weight and bias, as in train.py")
     warmup_epochs: float = _opt(0.0, "linear warm-up length in epochs (the head starts trained: none needed)")
     output: str | None = _opt(None, "folder for the new run folder (default: the folder that holds the source run)")
 
@@ -353,6 +378,66 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError(f"--fit-images must be > 1, got {self.fit_images}")
         if self.choice_images <= 0:
             raise ConfigError(f"--choice-images must be > 0, got {self.choice_images}")
+
+
+@dataclass
+class SweepConfig:
+    """sweep.py: one set of weights evaluated at many test sizes."""
+    # what to evaluate
+    checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py or "
+                                        f"finetune.py (default: the newest run under {RUNS}/)")
+    which: str = _opt("best", "weights of a run folder: best (with --model-ema, raw or EMA, whichever scored higher), "
+                              "last, or ema (the EMA after the last epoch)", ("best", "last", "ema"))
+    model: str | None = _opt(None, "with --weights: timm model name, or tv:<name>")
+    weights: str | None = _opt(None, "plain state dict (.safetensors or .pth, no fixres metadata) instead of --checkpoint; needs --model")
+    train_res: int | None = _opt(None, "with --weights: the resolution they were trained at (default 224; a checkpoint knows its own)")
+    min_scale: float | None = _opt(None, "RandomResizedCrop min scale of training, for the prediction (default: the weights' metadata, else the run's config, else 0.08)")
+    # data
+    data: str | None = _opt(None, "CSV split or ImageFolder root (default: the data in the run's config.json)")
+    images: str | None = _opt(None, "image folder for a CSV split (default: the run's, else beside the CSV)")
+    # the sweep
+    sizes: list[int] | None = _opt(None, "test sizes (default: about 0.5x to 2x the training res, with it and the predicted best)")
+    crop_pct: float | None = _opt(None, "Resize(int(size / crop_pct)) + CenterCrop(size) (default: the run's; with "
+                                        "--weights, the model's pretrained preprocessing; else 0.875)")
+    activations: bool = _opt(False, "also collect the pooled features that feed the classifier: stats per size and activations.png")
+    # runtime
+    batch_size: int = _opt(64, "images per process per forward pass")
+    workers: int | None = _runtime_opt("workers")
+    decode: str = _opt("auto", "cpu: the loader workers decode and resize; gpu: each image is decoded once on the "
+                               "model's device (torchcodec); auto: gpu on CUDA when torchcodec is installed",
+                       ("auto", "cpu", "gpu"))
+    mixed_precision: str | None = _runtime_opt("mixed_precision")
+    cpu: bool = _runtime_opt("cpu")
+    collective_timeout: float = _runtime_opt("collective_timeout")
+    output: str | None = _opt(None, "folder for sweep.csv, sweep.json and the plots (default: the run folder)")
+    write_best: bool = _opt(False, "record the best size as the run's test size: in the swept weights' metadata and "
+                                   "in the run's timm export, which is written again")
+
+    def __post_init__(self):
+        check_finite(self)
+        if self.checkpoint is not None and self.weights is not None:
+            raise ConfigError("give --checkpoint (a fixres run) or --weights FILE with --model NAME, not both")
+        if self.weights and not self.model:
+            raise ConfigError("--weights needs --model NAME (the checkpoint's model is only known to fixres runs)")
+        if self.model and not self.weights:
+            raise ConfigError("--model goes with --weights; a --checkpoint names its own model")
+        if self.write_best and self.weights:
+            raise ConfigError("--write-best records the size in a fixres run: give --checkpoint, not --weights")
+        for name in ("train_res", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if self.min_scale is not None and not 0 < self.min_scale <= 1:
+            raise ConfigError(f"--min-scale must be in (0, 1], got {self.min_scale}")
+        check_sizes(self.sizes or [], self.crop_pct if self.crop_pct is not None else 0.875)
+        if self.sizes:
+            self.sizes = sorted(set(self.sizes))
+        check_collective_timeout(self.collective_timeout)
+        check_choices(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def build_parser(cls, description: str, preset_note: str = "") -> argparse.ArgumentParser:
@@ -394,11 +479,6 @@ def parse_args(cls, argv, description: str, presets: dict | None = None):
         return cls(**{**defaults, **given}), set(given)
     except ConfigError as err:
         parser.error(str(err))
-
-
-def save_config(config, path: Path) -> None:
-    from fixres.checkpoint import write_json_atomic
-    write_json_atomic(path, config.to_dict())
 
 
 def load_config(cls, path: Path):

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fixres.runtime import error_reason
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 TRUE_VALUES = {"true", "1", "yes", "t", "y"}
 FALSE_VALUES = {"false", "0", "no", "f", "n"}
@@ -185,10 +187,9 @@ def read_image_folder(root: Path, classes: list[str] | None = None) -> Split:
 
 
 def _check_not_empty(train, val, source) -> None:
-    if not val:
-        raise DataError(f"{source}: the validation split is empty")
-    if not train:
-        raise DataError(f"{source}: the training split is empty")
+    for name, part in (("validation", val), ("training", train)):
+        if not part:
+            raise DataError(f"{source}: the {name} split is empty")
 
 
 def _preview(classes: list[str], n: int = 8) -> str:
@@ -225,8 +226,7 @@ def open_image(path: str, draft_size=None) -> Image.Image:
         return to_rgb(img)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
             Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise BadImageError(f"cannot decode image {path}: {reason}") from None
+        raise BadImageError(f"cannot decode image {path}: {error_reason(err)}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -328,9 +328,23 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 # Batches each loader worker keeps ready ahead of the training step (DataLoader's
-# prefetch_factor); 2, PyTorch's default: benchmarks/speed.py --parts epochs compares it with
-# 4, not yet run on a quiet machine (docs/benchmarks.md)
+# prefetch_factor): PyTorch's default; docs/benchmarks.md compares 4
 PREFETCH_BATCHES = 2
+
+
+class MultiSizeDataset(torch.utils.data.Dataset):
+    """(path, label) samples -> ([one tensor per transform], label) from a single decode."""
+
+    def __init__(self, samples, transforms):
+        self.samples, self.transforms = samples, transforms
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        img = open_image(path)  # the only decode of this image in a sweep (tests count the calls)
+        return [transform(img) for transform in self.transforms], label
 
 
 def loader_options(workers: int, *, persistent: bool = True, prefetch: int = PREFETCH_BATCHES) -> dict:
@@ -354,14 +368,44 @@ def round_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[i
     return [list(range(min(start, n), min(start + batch_size, n))) for start in starts]
 
 
+def shard_indices(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """This process's samples: whole batches b = rank, rank + world, ... of range(n)."""
+    return [i for batch in round_batches(n, batch_size, rank, world) for i in batch]
+
+
 def worker_count(requested: int | None = None) -> int:
     """Loader workers per process, the one rule of train.py, sweep.py and finetune.py:
     `requested` (--workers) when given; else the cores this process may use, shared among the
     processes of this node (torchrun and accelerate set LOCAL_WORLD_SIZE), less one
-    core for the process itself, at most 16 (on an H100 with 16 cores, the fast decoder's
-    rate grew linearly up to 16 workers: docs/benchmarks.md)."""
+    core for the process itself, at most 16 (docs/benchmarks.md: the fast decoder's rate up to 16)."""
     if requested is not None:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(0, min(16, cores // max(1, local_processes) - 1))
+
+
+def build_loaders(split, cfg, *, train_tf, eval_tf, workers: int, pin_memory: bool,
+                  persistent: bool = True, prefetch: int = PREFETCH_BATCHES):
+    """The training and validation loaders. Their workers stay from epoch to epoch
+    (`persistent`; benchmarks/speed.py --parts epochs measures it against re-created ones):
+    the training epoch reaches them with each index (EpochSampler)."""
+    common = dict(collate_fn=collate_skipping, pin_memory=pin_memory,
+                  **loader_options(workers, persistent=persistent, prefetch=prefetch))
+    train_loader = torch.utils.data.DataLoader(
+        ImageDataset(split.train, train_tf, cfg.skip_bad_images, seed=cfg.seed), batch_size=cfg.batch_size,
+        sampler=EpochSampler(len(split.train), cfg.seed), drop_last=True, **common)
+    val_loader = torch.utils.data.DataLoader(
+        ImageDataset(split.val, eval_tf, cfg.skip_bad_images), batch_size=2 * cfg.batch_size,
+        shuffle=False, **common)
+    return train_loader, val_loader
+
+
+def resolve_data(cfg, accelerator) -> tuple[str, str | None, str]:
+    """(data path, image folder, short name); generates the built-in dataset on first use."""
+    if cfg.data:
+        return cfg.data, cfg.images, Path(cfg.data).stem or "data"
+    from fixres.shapes import ensure_shapes
+    with accelerator.local_main_process_first():
+        csv = ensure_shapes(seed=cfg.seed)  # --seed draws the images too: seeds are independent replications
+    return str(csv), None, "shapes"

@@ -39,6 +39,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from fixres.config import ConfigError
 from fixres.data import EXIF_ORIENTATION, BadImageError, open_image
 from fixres.resolution import resize_size
+from fixres.runtime import error_reason
 from fixres.transforms import sample_crop
 
 DECODE_CHOICES = ("auto", "cpu", "gpu")
@@ -68,15 +69,13 @@ def decode_problem(device: str) -> str | None:
     try:
         shape = tuple(decode_jpeg(encoded.getvalue(), mode="RGB", device=device).shape)
     except Exception as err:  # no CUDA build, no nvJPEG, a driver problem, ...
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return f"cannot decode on {device} with this torchcodec ({reason})"
+        return f"cannot decode on {device} with this torchcodec ({error_reason(err)})"
     return None if shape == (3, 6, 8) else f"decoded a test JPEG on {device} to the wrong shape {shape}"
 
 
 def resolve_decode(choice: str, device: torch.device) -> str:
     """'cpu' or 'gpu' for --decode `choice` on `device`. auto: gpu on CUDA where torchcodec
-    decodes there (its rate is not measured yet: docs/benchmarks.md); gpu where it cannot is a
-    one-line error naming why."""
+    decodes there; gpu where it cannot is a one-line error naming why."""
     if choice not in DECODE_CHOICES:
         raise ConfigError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {choice!r}")
     if choice == "cpu" or (choice == "auto" and device.type != "cuda"):

@@ -70,3 +70,10 @@ class ModelEma:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
+
+
+def epoch_score(record: dict) -> tuple[float, str]:
+    """An epoch's validation top-1 and the weights that reached it: the EMA's ("ema") when
+    it did strictly better than the raw weights ("raw")."""
+    ema = record.get("ema_val_acc")
+    return (ema, "ema") if ema is not None and ema > record["val_acc"] else (record["val_acc"], "raw")

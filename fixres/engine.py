@@ -69,6 +69,29 @@ def to_device_batch(images, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENE
     return images
 
 
+def stop_if_not_finite(loss: torch.Tensor, accelerator, *, step: int, lr: float) -> None:
+    """Raise NonFiniteLossError on every process when the loss is NaN or infinite on any one,
+    with the same message everywhere; before backward, so that no process is left waiting for
+    the others at the gradient all-reduce until --collective-timeout."""
+    if accelerator.num_processes == 1:
+        if torch.isfinite(loss):
+            return
+        where = f"loss is {loss.item()}"
+    else:
+        # the price: one all-gather of one float per micro-batch, only with several processes
+        losses = accelerator.gather(loss.detach().float().reshape(1)).tolist()
+        if all(math.isfinite(value) for value in losses):
+            return
+        where = "loss is " + ", ".join(f"{value} on process {rank}" for rank, value in enumerate(losses)
+                                       if not math.isfinite(value)) + f" of {len(losses)}"
+    raise NonFiniteLossError(f"{where} at optimizer step {step} (learning rate {lr:.3g}); {NONFINITE_HINT}")
+
+
+def tallies(device: torch.device, *dtypes: torch.dtype) -> list[torch.Tensor]:
+    """Zeroed scalars on the device, one per dtype: sums kept there until the epoch's end."""
+    return [torch.zeros((), device=device, dtype=dtype) for dtype in dtypes]
+
+
 def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step: int,
                     label_smoothing: float = 0.0, channels_last: bool = False, progress=None,
                     should_stop=lambda: False, set_modes=lambda m: m.train(), mix=None, first_batch: int = 0,
@@ -84,10 +107,7 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
     before each optimizer step; `ema.update(model, step)` after it (fixres.ema.ModelEma)."""
     set_modes(model)
     device = accelerator.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = torch.zeros((), device=device, dtype=torch.long)
-    skipped = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum, correct, seen, skipped = tallies(device, torch.float64, torch.long, torch.long, torch.long)
     step, lr = first_step, lr_at(first_step)
     start = asked = time.perf_counter()
     data_wait = 0.0
@@ -104,9 +124,7 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
             with accelerator.autocast():
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {loss.item()} at optimizer step {step} (learning rate "
-                                         f"{lr:.3g}); {NONFINITE_HINT}")
+            stop_if_not_finite(loss, accelerator, step=step, lr=lr)
             if accelerator.sync_gradients:
                 lr = lr_at(step)
                 for group in optimizer.param_groups:
@@ -159,10 +177,7 @@ def evaluate(model, loader, accelerator, *, channels_last: bool = False, progres
     """Top-1 and top-5 accuracy and mean cross-entropy over the whole validation split."""
     model.eval()
     device = accelerator.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    correct5 = torch.zeros((), device=device, dtype=torch.long)
-    count = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum, correct, correct5, count = tallies(device, torch.float64, torch.long, torch.long, torch.long)
     start = time.perf_counter()
     for images, labels, _ in loader:
         images, labels, _ = decode_on_device(images, labels, 0, device)

@@ -36,6 +36,7 @@ import torch
 
 from fixres import checkpoint as ckpt
 from fixres.models import TV_PREFIX, ModelError, load_run_model
+from fixres.runtime import error_reason
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 EXPORT_DIR = "timm"  # runs/<name>/timm
@@ -97,7 +98,7 @@ def check_export(folder: Path, model: torch.nn.Module, meta: dict, data_config: 
     try:
         loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     except Exception as err:
-        raise ExportError(f"timm cannot load the export ({str(err).splitlines()[0][:160]})") from None
+        raise ExportError(f"timm cannot load the export ({error_reason(err)})") from None
     if list(loaded.pretrained_cfg.get("label_names") or []) != list(meta["classes"]):
         raise ExportError("timm's loaded model does not carry the class names")
     for use_test_size, size_key in ((True, "test_input_size"), (False, "input_size")):
@@ -147,3 +148,23 @@ def write_run_export(run_dir: Path, console, weights: Path | None = None) -> Pat
     console.print(f"timm export: {out} (test size {sizes['test_input_size'][1]} px; "
                   f"timm.create_model('local-dir:{out}', pretrained=True))")
     return out
+
+
+def timm_overlay(weights: str | Path) -> dict:
+    """`pretrained_cfg_overlay` for timm.create_model(name, num_classes=n, pretrained=True, ...):
+    the file, plus the class count (without it timm drops a classifier whose size differs
+    from the architecture's default 1000) and the preprocessing the weights expect."""
+    path = ckpt.find_weights(Path(weights))
+    meta = ckpt.classifier_metadata(path)
+    return {"file": str(path), "num_classes": len(meta["classes"]),
+            "input_size": tuple(meta.get("input_size") or (3, meta["test_res"], meta["test_res"])),
+            "crop_pct": meta.get("crop_pct", 0.875), "interpolation": meta.get("interpolation", "bilinear"),
+            "mean": tuple(meta.get("mean", IMAGENET_MEAN)), "std": tuple(meta.get("std", IMAGENET_STD))}
+
+
+def write_best_size(weights: Path, run_dir: Path | None, size: int, crop_pct: float, console) -> None:
+    """--write-best: the swept weights' metadata says test_res = `size` (at the sweep's
+    crop_pct), and the run's timm export is written again from them."""
+    ckpt.update_metadata(weights, test_res=size, input_size=[3, size, size], crop_pct=crop_pct)
+    console.print(f"--write-best: {weights} now says test_res {size} px (crop_pct {crop_pct})")
+    write_run_export(run_dir or weights.parent, console, weights=weights)

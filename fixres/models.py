@@ -14,6 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fixres.checkpoint import find_weights, load_weights, refused_pickle
+from fixres.data import DataError
+from fixres.runtime import error_reason
+from fixres.transforms import INTERPOLATIONS
+
 
 class ModelError(ValueError):
     """Unknown model, unreachable pretrained weights, or weights that do not fit."""
@@ -65,8 +70,7 @@ def _build(name: str, num_classes: int, pretrained: bool, output_stride: int | N
         raise
     except Exception as err:  # hub/HTTP/file errors come in many types
         if pretrained:
-            reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-            raise ModelError(f"--pretrained: cannot get pretrained weights for {name} ({reason}); "
+            raise ModelError(f"--pretrained: cannot get pretrained weights for {name} ({error_reason(err)}); "
                              f"download them elsewhere and pass --weights FILE") from None
         raise
 
@@ -81,7 +85,6 @@ def pretrained_preprocessing(name: str) -> dict:
     "resnet50.a1_in1k", else the default tag's) or from torchvision's DEFAULT weights'
     transforms (crop_pct = crop / resize: 224 / 232 for ResNet-50 V2). Read from the
     libraries' registries: nothing is downloaded. Keys it cannot give are left out."""
-    from fixres.transforms import INTERPOLATIONS
     check_model_name(name)
     if name.startswith(TV_PREFIX):
         import torchvision
@@ -146,8 +149,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        from fixres.checkpoint import refused_pickle
-        reason = refused_pickle(err) or str(err).splitlines()[0][:160]
+        reason = refused_pickle(err) or error_reason(err)
         raise ModelError(f"{path}: cannot read weights ({reason})") from None
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -184,7 +186,7 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
                          f"e.g. {missing[0]}" + (f"; unexpected e.g. {unexpected[0]}" if unexpected else ""))
     if unexpected:  # dropping them silently evaluates another model than the file's (a lost adapter)
         from fixres.adapt import ADAPTER
-        hint = (f" (a parametric run's adapter: load the run with --checkpoint, which restores it)"
+        hint = (" (a parametric run's adapter: load the run with --checkpoint, which restores it)"
                 if unexpected[0].startswith(ADAPTER + ".") else "")
         raise ModelError(f"{source}: holds {len(unexpected)} key(s) the model lacks, e.g. {unexpected[0]}{hint}")
     model.load_state_dict(usable, strict=False)
@@ -196,7 +198,6 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, di
     .safetensors file written by fixres, with the preprocessing metadata it carries, and
     the parametric adapter when the weights hold one (so it is evaluated as it was made)."""
     from fixres.adapt import attach_saved_adapter  # adapt imports this module
-    from fixres.checkpoint import find_weights, load_weights
     weights_path = find_weights(Path(path), which)
     state, meta = load_weights(weights_path)
     if not meta.get("model") or not meta.get("classes"):
@@ -206,3 +207,15 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, di
     attach_saved_adapter(model, state)  # first: its keys are then the model's own
     load_weights_into(model, state, source=str(weights_path), replace_classifier=False)
     return model, {**meta, "weights_path": str(weights_path)}
+
+
+def load_plain_weights(name: str, path: str | Path, classes: list[str], *, data: str) -> nn.Module:
+    """Model `name` with a plain state dict (no fixres metadata) for the `classes` of `data`;
+    a classifier of another size is refused, not replaced (these weights are to be evaluated)."""
+    state = read_state_dict(path)
+    model = create_model(name, len(classes))
+    head = state.get(classifier_name(model) + ".weight")
+    if head is not None and head.shape[0] != len(classes):
+        raise DataError(f"{data}: {len(classes)} classes, but --weights {path} has a {head.shape[0]}-class classifier")
+    load_weights_into(model, state, source=str(path), replace_classifier=False)
+    return model

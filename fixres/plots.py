@@ -1,8 +1,9 @@
-"""Figures of the sweep, drawn with matplotlib's Agg canvas (no display, no pyplot state).
+"""Figures of sweep.py and finetune.py, drawn with matplotlib's Agg canvas (no display, no pyplot state).
 
-    plot_sweep(rows, "sweep.png", train_res=64, predicted=79)     # top-1 against test size, and the
-                                                                   # paired difference against 64 px
-    plot_activation_cdfs(rows, edges, "activations.png", train_res=64)   # the paper's CDF figure
+    plot_sweep(rows, "sweep.png", train_res=64, predicted=79, best=80)   # top-1 against test size, and
+                                                                          # the paired difference against 64 px
+    plot_sweep_activations(rows, edges, "activations.png", train_res=64)  # the paper's CDF figure
+    plot_activation_cdfs([("before", hist), ("after", hist2)], edges, "activations.png", title="...")  # finetune.py
 """
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ def _save(fig: Figure, path: Path) -> None:
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
-def plot_sweep(rows: list[dict], path: Path, *, train_res: int, predicted: int, title: str = "") -> None:
-    """Top-1 against test size; the training size, the measured best and the predicted best
+def plot_sweep(rows: list[dict], path: Path, *, train_res: int, predicted: int, best: int, title: str = "") -> None:
+    """Top-1 against test size; the training size, the measured `best` and the predicted best
     marked. Below it, when the rows carry them (sweep.add_differences), the paired
     difference against the training size with its 95% interval as error bars."""
     sizes = [r["size"] for r in rows]
-    best = max(rows, key=lambda r: (r["top1"], -r["loss"]))
+    top = next(r for r in rows if r["size"] == best)
     if "diff_low" in rows[0]:
         fig = Figure(figsize=(6.4, 6.2))
         ax, ax_diff = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
@@ -36,8 +37,8 @@ def plot_sweep(rows: list[dict], path: Path, *, train_res: int, predicted: int, 
         axis.axvline(train_res, color="grey", linestyle="--", label=f"trained at {train_res} px")
         axis.axvline(predicted, color="tab:orange", linestyle=":", label=f"predicted best {predicted} px")
         axis.grid(alpha=0.3)
-    ax.plot([best["size"]], [100 * best["top1"]], "*", color="tab:red", markersize=15,
-            label=f"measured best {best['size']} px ({100 * best['top1']:.1f}%)")
+    ax.plot([best], [100 * top["top1"]], "*", color="tab:red", markersize=15,
+            label=f"measured best {best} px ({100 * top['top1']:.1f}%)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title or "top-1 against test resolution")
     ax.legend(fontsize="small")
@@ -51,27 +52,36 @@ def plot_sweep(rows: list[dict], path: Path, *, train_res: int, predicted: int, 
     _save(fig, path)
 
 
-def plot_activation_cdfs(rows: list[dict], edges: list[float], path: Path, *, train_res: int) -> None:
-    """One cumulative distribution of the pooled features per test size, from the exact
-    histograms (row["act_hist"][j] counts values in (edges[j-1], edges[j]])."""
+def plot_activation_cdfs(curves: list[tuple[str, list[int]]], edges: list[float], path: Path, *, title: str,
+                         styles: list[dict] | None = None, legend_title: str | None = None) -> None:
+    """Cumulative distributions of the pooled features, one per (label, histogram) of `curves`,
+    from exact histograms (hist[j] counts values in (edges[j-1], edges[j]]); `styles`: one
+    dict of Axes.plot keywords per curve (default: lines 1.8 wide)."""
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
-    colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(rows)))
     x = np.asarray(edges)
     lo, hi = 0.0, 0.0
-    for row, colour in zip(rows, colours):
-        counts = np.asarray(row["act_hist"], dtype=np.float64)
+    for (label, hist), style in zip(curves, styles or [{"linewidth": 1.8}] * len(curves)):
+        counts = np.asarray(hist, dtype=np.float64)
         cdf = np.cumsum(counts)[:-1] / counts.sum()   # P(X <= edges[j])
-        lo = min(lo, x[np.searchsorted(cdf, 0.002)])
+        lo = min(lo, x[np.searchsorted(cdf, 0.002)])  # the x range holds the middle 99.3%
         hi = max(hi, x[min(np.searchsorted(cdf, 0.995), len(x) - 1)])
-        trained = row["size"] == train_res
-        ax.plot(x, cdf, color=colour, linewidth=2.5 if trained else 1.2,
-                label=f"{row['size']} px" + (" (trained)" if trained else ""))
+        ax.plot(x, cdf, label=label, **style)
     ax.set_xlim(lo, hi if hi > lo else lo + 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("pooled activation before the classifier")
     ax.set_ylabel("cumulative fraction")
-    ax.set_title("pooled-feature distribution by test size")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", title="test size")
+    ax.legend(fontsize="small", title=legend_title)
     _save(fig, path)
+
+
+def plot_sweep_activations(rows: list[dict], edges: list[float], path: Path, *, train_res: int) -> None:
+    """The sweep's activations.png: one curve per test size, the training size's bold."""
+    colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(rows)))
+    trained = [row["size"] == train_res for row in rows]
+    curves = [(f"{row['size']} px" + (" (trained)" if bold else ""), row["act_hist"]) for row, bold in zip(rows, trained)]
+    styles = [{"color": colour, "linewidth": 2.5 if bold else 1.2} for colour, bold in zip(colours, trained)]
+    plot_activation_cdfs(curves, edges, path, title="pooled-feature distribution by test size", styles=styles,
+                         legend_title="test size")

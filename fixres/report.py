@@ -1,16 +1,19 @@
-"""What the jobs print: a progress bar while an epoch runs, one line per epoch, a
-final table. Only the main process prints; the other ranks get a silent console.
+"""What the jobs print and tabulate: a progress bar while an epoch runs, one line per
+epoch, a final table; the sweep's sweep.csv and sweep.json. Only the main process
+prints; the other ranks get a silent console.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fixres.checkpoint import atomic_write, write_json_atomic
+from fixres.stats import METHOD as STATS_METHOD
 
 LOG_WIDTH = 160  # columns of a table printed to a file or pipe (rich's own default there is 80)
 
@@ -84,18 +87,6 @@ def metrics_table(records: list[dict], title: str, top5_label: str = "val top-5"
     return table
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    from fixres.checkpoint import atomic_write
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
-
-
 def config_table(values: dict, title: str) -> Table:
     table = Table(title=title, show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
@@ -156,3 +147,52 @@ def activation_table(rows: list[dict]) -> Table:
     for r in rows:
         table.add_row(str(r["size"]), f"{100 * r['act_zero_frac']:.2f}%", f"{r['act_mean']:.4f}", f"{r['act_std']:.4f}")
     return table
+
+
+CSV_COLUMNS = ("size", "resize", "top1", "top5", "loss", "correct", "correct5", "count", "diff_vs_train", "diff_low", "diff_high",
+               "gained", "lost", "forward_seconds", "images_per_s", "act_zero_frac", "act_mean", "act_std")
+
+
+def per_class_accuracy(rows: list[dict], labels: list[int], classes: list[str]) -> dict:
+    """{size: {class: {"top1", "correct", "count"}}} from each row's per-image results (the
+    validation images' order, `labels`): exact whatever the number of processes."""
+    labels = torch.tensor(labels)
+    table = {}
+    for r in rows:
+        correct = r["per_image_correct"]
+        table[str(r["size"])] = {}
+        for index, name in enumerate(classes):
+            mine = labels == index
+            n, right = int(mine.sum()), int(correct[mine].sum())
+            table[str(r["size"])][name] = {"top1": right / n if n else None, "correct": right, "count": n}
+    return table
+
+
+def write_sweep_tables(out: Path, rows: list[dict], summary: dict, *, act_edges: list[float],
+                       per_class: dict | None = None) -> None:
+    """sweep.csv (CSV_COLUMNS) and sweep.json: the summary, the rows, per-class top-1 and, when
+    the rows carry them, the activation histograms with their bin edges."""
+    table = [{k: r[k] for k in CSV_COLUMNS if k in r} for r in rows]
+    lines = [",".join(CSV_COLUMNS)] + [",".join(str(r.get(k, "")) for k in CSV_COLUMNS) for r in table]
+    atomic_write(out / "sweep.csv", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    record = {"meta": summary, "rows": table, **({"per_class": per_class} if per_class else {})}
+    if "act_hist" in rows[0]:
+        record["activations"] = {"edges": act_edges, "hist": {str(r["size"]): r["act_hist"] for r in rows}}
+    write_json_atomic(out / "sweep.json", record)
+
+
+def print_sweep(console: Console, rows: list[dict], *, train_res: int, predicted: int, best: int, top5_label: str,
+                processes: int) -> None:
+    """The sweep's table and the lines that say what its columns mean, then the best size."""
+    console.print(sweep_table(rows, train_res=train_res, predicted=predicted, best=best, top5_label=top5_label))
+    console.print(f"vs {train_res} px: the difference in top-1 from the training size, in points, on the same "
+                  f"{rows[0]['count']} validation images; {STATS_METHOD}; gained / lost: images right only at that "
+                  f"size / only at {train_res} px")
+    console.print(f"forward img/s: forward passes only, all {processes} process(es); decoding and "
+                  f"resizing (shared by all sizes) kept the model waiting {rows[0]['loader_seconds']:.1f} s "
+                  f"of the sweep's {rows[0]['seconds']:.1f} s")
+    if "act_zero_frac" in rows[0]:
+        console.print(activation_table(rows))
+    top = next(r for r in rows if r["size"] == best)
+    console.print(f"best: {best} px (top-1 {100 * top['top1']:.1f}%), trained at {train_res} px, "
+                  f"predicted {predicted} px")

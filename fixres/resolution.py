@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from fixres.config import MAX_SIZE
+
 
 def _check_scale(scale) -> tuple[float, float]:
     a, b = float(scale[0]), float(scale[1])
@@ -96,6 +98,16 @@ def monte_carlo_ratio(*, train_res: int, test_res: int, width: int, height: int,
             _, _, h, w = RandomResizedCrop.get_params(img, [a, b], list(ratio))
             total += math.sqrt(h * w)
     return image_res * (total / samples) / (train_res * min(width, height))
+
+
+def default_sizes(train_res: int, predicted: int) -> list[int]:
+    """About 0.5x..2x the training res in multiples of 8, in steps of 1/8 between 0.75x and
+    1.5x where the best size is expected (a coarser ladder can step over the peak), plus the
+    training res and the prediction exactly (a ladder step within 4 px of either is dropped)."""
+    factors = (0.5, 0.75, 0.875, 1.0, 1.125, 1.25, 1.375, 1.5, 1.75, 2.0)
+    ladder = {8 * max(1, round(f * train_res / 8)) for f in factors}
+    ladder = {s for s in ladder if min(abs(s - train_res), abs(s - predicted)) > 4}
+    return sorted(s for s in ladder | {train_res, predicted} if s <= MAX_SIZE)
 
 
 def main(argv=None) -> None:

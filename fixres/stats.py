@@ -3,6 +3,7 @@
     from fixres.stats import paired_difference, paired_difference_of
     paired_difference(gained=60, lost=20, n=3000)   # diff 0.0133, 95% interval about [0.0076, 0.0190]
     paired_difference_of(correct_at_80px, correct_at_64px)   # the same from per-image correctness
+    add_differences(sweep_rows, train_res=64)                # each row against the 64 px row
 
 Two evaluations of the same n images (one model at two test sizes, or before and after
 fine-tuning) differ only where exactly one of them is right: `gained` images are right
@@ -48,3 +49,14 @@ def paired_difference_of(correct, reference) -> dict:
     if len(correct) != len(reference):
         raise ValueError(f"not the same images: {len(correct)} against {len(reference)}")
     return paired_difference(int((correct & ~reference).sum()), int((reference & ~correct).sum()), len(correct))
+
+
+def add_differences(rows: list[dict], train_res: int) -> list[dict]:
+    """Give every row its paired difference in top-1 against the training size's row (the
+    same images): diff_vs_train with its 95% interval diff_low..diff_high, and the counts
+    behind it, gained / lost (images right only at this size / only at the training size)."""
+    reference = next(r for r in rows if r["size"] == train_res)["per_image_correct"]
+    for r in rows:
+        d = paired_difference_of(r["per_image_correct"], reference)
+        r.update(diff_vs_train=d["diff"], diff_low=d["low"], diff_high=d["high"], gained=d["gained"], lost=d["lost"])
+    return rows

@@ -2,6 +2,8 @@
 
     train_transform(size=224, min_scale=0.08)  # RandomResizedCrop + flip
     eval_transform(size=224, crop_pct=0.875)   # Resize(256) + CenterCrop(224)
+    eval_transform(size=224, normalize=False)  # the same, uint8; float_normalize() finishes a batch
+    finetune_transform(aug="test+", size=96)   # finetune.py's --aug: test, test+ or rrc
     DecodeRandomResizedCrop(size=224)          # path -> the training crop as uint8, decoded at reduced scale
     normalize_batch(uint8_batch)               # on the device: float, ImageNet mean/std
     crop_augment(auto_augment="ta_wide", random_erase=0.1)   # after the crop, on uint8: both paths
@@ -22,9 +24,11 @@ import functools
 import math
 
 import torch
+from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from fixres.config import ConfigError
 from fixres.data import open_image
 from fixres.resolution import resize_size
 
@@ -37,8 +41,14 @@ INTERPOLATIONS = {
 }
 
 
-def _to_normalized_tensor(mean, std) -> list:
-    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+def _scale_and_normalize(mean, std) -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def float_normalize(*, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
+    """uint8 -> float in [0, 1], normalised: the last steps of eval_transform, which
+    eval_transform(normalize=False) leaves out, for a whole uint8 batch on the device."""
+    return v2.Compose(_scale_and_normalize(mean, std))
 
 
 def crop_augment(*, auto_augment: str | None = None, random_erase: float = 0.0, interpolation: str = "bilinear",
@@ -64,17 +74,51 @@ def train_transform(*, size: int, min_scale: float = 0.08, interpolation: str = 
                                   antialias=True)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
-    tensor, *normalize = _to_normalized_tensor(mean, std)
-    return v2.Compose(steps + [tensor] + ([augment] if augment else []) + normalize)
+    return v2.Compose(steps + [v2.PILToTensor()] + ([augment] if augment else []) + _scale_and_normalize(mean, std))
 
 
 def eval_transform(*, size: int, crop_pct: float = 0.875, interpolation: str = "bilinear",
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD, normalize: bool = True) -> v2.Compose:
+    """Resize(int(size / crop_pct)) + CenterCrop(size) -> tensor; normalize=False stops at the
+    uint8 tensor, and float_normalize(mean=, std=) does the rest (the sweep: once per batch)."""
+    steps = [v2.Resize(resize_size(size, crop_pct), interpolation=INTERPOLATIONS[interpolation], antialias=True),
+             v2.CenterCrop(size), v2.PILToTensor()]
+    return v2.Compose(steps + (_scale_and_normalize(mean, std) if normalize else []))
+
+
+class HorizontalShiftCrop(nn.Module):
+    """A size x size crop at the vertical centre and a random horizontal offset: the centre
+    crop's framing, translated sideways (the FixRes v2 fine-tuning crop). The offset is
+    uniform over the whole margin; the reference's `center_crop_new` draws centre +- a
+    uniform integer, the same range with the centre offset twice as likely (README says why
+    this one is kept)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, img):
+        height, width = v2.functional.get_size(img)
+        top = int(round((height - self.size) / 2.0))
+        left = int(torch.randint(0, max(width - self.size, 0) + 1, ()).item())
+        return v2.functional.crop(img, top, left, self.size, self.size)
+
+
+def finetune_transform(*, aug: str, size: int, crop_pct: float = 0.875, interpolation: str = "bilinear",
+                       min_scale: float = 0.08, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
+    """finetune.py's --aug. test: the test-time preprocessing at `size`; test+: the same
+    framing with a flip, a horizontal shift and ColorJitter(0.05, 0.05, 0.05); rrc:
+    RandomResizedCrop(size)."""
+    if aug == "test":
+        return eval_transform(size=size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+    if aug == "rrc":
+        return train_transform(size=size, min_scale=min_scale, interpolation=interpolation, mean=mean, std=std)
+    if aug != "test+":
+        raise ConfigError(f"--aug must be one of test, test+, rrc, got {aug!r}")
     return v2.Compose([
         v2.Resize(resize_size(size, crop_pct), interpolation=INTERPOLATIONS[interpolation], antialias=True),
-        v2.CenterCrop(size),
-        *_to_normalized_tensor(mean, std),
-    ])
+        HorizontalShiftCrop(size), v2.RandomHorizontalFlip(), v2.ColorJitter(0.05, 0.05, 0.05),
+        v2.PILToTensor(), *_scale_and_normalize(mean, std)])
 
 
 def sample_crop(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]):
@@ -106,10 +150,9 @@ class DecodeRandomResizedCrop:
 
     - the crop box is drawn from the header's size before anything is decoded, and a JPEG
       whose box is at least twice the target is decoded at 1/2, 1/4 or 1/8 scale
-      (libjpeg's DCT scaling via Pillow's draft mode): about half the crops of a 500 x 375
-      photo for a 128 px target;
+      (libjpeg's DCT scaling via Pillow's draft mode);
     - Pillow copies out only the crop, and the resize runs on uint8 tensors (torchvision's
-      vectorised antialiased kernel, about twice Pillow's speed here);
+      vectorised antialiased kernel);
     - no float conversion or normalisation per image in the loader workers.
     Decoding goes through fixres.data.open_image: EXIF rotation, every image mode and the
     same BadImageError for a file that does not decode."""

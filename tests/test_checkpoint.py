@@ -22,8 +22,8 @@ def test_checkpoints_rotate_and_newest_is_found(tmp_path):
                              meta={}, training_state={"run": {"epoch": epoch}}, keep=2)
     names = [p.name for p in ckpt.list_checkpoints(run)]
     assert names == ["epoch-0002-step-000020", "epoch-0003-step-000030"]
-    assert ckpt.resolve_resume("auto", tmp_path / "runs").name == names[-1]
-    assert ckpt.resolve_resume(str(run), tmp_path).name == names[-1]
+    assert ckpt.resolve_resume("auto", tmp_path / "runs").path.name == names[-1]
+    assert ckpt.resolve_resume(str(run), tmp_path).path.name == names[-1]
     assert ckpt.load_training_state(ckpt.list_checkpoints(run)[-1])["run"]["epoch"] == 3
 
 
@@ -65,3 +65,27 @@ def test_corrupted_weights_file(tmp_path):
     path.write_bytes(b"\x00" * 100)
     with pytest.raises(ckpt.CheckpointError, match=f"{path}: unreadable weights"):
         ckpt.load_weights(path)
+
+
+def test_the_run_folder_owns_its_layout(tmp_path):
+    """RunFolder: the folder of a weights file (beside it or above checkpoints/<name>/), and
+    the rule that a folder holding a run (a checkpoint, or shipped weights) is not written over."""
+    run = ckpt.RunFolder(tmp_path / "run")
+    assert run.refuse_if_taken() is run  # nothing there yet
+    run.start({"seed": 0}, ["a", "b"])
+    saved = run.save(epoch=1, step=5, files={"last.safetensors": ({"w": torch.ones(2)}, {"epoch": 1})},
+                     training_state={"run": {"epoch": 1}}, records=[{"epoch": 1}])
+    assert saved == tmp_path / "run" / "checkpoints" / "epoch-0001-step-000005"
+    assert ckpt.RunFolder.holding(saved / ckpt.WEIGHTS_FILE).path == run.path
+    assert ckpt.RunFolder.holding(run.path / "last.safetensors").path == run.path
+    assert ckpt.RunFolder.holding(tmp_path / "loose.safetensors") is None  # no config.json beside or above
+    assert run.read_config() == {"seed": 0} and (run.path / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+    with pytest.raises(ckpt.CheckpointError, match="already holds a run; continue it with --resume"):
+        run.refuse_if_taken()
+    shipped = ckpt.RunFolder(tmp_path / "bn-stats")  # a run without checkpoints (bn-stats, parametric)
+    shipped.write_weights({"best.safetensors": ({"w": torch.ones(1)}, {})})
+    with pytest.raises(ckpt.CheckpointError, match="already holds a run; choose another --name"):
+        shipped.refuse_if_taken()
+    resumed = ckpt.resolve_resume(str(run.path), tmp_path)  # read once, handed over with its folder
+    assert resumed.run_folder.path == run.path and torch.equal(resumed.weights["w"], torch.ones(2))
+    assert resumed.training_state["run"] == {"epoch": 1} and resumed.meta == {"epoch": 1}

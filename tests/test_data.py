@@ -192,7 +192,7 @@ def test_persistent_workers_get_each_epoch_and_match_no_workers(tiny_csv):
     from accelerate import Accelerator
 
     from fixres.config import TrainConfig
-    from fixres.training import build_loaders
+    from fixres.data import build_loaders
     from fixres.transforms import DecodeRandomResizedCrop, eval_transform
 
     split = load_split(tiny_csv)

@@ -23,7 +23,7 @@ from fixres.device_decode import (CropSpec, DeviceBatch, ReadForDevice, ResizeSp
                                   resolve_decode, torchcodec_decode_jpeg)
 from fixres.models import load_run_model
 from fixres.sweep import run_sweep
-from fixres.training import default_eval_transform, default_train_transform
+from fixres.preprocessing import default_eval_transform, default_train_transform
 from fixres.transforms import IMAGENET_STD, DecodeRandomResizedCrop, eval_transform, normalize_batch
 from test_speed import photo
 

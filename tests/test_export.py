@@ -18,13 +18,13 @@ from safetensors.torch import save_file
 
 from fixres import sweep as sweep_lib
 from fixres.checkpoint import load_weights, save_weights
-from fixres.config import TrainConfig
+from fixres.config import SweepConfig, TrainConfig
 from fixres.data import load_split
 from fixres.engine import top5_hits
 from fixres.export import EXPORT_DIR, ExportError, check_export, export_data_config, write_run_export
 from fixres.models import pretrained_preprocessing
 from fixres.report import make_console
-from fixres.training import resolve_preprocessing
+from fixres.preprocessing import resolve_preprocessing
 from tests.conftest import TINY_TRAIN, finish, run_script, start_script
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -78,7 +78,7 @@ def test_weights_train_and_evaluate_with_the_models_own_normalisation(pretrained
     # the sweep preprocesses from the metadata: at the training size it sees what train.py's evaluation saw
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     best = max(records, key=lambda r: r["val_acc"])
-    swept = sweep_lib.sweep(sweep_lib.SweepConfig(checkpoint=str(run), sizes=[32], workers=0, cpu=True,
+    swept = sweep_lib.sweep(SweepConfig(checkpoint=str(run), sizes=[32], workers=0, cpu=True,
                                                   output=str(root / "sweep32")))["rows"][0]
     assert swept["correct"] == round(best["val_acc"] * 25) and swept["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     assert best["val_top5"] == 1.0  # three classes: "top-5" is top-3
@@ -100,7 +100,7 @@ def test_export_evaluates_in_timm_as_in_our_sweep_to_the_image(pretrained_run):
     assert f"timm export: {export} (test size 32 px" in result.stdout
     assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors"]
 
-    summary = sweep_lib.sweep(sweep_lib.SweepConfig(checkpoint=str(run), sizes=[24, 40, 48], write_best=True,
+    summary = sweep_lib.sweep(SweepConfig(checkpoint=str(run), sizes=[24, 40, 48], write_best=True,
                                                     workers=0, cpu=True))
     best = sweep_lib.best_row(summary["rows"])
     _, meta = load_weights(run / "best.safetensors")
@@ -199,7 +199,7 @@ def test_finetune_run_exports_at_its_new_size_with_the_sources_normalisation(pre
 def test_sweep_of_plain_weights_preprocesses_as_the_library_made_them(tmp_path, tiny_csv):
     torch.manual_seed(0)
     save_file(timm.create_model("test_resnet", num_classes=3).state_dict(), tmp_path / "plain.safetensors")
-    summary = sweep_lib.sweep(sweep_lib.SweepConfig(model="test_resnet", weights=str(tmp_path / "plain.safetensors"),
+    summary = sweep_lib.sweep(SweepConfig(model="test_resnet", weights=str(tmp_path / "plain.safetensors"),
                                                     data=str(tiny_csv), train_res=32, sizes=[32], workers=0, cpu=True,
                                                     output=str(tmp_path)))
     assert summary["meta"]["crop_pct"] == 0.95 and summary["rows"][0]["resize"] == 33  # int(32 / 0.95)

@@ -16,20 +16,22 @@ from PIL import Image
 from torch import nn
 
 from fixres import finetune as finetune_lib
+from fixres import transforms as transforms_lib
 from fixres import sweep as sweep_lib
 from fixres.adapt import (ADAPTER, FrechetAdapter, attach_adapter, attach_saved_adapter, fit_gev, gev_cdf, gev_icdf,
                           pooled_features, reestimate_bn_stats)
 from fixres.checkpoint import load_weights, save_weights, write_json_atomic
 from fixres.cli import run_main
-from fixres.config import ConfigError, FinetuneConfig, TrainConfig
+from fixres.config import ConfigError, FinetuneConfig, SweepConfig, TrainConfig
 from fixres.data import DataError, load_split, open_image
 from fixres.export import EXPORT_DIR
-from fixres.finetune import (SyncedBatchNorm2d, find_last_bn, finetune_modes, finetune_transform,
-                             prepare_for_finetuning, seeded_subset, timm_overlay)
+from fixres.adapt import SyncedBatchNorm2d, find_last_bn, prepare_for_finetuning, train_only
+from fixres.export import timm_overlay
+from fixres.methods import seeded_subset
 from fixres.models import ModelError, load_run_model
-from fixres.sweep import SweepConfig
-from fixres.training import train, weights_meta
-from fixres.transforms import eval_transform
+from fixres.preprocessing import weights_meta
+from fixres.training import train
+from fixres.transforms import eval_transform, finetune_transform
 from tests.conftest import COLOURS, Started, error_line, run_in_process, run_script, script_main
 
 CLASSES = sorted(COLOURS)
@@ -49,7 +51,7 @@ def test_resnet50_freezing_and_modes(build):
     assert set(model.state_dict()) == keys  # the swap keeps the state dict (timm loads it)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
     model.train()
-    finetune_modes(bn)(model)  # what the training loop calls before each epoch
+    train_only(bn)(model)  # what the training loop calls before each epoch
     assert [n for n, m in model.named_modules() if m.training] == ["layer4.2.bn3"]
 
     model = build()
@@ -286,8 +288,8 @@ def test_a_finetuned_run_keeps_the_source_min_scale(tmp_path, tiny_csv, monkeypa
     predicts with 0.25, also from its weights alone; --min-scale given to finetune.py wins."""
     source = write_source_run(tmp_path / "source", "test_resnet", tiny_csv, min_scale=0.25)
     crops = []
-    real = finetune_lib.train_transform
-    monkeypatch.setattr(finetune_lib, "train_transform", lambda **kw: crops.append(kw["min_scale"]) or real(**kw))
+    real = transforms_lib.train_transform
+    monkeypatch.setattr(transforms_lib, "train_transform", lambda **kw: crops.append(kw["min_scale"]) or real(**kw))
     common = dict(checkpoint=str(source), res=40, output=str(tmp_path / "out"), workers=0, cpu=True, batch_size=30)
     finetune_lib.finetune(FinetuneConfig(**common, aug="rrc", epochs=1, name="rrc"))
     run = tmp_path / "out" / "rrc"
@@ -460,7 +462,7 @@ def test_res_auto_with_the_parametric_method(runs, tiny_csv):
     assert summary["res"] == max(r["size"] for r in choice if r["top1"] == best)  # on those rows, ties to the larger
     # each size scored with the last BN re-estimated there, not as the source model stands
     model, meta = load_run_model(source / "best.safetensors")
-    images = finetune_lib.seeded_subset(load_split(tiny_csv).train, 20, 0)
+    images = seeded_subset(load_split(tiny_csv).train, 20, 0)
     untouched = sweep_lib.run_sweep(model, meta, None, [24, 32, 40], 0.875, Accelerator(cpu=True), samples=images)
     assert all(abs(a["loss"] - b["loss"]) > 1e-3 for a, b in zip(untouched, choice))
     assert [r["size"] for r in summary["sweep"]] == sorted({32, summary["res"]})  # the validation split: reports only

@@ -97,7 +97,7 @@ def test_a_run_with_output_stride_is_rebuilt_with_it(tmp_path):
     from fixres.checkpoint import save_weights
     from fixres.config import TrainConfig
     from fixres.models import load_run_model
-    from fixres.training import weights_meta
+    from fixres.preprocessing import weights_meta
 
     cfg = TrainConfig(model="test_resnet", output_stride=16, train_res=64)
     trained = create_model(cfg.model, num_classes=3, output_stride=cfg.output_stride)

@@ -14,12 +14,15 @@ from PIL import Image
 from torch import nn
 
 from fixres import checkpoint as ckpt
-from fixres.config import TrainConfig, parse_args, train_presets
+from fixres.config import SweepConfig, TrainConfig, parse_args, train_presets
 from fixres.ema import ModelEma
 from fixres.engine import train_one_epoch
 from fixres.resolution import resize_size
-from fixres.sweep import SweepConfig, sweep
-from fixres.training import default_train_transform, epoch_score, make_accelerator, weights_files
+from fixres.sweep import sweep
+from fixres.checkpoint import epoch_weights_files
+from fixres.ema import epoch_score
+from fixres.preprocessing import default_train_transform
+from fixres.runtime import make_accelerator
 from fixres.transforms import IMAGENET_MEAN, BatchMix, DecodeRandomResizedCrop, crop_augment, train_transform
 from tests import kill_harness as harness
 from tests.conftest import TINY_TRAIN, Started, finish
@@ -158,11 +161,11 @@ def test_best_is_the_ema_when_it_scores_higher_and_says_so():
     record = {"epoch": 3, "val_acc": 0.5, "ema_val_acc": 0.75}
     assert epoch_score(record) == (0.75, "ema")
     assert epoch_score({**record, "ema_val_acc": 0.5}) == (0.5, "raw")  # a tie keeps the raw weights
-    files = weights_files({"model": "m"}, raw, averaged, record, best="ema")
+    files = epoch_weights_files({"model": "m"}, raw, averaged, record, best="ema")
     assert files["best.safetensors"] == files["ema.safetensors"]
     assert files["best.safetensors"][1] == {"model": "m", "epoch": 3, "val_acc": 0.75, "ema": True}
     assert files["last.safetensors"][1] == {"model": "m", "epoch": 3, "val_acc": 0.5, "ema": False}
-    assert "best.safetensors" not in weights_files({}, raw, averaged, record, best=None)
+    assert "best.safetensors" not in epoch_weights_files({}, raw, averaged, record, best=None)
 
 
 # ----------------------------------------------------------------------------- the --recipe preset

@@ -33,7 +33,7 @@ from accelerate.commands.config.config_args import ClusterConfig, load_config_fr
 
 from fixres.checkpoint import list_checkpoints, load_weights, resolve_resume, save_checkpoint, save_weights, write_json_atomic
 from fixres.config import TrainConfig
-from fixres.training import weights_meta
+from fixres.preprocessing import weights_meta
 from tests.conftest import COLOURS, ROOT, TINY_TRAIN, make_csv_dataset
 
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
@@ -99,9 +99,9 @@ def test_resume_auto_with_a_name_takes_that_run_or_nothing(tmp_path):
     state = {"w": torch.zeros(1)}
     save_checkpoint(tmp_path / "mine", name="epoch-0001-step-000003", state_dict=state, meta={}, training_state={})
     save_checkpoint(tmp_path / "other", name="epoch-0002-step-000006", state_dict=state, meta={}, training_state={})
-    assert resolve_resume("auto", tmp_path, name="mine") == tmp_path / "mine/checkpoints/epoch-0001-step-000003"
+    assert resolve_resume("auto", tmp_path, name="mine").path == tmp_path / "mine/checkpoints/epoch-0001-step-000003"
     assert resolve_resume("auto", tmp_path, name="new") is None
-    assert resolve_resume("auto", tmp_path).parent.parent == tmp_path / "other"  # without a name: the newest
+    assert resolve_resume("auto", tmp_path).run_folder.path == tmp_path / "other"  # without a name: the newest
 
 
 # ----------------------------------------------------------------------------- the local SLURM

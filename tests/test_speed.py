@@ -18,7 +18,7 @@ from conftest import TINY_TRAIN, error_line, make_csv_dataset, run_in_process, r
 from fixres import transforms
 from fixres.data import BadImageError, ImageDataset, open_image
 from fixres.engine import train_one_epoch
-from fixres.training import largest_batch
+from fixres.optim import largest_batch
 from fixres.transforms import DecodeRandomResizedCrop, normalize_batch, sample_crop
 
 
@@ -197,7 +197,7 @@ def test_bad_batch_size_is_one_line(tmp_path, capsys):
 def test_fast_decode_is_the_default_and_old_runs_keep_their_choice():
     """With --decode cpu (auto on a CPU); tests/test_device_decode.py covers --decode gpu."""
     from fixres.config import TrainConfig
-    from fixres.training import default_train_transform
+    from fixres.preprocessing import default_train_transform
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert isinstance(default_train_transform(TrainConfig(), cpu), DecodeRandomResizedCrop)
     assert isinstance(default_train_transform(TrainConfig(fast_decode=False, decode="cpu"), gpu), transforms.v2.Compose)

@@ -13,14 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fixres import sweep as sweep_lib
+from fixres import data as data_lib
 from fixres.checkpoint import save_weights
 from fixres.cli import run_main
-from fixres.config import ConfigError
-from fixres.data import ImageDataset, collate_skipping, load_split
+from fixres.config import ConfigError, SweepConfig
+from fixres.data import ImageDataset, collate_skipping, load_split, shard_indices
 from fixres.engine import evaluate
 from fixres.models import create_model, load_run_model
-from fixres.sweep import SweepConfig, default_sizes, run_sweep, shard_indices
+from fixres.resolution import default_sizes
+from fixres.sweep import run_sweep
 from fixres.transforms import eval_transform
 from tests.conftest import finish, run_in_process, run_script, script_main, start_script
 
@@ -124,8 +125,8 @@ def test_decode_once_and_same_numbers_as_train_evaluation(tiny_run, monkeypatch)
     assert model.training
     split = load_split(json.loads((tiny_run / "config.json").read_text())["data"], classes=meta["classes"])
     decoded = []
-    real_open = sweep_lib.open_image
-    monkeypatch.setattr(sweep_lib, "open_image", lambda path: decoded.append(path) or real_open(path))
+    real_open = data_lib.open_image
+    monkeypatch.setattr(data_lib, "open_image", lambda path: decoded.append(path) or real_open(path))
     sizes = [24, 32, 40]
     rows = run_sweep(model, meta, split, sizes, 0.875, accelerator, batch_size=4, workers=0, activations=True)
     assert len(decoded) == len(split.val) == N_VAL

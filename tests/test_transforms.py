@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fixres.transforms import IMAGENET_MEAN, eval_transform, train_transform
+from fixres.transforms import IMAGENET_MEAN, eval_transform, float_normalize, train_transform
 
 
 @pytest.mark.parametrize("size, crop_pct, resized", [(224, 0.875, 256), (384, 0.875, 438), (64, 0.8, 80)])
@@ -26,3 +26,15 @@ def test_train_crop_size_and_interpolation(interpolation):
     tf = train_transform(size=32, min_scale=0.5, interpolation=interpolation)
     assert tf.transforms[0].scale == (0.5, 1.0)
     assert tf(Image.new("RGB", (97, 61))).shape == (3, 32, 32)
+
+
+def test_eval_transform_split_gives_the_same_numbers():
+    """The sweep's split: uint8 per image in the workers, then float and normalise per batch on
+    the device; the result is eval_transform's to the bit."""
+    images = [Image.fromarray(torch.randint(0, 256, (45, 61, 3), dtype=torch.uint8).numpy()) for _ in range(2)]
+    preprocess = dict(size=24, crop_pct=0.8, interpolation="bicubic")
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    uint8 = [eval_transform(**preprocess, normalize=False)(img) for img in images]
+    assert uint8[0].dtype == torch.uint8 and uint8[0].shape == (3, 24, 24)
+    whole = eval_transform(**preprocess, mean=mean, std=std)
+    assert torch.equal(float_normalize(mean=mean, std=std)(torch.stack(uint8)), torch.stack([whole(i) for i in images]))

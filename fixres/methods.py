@@ -1,0 +1,106 @@
+"""The FixRes methods that need no gradients, and the --res auto choice, over a data split.
+
+    python finetune.py --checkpoint runs/<name> --method bn-stats --res 96    # bn_stats
+    python finetune.py --checkpoint runs/<name> --method parametric --res 96  # parametric
+    python finetune.py --checkpoint runs/<name>                               # choose_res, then fine-tune
+
+The pieces they are made of (BatchNorm re-estimation, the Frechet fit) are in fixres/adapt.py.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from fixres import adapt
+from fixres.data import EpochSampler, ImageDataset, collate_skipping, round_batches
+from fixres.report import EpochProgress
+from fixres.runtime import use_channels_last
+from fixres.resolution import default_sizes
+from fixres.stats import add_differences
+from fixres.sweep import run_sweep
+from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+
+
+CHOICE_KEYS = ("size", "top1", "top5", "loss", "count", "diff_vs_train", "diff_low", "diff_high", "gained", "lost")
+
+
+def choose_res(cfg, model, eval_meta, split, crop_pct, accelerator, console, sweep, *, train_res, predicted,
+                last_bn):
+    """--res auto: the size that does best on --choice-images training images (drawn with
+    --seed) once the last BN's statistics are re-estimated there: a seconds-long stand-in for
+    fine-tuning at every size, which moves the best size up (the paper's point; without it the
+    choice stops where the untouched statistics still fit). Ties go to the larger size. Never
+    the validation images that then report before and after: a size chosen on those would
+    carry the luck of the choice into the reported gain.
+    Returns (size, the printed reason, the sweep's rows)."""
+    # FixRes tests higher: the default ladder from the training size up (--sizes: any)
+    sizes = sorted(set(cfg.sizes or [s for s in default_sizes(train_res, predicted) if s >= train_res]) | {train_res})
+    images = seeded_subset(split.train, cfg.choice_images, cfg.seed)
+    rows = []
+    for size in sizes:
+        trial = copy.deepcopy(model).to(accelerator.device)
+        with EpochProgress(console, f"choosing: {size} px, last BN re-estimated", len(images)) as bar:
+            reestimate_last_bn(trial, images, size, cfg, eval_meta, crop_pct, accelerator, sweep["workers"], last_bn)
+            rows += run_sweep(trial, eval_meta, split, [size], crop_pct, accelerator, progress=bar, samples=images,
+                              **{**sweep, "activations": False})
+    by_size = {r["size"]: r for r in add_differences(rows, train_res)}
+    res = max(rows, key=lambda r: (r["top1"], r["size"]))["size"]
+    drawn = f"drawn with --seed {cfg.seed}" if len(images) < len(split.train) else "all of them"
+    why = (f"--res auto: {res} px, the best of the sweep ({', '.join(map(str, sizes))} px) on {len(images)} training "
+           f"images ({drawn}) with the last BN's statistics re-estimated at each size: top-1 "
+           f"{100 * by_size[res]['top1']:.2f}% against {100 * by_size[train_res]['top1']:.2f}% at the training "
+           f"resolution {train_res} px; the apparent-size model predicts {predicted} px")
+    if res == train_res:
+        why += "; no larger size did better, so this only adapts the last BN to test-style crops"
+    return res, why, rows
+
+
+def seeded_subset(samples: list, count: int, seed: int) -> list:
+    """`count` samples (all when there are fewer) in an order drawn with `seed`: the same on every process."""
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+    return [samples[i] for i in order[:count].tolist()]
+
+
+def bn_stats(cfg, model, split, eval_meta, accelerator, console, workers, last_bn) -> dict:
+    """The last BN's running statistics, re-estimated over the training split at the new
+    resolution with the test preprocessing (one pass, no gradients)."""
+    with EpochProgress(console, f"bn-stats at {cfg.res} px", len(split.train)):
+        seen = reestimate_last_bn(model, split.train, cfg.res, cfg, eval_meta, cfg.crop_pct, accelerator, workers,
+                                   last_bn)
+    return {"bn_stats_images": seen}
+
+
+def reestimate_last_bn(model, samples, size, cfg, eval_meta, crop_pct, accelerator, workers, last_bn) -> int:
+    """Every sample counts once: a shuffled order cut into rounds of --batch-size per process,
+    the last round partial, not padded by Accelerate's repeats nor dropped. Returns the images seen."""
+    tf = eval_transform(size=size, crop_pct=crop_pct, interpolation=eval_meta["interpolation"],
+                        mean=eval_meta.get("mean", IMAGENET_MEAN), std=eval_meta.get("std", IMAGENET_STD))
+    order = EpochSampler(len(samples), cfg.seed).order()
+    rounds = [[order[i] for i in batch] for batch in
+              round_batches(len(order), cfg.batch_size, accelerator.process_index, accelerator.num_processes)]
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, tf, cfg.skip_bad_images), batch_sampler=rounds,
+                                         collate_fn=collate_skipping, num_workers=workers)
+    channels_last = use_channels_last(cfg.channels_last, accelerator.device)
+    return adapt.reestimate_bn_stats(model, model.get_submodule(last_bn), loader, accelerator,
+                                     channels_last=channels_last)
+
+
+def parametric(cfg, model, split, accelerator, console, workers) -> dict:
+    """Fit the Frechet model to the pooled features of --fit-images training images at the
+    training and at the new resolution; attach the equalising map before the classifier."""
+    subset = seeded_subset(split.train, cfg.fit_images, cfg.seed)
+    fits = {}
+    for size in (cfg.train_res, cfg.res):
+        tf = eval_transform(size=size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, mean=cfg.mean,
+                            std=cfg.std)
+        loader = torch.utils.data.DataLoader(ImageDataset(subset, tf, cfg.skip_bad_images), batch_size=cfg.batch_size,
+                                             collate_fn=collate_skipping, num_workers=workers)
+        with EpochProgress(console, f"pooled features at {size} px", len(subset)):
+            features = adapt.pooled_features(model, accelerator.prepare(loader), accelerator,
+                                             channels_last=cfg.channels_last)
+        fits[size] = adapt.fit_gev(features, per_feature=cfg.parametric_scope == "feature")
+    adapter = adapt.FrechetAdapter(*fits[cfg.res], *fits[cfg.train_res])
+    adapt.attach_adapter(model, adapter.to(accelerator.device))
+    return {"adaptation": {"kind": "frechet", "xi": adapt.XI, "scope": cfg.parametric_scope,
+                           "module": adapt.ADAPTER, "fit_images": len(features)}}

@@ -1,0 +1,140 @@
+"""A non-finite loss on one process stops every process at that step, with the same line.
+
+    python -m pytest -q tests/test_nonfinite.py      # 1-2 minutes on 2 cores
+
+The fault is injected here, not in fixres: run as a script,
+
+    FIXRES_NAN_RANK=1 FIXRES_NAN_STEP=4 FIXRES_NAN_LOG=nan.log torchrun --nproc_per_node 2 tests/test_nonfinite.py ...
+
+this file is train.py whose training loss (the cross-entropy that fixres.engine takes
+with its default mean reduction; evaluation asks for reduction="none") is NaN on rank
+$FIXRES_NAN_RANK from its $FIXRES_NAN_STEP-th training batch on, counted from 0: the
+optimizer step of that number with --grad-accum 1. The time of the first NaN goes to
+$FIXRES_NAN_LOG. The other ranks linger 3 s after their error line, as a slow teardown of
+torch would: torchrun's SIGTERM, sent when the first rank exits, reaches them then.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+COLLECTIVE_TIMEOUT = 60  # a rank left waiting fails the test in a minute rather than hanging it
+NAN_STEP = 4  # the second step of epoch 2: one checkpoint written before it
+
+pytestmark = pytest.mark.slow
+
+
+def nan_from(step: int, log: str | None = None):
+    """torch.nn.functional, with a training cross-entropy that is NaN from call `step` on."""
+    calls = 0
+
+    def cross_entropy(logits, targets, *args, **kwargs):
+        nonlocal calls
+        loss = F.cross_entropy(logits, targets, *args, **kwargs)
+        if kwargs.get("reduction", "mean") != "mean":
+            return loss
+        calls += 1
+        if calls <= step:
+            return loss
+        if log and calls == step + 1:
+            Path(log).write_text(repr(time.time()))
+        return loss * float("nan")
+
+    return types.SimpleNamespace(**{**vars(F), "cross_entropy": cross_entropy})
+
+
+def train_args(data, out: Path, processes: int = 1) -> list[str]:
+    """3 optimizer steps an epoch (60 images, 16 a step), a checkpoint after each epoch."""
+    from tests.conftest import TINY_TRAIN
+    return ["--data", str(data), *TINY_TRAIN, "--batch-size", str(16 // processes), "--epochs", "2", "--seed", "0",
+            "--cpu", "--output", str(out), "--name", "run", "--collective-timeout", str(COLLECTIVE_TIMEOUT)]
+
+
+def expected_line(processes: int, out: Path) -> str:
+    where = "" if processes == 1 else " on process 1 of 2"
+    return (rf"error: loss is nan{where} at optimizer step {NAN_STEP} \(learning rate \S+\); lower --lr, .*; "
+            rf"nothing was saved after it, the last checkpoint is {re.escape(str(out))}/run/checkpoints/"
+            rf"epoch-0001-step-000003")
+
+
+def test_one_process_stops_at_the_step_with_its_line(tmp_path, tiny_csv, monkeypatch, capsys):
+    import fixres.engine
+    from fixres.cli import run_main
+    from train import main
+
+    monkeypatch.setattr(fixres.engine, "F", nan_from(NAN_STEP))
+    assert run_main(main, train_args(tiny_csv, tmp_path)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert re.fullmatch(expected_line(1, tmp_path), errors[0]), errors[0]
+
+
+def launch(launcher: str, data, out: Path) -> list[subprocess.Popen]:
+    """Two ranks with the NaN on rank 1: as two plain processes with the variables torchrun
+    sets (each one's exit status is its own), or under torchrun (which ends the other ranks
+    with SIGTERM as soon as one exits)."""
+    from tests.conftest import free_port
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FIXRES_NAN_RANK": "1", "FIXRES_NAN_STEP": str(NAN_STEP),
+           "FIXRES_NAN_LOG": str(out / "nan.log")}
+    args = [__file__, *train_args(data, out, processes=2)]
+    port = free_port()
+    if launcher == "torchrun":
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+        return [subprocess.Popen([*torchrun, *args], cwd=ROOT, text=True, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    return [subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+            for rank in (0, 1)]
+
+
+def test_a_nan_on_one_rank_stops_both_ranks_at_that_step_with_the_same_line(tmp_path, tiny_csv):
+    outs = {launcher: tmp_path / launcher for launcher in ("plain", "torchrun")}
+    started = {launcher: launch(launcher, tiny_csv, out) for launcher, out in outs.items()}  # at once: 2 slow cores
+    results = {launcher: [(p, *p.communicate(timeout=10 * COLLECTIVE_TIMEOUT)) for p in processes]
+               for launcher, processes in started.items()}
+    ended = time.time()
+    for launcher, out in outs.items():  # at that step, not at the next collective's timeout
+        assert ended - float((out / "nan.log").read_text()) < COLLECTIVE_TIMEOUT / 2, launcher
+
+    lines = []
+    for rank, (process, stdout, stderr) in enumerate(results["plain"]):
+        assert process.returncode == 2, f"rank {rank}: exit {process.returncode}\n{stdout[-2000:]}\n{stderr[-3000:]}"
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, f"rank {rank}:\n{stderr[-3000:]}"
+        lines += errors
+    assert lines[0] == lines[1]
+    assert re.fullmatch(expected_line(2, outs["plain"]), lines[0]), lines[0]
+
+    (_, stdout, stderr), = results["torchrun"]  # both ranks' stderr, then torchrun's report of their exits
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], stderr[-4000:]
+    assert re.fullmatch(expected_line(2, outs["torchrun"]), errors[0]), errors[0]
+    assert re.findall(r"^\s*exitcode\s+: (-?\d+)", stderr, re.MULTILINE) == ["2", "2"], stderr[-3000:]  # not -15
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT))
+    import fixres.engine
+    from fixres.cli import run_main
+    from train import main as train_main
+
+    if os.environ["RANK"] == os.environ["FIXRES_NAN_RANK"]:
+        fixres.engine.F = nan_from(int(os.environ["FIXRES_NAN_STEP"]), os.environ["FIXRES_NAN_LOG"])
+    status = run_main(train_main, sys.argv[1:])
+    if os.environ["RANK"] != os.environ["FIXRES_NAN_RANK"]:
+        time.sleep(3)  # a slow teardown, always: torchrun's SIGTERM finds this rank still ending
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
