@@ -129,8 +129,8 @@ def test_exif_rotated_photo_is_cropped_upright(tmp_path):
 
 def test_normalize_batch_equals_per_image_normalisation():
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    per_image = transforms.v2.Compose(transforms._to_normalized_tensor(transforms.IMAGENET_MEAN,
-                                                                       transforms.IMAGENET_STD))
+    # the per-image path: a decoded image to a tensor, then scaled and normalised with ImageNet's mean and std
+    per_image = transforms.v2.Compose([transforms.v2.PILToTensor(), transforms.float_normalize()])
     expected = torch.stack([per_image(transforms.v2.functional.to_pil_image(img)) for img in x])
     assert torch.allclose(normalize_batch(x), expected, atol=1e-5)
     floats = torch.randn(2, 3, 4, 4)
