@@ -1,6 +1,8 @@
 """Shared fixtures: tiny datasets written to disk, and running the scripts as a user would."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import socket
 import subprocess
@@ -10,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from fixres.cli import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = ("red", "green", "blue")
@@ -66,16 +70,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def script_command(script, processes: int = 1, port: int | None = None) -> list[str]:
+    """`python script`, or torchrun with `processes` processes on a free port (or `port`)."""
+    if processes == 1:
+        return [sys.executable, str(ROOT / script)]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+            f"--master_port={port or free_port()}", str(ROOT / script)]
+
+
+def start_script(script, *args, processes: int = 1, port: int | None = None, env=None, **popen) -> subprocess.Popen:
+    """Start a script in the background as a user would (one thread a process); finish() collects it.
+    Started together, several runs overlap their seconds of imports on a slow machine."""
+    return subprocess.Popen(script_command(script, processes, port) + [str(a) for a in args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **popen)
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Its exit status and output; killed and reported if it runs past `timeout`."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        raise AssertionError(f"still running after {timeout} s\n{out[-2000:]}\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def run_script(script: str, *args, processes: int = 1, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
     """Run a top-level script as a user would: `python script ...`, or under torchrun."""
-    if processes == 1:
-        cmd = [sys.executable, str(ROOT / script)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               f"--master_port={free_port()}", str(ROOT / script)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env=full_env)
+    return finish(start_script(script, *args, processes=processes, env=env), timeout)
+
+
+@functools.cache
+def script_main(script: str):
+    """The `main(argv)` of a top-level script (train.py, sweep.py, finetune.py), imported by path."""
+    spec = importlib.util.spec_from_file_location(f"{Path(script).stem}_script", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def run_in_process(script: str, *args, capsys) -> subprocess.CompletedProcess:
+    """What `run_script` gives, without a new interpreter, for runs that stop at an error:
+    run_main's exit status (argparse's own for options it refuses) and the captured output."""
+    capsys.readouterr()  # only this run's output
+    try:
+        status = run_main(script_main(script), [str(a) for a in args])
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([script, *map(str, args)], status, out, err)
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -84,3 +129,59 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     assert len(lines) == 1, result.stderr[-3000:]
     return lines[0]
+
+
+class Started:
+    """Script runs started together in the background, each collected when a test first asks
+    for it (`started[name]`): the scripts run one thread each, so on a machine of few cores
+    runs side by side use the cores that one run at a time leaves idle."""
+
+    def __init__(self):
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.results: dict[str, subprocess.CompletedProcess] = {}
+        self.folders: dict[str, Path] = {}  # the run folder of each, where one was given
+
+    def start(self, name: str, script, *args, folder: Path | None = None, **kwargs) -> None:
+        self.processes[name] = start_script(script, *args, **kwargs)
+        if folder:
+            self.folders[name] = folder
+
+    def __getitem__(self, name: str) -> subprocess.CompletedProcess:
+        if name not in self.results:
+            self.results[name] = finish(self.processes[name])
+        return self.results[name]
+
+    def run(self, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        """Its result and its run folder."""
+        return self[name], self.folders[name]
+
+    def collect_all(self) -> None:
+        """Waits for the runs that no test asked for (a selection of the tests), leaving no process behind."""
+        for name in self.processes:
+            self[name]
+
+
+@pytest.fixture(scope="session")
+def early_runs(request, tiny_csv, tmp_path_factory):
+    """Runs that several test files read, started as the session starts when a selected test
+    needs them, so that they train beside the quick tests before them."""
+    started = Started()
+    fixtures = {name for item in request.session.items for name in item.fixturenames}
+    if "trained_run" in fixtures:
+        out = tmp_path_factory.mktemp("trained")
+        started.start("trained_run", "train.py", "--data", tiny_csv, *TINY_TRAIN, "--epochs", "2", "--output", out,
+                      "--name", "run", folder=out / "run")
+    yield started
+    started.collect_all()
+
+
+@pytest.fixture(autouse=True)
+def _start_early_runs(early_runs):
+    """Every test asks for early_runs, so that the first one starts them."""
+
+
+@pytest.fixture(scope="session")
+def trained_run(early_runs) -> tuple[subprocess.CompletedProcess, Path]:
+    """`train.py --epochs 2` of the tiny model on tiny_csv, run once for every test that reads
+    such a run; a test that writes into it works on a copy (shutil.copytree)."""
+    return early_runs.run("trained_run")

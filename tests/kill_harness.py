@@ -140,8 +140,9 @@ def install(events: Events) -> None:
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    events = Events(os.environ.get("FIXRES_EVENTS"), os.environ.get("FIXRES_PAUSE_AT"),
-                    os.environ.get("FIXRES_PAUSE_RANK"))
+    # empty: not set (start() below always passes both)
+    events = Events(os.environ.get("FIXRES_EVENTS"), os.environ.get("FIXRES_PAUSE_AT") or None,
+                    os.environ.get("FIXRES_PAUSE_RANK") or None)
     install(events)
     sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
     runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
@@ -158,20 +159,14 @@ def read_events(path: Path) -> list[dict]:
 
 def start(args, *, events: Path, pause_at: str | None = None, pause_rank: int | None = None,
           processes: int = 1, port: int | None = None, preexec_fn=None) -> subprocess.Popen:
-    """Start `python tests/kill_harness.py ARGS` (or under torchrun) with its event log."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FIXRES_EVENTS": str(events)}
-    env.pop("FIXRES_PAUSE_AT", None)
-    env.pop("FIXRES_PAUSE_RANK", None)
-    if pause_at:
-        env["FIXRES_PAUSE_AT"] = pause_at
-    if pause_rank is not None:
-        env["FIXRES_PAUSE_RANK"] = str(pause_rank)
-    cmd = [sys.executable, str(Path(__file__))]
-    if processes > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               f"--master_port={port}", str(Path(__file__))]
-    return subprocess.Popen(cmd + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT, env=env, preexec_fn=preexec_fn, start_new_session=True)
+    """Start `python tests/kill_harness.py ARGS` (or under torchrun) with its event log, in a
+    session of its own (kill_all ends torchrun and its workers together)."""
+    # here, not at the top: this file also runs as a script, where tests/ is no package
+    from tests.conftest import start_script
+    env = {"FIXRES_EVENTS": str(events), "FIXRES_PAUSE_AT": pause_at or "",
+           "FIXRES_PAUSE_RANK": "" if pause_rank is None else str(pause_rank)}
+    return start_script(Path(__file__), *args, processes=processes, port=port, env=env, preexec_fn=preexec_fn,
+                        start_new_session=True)
 
 
 def wait_for(events: Path, kind: str, process: subprocess.Popen, timeout: float = 300, rank: str | None = None):

@@ -7,7 +7,6 @@ that decode skip where torchcodec is not installed.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from conftest import ROOT, TINY_TRAIN, run_script
+from conftest import TINY_TRAIN, run_in_process, run_script
 from fixres import device_decode
 from fixres.config import ConfigError, TrainConfig
 from fixres.data import BadImageError, ImageDataset, collate_skipping, load_split, open_image
@@ -87,13 +86,9 @@ def test_auto_decodes_on_cuda_only_where_torchcodec_decodes_there(fresh_probe, m
 def test_decode_gpu_without_torchcodec_is_one_line(script, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(device_decode, "decode_problem", lambda device: "needs torchcodec, which is not installed: "
                         + device_decode.INSTALL_HINT)
-    spec = importlib.util.spec_from_file_location(f"{script[:-3]}_script", ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    from fixres.cli import run_main
-    status = run_main(module.main, ["--decode", "gpu", "--cpu", "--output", str(tmp_path / "nothing")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and len(err) == 1, err
+    result = run_in_process(script, "--decode", "gpu", "--cpu", "--output", tmp_path / "nothing", capsys=capsys)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(err) == 1, err
     assert err[0].startswith("error: --decode gpu needs torchcodec") and "pip install torchcodec" in err[0]
     assert not (tmp_path / "nothing").exists()  # refused before any work
 
@@ -205,6 +200,7 @@ def gpu_decoded_run(tiny_csv, tmp_path_factory):
     return result, out / "gpu"
 
 
+@pytest.mark.slow
 @needs_torchcodec
 def test_train_py_decodes_on_the_device_and_reports_the_data_wait(gpu_decoded_run):
     result, run = gpu_decoded_run
@@ -217,6 +213,7 @@ def test_train_py_decodes_on_the_device_and_reports_the_data_wait(gpu_decoded_ru
     assert records[-1]["val_acc"] > 0.5 and json.loads((run / "config.json").read_text())["decode"] == "gpu"
 
 
+@pytest.mark.slow
 @needs_torchcodec
 def test_the_sweep_gives_the_same_accuracy_through_both_decoders(gpu_decoded_run, tiny_csv):
     _, run = gpu_decoded_run
@@ -231,6 +228,7 @@ def test_the_sweep_gives_the_same_accuracy_through_both_decoders(gpu_decoded_run
         assert abs(cpu_row["loss"] - gpu_row["loss"]) < 0.02 and cpu_row["count"] == gpu_row["count"] == 25
 
 
+@pytest.mark.slow
 @needs_torchcodec
 def test_finetune_py_decodes_on_the_device(gpu_decoded_run, tmp_path):
     """Its sweeps (before, after) and --aug rrc's training crops go through the device path."""

@@ -25,7 +25,7 @@ from fixres.export import EXPORT_DIR, ExportError, check_export, export_data_con
 from fixres.models import pretrained_preprocessing
 from fixres.report import make_console
 from fixres.preprocessing import resolve_preprocessing
-from tests.conftest import TINY_TRAIN, run_script
+from tests.conftest import TINY_TRAIN, finish, run_script, start_script
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
@@ -50,18 +50,24 @@ def timm_correct(model, samples, use_test_size=True) -> tuple[list[bool], dict]:
 
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory, tiny_csv):
-    """A run of test_resnet at stride 16 started from a plain weights file of that model."""
+    """A run of test_resnet at stride 16 started from a plain weights file of that model, and
+    beside it (started at the same time: the imports overlap) one epoch with ImageNet's --mean/--std."""
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     donor = timm.create_model("test_resnet")  # 1000 classes: the head is replaced
     save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, root / "test_resnet.safetensors")
-    result = run_script("train.py", "--data", tiny_csv, *TINY_TRAIN, "--weights", root / "test_resnet.safetensors",
-                        "--output-stride", "16", "--epochs", "2", "--lr", "3e-3", "--output", root / "runs", "--name", "own")
-    return ok(result), root
+    common = ["--data", tiny_csv, *TINY_TRAIN, "--weights", root / "test_resnet.safetensors", "--output-stride", "16",
+              "--lr", "3e-3", "--output", root / "runs"]
+    own = start_script("train.py", *common, "--epochs", "2", "--name", "own")
+    imagenet = start_script("train.py", *common, "--epochs", "1", "--mean", *IMAGENET[0], "--std", *IMAGENET[1],
+                            "--name", "imagenet")
+    own, imagenet = finish(own), finish(imagenet)
+    return ok(own), root, imagenet
 
 
+@pytest.mark.slow
 def test_weights_train_and_evaluate_with_the_models_own_normalisation(pretrained_run, tiny_csv):
-    result, root = pretrained_run
+    result, root, imagenet = pretrained_run
     run = root / "runs" / "own"
     assert ("normalisation: mean 0.5 0.5 0.5, std 0.5 0.5 0.5, crop_pct 0.95, bilinear: timm's pretrained_cfg "
             "of test_resnet") in result.stdout
@@ -78,9 +84,7 @@ def test_weights_train_and_evaluate_with_the_models_own_normalisation(pretrained
     assert best["val_top5"] == 1.0  # three classes: "top-5" is top-3
 
     # --mean/--std override the model's; training itself then computes something else
-    other = ok(run_script("train.py", "--data", tiny_csv, *TINY_TRAIN, "--weights", root / "test_resnet.safetensors",
-                          "--output-stride", "16", "--epochs", "1", "--lr", "3e-3", "--mean", *IMAGENET[0], "--std", *IMAGENET[1],
-                          "--output", root / "runs", "--name", "imagenet"))
+    other = ok(imagenet)
     assert "given: --mean --std" in other.stdout
     _, meta = load_weights(root / "runs" / "imagenet" / "best.safetensors")
     assert (meta["mean"], meta["std"], meta["crop_pct"]) == (*IMAGENET, 0.95)
@@ -88,8 +92,9 @@ def test_weights_train_and_evaluate_with_the_models_own_normalisation(pretrained
     assert first["train_loss"] != records[0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_export_evaluates_in_timm_as_in_our_sweep_to_the_image(pretrained_run):
-    result, root = pretrained_run
+    result, root, _ = pretrained_run
     run = root / "runs" / "own"
     export = run / EXPORT_DIR
     assert f"timm export: {export} (test size 32 px" in result.stdout
@@ -172,10 +177,11 @@ def test_top5_is_top_k_over_at_most_five_classes():
     assert top5_hits(logits[:, :3], torch.tensor([0, 1, 2])).tolist() == [True, True, True]  # k = 3
 
 
+@pytest.mark.slow
 def test_finetune_run_exports_at_its_new_size_with_the_sources_normalisation(pretrained_run):
     """finetune.py keeps the source's normalisation (its weights' metadata: 0.5) and its
     export makes timm test at the new size with no flags, with finetune.json's top-1."""
-    _, root = pretrained_run
+    _, root, _ = pretrained_run
     result = ok(run_script("finetune.py", "--checkpoint", root / "runs" / "own", "--res", "44", "--epochs", "1",
                            "--batch-size", "16", "--workers", "0", "--name", "ft44"))
     run = root / "runs" / "ft44"

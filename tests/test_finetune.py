@@ -1,14 +1,10 @@
 """finetune.py: what trains and in which mode, the synced last BN, bn-stats, the parametric
 map, the exported weights, and the script end to end (1 and 2 processes, bad input)."""
 import contextlib
-import importlib.util
 import json
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 from accelerate import Accelerator
@@ -36,7 +32,7 @@ from fixres.models import ModelError, load_run_model
 from fixres.preprocessing import weights_meta
 from fixres.training import train
 from fixres.transforms import eval_transform, finetune_transform
-from tests.conftest import COLOURS, ROOT, TINY_TRAIN, error_line, free_port
+from tests.conftest import COLOURS, Started, error_line, run_in_process, run_script, script_main
 
 CLASSES = sorted(COLOURS)
 
@@ -182,10 +178,17 @@ def gev_sample(n, loc, scale, generator):
 def test_gev_cdf_and_inverse_are_the_frechet_closed_forms():
     x = torch.tensor([-10.0, -3.0, 0.0, 1.0, 5.0, 100.0], dtype=torch.float64)
     loc, scale, xi = 1.0, 2.0, 0.3
-    t = 1 + xi * (x - loc) / scale
-    expected = torch.where(t > 0, torch.exp(-t.clamp_min(1e-30) ** (-1 / xi)), torch.zeros_like(t))
-    torch.testing.assert_close(gev_cdf(x, loc, scale), expected)
+    # another implementation's values: scipy.stats.genextreme.cdf(x, c=-0.3, loc=1, scale=2)
+    # (scipy's shape c is -xi)
+    expected = torch.tensor([0.0, 6.168546903992675e-10, 0.179249297344709, 0.36787944117144233, 0.8116084186504836,
+                             0.9999000274579751], dtype=torch.float64)
+    torch.testing.assert_close(gev_cdf(x, loc, scale), expected, rtol=1e-9, atol=1e-12)
     assert gev_cdf(x, loc, scale)[0] == 0  # below the support's lower end, loc - scale / xi
+    assert gev_cdf(torch.tensor(loc - scale / xi - 1e-9, dtype=torch.float64), loc, scale) == 0
+    at_loc = gev_cdf(torch.tensor(loc, dtype=torch.float64), loc, scale).item()
+    assert math.isclose(at_loc, math.exp(-1), rel_tol=1e-12)  # t = 1 at the location, for any xi
+    dense = gev_cdf(torch.linspace(-20, 1e4, 10_001, dtype=torch.float64), loc, scale)
+    assert (dense.diff() >= 0).all() and 0.999 < dense[-1] <= 1  # a distribution function
     p = torch.tensor([1e-6, 0.1, 0.5, 0.9, 0.999999], dtype=torch.float64)
     torch.testing.assert_close(gev_cdf(gev_icdf(p, loc, scale), loc, scale), p)
     # median: loc + scale / xi * (log(2)^-xi - 1)
@@ -321,6 +324,7 @@ def unlearning(tmp_path_factory, tiny_csv):
     return root / "source", rotated
 
 
+@pytest.mark.slow
 def test_finetune_json_describes_the_weights_it_ships(unlearning, tmp_path):
     source, rotated = unlearning
     finetune_lib.finetune(FinetuneConfig(checkpoint=str(source), data=str(rotated), res=40, epochs=3, lr=3e-3,
@@ -342,60 +346,30 @@ def test_finetune_json_describes_the_weights_it_ships(unlearning, tmp_path):
                                      "loss": last["val_loss"]}
 
 
-def start(script, *args, processes=1):
-    if processes == 1:
-        cmd = [sys.executable, str(ROOT / script)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               f"--master_port={free_port()}", str(ROOT / script)]
-    return subprocess.Popen(cmd + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def finish(process, timeout=600) -> subprocess.CompletedProcess:
-    out, err = process.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_csv):
-    """Every script run of this file, started together (two slow cores: the imports overlap)."""
+def runs(tmp_path_factory, tiny_csv, bn_runs):
+    """The script runs of this file that need no other run, started together, bn_runs' first
+    (two slow cores: the imports overlap); each collected when a test first asks for it."""
     root = tmp_path_factory.mktemp("finetune")
     source = write_source_run(root / "source", "test_resnet", tiny_csv)
-    no_val = root / "no_val.csv"
-    no_val.write_text("".join(line.rsplit(",", 1)[0] + (",False\n" if i else ",is_val\n")
-                              for i, line in enumerate(tiny_csv.read_text().splitlines())))
-    junk = root / "junk.safetensors"
-    save_weights(junk, {"w": torch.zeros(3)}, {})
-    convnext = write_source_run(root / "convnext", "test_convnext", tiny_csv)
     out = ["--output", root / "out", "--workers", "0", "--cpu"]
-    save_weights(root / "out" / "taken" / "best.safetensors", {"w": torch.zeros(1)}, {})
     sync = ["--checkpoint", source, "--res", "48", "--epochs", "2", "--aug", "test", "--lr", "0.05",
             "--train-bn-affine", *out]
-    jobs = {
-        # 60 training images: 2 x 5 and 1 x 10 make the same 6 global batches
-        "two": start("finetune.py", *sync, "--batch-size", "5", "--name", "two", processes=2),
-        "one": start("finetune.py", *sync, "--batch-size", "10", "--name", "one"),
-        "auto": start("finetune.py", "--checkpoint", source, "--res", "auto", "--sizes", "24", "40",
-                      "--choice-images", "20", "--method", "parametric", "--parametric-scope", "feature",
-                      "--name", "auto", *out),
-        "bn_stats": start("finetune.py", "--checkpoint", source, "--res", "40", "--method", "bn-stats",
-                          "--batch-size", "8", "--name", "bn_stats", *out),
-        # train.py --freeze-epochs (transfer learning): the first epoch trains only the classifier
-        "freeze": start("train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", "32", "--workers", "0",
-                        "--batch-size", "16", "--weights", source / "best.safetensors", "--freeze-epochs", "1",
-                        "--epochs", "2", "--stop-after", "1", "--output", root / "out", "--name", "freeze"),
-        "res_zero": start("finetune.py", "--checkpoint", source, "--res", "0"),
-        "method": start("finetune.py", "--checkpoint", source, "--method", "distill"),
-        "aug": start("finetune.py", "--checkpoint", source, "--aug", "autoaugment"),
-        "junk": start("finetune.py", "--checkpoint", junk, "--res", "40", *out),
-        "convnext": start("finetune.py", "--checkpoint", convnext, "--res", "40", *out),
-        "taken": start("finetune.py", "--checkpoint", source, "--res", "40", "--method", "bn-stats", "--name", "taken",
-                       *out),
-        "no_val": start("finetune.py", "--checkpoint", source, "--data", no_val, "--images", tiny_csv.parent / "images", *out),
-    }
-    results = {name: finish(process) for name, process in jobs.items()}
-    return results, root / "out", source
+    started = Started()
+    # 60 training images: 2 x 5 and 1 x 10 make the same 6 global batches
+    started.start("two", "finetune.py", *sync, "--batch-size", "5", "--name", "two", processes=2)
+    started.start("one", "finetune.py", *sync, "--batch-size", "10", "--name", "one")
+    started.start("auto", "finetune.py", "--checkpoint", source, "--res", "auto", "--sizes", "24", "40",
+                  "--choice-images", "20", "--method", "parametric", "--parametric-scope", "feature", "--name", "auto",
+                  *out)
+    started.start("bn_stats", "finetune.py", "--checkpoint", source, "--res", "40", "--method", "bn-stats",
+                  "--batch-size", "8", "--name", "bn_stats", *out)
+    # train.py --freeze-epochs (transfer learning): the first epoch trains only the classifier
+    started.start("freeze", "train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", "32", "--workers",
+                  "0", "--batch-size", "16", "--weights", source / "best.safetensors", "--freeze-epochs", "1",
+                  "--epochs", "2", "--stop-after", "1", "--output", root / "out", "--name", "freeze")
+    yield started, root / "out", source
+    started.collect_all()
 
 
 def ok(result):
@@ -403,6 +377,7 @@ def ok(result):
     return result
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_global_batch(runs):
     results, out, _ = runs
     ok(results["two"])
@@ -420,6 +395,7 @@ def test_two_processes_equal_one_with_the_global_batch(runs):
             assert torch.equal(one[key], source[key]) and torch.equal(two[key], source[key]), key
 
 
+@pytest.mark.slow
 def test_finetune_run_folder_and_timm_loads_its_weights(runs, tiny_csv):
     results, out, _ = runs
     stdout = ok(results["one"]).stdout
@@ -470,6 +446,7 @@ def test_finetune_run_folder_and_timm_loads_its_weights(runs, tiny_csv):
     assert right == round(summary["top1"]["after"] * 25)
 
 
+@pytest.mark.slow
 def test_res_auto_with_the_parametric_method(runs, tiny_csv):
     results, out, source = runs
     stdout = ok(results["auto"]).stdout
@@ -499,6 +476,7 @@ def test_res_auto_with_the_parametric_method(runs, tiny_csv):
     torch.testing.assert_close(model.get_submodule(ADAPTER).test_loc, state[f"{ADAPTER}.test_loc"])
 
 
+@pytest.mark.slow
 def test_bn_stats_run(runs):
     results, out, source = runs
     ok(results["bn_stats"])
@@ -519,16 +497,19 @@ def bn_runs(tmp_path_factory, tiny_csv):
     source = write_source_run(root / "source", "test_resnet", tiny_csv)
     common = ["--checkpoint", source, "--res", "40", "--method", "bn-stats", "--output", root / "out",
               "--workers", "0", "--cpu"]
-    jobs = {"whole": start("finetune.py", *common, "--batch-size", "100", "--name", "whole"),
-            "two": start("finetune.py", *common, "--batch-size", "8", "--name", "two", processes=2),
-            "one": start("finetune.py", *common, "--batch-size", "16", "--name", "one")}
-    return {name: finish(process) for name, process in jobs.items()}, root / "out", source
+    started = Started()
+    started.start("whole", "finetune.py", *common, "--batch-size", "100", "--name", "whole")
+    started.start("two", "finetune.py", *common, "--batch-size", "8", "--name", "two", processes=2)
+    started.start("one", "finetune.py", *common, "--batch-size", "16", "--name", "one")
+    yield started, root / "out", source
+    started.collect_all()
 
 
+@pytest.mark.slow
 def test_bn_stats_counts_every_training_image_once(bn_runs, tiny_csv):
     results, out, source = bn_runs
-    images = {name: json.loads((ok(result) and out / name / "finetune.json").read_text())["bn_stats_images"]
-              for name, result in results.items()}
+    images = {name: json.loads((ok(results[name]) and out / name / "finetune.json").read_text())["bn_stats_images"]
+              for name in ("whole", "two", "one")}
     assert images == {"whole": 60, "two": 60, "one": 60}
     # one batch of all 60: the statistics of the last BN's input over the training split, computed here
     state, meta = load_weights(out / "whole" / "best.safetensors")
@@ -549,6 +530,7 @@ def test_bn_stats_counts_every_training_image_once(bn_runs, tiny_csv):
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_freeze_epochs_trains_only_the_classifier_first(runs):
     results, out, source = runs
     ok(results["freeze"])
@@ -557,6 +539,30 @@ def test_train_freeze_epochs_trains_only_the_classifier_first(runs):
     assert meta["epoch"] == 1
     changed = {k for k in original if not torch.equal(after[k], original[k])}
     assert changed == {"fc.weight", "fc.bias"}  # BatchNorm statistics included: the backbone was in eval mode
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, tiny_csv):
+    """finetune.py's arguments for each input it must refuse (in this process: refused before any training)."""
+    root = tmp_path_factory.mktemp("bad_input")
+    source = write_source_run(root / "source", "test_resnet", tiny_csv)
+    no_val = root / "no_val.csv"
+    no_val.write_text("".join(line.rsplit(",", 1)[0] + (",False\n" if i else ",is_val\n")
+                              for i, line in enumerate(tiny_csv.read_text().splitlines())))
+    junk = root / "junk.safetensors"
+    save_weights(junk, {"w": torch.zeros(3)}, {})
+    convnext = write_source_run(root / "convnext", "test_convnext", tiny_csv)
+    out = ["--output", root / "out", "--workers", "0", "--cpu"]
+    save_weights(root / "out" / "taken" / "best.safetensors", {"w": torch.zeros(1)}, {})
+    return {
+        "res_zero": ["--checkpoint", source, "--res", "0"],
+        "method": ["--checkpoint", source, "--method", "distill"],
+        "aug": ["--checkpoint", source, "--aug", "autoaugment"],
+        "junk": ["--checkpoint", junk, "--res", "40", *out],
+        "convnext": ["--checkpoint", convnext, "--res", "40", *out],
+        "taken": ["--checkpoint", source, "--res", "40", "--method", "bn-stats", "--name", "taken", *out],
+        "no_val": ["--checkpoint", source, "--data", no_val, "--images", tiny_csv.parent / "images", *out],
+    }
 
 
 @pytest.mark.parametrize("case, message", [
@@ -568,30 +574,24 @@ def test_train_freeze_epochs_trains_only_the_classifier_first(runs):
     ("no_val", "finetune.py measures before and after on the validation split, and there is none"),
     ("taken", "taken already holds a run; choose another --name"),
 ])
-def test_bad_input_is_one_line(runs, case, message):
-    assert message in error_line(runs[0][case])
+def test_bad_input_is_one_line(bad_inputs, capsys, case, message):
+    assert message in error_line(run_in_process("finetune.py", *bad_inputs[case], capsys=capsys))
 
 
 # ----------------------------------------------------------------------------- a parametric run reloaded
 
 @pytest.fixture(scope="module")
-def parametric_of_trained(tmp_path_factory, tiny_csv):
-    """A parametric run of a tiny model trained by train.py, then sweep.py of that run at its size."""
+def parametric_of_trained(tmp_path_factory, trained_run):
+    """A parametric run of a tiny model trained by train.py (--epochs 2), then sweep.py of that run at its size."""
     root = tmp_path_factory.mktemp("parametric")
-    ok(finish(start("train.py", "--data", tiny_csv, *TINY_TRAIN, "--epochs", "2", "--output", root, "--name", "trained")))
-    ok(finish(start("finetune.py", "--checkpoint", root / "trained", "--res", "40", "--method", "parametric",
-                    "--workers", "0", "--output", root, "--name", "parametric")))
-    ok(finish(start("sweep.py", "--checkpoint", root / "parametric", "--sizes", "40", "--workers", "0")))
+    shutil.copytree(ok(trained_run[0]) and trained_run[1], root / "trained")
+    ok(run_script("finetune.py", "--checkpoint", root / "trained", "--res", "40", "--method", "parametric",
+                  "--workers", "0", "--output", root, "--name", "parametric"))
+    ok(run_script("sweep.py", "--checkpoint", root / "parametric", "--sizes", "40", "--workers", "0"))
     return root / "parametric"
 
 
-def _script_main(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
+@pytest.mark.slow
 def test_sweep_of_a_parametric_run_evaluates_the_adapted_model(parametric_of_trained):
     summary = json.loads((parametric_of_trained / "finetune.json").read_text())
     swept = {r["size"]: r for r in json.loads((parametric_of_trained / "sweep.json").read_text())["rows"]}
@@ -601,26 +601,28 @@ def test_sweep_of_a_parametric_run_evaluates_the_adapted_model(parametric_of_tra
     assert swept[40]["loss"] == pytest.approx(summary["loss"]["after"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_parametric_run_is_not_adapted_twice(parametric_of_trained, tmp_path, capsys):
     argv = ["--checkpoint", str(parametric_of_trained), "--res", "40", "--method", "parametric", "--cpu",
             "--output", str(tmp_path)]
-    assert run_main(_script_main("finetune"), argv) == 2
+    assert run_main(script_main("finetune.py"), argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --method parametric: {parametric_of_trained / 'best.safetensors'} carries a parametric adapter "
         f"already; adapt the run it came from ({parametric_of_trained.parent / 'trained' / 'best.safetensors'})"]
     assert not any(tmp_path.iterdir())  # refused before any work
 
 
+@pytest.mark.slow
 def test_without_checkpoint_the_newest_train_run(parametric_of_trained, tmp_path, monkeypatch, capsys):
     """Beside the train.py run, the folder holds a newer fine-tuning run: not what to fine-tune."""
     runs = parametric_of_trained.parent
     argv = ["--res", "40", "--method", "bn-stats", "--cpu", "--workers", "0", "--output", str(runs), "--name", "newest"]
-    assert run_main(_script_main("finetune"), argv) == 0
+    assert run_main(script_main("finetune.py"), argv) == 0
     assert f"--checkpoint not given: using the newest train.py run {runs / 'trained'}\n" in capsys.readouterr().out
     assert json.loads((runs / "newest" / "finetune.json").read_text())["source"] == str(runs / "trained" / "best.safetensors")
 
     monkeypatch.chdir(tmp_path)  # no --output: the source is looked for under runs/, and there is none
-    assert run_main(_script_main("finetune"), ["--res", "40", "--cpu"]) == 2
+    assert run_main(script_main("finetune.py"), ["--res", "40", "--cpu"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --checkpoint not given, and runs/ holds no train.py run (a folder with config.json and "
         "best.safetensors or last.safetensors): give --checkpoint"]

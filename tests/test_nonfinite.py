@@ -82,18 +82,14 @@ def launch(launcher: str, data, out: Path) -> list[subprocess.Popen]:
     """Two ranks with the NaN on rank 1: as two plain processes with the variables torchrun
     sets (each one's exit status is its own), or under torchrun (which ends the other ranks
     with SIGTERM as soon as one exits)."""
-    from tests.conftest import free_port
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FIXRES_NAN_RANK": "1", "FIXRES_NAN_STEP": str(NAN_STEP),
-           "FIXRES_NAN_LOG": str(out / "nan.log")}
-    args = [__file__, *train_args(data, out, processes=2)]
+    from tests.conftest import free_port, start_script  # here: this file also runs as a script
+    env = {"FIXRES_NAN_RANK": "1", "FIXRES_NAN_STEP": str(NAN_STEP), "FIXRES_NAN_LOG": str(out / "nan.log")}
+    args = train_args(data, out, processes=2)
     port = free_port()
     if launcher == "torchrun":
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-        return [subprocess.Popen([*torchrun, *args], cwd=ROOT, text=True, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
+        return [start_script(Path(__file__), *args, processes=2, port=port, env=env)]
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-    return [subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    return [start_script(Path(__file__), *args, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
             for rank in (0, 1)]
 
 

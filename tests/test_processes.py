@@ -10,24 +10,15 @@ by each process's own batch, and SyncBatchNorm does not run on CPUs) must print 
 numbers and end with the same weights, up to the order of floating-point sums.
 """
 import json
-import os
 import re
-import subprocess
-import sys
 
+import pytest
 import torch
 
 from fixres.checkpoint import load_weights
-from tests.conftest import ROOT, free_port
+from tests.conftest import finish, start_script
 
 NO_BN = ["--model", "test_convnext", "--train-res", "32", "--workers", "0", "--epochs", "2", "--cpu"]  # LayerNorm
-
-
-def start(*args, processes: int) -> subprocess.Popen:
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
-    return subprocess.Popen([*launcher, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def epoch_lines(stdout: str) -> list[str]:
@@ -35,15 +26,16 @@ def epoch_lines(stdout: str) -> list[str]:
     return [line.split("| lr")[0] for line in stdout.splitlines() if line.startswith("epoch ")]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_csv):
     common = ["--data", tiny_csv, *NO_BN, "--output", tmp_path]
-    processes = {"one": start(*common, "--batch-size", "16", "--name", "one", processes=1),  # at once: 2 slow cores
-                 "two": start(*common, "--batch-size", "8", "--name", "two", processes=2)}
+    processes = {"one": start_script("train.py", *common, "--batch-size", "16", "--name", "one"),  # at once: 2 slow cores
+                 "two": start_script("train.py", *common, "--batch-size", "8", "--name", "two", processes=2)}
     stdout = {}
     for name, process in processes.items():
-        out, err = process.communicate(timeout=600)
-        assert process.returncode == 0, f"{name}: {out[-2000:]}{err[-3000:]}"
-        stdout[name] = out
+        result = finish(process)
+        assert result.returncode == 0, f"{name}: {result.stdout[-2000:]}{result.stderr[-3000:]}"
+        stdout[name] = result.stdout
     assert re.search(r"processes\s+2\b", stdout["two"]) and re.search(r"processes\s+1\b", stdout["one"])
     assert len(epoch_lines(stdout["one"])) == 2
     assert epoch_lines(stdout["two"]) == epoch_lines(stdout["one"])

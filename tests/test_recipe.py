@@ -25,7 +25,7 @@ from fixres.preprocessing import default_train_transform
 from fixres.runtime import make_accelerator
 from fixres.transforms import IMAGENET_MEAN, BatchMix, DecodeRandomResizedCrop, crop_augment, train_transform
 from tests import kill_harness as harness
-from tests.conftest import TINY_TRAIN, run_script
+from tests.conftest import TINY_TRAIN, Started, finish
 
 MEAN_COLOUR = [round(255 * m) for m in IMAGENET_MEAN]
 
@@ -214,24 +214,40 @@ def featured_args(data, out, *extra) -> list:
     return ["--data", data, *TINY_TRAIN, "--epochs", 3, "--output", out, "--name", "run", *FEATURES, *extra]
 
 
-def finish(process, timeout=300):
-    out, err = process.communicate(timeout=timeout)
-    assert process.returncode in (0, 75), out[-3000:] + err[-3000:]
-    return out
+def stdout_of(process) -> str:
+    """A run that finished or stopped with its checkpoint (exit status 75)."""
+    result = finish(process, timeout=300)
+    assert result.returncode in (0, 75), result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 @pytest.fixture(scope="module")
-def featured_run(tmp_path_factory, tiny_csv):
+def recipe_runs(tmp_path_factory, tiny_csv):
+    """The train.py runs of this file that need no other run, started together when a test first asks."""
     out = tmp_path_factory.mktemp("featured")
-    result = run_script("train.py", *featured_args(tiny_csv, out))
+    started = Started()
+    started.start("featured", "train.py", *featured_args(tiny_csv, out), folder=out / "run")
+    # 2 processes; each process's BatchNorm statistics follow its own batches
+    started.start("ema_two_processes", "train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", 32,
+                  "--batch-size", 8, "--workers", 0, "--epochs", 1, "--cpu", "--warmup-epochs", 0, "--model-ema",
+                  "--model-ema-decay", 0.5, "--model-ema-steps", 1, "--output", out, "--name", "ema_two",
+                  processes=2, folder=out / "ema_two")
+    yield started
+    started.collect_all()
+
+
+@pytest.fixture(scope="module")
+def featured_run(recipe_runs):
+    result, run = recipe_runs.run("featured")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out / "run", result.stdout
+    return run, result.stdout
 
 
 def records(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_ema_is_evaluated_beside_the_weights_and_saved(featured_run):
     run, stdout = featured_run
     rows = records(run)
@@ -256,6 +272,7 @@ def test_ema_is_evaluated_beside_the_weights_and_saved(featured_run):
     assert row["top1"] == rows[-1]["ema_val_acc"] and row["loss"] == pytest.approx(rows[-1]["ema_val_loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_recipe_features_resume_exactly_mid_epoch_and_at_an_epoch_end(featured_run, tiny_csv, tmp_path):
     """Stopped by SIGTERM before optimizer step 4 (epoch 2, batch 2), resumed for one epoch
     (--stop-after 1: to the end of epoch 2), resumed to the end: the weights, the EMA and the
@@ -265,11 +282,11 @@ def test_recipe_features_resume_exactly_mid_epoch_and_at_an_epoch_end(featured_r
     process = harness.start(featured_args(tiny_csv, out), events=tmp_path / "events.jsonl", pause_at="train step 4")
     harness.wait_for(tmp_path / "events.jsonl", "paused", process, timeout=240)
     process.send_signal(signal.SIGTERM)
-    assert "checkpoint saved at epoch 2, batch 2" in finish(process)
-    assert "resumed from" in finish(harness.start(featured_args(tiny_csv, out, "--resume", "auto", "--stop-after", 1),
-                                                  events=tmp_path / "events-2.jsonl"))
+    assert "checkpoint saved at epoch 2, batch 2" in stdout_of(process)
+    assert "resumed from" in stdout_of(harness.start(featured_args(tiny_csv, out, "--resume", "auto", "--stop-after", 1),
+                                                     events=tmp_path / "events-2.jsonl"))
     assert ckpt.list_checkpoints(out / "run")[-1].name == "epoch-0002-step-000006"
-    finish(harness.start(featured_args(tiny_csv, out, "--resume", "auto"), events=tmp_path / "events-3.jsonl"))
+    stdout_of(harness.start(featured_args(tiny_csv, out, "--resume", "auto"), events=tmp_path / "events-3.jsonl"))
     for name in ("last.safetensors", "ema.safetensors", "best.safetensors"):
         expected, expected_meta = ckpt.load_weights(reference / name)
         resumed, resumed_meta = ckpt.load_weights(out / "run" / name)
@@ -280,16 +297,14 @@ def test_recipe_features_resume_exactly_mid_epoch_and_at_an_epoch_end(featured_r
     assert [{k: r[k] for k in kept} for r in records(out / "run")] == [{k: r[k] for k in kept} for r in records(reference)]
 
 
-def test_two_processes_evaluate_and_save_the_same_ema(tiny_csv, tmp_path):
+@pytest.mark.slow
+def test_two_processes_evaluate_and_save_the_same_ema(recipe_runs, tmp_path):
     """Each process's BatchNorm statistics follow its own batches; the EMA that two processes
     evaluate must be the one saved, which one process then evaluates alike."""
-    result = run_script("train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", 32, "--batch-size", 8,
-                        "--workers", 0, "--epochs", 1, "--cpu", "--warmup-epochs", 0, "--model-ema",
-                        "--model-ema-decay", 0.5, "--model-ema-steps", 1, "--output", tmp_path, "--name", "run",
-                        processes=2)
+    result, run = recipe_runs.run("ema_two_processes")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    record = records(tmp_path / "run")[0]
-    sweep(SweepConfig(checkpoint=str(tmp_path / "run"), which="ema", sizes=[32], workers=0, output=str(tmp_path / "s")))
+    record = records(run)[0]
+    sweep(SweepConfig(checkpoint=str(run), which="ema", sizes=[32], workers=0, output=str(tmp_path / "s")))
     row = json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"][0]
     assert row["top1"] == record["ema_val_acc"] and row["loss"] == pytest.approx(record["ema_val_loss"], abs=1e-5)
 

@@ -22,7 +22,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -37,7 +36,7 @@ from fixres import cli
 from fixres.config import TrainConfig, parse_args
 from fixres.data import BadImageError, open_image
 from tests import kill_harness as harness
-from tests.conftest import ROOT, TINY_TRAIN, error_line, free_port
+from tests.conftest import TINY_TRAIN, error_line, finish, free_port, start_script
 
 # 60 training images in batches of 16: 3 optimizer steps an epoch, a checkpoint after each
 # epoch, and from the third on one pruned (two are kept)
@@ -55,16 +54,6 @@ def record(section: str, case: str, outcome: str, **details) -> None:
     if log:
         with open(log, "a") as f:
             f.write(json.dumps({"section": section, "case": case, "outcome": outcome, **details}) + "\n")
-
-
-def finish(process: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, err = process.communicate()
-        raise AssertionError(f"still running after {timeout} s\n{out[-2000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def assert_ok(result):
@@ -197,6 +186,7 @@ def kill_points(events: list[dict], rng: random.Random) -> list[tuple[str, str]]
     raise AssertionError("no reachable set of kill points")
 
 
+@pytest.mark.slow
 def test_ten_sigkills_then_resume_auto_equal_an_uninterrupted_run(reference, faults, tiny_csv, tmp_path):
     # `faults`: its runs start now, beside this test's
     points = kill_points(reference["events"], random.Random(KILL_SEED))
@@ -237,6 +227,7 @@ def test_ten_sigkills_then_resume_auto_equal_an_uninterrupted_run(reference, fau
 
 # ----------------------------------------------------------------------------- graceful stop
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_from_it(reference, tiny_csv, tmp_path):
     out = tmp_path / "runs"
     run = out / "run"
@@ -284,6 +275,7 @@ def rank0_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_other_at_once(tiny_csv, tmp_path):
     # the default --collective-timeout (600 s): what ends rank 0 here is the lost connection
     process, paused = started_paused(two_ranks(tiny_csv, tmp_path), tmp_path / "events.jsonl", "train step 1",
@@ -304,6 +296,7 @@ def test_a_killed_rank_ends_the_other_at_once(tiny_csv, tmp_path):
            f"all ended {seconds:.1f} s after the kill", message=line, seconds=round(seconds, 1))
 
 
+@pytest.mark.slow
 def test_a_hung_rank_ends_the_other_after_the_collective_timeout(tiny_csv, tmp_path):
     timeout = 5
     process, paused = started_paused(two_ranks(tiny_csv, tmp_path, "--collective-timeout", timeout),
@@ -426,11 +419,8 @@ def faults(reference, tmp_path_factory):
 
         def run_all():  # one at a time, beside the tests that run meanwhile: the machine may have two cores
             for name, (resume, *extra) in cases.items():
-                process = subprocess.Popen(
-                    [sys.executable, str(ROOT / "train.py"), "--resume", str(resume), *map(str, extra)],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                    env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=preexec.get(name))
-                results[name] = finish(process)
+                process = start_script("train.py", "--resume", resume, *extra, preexec_fn=preexec.get(name))
+                results[name] = finish(process, timeout=300)
 
         results = {}
         lane = threading.Thread(target=run_all, daemon=True)
@@ -458,6 +448,7 @@ def intact(faults, name):
     return newest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("nan_step", r"error: loss is nan at optimizer step 10 \(learning rate \S+\); lower --lr"),
     ("nan_eval", r"error: validation loss is nan after epoch 4 \(optimizer step 10, learning rate \S+\); lower --lr"),
@@ -474,6 +465,7 @@ def test_a_non_finite_loss_stops_with_step_lr_and_hint_keeping_the_last_good_che
            "stopped, exit 2, no checkpoint of the diverged weights", message=line)
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_path(faults):
     line = error_line(result_of(faults, "disk_full"))
     run = faults["prepared"]["disk_full"]["run"]
@@ -486,6 +478,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_path(faults):
     record("disk", f"checkpoint write fails: {how}", "stopped, exit 2, previous checkpoint intact", message=line)
 
 
+@pytest.mark.slow
 def test_a_read_only_checkpoint_folder_keeps_the_previous_checkpoint_and_names_the_path(faults):
     if not faults["read_only"]:
         pytest.skip("permissions are not enforced for this user")
@@ -498,6 +491,7 @@ def test_a_read_only_checkpoint_folder_keeps_the_previous_checkpoint_and_names_t
            message=line)
 
 
+@pytest.mark.slow
 def test_a_malicious_pickle_in_a_checkpoint_is_refused_and_does_not_run(faults):
     line = error_line(result_of(faults, "evil_state"))
     state = ckpt.list_checkpoints(faults["prepared"]["evil_state"]["run"])[-1] / ckpt.STATE_FILE
@@ -512,6 +506,7 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused_and_does_not_run(faults):
            "refused, exit 2, marker not created (torch.load(weights_only=False) does create it)", message=line)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, damaged", [("truncated_weights", ckpt.WEIGHTS_FILE), ("truncated_state", ckpt.STATE_FILE)])
 def test_a_truncated_newest_checkpoint_is_passed_over_for_the_one_before(faults, case, damaged):
     result = result_of(faults, case)
@@ -527,6 +522,7 @@ def test_a_truncated_newest_checkpoint_is_passed_over_for_the_one_before(faults,
            message=warning, item=16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("config_unknown_key", "{run}/config.json: unknown key(s) colour_jitter"),
     ("config_bad_type", "{run}/config.json: epochs must be int, got 'ten'"),

@@ -1,7 +1,4 @@
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +6,6 @@ import torch
 
 from fixres.resolution import (apparent_size_ratio, expected_sigma, main, monte_carlo_ratio, recommended_test_res,
                                resize_size)
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_expected_sigma_closed_form():
@@ -81,9 +76,9 @@ def test_torchvision_monte_carlo(size, expected):
         monte_carlo_ratio(train_res=224, test_res=224, width=w, height=h, samples=2000, seed=3)
 
 
-def test_cli_prints_ratio_and_recommendation():
-    out = subprocess.run([sys.executable, "-m", "fixres.resolution", "--train-res", "224"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
+def test_cli_prints_ratio_and_recommendation(capsys):
+    main(["--train-res", "224"])  # python -m fixres.resolution --train-res 224
+    out = capsys.readouterr().out
     ratio = float(re.search(r"ratio \(test/train\).*:\s*([0-9.]+)", out).group(1))
     assert round(ratio, 2) == 0.81
     rec = int(re.search(r"recommended test res:\s*(\d+)", out).group(1))

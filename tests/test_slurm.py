@@ -169,6 +169,7 @@ def recorded_launch(record: Path) -> tuple[str, int, object]:
     return node, int(node_id), args
 
 
+@pytest.mark.slow
 def test_multi_node_wrapper_launches_one_accelerate_per_node_with_its_rank(cluster, tmp_path):
     conf, nodes = cluster
     if len(nodes) < 2:
@@ -196,6 +197,7 @@ def test_multi_node_wrapper_launches_one_accelerate_per_node_with_its_rank(clust
         assert args.training_script_args == ["--data", "/data/train.csv", "--epochs", "90", "--name", f"train-{multi}"]
 
 
+@pytest.mark.slow
 def test_one_node_wrapper_takes_the_gpu_count_from_slurm(cluster, tmp_path):
     conf, _ = cluster
     (tmp_path / "bin").mkdir()
@@ -262,6 +264,7 @@ def write_source_run(folder: Path, data: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_job_through_the_wrapper_writes_its_run_folder(training_jobs):
     jobs, logs, runs, env = training_jobs
     log = logs["plain"]
@@ -293,12 +296,14 @@ def assert_resumed_with_the_same_weights(jobs, logs, runs, env, name):
     return log
 
 
+@pytest.mark.slow
 def test_requeued_job_resumes_from_its_checkpoint_with_the_same_weights(training_jobs):
     log = assert_resumed_with_the_same_weights(*training_jobs, "requeued")
     assert "DUE TO JOB REQUEUE" in log
     assert re.search(r"stopped by SIGTERM: checkpoint saved at epoch \d+, batch \d+", log), log[-3000:]
 
 
+@pytest.mark.slow
 def test_early_warning_checkpoints_requeues_itself_and_finishes(training_jobs):
     log = assert_resumed_with_the_same_weights(*training_jobs, "warned")
     assert "fixres: USR1 (time limit near)" in log
@@ -308,6 +313,7 @@ def test_early_warning_checkpoints_requeues_itself_and_finishes(training_jobs):
     assert "DUE TO JOB REQUEUE" not in log.split("requeueing job")[0]  # it was the job itself that requeued
 
 
+@pytest.mark.slow
 def test_finetune_job_stops_on_the_warning_and_resumes_its_own_run(training_jobs):
     jobs, logs, runs, env = training_jobs
     log = logs["finetune"]

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from conftest import TINY_TRAIN, error_line, make_csv_dataset, run_script
+from conftest import TINY_TRAIN, error_line, make_csv_dataset, run_in_process, run_script
 from fixres import transforms
 from fixres.data import BadImageError, ImageDataset, open_image
 from fixres.engine import train_one_epoch
@@ -129,8 +129,8 @@ def test_exif_rotated_photo_is_cropped_upright(tmp_path):
 
 def test_normalize_batch_equals_per_image_normalisation():
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    per_image = transforms.v2.Compose(transforms._to_normalized_tensor(transforms.IMAGENET_MEAN,
-                                                                       transforms.IMAGENET_STD))
+    # the per-image path: a decoded image to a tensor, then scaled and normalised with ImageNet's mean and std
+    per_image = transforms.v2.Compose([transforms.v2.PILToTensor(), transforms.float_normalize()])
     expected = torch.stack([per_image(transforms.v2.functional.to_pil_image(img)) for img in x])
     assert torch.allclose(normalize_batch(x), expected, atol=1e-5)
     floats = torch.randn(2, 3, 4, 4)
@@ -174,21 +174,12 @@ def test_largest_batch_halves_until_it_fits():
     assert trials[0][1] == "out of memory" and trials[2][1] == "peak 128% of memory"
 
 
-@pytest.fixture(scope="module")
-def fast_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("speed")
+@pytest.mark.slow
+def test_batch_size_auto_and_fast_decode_train_on_cpu(tmp_path):
+    out = tmp_path
     data = make_csv_dataset(out / "data", n_train=140)  # two batches of auto's 64 on a CPU
-    common = ["--data", data, *TINY_TRAIN, "--epochs", "1", "--cpu", "--output", out]
-    results = {
-        "auto": run_script("train.py", *common, "--batch-size", "auto", "--fast-decode", "--name", "auto"),
-        "bad": run_script("train.py", *common, "--batch-size", "big", "--name", "bad"),
-    }
-    return out, results
-
-
-def test_batch_size_auto_and_fast_decode_train_on_cpu(fast_runs):
-    out, results = fast_runs
-    result = results["auto"]
+    result = run_script("train.py", "--data", data, *TINY_TRAIN, "--epochs", "1", "--cpu", "--output", out,
+                        "--batch-size", "auto", "--fast-decode", "--name", "auto")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--batch-size auto: 64 on cpu" in result.stdout
     assert json.loads((out / "auto" / "config.json").read_text())["batch_size"] == 64
@@ -196,10 +187,11 @@ def test_batch_size_auto_and_fast_decode_train_on_cpu(fast_runs):
     assert record["val_count"] == 25
 
 
-def test_bad_batch_size_is_one_line(fast_runs):
-    _, results = fast_runs
-    assert results["bad"].returncode == 2
-    assert "--batch-size" in error_line(results["bad"]) and "'big'" in error_line(results["bad"])
+def test_bad_batch_size_is_one_line(tmp_path, capsys):
+    result = run_in_process("train.py", "--data", tmp_path / "labels.csv", *TINY_TRAIN, "--epochs", "1", "--cpu",
+                            "--output", tmp_path, "--batch-size", "big", "--name", "bad", capsys=capsys)
+    assert result.returncode == 2
+    assert "--batch-size" in error_line(result) and "'big'" in error_line(result)
 
 
 def test_fast_decode_is_the_default_and_old_runs_keep_their_choice():

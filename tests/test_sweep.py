@@ -2,13 +2,10 @@
 
     python -m pytest tests/test_sweep.py -q      # about a minute and a half on 2 CPU cores
 """
-import importlib.util
 import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,24 +23,12 @@ from fixres.models import create_model, load_run_model
 from fixres.resolution import default_sizes
 from fixres.sweep import run_sweep
 from fixres.transforms import eval_transform
+from tests.conftest import finish, run_in_process, run_script, script_main, start_script
 
-REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 N_IMAGES, N_VAL = 60, 23      # 23 validation images: batches of 4 split 12 / 11 over 2 processes
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# one thread per process, as torchrun sets: fast on a busy 2-core machine, and the same per
-# process in the 1- and 2-process runs
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("sweep_script", REPO / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SCRIPT = _load_script()
+SWEEP_MAIN = script_main("sweep.py")
 
 
 @pytest.fixture(scope="session")
@@ -67,9 +52,9 @@ def data_csv(tmp_path_factory) -> Path:
 def tiny_run(data_csv, tmp_path_factory) -> Path:
     """A test_resnet run folder written by train.py itself (one epoch at 32 px)."""
     out = tmp_path_factory.mktemp("runs")
-    subprocess.run([sys.executable, "train.py", "--data", str(data_csv), "--model", "test_resnet",
-                    "--train-res", "32", "--epochs", "1", "--batch-size", "16", "--workers", "0",
-                    "--output", str(out), "--name", "tiny"], cwd=REPO, env=ENV, check=True, capture_output=True)
+    result = run_script("train.py", "--data", data_csv, "--model", "test_resnet", "--train-res", "32", "--epochs", "1",
+                        "--batch-size", "16", "--workers", "0", "--output", out, "--name", "tiny")
+    assert result.returncode == 0, result.stderr[-3000:]
     return out / "tiny"
 
 
@@ -130,6 +115,7 @@ def test_config_refuses(kwargs, named):
 
 # ---- in-process sweeps ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_decode_once_and_same_numbers_as_train_evaluation(tiny_run, monkeypatch):
     """Each validation image is decoded once for 3 sizes, and each size scores exactly what
     train.py's evaluation scores at that size (which decodes again per size)."""
@@ -176,6 +162,7 @@ def reference_eval(path: str, *, size: int, crop_pct: float, resample) -> np.nda
     return ((pixels - mean) / std).transpose(2, 0, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crop_pct, interpolation", [(0.875, "bilinear"), (0.8, "bicubic"), (0.875, "bicubic")])
 def test_sweep_equals_the_preprocessing_written_out(tiny_run, tmp_path, crop_pct, interpolation):
     """Top-1 and loss at two sizes against the model fed by reference_eval: the sweep's
@@ -203,7 +190,7 @@ def test_sweep_equals_the_preprocessing_written_out(tiny_run, tmp_path, crop_pct
 
 def test_torchvision_model_and_plots(tv_run, tmp_path, capsys):
     out = tmp_path / "out"
-    assert run_main(SCRIPT.main, ["--checkpoint", str(tv_run), "--sizes", "48", "--cpu", "--workers", "0",
+    assert run_main(SWEEP_MAIN, ["--checkpoint", str(tv_run), "--sizes", "48", "--cpu", "--workers", "0",
                                   "--batch-size", "8", "--activations", "--output", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "32 48 (with 32, the training size: the reference)" in stdout
@@ -226,7 +213,7 @@ def test_torchvision_model_and_plots(tv_run, tmp_path, capsys):
 def test_plain_pretrained_weights(tv_run, data_csv, tmp_path, capsys):
     argv = ["--model", "tv:resnet18", "--weights", str(tv_run / "plain.pth"), "--data", str(data_csv),
             "--train-res", "32", "--sizes", "32", "--cpu", "--workers", "0", "--output", str(tmp_path)]
-    assert run_main(SCRIPT.main, argv) == 0
+    assert run_main(SWEEP_MAIN, argv) == 0
     assert "trained at 32 px, predicted 40 px" in capsys.readouterr().out
     assert (tmp_path / "sweep.csv").read_text().startswith(
         "size,resize,top1,top5,loss,correct,correct5,count,diff_vs_train,diff_low,diff_high,gained,lost,")
@@ -242,12 +229,12 @@ def test_without_checkpoint_the_newest_run_under_runs(tv_run, tmp_path, monkeypa
     (runs / "halfway" / "config.json").write_text("{}")  # a run that has not saved weights yet
     monkeypatch.chdir(tmp_path)
     argv = ["--sizes", "32", "--cpu", "--workers", "0", "--output", str(tmp_path / "out")]
-    assert run_main(SCRIPT.main, argv) == 0
+    assert run_main(SWEEP_MAIN, argv) == 0
     assert "--checkpoint not given: using the newest run runs/newer\n" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())["meta"]["weights"] == "runs/newer/best.safetensors"
 
     monkeypatch.chdir(tmp_path / "out")  # no runs/ here
-    assert run_main(SCRIPT.main, argv) == 2
+    assert run_main(SWEEP_MAIN, argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --checkpoint not given, and runs/ holds no run (a folder with config.json and best.safetensors or "
         "last.safetensors): give --checkpoint"]
@@ -280,11 +267,12 @@ def _bad_cases(tiny_run, data_csv, tmp: Path):
     ]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_status_2(tiny_run, data_csv, tmp_path, capsys):
     for argv, named in _bad_cases(tiny_run, data_csv, tmp_path):
         argv = argv + ["--cpu", "--output", str(tmp_path / "out")]
         try:
-            status = run_main(SCRIPT.main, argv)
+            status = run_main(SWEEP_MAIN, argv)
         except SystemExit as exit_:  # argparse refuses bad option values itself
             status = exit_.code
         err = capsys.readouterr().err.strip().splitlines()
@@ -295,29 +283,30 @@ def test_bad_input_is_one_line_and_status_2(tiny_run, data_csv, tmp_path, capsys
         assert not (tmp_path / "out").exists(), argv  # refused before any evaluation
 
 
-def test_script_error_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "sweep.py", "--checkpoint", str(tmp_path / "nope")],
-                            cwd=REPO, env=ENV, capture_output=True, text=True)
+def test_script_error_is_one_line(tmp_path, capsys):
+    result = run_in_process("sweep.py", "--checkpoint", tmp_path / "nope", capsys=capsys)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such checkpoint folder or file"]
 
 
 # ---- the real script: 1 process vs 2 -----------------------------------------------------------
 
-def _script(launcher: list[str], run: Path, out: Path, *extra) -> str:
+def _one_and_two_processes(run: Path, out: Path, workers_of_one: int) -> tuple[str, str]:
+    """sweep.py's output with 1 process and with 2 (--cpu, under torchrun, no loader workers), run
+    at once (two slow cores: the imports overlap)."""
     # 16 px: the 1-epoch model changes its answer on one image there (the others: on none)
-    result = subprocess.run([*launcher, "sweep.py", "--checkpoint", str(run), "--sizes", "16", "24", "32", "40",
-                             "--batch-size", "4", "--activations", "--output", str(out), *extra],
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    common = ["--checkpoint", run, "--sizes", "16", "24", "32", "40", "--batch-size", "4", "--activations"]
+    started = [start_script("sweep.py", *common, "--output", out / "one", "--workers", workers_of_one),
+               start_script("sweep.py", *common, "--output", out / "two", "--cpu", "--workers", "0", processes=2)]
+    results = [finish(process, timeout=300) for process in started]
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return results[0].stdout, results[1].stdout
 
 
+@pytest.mark.slow
 def test_same_table_with_one_and_two_processes(tiny_run, tmp_path):
-    one = _script([sys.executable], tiny_run, tmp_path / "one", "--workers", "1")  # a loader worker process
-    two = _script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"], tiny_run, tmp_path / "two",
-                  "--cpu", "--workers", "0")
+    one, two = _one_and_two_processes(tiny_run, tmp_path, workers_of_one=1)  # a loader worker process
     assert re.search(r"processes\s+2\b", two) and re.search(r"processes\s+1\b", one)
     rows_one, rows_two = table_rows(one), table_rows(two)
     assert [r[0] for r in rows_one] == ["16", "24", "32", "40"]
@@ -370,10 +359,9 @@ def seven_class_run(tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_top5_and_per_class_counts_are_the_same_with_two_processes(seven_class_run, tmp_path):
-    _script([sys.executable], seven_class_run, tmp_path / "one", "--workers", "0")
-    _script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", "localhost:0"], seven_class_run, tmp_path / "two", "--cpu", "--workers", "0")
+    _one_and_two_processes(seven_class_run, tmp_path, workers_of_one=0)
     a, b = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("one", "two"))
     assert a["meta"]["top5_k"] == 5
     assert [r["correct5"] for r in a["rows"]] == [r["correct5"] for r in b["rows"]]

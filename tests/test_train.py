@@ -7,21 +7,45 @@ import pytest
 import torch
 
 from fixres.checkpoint import list_checkpoints, load_weights
-from tests.conftest import TINY_TRAIN, error_line, make_image_folder, run_script
+from tests.conftest import TINY_TRAIN, Started, error_line, make_image_folder, run_in_process, run_script
 
 
-def train(tmp_path, *args, name="run", processes=1, data=None):
-    result = run_script("train.py", "--data", data, *TINY_TRAIN, "--output", tmp_path / "runs", "--name", name,
-                        *args, processes=processes)
-    return result, tmp_path / "runs" / name
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_csv, tiny_folder):
+    """The runs of this file that need no other run, started together when the first test asks
+    (`runs.run(key)`: its result and run folder), each in a folder of its own."""
+    root = tmp_path_factory.mktemp("train")
+    bad_data = shutil.copytree(tiny_csv.parent, root / "bad_data")
+    (bad_data / "images" / "0005.jpg").write_bytes(b"not a jpeg")
+    started = Started()
+    for key, data, name, args, processes in [
+        ("split", tiny_csv, "split", ["--epochs", 2, "--stop-after", 1], 1),
+        ("workers", tiny_csv, "w2", ["--epochs", 2, "--workers", 2], 1),
+        ("fresh", tiny_csv, "run", ["--epochs", 1, "--resume", "auto"], 1),
+        ("two_processes", tiny_csv, "run", ["--epochs", 1, "--cpu"], 2),
+        ("image_folder", tiny_folder, "run", ["--epochs", 1, "--model", "tv:resnet18"], 1),
+        # batch 12 divides the 60 training images, so no batch is dropped and the bad one is read
+        ("skips", bad_data / "labels.csv", "skips", ["--epochs", 1, "--batch-size", 12, "--skip-bad-images"], 1),
+    ]:
+        started.start(key, "train.py", "--data", data, *TINY_TRAIN, "--output", root / key, "--name", name, *args,
+                      processes=processes, folder=root / key / name)
+    yield started
+    started.collect_all()
+
+
+def refused(tmp_path, capsys, *args, name="run", data):
+    """train.py's answer to input it refuses, run in this process (no interpreter to start)."""
+    return run_in_process("train.py", "--data", data, *TINY_TRAIN, "--output", tmp_path / "runs", "--name", name,
+                          *args, capsys=capsys)
 
 
 def assert_ok(result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def test_two_epochs_write_the_run_folder(tmp_path, tiny_csv):
-    result, run = train(tmp_path, "--epochs", "2", data=tiny_csv)
+@pytest.mark.slow
+def test_two_epochs_write_the_run_folder(trained_run):
+    result, run = trained_run  # train.py --epochs 2
     assert_ok(result)
     assert "fixres train: resolved config" in result.stdout
     epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
@@ -44,10 +68,11 @@ def test_two_epochs_write_the_run_folder(tmp_path, tiny_csv):
                                                f"then: python finetune.py --checkpoint {run}"]
 
 
-def test_resume_is_exact(tmp_path, tiny_csv):
-    full, full_run = train(tmp_path, "--epochs", "2", name="full", data=tiny_csv)
+@pytest.mark.slow
+def test_resume_is_exact(runs, trained_run):
+    full, full_run = trained_run  # train.py --epochs 2
     assert_ok(full)
-    first, split_run = train(tmp_path, "--epochs", "2", "--stop-after", "1", name="split", data=tiny_csv)
+    first, split_run = runs.run("split")  # --epochs 2 --stop-after 1
     assert_ok(first)
     assert "next: " not in first.stdout  # not finished: the next step is --resume
     assert len((split_run / "metrics.jsonl").read_text().splitlines()) == 1
@@ -62,11 +87,13 @@ def test_resume_is_exact(tmp_path, tiny_csv):
         assert torch.equal(expected[key], resumed[key]), key
 
 
-def test_resume_passes_over_an_unreadable_newest_checkpoint(tmp_path, tiny_csv):
+@pytest.mark.slow
+def test_resume_passes_over_an_unreadable_newest_checkpoint(tmp_path, trained_run, capsys):
     """A truncated newest checkpoint (a disk that filled, a copy cut short): --resume warns,
     naming it, and continues from the one before, to the same weights; none readable: one line."""
-    result, run = train(tmp_path, "--epochs", "2", name="run", data=tiny_csv)
+    result, finished = trained_run  # train.py --epochs 2
     assert_ok(result)
+    run = shutil.copytree(finished, tmp_path / "runs" / "run")
     expected, _ = load_weights(run / "last.safetensors")
     older, newest = list_checkpoints(run)
     weights = newest / "model.safetensors"
@@ -80,35 +107,38 @@ def test_resume_passes_over_an_unreadable_newest_checkpoint(tmp_path, tiny_csv):
 
     for checkpoint in list_checkpoints(run):
         (checkpoint / "state.pt").write_bytes(b"not a checkpoint")
-    refused = run_script("train.py", "--resume", run)
+    refused = run_in_process("train.py", "--resume", run, capsys=capsys)
     assert refused.returncode != 0
     line = error_line(refused)
     assert line.startswith(f"error: {list_checkpoints(run)[-1]}/state.pt: ") and line.endswith(
         "(the 1 older checkpoint(s) cannot be read either)"), line
 
 
-def test_workers_that_stay_train_the_weights_of_no_workers(tmp_path, tiny_csv):
+@pytest.mark.slow
+def test_workers_that_stay_train_the_weights_of_no_workers(runs, trained_run):
     """Two loader workers kept over both epochs (persistent) crop every image as the main
     process alone does, epoch 2 included (tests/test_data.py checks that its crops change)."""
-    runs = {workers: train(tmp_path, "--epochs", "2", "--workers", workers, name=f"w{workers}", data=tiny_csv)
-            for workers in (0, 2)}
-    for result, _ in runs.values():
+    by_workers = {0: trained_run,  # train.py --epochs 2 --workers 0
+                  2: runs.run("workers")}
+    for result, _ in by_workers.values():
         assert_ok(result)
-    expected, _ = load_weights(runs[0][1] / "last.safetensors")
-    with_workers, _ = load_weights(runs[2][1] / "last.safetensors")
+    expected, _ = load_weights(by_workers[0][1] / "last.safetensors")
+    with_workers, _ = load_weights(by_workers[2][1] / "last.safetensors")
     for key in expected:
         assert torch.equal(expected[key], with_workers[key]), key
 
 
-def test_resume_auto_with_nothing_to_resume_starts_fresh(tmp_path, tiny_csv):
-    result, run = train(tmp_path, "--epochs", "1", "--resume", "auto", data=tiny_csv)
+@pytest.mark.slow
+def test_resume_auto_with_nothing_to_resume_starts_fresh(runs):
+    result, run = runs.run("fresh")  # --epochs 1 --resume auto
     assert_ok(result)
     assert "no checkpoint under" in result.stdout and "starting fresh" in result.stdout
     assert (run / "last.safetensors").is_file()
 
 
-def test_two_processes_count_every_validation_image_once(tmp_path, tiny_csv):
-    result, run = train(tmp_path, "--epochs", "1", "--cpu", processes=2, data=tiny_csv)
+@pytest.mark.slow
+def test_two_processes_count_every_validation_image_once(runs):
+    result, run = runs.run("two_processes")  # --epochs 1 --cpu, under torchrun with 2 processes
     assert_ok(result)
     assert re.search(r"^processes\s+2\s*$", result.stdout, re.M)
     record = json.loads((run / "metrics.jsonl").read_text())
@@ -116,8 +146,9 @@ def test_two_processes_count_every_validation_image_once(tmp_path, tiny_csv):
     assert sum(line.startswith("epoch ") for line in result.stdout.splitlines()) == 1  # rank 1 prints nothing
 
 
-def test_image_folder_and_torchvision_model(tmp_path, tiny_folder):
-    result, run = train(tmp_path, "--epochs", "1", "--model", "tv:resnet18", data=tiny_folder)
+@pytest.mark.slow
+def test_image_folder_and_torchvision_model(runs):
+    result, run = runs.run("image_folder")  # --epochs 1 --model tv:resnet18 on tiny_folder
     assert_ok(result)
     assert "(n=6)" in result.stdout
     assert load_weights(run / "last.safetensors")[1]["model"] == "tv:resnet18"
@@ -129,21 +160,21 @@ def test_image_folder_and_torchvision_model(tmp_path, tiny_folder):
     (lambda csv: csv.write_text(csv.read_text().replace("0004.jpg", "../0004.jpg")), "leaves the image folder"),
     (lambda csv: csv.write_text(csv.read_text().replace("True", "False")), "the validation split is empty"),
 ])
-def test_bad_data_is_refused_before_training(tmp_path, tiny_csv, edit, message):
+def test_bad_data_is_refused_before_training(tmp_path, tiny_csv, capsys, edit, message):
     shutil.copytree(tiny_csv.parent, tmp_path / "data")
     csv = tmp_path / "data" / "labels.csv"
     edit(csv)
-    result, run = train(tmp_path, "--epochs", "1", data=csv)
+    result = refused(tmp_path, capsys, "--epochs", "1", data=csv)
     line = error_line(result)
     assert message in line and str(csv) in line
     assert "epoch " not in result.stdout
 
 
-def test_label_that_is_not_a_known_class(tmp_path):
+def test_label_that_is_not_a_known_class(tmp_path, capsys):
     root = make_image_folder(tmp_path / "data", per_class=2)
     (root / "val" / "purple").mkdir()
     (root / "val" / "blue" / "0.jpg").rename(root / "val" / "purple" / "0.jpg")
-    result, _ = train(tmp_path, "--epochs", "1", data=root)
+    result = refused(tmp_path, capsys, "--epochs", "1", data=root)
     assert "class 'purple' is not a known class" in error_line(result)
 
 
@@ -155,21 +186,20 @@ def test_label_that_is_not_a_known_class(tmp_path):
     (["--optimizer", "adam"], "--optimizer"),
     (["--resume", "/nonexistent"], "--resume /nonexistent: no such run folder"),
 ])
-def test_bad_options_are_refused(tmp_path, tiny_csv, args, message):
-    result, _ = train(tmp_path, *args, data=tiny_csv)
+def test_bad_options_are_refused(tmp_path, tiny_csv, capsys, args, message):
+    result = refused(tmp_path, capsys, *args, data=tiny_csv)
     assert message in error_line(result)
 
 
-def test_undecodable_image_stops_or_is_skipped(tmp_path, tiny_csv):
-    shutil.copytree(tiny_csv.parent, tmp_path / "data")
-    csv = tmp_path / "data" / "labels.csv"
-    bad = tmp_path / "data" / "images" / "0005.jpg"
-    bad.write_bytes(b"not a jpeg")
+@pytest.mark.slow
+def test_undecodable_image_stops_or_is_skipped(tmp_path, runs, capsys):
+    result, run = runs.run("skips")  # --epochs 1 --batch-size 12 --skip-bad-images, 0005.jpg not a JPEG
+    csv = run.parent.parent / "bad_data" / "labels.csv"
+    bad = csv.parent / "images" / "0005.jpg"
     # batch 12 divides the 60 training images, so no batch is dropped and the bad one is read
-    result, _ = train(tmp_path, "--epochs", "1", "--batch-size", "12", name="stops", data=csv)
-    assert f"cannot decode image {bad}" in error_line(result)
+    stopped = refused(tmp_path, capsys, "--epochs", "1", "--batch-size", "12", name="stops", data=csv)
+    assert f"cannot decode image {bad}" in error_line(stopped)
 
-    result, run = train(tmp_path, "--epochs", "1", "--batch-size", "12", "--skip-bad-images", name="skips", data=csv)
     assert_ok(result)
     assert "skipped 1 bad images" in result.stdout
     assert json.loads((run / "metrics.jsonl").read_text())["skipped"] == 1
