@@ -73,6 +73,9 @@ CATALOG = [
 ]
 # Faults, not inputs, that earlier tests cover: (section, fault, test, what happens, text of the error).
 OTHER_EXISTING = [
+    ("rank death", "a NaN loss on rank 1 of 2 only (injected from step 4; two plain processes and torchrun)",
+     "tests/test_nonfinite.py::test_a_nan_on_one_rank_stops_both_ranks_at_that_step_with_the_same_line",
+     "both ranks stop at that step with the same line and exit 2 (not -15 under torchrun)", "loss is nan on process 1"),
     ("disk", "no space while replacing a weights file (os.replace patched to fail)",
      "tests/test_checkpoint.py::test_failed_write_keeps_the_previous_file", "the previous file is left as it was",
      "cannot write"),
