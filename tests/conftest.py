@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -134,19 +135,48 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 class Started:
     """Script runs started together in the background, each collected when a test first asks
     for it (`started[name]`): the scripts run one thread each, so on a machine of few cores
-    runs side by side use the cores that one run at a time leaves idle."""
+    runs side by side use the cores that one run at a time leaves idle. Waits that need no
+    core of this process (jobs of another program, a daemon starting) run in a thread (call)."""
 
     def __init__(self):
         self.processes: dict[str, subprocess.Popen] = {}
         self.results: dict[str, subprocess.CompletedProcess] = {}
         self.folders: dict[str, Path] = {}  # the run folder of each, where one was given
+        self.threads: dict[str, threading.Thread] = {}
+        self.outcomes: dict[str, tuple[object, BaseException | None]] = {}  # (result, what it raised)
+        self.at_end_calls: list = []
 
     def start(self, name: str, script, *args, folder: Path | None = None, **kwargs) -> None:
         self.processes[name] = start_script(script, *args, **kwargs)
         if folder:
             self.folders[name] = folder
 
-    def __getitem__(self, name: str) -> subprocess.CompletedProcess:
+    def call(self, name: str, function, *args) -> None:
+        """`function(*args)` in a thread started now; `started[name]` gives its result, or raises in
+        the test that asks what it raised (pytest.skip included)."""
+        def run():
+            try:
+                self.outcomes[name] = (function(*args), None)
+            except BaseException as error:  # pytest.skip's Skipped is no Exception
+                self.outcomes[name] = (None, error)
+        self.threads[name] = threading.Thread(target=run, name=name, daemon=True)
+        self.threads[name].start()
+
+    def outcome(self, name: str) -> tuple[object, BaseException | None]:
+        """What call(name, ...) returned and what it raised, once it has ended."""
+        self.threads[name].join()
+        return self.outcomes[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.processes or name in self.threads
+
+    def __getitem__(self, name: str):
+        """A run's CompletedProcess, or what a call returned."""
+        if name in self.threads:
+            result, error = self.outcome(name)
+            if error is not None:
+                raise error
+            return result
         if name not in self.results:
             self.results[name] = finish(self.processes[name])
         return self.results[name]
@@ -155,22 +185,35 @@ class Started:
         """Its result and its run folder."""
         return self[name], self.folders[name]
 
+    def at_end(self, function, *args) -> None:
+        """`function(*args)` when the session ends (collect_all), before the last threads are waited for."""
+        self.at_end_calls.append((function, args))
+
     def collect_all(self) -> None:
         """Waits for the runs that no test asked for (a selection of the tests), leaving no process behind."""
         for name in self.processes:
             self[name]
+        for function, args in self.at_end_calls:
+            function(*args)
+        for thread in list(self.threads.values()):
+            thread.join()
 
 
 @pytest.fixture(scope="session")
 def early_runs(request, tiny_csv, tmp_path_factory):
     """Runs that several test files read, started as the session starts when a selected test
-    needs them, so that they train beside the quick tests before them."""
+    needs them, so that they train beside the quick tests before them; a test module can start
+    its own the same way (test_slurm.py's start_early: the SLURM jobs)."""
     started = Started()
     fixtures = {name for item in request.session.items for name in item.fixturenames}
     if "trained_run" in fixtures:
         out = tmp_path_factory.mktemp("trained")
         started.start("trained_run", "train.py", "--data", tiny_csv, *TINY_TRAIN, "--epochs", "2", "--output", out,
                       "--name", "run", folder=out / "run")
+    # a test module's own shared work, started by its start_early(started, fixtures, tmp_path_factory)
+    for module in dict.fromkeys(getattr(item, "module", None) for item in request.session.items):
+        if hasattr(module, "start_early"):
+            module.start_early(started, fixtures, tmp_path_factory)
     yield started
     started.collect_all()
 

@@ -15,7 +15,9 @@ multi-node wrapper runs on both nodes with `accelerate` replaced by a recorder, 
 argv Accelerate's own parser then reads.
 
 Where no SLURM can be started (not root, not installed) the tests that need it are skipped
-with the reason; .ci/run installs and starts it. The rest need no SLURM.
+with the reason; .ci/run installs and starts it. The rest need no SLURM. The cluster and the
+four jobs start with the session (start_early), when a selected test needs them, and run while
+the other test files do.
 """
 from __future__ import annotations
 
@@ -110,9 +112,9 @@ def slurm_env(conf: str, **extra) -> dict:
     return {**os.environ, "SLURM_CONF": conf, "OMP_NUM_THREADS": "1", **extra}
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """SLURM_CONF of the running local cluster; started here (and stopped after) if it is not up."""
+def start_cluster() -> tuple[str, list[str], bool]:
+    """(SLURM_CONF, node names, whether started here) of the local cluster, started if it is not up.
+    Run in a thread by start_early: its skips are raised in the tests that ask for `cluster`."""
     if os.geteuid() != 0:
         pytest.skip("the local SLURM needs root (slurm/local_cluster.sh start)")
     started_here = False
@@ -120,16 +122,52 @@ def cluster():
     if status.returncode != 0:
         if not (shutil.which("slurmctld") and shutil.which("slurmd") and shutil.which("sbatch")):
             pytest.skip("SLURM is not installed: `slurm/local_cluster.sh start` installs and starts it (.ci/run does)")
-        start = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=300)
+        # its daemons, and so its jobs, at the lowest priority: they take the cores the other tests leave idle
+        start = subprocess.run(["nice", "-n", "19", str(CLUSTER), "start"], capture_output=True, text=True, timeout=300)
         if start.returncode != 0:
             pytest.skip(f"the local SLURM did not start: {(start.stderr or start.stdout).strip().splitlines()[-1:]}")
         started_here = True
     conf = subprocess.run([str(CLUSTER), "conf"], capture_output=True, text=True).stdout.strip()
     nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True,
                            env=slurm_env(conf)).stdout.split()
+    return conf, nodes, started_here
+
+
+def start_early(started, fixtures: set[str], tmp_path_factory) -> None:
+    """conftest's early_runs calls this as the session starts: where a selected test needs them, the
+    cluster comes up and the training jobs run in threads (their CPU time is slurmd's) while the
+    other test files run, and the tests here wait only for what is not done by then."""
+    if "cluster" not in fixtures:
+        return
+    started.call("slurm_cluster", start_cluster)
+    if "training_jobs" in fixtures:
+        root = tmp_path_factory.mktemp("slurm_jobs")
+        data = make_csv_dataset(root / "data", n_train=240, n_val=25)
+        source = write_source_run(root / "source", data)  # not in the thread: it seeds torch's global RNG
+        started.call("training_jobs", run_training_jobs, started, root, data, source)
+    started.at_end(stop_cluster, started)  # where this module's tests did not all run (-x)
+
+
+def stop_cluster(started) -> None:
+    """Once, in a thread the session waits for at its end: stops the local cluster if this session started it."""
+    if "slurm_stop" in started:
+        return
+    if "training_jobs" in started:
+        started.outcome("training_jobs")
+    cluster, error = started.outcome("slurm_cluster")
+    if error is None and cluster[2]:
+        started.call("slurm_stop", lambda: subprocess.run([str(CLUSTER), "stop"], capture_output=True, timeout=120))
+
+
+@pytest.fixture(scope="module")
+def cluster(early_runs):
+    """SLURM_CONF and node names of the running local cluster (start_early starts it if it is not
+    up), once the training jobs have left it; stopped after this module if the session started it."""
+    conf, nodes, _ = early_runs["slurm_cluster"]
+    if "training_jobs" in early_runs:
+        early_runs.outcome("training_jobs")  # they hold every CPU of the cluster: the jobs here would queue
     yield conf, nodes
-    if started_here:
-        subprocess.run([str(CLUSTER), "stop"], capture_output=True, timeout=120)
+    stop_cluster(early_runs)  # beside the test files after this one
 
 
 def sbatch(env: dict, *args) -> str:
@@ -216,40 +254,51 @@ def test_one_node_wrapper_takes_the_gpu_count_from_slurm(cluster, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def training_jobs(cluster, tmp_path_factory):
-    """Three CPU jobs at once through slurm/one_node.sbatch into one --output; two are
-    disturbed as soon as they have their first checkpoint. Returns ({name: job id}, logs, runs)."""
-    conf, _ = cluster
+def training_jobs(cluster, early_runs):
+    """run_training_jobs' jobs, logs, runs and final job states (started as the session starts)."""
+    return early_runs["training_jobs"]
+
+
+def run_training_jobs(started, root: Path, data: Path, source: Path):
+    """Three CPU jobs of train.py at once through slurm/one_node.sbatch into one --output, and one of
+    finetune.py; three are disturbed as soon as they have their first checkpoint.
+    Returns ({name: job id}, {name: log}, runs, {name: job_state at the end})."""
+    conf, _, _ = started["slurm_cluster"]
     env = slurm_env(conf)
-    root = tmp_path_factory.mktemp("slurm_jobs")
-    data = make_csv_dataset(root / "data", n_train=240, n_val=25)
     runs = root / "runs"
     submit = ["--gpus-per-node=0", "--cpus-per-task=1", f"--output={root}/%j.out", "slurm/one_node.sbatch",
               "train.py", "--data", data, *TINY_TRAIN, "--epochs", EPOCHS, "--output", runs]
-    jobs = {name: sbatch(env, "--job-name", name, *submit) for name in ("plain", "requeued")}
-    # this one without `accelerate launch` (FIXRES_LAUNCHER): train.py's own exit status 75 reaches the wrapper
-    jobs["warned"] = sbatch({**env, "FIXRES_LAUNCHER": sys.executable}, "--job-name", "warned", *submit)
-    source = write_source_run(root / "source", data)
-    # --resume auto and --name given: the wrapper adds nothing, and the first start has nothing to resume
-    jobs["finetune"] = sbatch(env, "--job-name", "finetune", *submit[:4], "finetune.py", "--checkpoint", source,
-                              "--res", "40", "--aug", "test", "--epochs", EPOCHS, "--batch-size", "16", "--workers", "0",
-                              "--name", "ft", "--resume", "auto")
-    disturb = {"requeued": ["scontrol", "requeue", jobs["requeued"]],
-               "warned": ["scancel", "--signal=USR1", "--batch", jobs["warned"]],
-               "finetune": ["scancel", "--signal=USR1", "--batch", jobs["finetune"]]}
-    run_dirs = {name: runs / f"train-{job}" for name, job in jobs.items()}
-    run_dirs["finetune"] = root / "ft"  # finetune.py's default --output: beside the source run
-    deadline = time.monotonic() + 240
-    while disturb:
-        for name, command in list(disturb.items()):
-            if list_checkpoints(run_dirs[name]):   # epoch 1 done: training, handlers installed
-                subprocess.run(command, env=env, check=True, timeout=30)
-                del disturb[name]
-        assert time.monotonic() < deadline, f"no checkpoint after 240 s: {list(runs.glob('*/*'))}"
-        time.sleep(0.1)
-    wait_done(env, list(jobs.values()))
+    jobs = {}
+    try:
+        for name in ("plain", "requeued"):
+            jobs[name] = sbatch(env, "--job-name", name, *submit)
+        # this one without `accelerate launch` (FIXRES_LAUNCHER): train.py's own exit status 75 reaches the wrapper
+        jobs["warned"] = sbatch({**env, "FIXRES_LAUNCHER": sys.executable}, "--job-name", "warned", *submit)
+        # --resume auto and --name given: the wrapper adds nothing, and the first start has nothing to resume
+        jobs["finetune"] = sbatch(env, "--job-name", "finetune", *submit[:4], "finetune.py", "--checkpoint", source,
+                                  "--res", "40", "--aug", "test", "--epochs", EPOCHS, "--batch-size", "16",
+                                  "--workers", "0", "--name", "ft", "--resume", "auto")
+        disturb = {"requeued": ["scontrol", "requeue", jobs["requeued"]],
+                   "warned": ["scancel", "--signal=USR1", "--batch", jobs["warned"]],
+                   "finetune": ["scancel", "--signal=USR1", "--batch", jobs["finetune"]]}
+        run_dirs = {name: runs / f"train-{job}" for name, job in jobs.items()}
+        run_dirs["finetune"] = root / "ft"  # finetune.py's default --output: beside the source run
+        deadline = time.monotonic() + 240
+        while disturb:
+            for name, command in list(disturb.items()):
+                if list_checkpoints(run_dirs[name]):   # epoch 1 done: training, handlers installed
+                    subprocess.run(command, env=env, check=True, timeout=30)
+                    del disturb[name]
+            assert time.monotonic() < deadline, f"no checkpoint after 240 s: {list(runs.glob('*/*'))}"
+            time.sleep(0.1)
+        wait_done(env, list(jobs.values()))
+    except BaseException:
+        if jobs:  # none left to hold the cluster's CPUs from the other tests
+            subprocess.run(["scancel", *jobs.values()], env=env, capture_output=True, timeout=30)
+        raise
+    states = {name: job_state(env, job) for name, job in jobs.items()}  # now: slurmctld forgets a job 300 s after
     logs = {name: (root / f"{job}.out").read_text() for name, job in jobs.items()}
-    return jobs, logs, runs, env
+    return jobs, logs, runs, states
 
 
 def write_source_run(folder: Path, data: Path) -> Path:
@@ -266,9 +315,9 @@ def write_source_run(folder: Path, data: Path) -> Path:
 
 @pytest.mark.slow
 def test_job_through_the_wrapper_writes_its_run_folder(training_jobs):
-    jobs, logs, runs, env = training_jobs
+    jobs, logs, runs, states = training_jobs
     log = logs["plain"]
-    assert job_state(env, jobs["plain"]) == {"JobState": "COMPLETED", "Restarts": "0", "ExitCode": "0:0"}, log
+    assert states["plain"] == {"JobState": "COMPLETED", "Restarts": "0", "ExitCode": "0:0"}, log
     assert "accelerate launch --quiet --config_file ./accelerate_configs/cpu.yaml --num_processes 1" in log
     assert len(re.findall(r"^epoch +\d+ \|", log, re.M)) == EPOCHS
     run = runs / f"train-{jobs['plain']}"                 # the wrapper's name: <script>-<job id>
@@ -278,9 +327,9 @@ def test_job_through_the_wrapper_writes_its_run_folder(training_jobs):
     assert load_weights(run / "last.safetensors")[1]["epoch"] == EPOCHS
 
 
-def assert_resumed_with_the_same_weights(jobs, logs, runs, env, name):
+def assert_resumed_with_the_same_weights(jobs, logs, runs, states, name):
     log = logs[name]
-    assert job_state(env, jobs[name]) == {"JobState": "COMPLETED", "Restarts": "1", "ExitCode": "0:0"}, log
+    assert states[name] == {"JobState": "COMPLETED", "Restarts": "1", "ExitCode": "0:0"}, log
     # mid-epoch: the stop came during training, so the resumed run skips the batches already trained
     resumed = re.search(r"resumed from \S+ at epoch (\d+), batch (\d+)", log)
     assert resumed and 1 < int(resumed[1]) <= EPOCHS and int(resumed[2]) > 0, log[-3000:]
@@ -315,9 +364,9 @@ def test_early_warning_checkpoints_requeues_itself_and_finishes(training_jobs):
 
 @pytest.mark.slow
 def test_finetune_job_stops_on_the_warning_and_resumes_its_own_run(training_jobs):
-    jobs, logs, runs, env = training_jobs
+    jobs, logs, runs, states = training_jobs
     log = logs["finetune"]
-    assert job_state(env, jobs["finetune"]) == {"JobState": "COMPLETED", "Restarts": "1", "ExitCode": "0:0"}, log
+    assert states["finetune"] == {"JobState": "COMPLETED", "Restarts": "1", "ExitCode": "0:0"}, log
     assert re.search(r"stopped by SIGUSR1: checkpoint saved at epoch \d+, batch \d+", log), log[-3000:]
     run = runs.parent / "ft"
     assert log.count(f"--resume auto: no checkpoint under {run}/, starting fresh") == 1
