@@ -148,14 +148,17 @@ def load_weights(path: Path) -> tuple[dict, dict]:
     return state, meta
 
 
-def read_metadata(path: Path) -> dict:
+def read_metadata(path: Path, *, strict: bool = False) -> dict:
     """The fixres metadata of a weights file, without reading its tensors; {} for a file
-    without it (plain safetensors, .pth) or one that cannot be read."""
+    without it (plain safetensors). A file that cannot be read (a .pth, a truncated file) gives
+    {} too, or with `strict` a one-line CheckpointError."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
             return json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-    except Exception:
+    except Exception as err:
+        if strict:
+            raise CheckpointError(f"{path}: unreadable weights ({_reason(err)})") from None
         return {}
 
 
@@ -387,12 +390,7 @@ def classifier_metadata(path: Path) -> dict:
     """The fixres metadata of the weights a path names (find_weights), for a job that needs a
     fixres classifier; a one-line error when they cannot be read or are not one."""
     weights = find_weights(Path(path))
-    from safetensors import safe_open
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-    except Exception as err:
-        raise CheckpointError(f"{weights}: unreadable weights ({_reason(err)})") from None
+    meta = read_metadata(weights, strict=True)
     if not (meta.get("model") and meta.get("classes") and meta.get("train_res")):
         raise CheckpointError(f"--checkpoint {weights}: not a classifier trained by fixres (its metadata names no "
                               f"model, classes and train_res); give a run folder written by train.py")

@@ -52,7 +52,7 @@ from fixres.methods import CHOICE_KEYS, bn_stats, choose_res, parametric
 from fixres.models import load_run_model
 from fixres.plots import plot_activation_cdfs
 from fixres.preprocessing import describe_preprocessing, finetune_transforms, weights_meta
-from fixres.report import EpochProgress, config_table, finetune_table, make_console
+from fixres.report import EpochProgress, finetune_table, make_console
 from fixres.resolution import recommended_test_res
 from fixres.run import announce, build_run, new_run_folder, resumed_config, training_accelerator
 from fixres.runtime import use_channels_last
@@ -68,9 +68,10 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     method, evaluate after, write the run folder, finetune.json and activations.png."""
     accelerator = training_accelerator(cfg)
     console = make_console(accelerator.is_main_process)
-    resolve_decode(cfg.decode, accelerator.device)  # --decode gpu without torchcodec: refused before any work
+    decode = resolve_decode(cfg.decode, accelerator.device)  # --decode gpu without torchcodec: refused before any work
     cfg, resume = resolve_source(cfg, explicit, console)
-    decode = resolve_decode(cfg.decode, accelerator.device)  # a resumed run's own
+    if resume:  # the resumed run's own --decode
+        decode = resolve_decode(cfg.decode, accelerator.device)
     model, meta, split, source_cfg = load_source(cfg, accelerator)
     if "data" in source_cfg and source_cfg["data"] is None and not resume:  # the built-in data: its preset
         cfg = dataclasses.replace(cfg, **{k: v for k, v in FINETUNE_SHAPES_PRESET.items() if k not in explicit})
@@ -111,7 +112,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
                               name=cfg.name or f"{source_name}-{cfg.method}-{res}px-{time.strftime('%Y%m%d-%H%M%S')}")
     extra = dict(finetune_res=res, finetune_method=cfg.method, finetuned_from=meta["weights_path"], last_bn=last_bn)
     start = time.perf_counter()
-    applied = apply_method(cfg, model, split, eval_meta, extra, accelerator, console, resume, decode)
+    applied = apply_method(cfg, model, split, eval_meta, extra, accelerator, console, resume, decode, sweep["workers"])
     if applied.get("stopped"):
         return applied
     seconds = time.perf_counter() - start
@@ -163,14 +164,16 @@ def load_source(cfg: FinetuneConfig, accelerator) -> tuple:
     return model, meta, split, source_cfg
 
 
-def apply_method(cfg, model, split, eval_meta, extra, accelerator, console, resume, decode) -> dict:
+def apply_method(cfg, model, split, eval_meta, extra, accelerator, console, resume, decode, workers) -> dict:
     """--method finetune: train.py's fit on the frozen model, its last BN synced and in train
     mode; bn-stats and parametric: no gradients. {"model": the weights the run ships, "folder",
     "records", "shipped": their metadata} (or fit's {"stopped": True})."""
     folder = resume.run_folder if resume else new_run_folder(cfg, "", accelerator)
+    if cfg.method != "finetune":  # no training loop resolves it: the config says what ran
+        cfg = dataclasses.replace(cfg, channels_last=use_channels_last(cfg.channels_last, accelerator.device))
+    announce(cfg, accelerator, console, folder, split, decode=decode, title="finetune",
+             notes=("normalisation: " + describe_preprocessing(cfg, "the source weights' metadata"),))
     if cfg.method == "finetune":
-        announce(cfg, accelerator, console, folder, split, title="finetune",
-                 notes=("normalisation: " + describe_preprocessing(cfg, "the source weights' metadata"),))
         torch.manual_seed(cfg.seed)  # as train.py, before anything draws from torch's generator
         bn = install_synced_bn(model, extra["last_bn"])
         freeze_for_finetuning(model, last_bn=extra["last_bn"], train_bn_affine=cfg.train_bn_affine)
@@ -183,16 +186,10 @@ def apply_method(cfg, model, split, eval_meta, extra, accelerator, console, resu
         # not the last one in memory: "after" is measured on those weights
         model, shipped = load_run_model(folder.path, "best")
         return {"model": model, "folder": folder, "records": result["records"], "shipped": shipped}
-    console.print(config_table({**cfg.to_dict(), "run folder": folder.path, "dataset": split.source,
-                                "processes": accelerator.num_processes, "device": accelerator.device},
-                               title="fixres finetune: resolved config"))
     model.to(accelerator.device)
-    cfg = dataclasses.replace(cfg, channels_last=use_channels_last(cfg.channels_last, accelerator.device))
-    workers = worker_count(cfg.workers)
     extra.update(bn_stats(cfg, model, split, eval_meta, accelerator, console, workers, extra["last_bn"])
                  if cfg.method == "bn-stats" else parametric(cfg, model, split, accelerator, console, workers))
     if accelerator.is_main_process:
-        folder.start(cfg.to_dict(), split.classes)
         weights = (model.state_dict(), weights_meta(cfg, split.classes, **extra))
         folder.write_weights({"best.safetensors": weights, "last.safetensors": weights})
         write_run_export(folder.path, console)  # fit writes it for --method finetune

@@ -59,9 +59,8 @@ def resolve_preprocessing(cfg: TrainConfig, explicit: set[str], *, resumed: bool
 
 def describe_preprocessing(cfg, source: str) -> str:
     """"mean 0.485 0.456 0.406, std ..., crop_pct 0.875, bilinear: <source>", for the log."""
-    numbers = lambda values: " ".join(f"{v:g}" for v in values)  # noqa: E731
-    return (f"mean {numbers(cfg.mean)}, std {numbers(cfg.std)}, crop_pct {cfg.crop_pct:g}, {cfg.interpolation}: "
-            f"{source}")
+    mean, std = (" ".join(f"{v:g}" for v in values) for values in (cfg.mean, cfg.std))
+    return f"mean {mean}, std {std}, crop_pct {cfg.crop_pct:g}, {cfg.interpolation}: {source}"
 
 
 def default_train_transform(cfg: TrainConfig, device: torch.device):

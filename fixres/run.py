@@ -1,7 +1,7 @@
 """A Run: everything fit() (fixres/training.py) needs, assembled once from a config.
 
     folder = new_run_folder(cfg, "shapes", accelerator)             # refuses a folder that holds a run
-    announce(cfg, accelerator, console, folder, split, title="train")
+    announce(cfg, accelerator, console, folder, split, decode="cpu", title="train")
     run = build_run(cfg, accelerator, console, folder, split, model, resume=None, transforms=(train_tf, eval_tf))
 
 train.py's prepare_run builds a new model; finetune.py passes the model it loaded, frozen
@@ -25,7 +25,6 @@ from fixres import checkpoint as ckpt
 from fixres.adapt import train_only
 from fixres.config import TrainConfig
 from fixres.data import Split, build_loaders, worker_count
-from fixres.device_decode import resolve_decode
 from fixres.ema import ModelEma, epoch_score
 from fixres.engine import cosine_lr
 from fixres.models import classifier_name, load_weights_into
@@ -98,13 +97,13 @@ def resumed_config(checkpoint: ckpt.Checkpoint, cfg: TrainConfig, explicit: set[
     return type(cfg)(**saved)
 
 
-def announce(cfg, accelerator: Accelerator, console, folder: ckpt.RunFolder, split: Split, *, title: str,
+def announce(cfg, accelerator: Accelerator, console, folder: ckpt.RunFolder, split: Split, *, decode: str, title: str,
              notes: tuple[str, ...] = ()) -> None:
     """The resolved config, printed; the run folder started with it (config.json, classes.json)."""
     console.print(config_table({**cfg.to_dict(), "run folder": folder.path, "dataset": split.source,
                                 "classes": len(split.classes), "train images": len(split.train),
                                 "val images": len(split.val), "processes": accelerator.num_processes,
-                                "device": accelerator.device, "decoding on": resolve_decode(cfg.decode, accelerator.device),
+                                "device": accelerator.device, "decoding on": decode,
                                 "mixed precision": accelerator.mixed_precision},
                                title=f"fixres {title}: resolved config"))
     for note in notes:

@@ -54,11 +54,11 @@ def prepare_run(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
             cfg = resumed_config(resume, cfg, explicit)
     check_model_name(cfg.model)
     cfg, normalisation = resolve_preprocessing(cfg, explicit, resumed=resume is not None)
-    resolve_decode(cfg.decode, accelerator.device)  # --decode gpu without torchcodec: refused before any work
+    decode = resolve_decode(cfg.decode, accelerator.device)  # --decode gpu without torchcodec: refused before any work
     data, images, data_name = resolve_data(cfg, accelerator)
     split = load_split(data, images, classes=resume.meta.get("classes") if resume else None)
     folder = resume.run_folder if resume else new_run_folder(cfg, data_name, accelerator)
-    announce(cfg, accelerator, console, folder, split, title="train", notes=(f"normalisation: {normalisation}",))
+    announce(cfg, accelerator, console, folder, split, decode=decode, title="train", notes=(f"normalisation: {normalisation}",))
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
     model = create_model(cfg.model, len(split.classes), pretrained=cfg.pretrained and not resume,
                          weights=None if resume else cfg.weights, output_stride=cfg.output_stride)
