@@ -5,6 +5,8 @@ import os
 import signal
 import sys
 
+import torch.distributed as dist
+
 from fixres.checkpoint import CheckpointError
 from fixres.config import ConfigError
 from fixres.data import DataError
@@ -43,4 +45,14 @@ def run_main(main, argv=None) -> int:
             # not a handler), they end with this status rather than -15. A hang still gets its SIGKILL.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return 2
+    finally:
+        end_process_group()
     return STOPPED_EXIT if isinstance(result, dict) and result.get("stopped") else 0
+
+
+def end_process_group() -> None:
+    """Destroys the process group, if this process joined one, while the interpreter is whole: left
+    to its teardown, gloo's threads can abort the process (SIGABRT, "terminate called without an
+    active exception") after its last line, most often when it ends before the other ranks."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
