@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from fixres.cli import run_main
+from tests.script_server import shared_server
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = ("red", "green", "blue")
@@ -79,12 +80,24 @@ def script_command(script, processes: int = 1, port: int | None = None) -> list[
             f"--master_port={port or free_port()}", str(ROOT / script)]
 
 
-def start_script(script, *args, processes: int = 1, port: int | None = None, env=None, **popen) -> subprocess.Popen:
+# Runs are forked from tests/script_server.py, which has imported torch, torchvision, timm and
+# accelerate once (3.5 s of CPU a run here); FIXRES_TEST_FRESH_INTERPRETERS=1 starts each in a new one.
+FRESH_INTERPRETERS = os.environ.get("FIXRES_TEST_FRESH_INTERPRETERS") == "1"
+
+
+def start_script(script, *args, processes: int = 1, port: int | None = None, env=None, fresh: bool = False,
+                 **popen) -> subprocess.Popen:
     """Start a script in the background as a user would (one thread a process); finish() collects it.
-    Started together, several runs overlap their seconds of imports on a slow machine."""
-    return subprocess.Popen(script_command(script, processes, port) + [str(a) for a in args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **popen)
+    A process of its own, forked from the script server unless `fresh` or a preexec_fn asks for
+    a new interpreter (torchrun's workers always are)."""
+    command = script_command(script, processes, port) + [str(a) for a in args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    assert popen.keys() <= {"preexec_fn", "start_new_session"}, popen.keys()  # what both ways can do
+    if fresh or FRESH_INTERPRETERS or popen.get("preexec_fn"):
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                                **popen)
+    return shared_server({**os.environ, "OMP_NUM_THREADS": "1"}).popen(
+        command, env=env, cwd=ROOT, start_new_session=popen.get("start_new_session", False))
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -208,8 +221,10 @@ def early_runs(request, tiny_csv, tmp_path_factory):
     fixtures = {name for item in request.session.items for name in item.fixturenames}
     if "trained_run" in fixtures:
         out = tmp_path_factory.mktemp("trained")
+        # in a new interpreter, as every run was before the script server: one whole run still
+        # imports everything the way `python train.py` does
         started.start("trained_run", "train.py", "--data", tiny_csv, *TINY_TRAIN, "--epochs", "2", "--output", out,
-                      "--name", "run", folder=out / "run")
+                      "--name", "run", folder=out / "run", fresh=True)
     # a test module's own shared work, started by its start_early(started, fixtures, tmp_path_factory)
     for module in dict.fromkeys(getattr(item, "module", None) for item in request.session.items):
         if hasattr(module, "start_early"):
