@@ -38,7 +38,8 @@ def run_main(main, argv=None) -> int:
     try:
         result = main(argv)
     except USER_ERRORS as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        # one write, newline included (print makes two): the ranks' lines share torchrun's stderr
+        sys.stderr.write(f"error: {one_line(err)}\n")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # The ranks stop on the same error, but torchrun sends SIGTERM to the others once the first
             # exits, while they still tear down (seconds); ignored (Python's finalisation keeps SIG_IGN,

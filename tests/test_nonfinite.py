@@ -118,6 +118,25 @@ def test_a_nan_on_one_rank_stops_both_ranks_at_that_step_with_the_same_line(tmp_
     assert re.findall(r"^\s*exitcode\s+: (-?\d+)", stderr, re.MULTILINE) == ["2", "2"], stderr[-3000:]  # not -15
 
 
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_the_error_line_is_one_write(monkeypatch, processes):
+    """Under torchrun the ranks share one stderr, and they print the same error at the same
+    moment: a line written in two parts (print writes its newline apart) was split by the other
+    rank's, once in a suite run."""
+    from fixres.cli import run_main
+    from fixres.engine import NonFiniteLossError
+
+    writes = []
+    monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(write=writes.append, flush=lambda: None))
+    monkeypatch.setenv("WORLD_SIZE", processes)
+    monkeypatch.setattr("signal.signal", lambda *args: None)  # what a rank of two would ignore: not this test's
+
+    def fails(argv):
+        raise NonFiniteLossError("loss is nan at optimizer step 4")
+    assert run_main(fails, []) == 2
+    assert writes == ["error: loss is nan at optimizer step 4\n"]
+
+
 def main() -> int:
     sys.path.insert(0, str(ROOT))
     import fixres.engine
