@@ -96,8 +96,7 @@ def start_script(script, *args, processes: int = 1, port: int | None = None, env
     if fresh or FRESH_INTERPRETERS or popen.get("preexec_fn"):
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
                                 **popen)
-    return shared_server({**os.environ, "OMP_NUM_THREADS": "1"}).popen(
-        command, env=env, cwd=ROOT, start_new_session=popen.get("start_new_session", False))
+    return shared_server().popen(command, env=env, cwd=ROOT, start_new_session=popen.get("start_new_session", False))
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -47,11 +47,9 @@ def run_child(request: dict, stdout: int, stderr: int) -> None:
     with its status."""
     if request["new_session"]:
         os.setsid()
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    os.dup2(stdout, 1)
-    os.dup2(stderr, 2)
-    os.close(stdout)
-    os.close(stderr)
+    for fd, target in ((os.open(os.devnull, os.O_RDONLY), 0), (stdout, 1), (stderr, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
@@ -134,7 +132,7 @@ class ForkedProcess:
         self.pid: int = json.loads(connection.recv(MESSAGE_BYTES))["pid"]
         self.stdout = open(stdout, encoding="utf-8", errors="replace")
         self.stderr = open(stderr, encoding="utf-8", errors="replace")
-        self._read: dict[str, list[str]] = {}
+        self._text: list[list[str]] = [[], []]  # stdout's and stderr's, each appended whole at its end
         self._readers: list[threading.Thread] = []
 
     def _status_arrived(self, timeout: float | None) -> bool:
@@ -158,19 +156,20 @@ class ForkedProcess:
         """Both outputs whole and the exit status; TimeoutExpired leaves the reading going, so
         that a later call (after kill()) still returns everything."""
         if not self._readers:
-            for name, stream in (("stdout", self.stdout), ("stderr", self.stderr)):
-                self._read[name] = []
-                reader = threading.Thread(target=lambda s=stream, parts=self._read[name]: parts.append(s.read()),
-                                          daemon=True)
+            self._readers = [threading.Thread(target=lambda s=stream, t=text: t.append(s.read()), daemon=True)
+                             for stream, text in zip((self.stdout, self.stderr), self._text)]
+            for reader in self._readers:
                 reader.start()
-                self._readers.append(reader)
         deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
         for reader in self._readers:
-            reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            reader.join(left())
             if reader.is_alive():
                 raise subprocess.TimeoutExpired(self.args, timeout)
-        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return "".join(self._read["stdout"]), "".join(self._read["stderr"])
+        self.wait(left())
+        return "".join(self._text[0]), "".join(self._text[1])
 
     def send_signal(self, signum: int) -> None:
         if self.poll() is None:
@@ -218,13 +217,14 @@ _shared_lock = threading.Lock()
 _shared: list[ScriptServer] = []
 
 
-def shared_server(env: dict[str, str]) -> ScriptServer:
-    """The test session's server, started on first use with `env`, closed when the session's
-    interpreter exits. Here rather than in conftest.py, which is imported twice (as conftest,
-    and as tests.conftest by the files that run as scripts too)."""
+def shared_server() -> ScriptServer:
+    """The test session's server, started on first use with the one torch thread that
+    conftest.start_script gives every run (libgomp reads it when torch is imported), closed when
+    the session's interpreter exits. Here rather than in conftest.py, which is imported twice (as
+    conftest, and as tests.conftest by the files that run as scripts too)."""
     with _shared_lock:
         if not _shared:
-            _shared.append(ScriptServer(env))
+            _shared.append(ScriptServer({**os.environ, "OMP_NUM_THREADS": "1"}))
             atexit.register(_shared[0].close)
         return _shared[0]
 

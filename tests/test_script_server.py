@@ -38,8 +38,7 @@ def script(tmp_path):
 
 def start(script, *args, **kwargs):
     env = {**os.environ, "PROBE": "given"}
-    return shared_server({**os.environ, "OMP_NUM_THREADS": "1"}).popen([sys.executable, script, *args], env=env,
-                                                                      **kwargs)
+    return shared_server().popen([sys.executable, script, *args], env=env, **kwargs)
 
 
 def test_exit_status_output_environment_and_folder(script, tmp_path):
