@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -480,10 +478,3 @@ def parse_args(cls, argv, description: str, presets: dict | None = None):
     except ConfigError as err:
         parser.error(str(err))
 
-
-def load_config(cls, path: Path):
-    try:
-        values = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read config ({err})") from None
-    return cls.from_dict(values, source=str(path))

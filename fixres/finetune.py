@@ -72,7 +72,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     cfg, resume = resolve_source(cfg, explicit, console)
     if resume:  # the resumed run's own --decode
         decode = resolve_decode(cfg.decode, accelerator.device)
-    model, meta, split, source_cfg = load_source(cfg, accelerator)
+    model, meta, split, source_folder, source_cfg = load_source(cfg, accelerator)
     if "data" in source_cfg and source_cfg["data"] is None and not resume:  # the built-in data: its preset
         cfg = dataclasses.replace(cfg, **{k: v for k, v in FINETUNE_SHAPES_PRESET.items() if k not in explicit})
     output = cfg.output or str(beside_source(Path(meta["weights_path"])))
@@ -95,8 +95,8 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     sweep = dict(batch_size=cfg.batch_size, workers=worker_count(cfg.workers), activations=True, decode=decode)
     predicted = recommended_test_res(train_res=train_res, crop_pct=cfg.crop_pct, scale=(cfg.min_scale, 1.0))
     if cfg.res == "auto":
-        res, why, choice_rows = choose_res(cfg, model, eval_meta, split, cfg.crop_pct, accelerator, console, sweep,
-                                           train_res=train_res, predicted=predicted, last_bn=last_bn)
+        res, why, choice_rows = choose_res(cfg, model, eval_meta, split, accelerator, console, sweep,
+                                           predicted=predicted, last_bn=last_bn)
         chosen_on = f"{choice_rows[0]['count']} training images"
         console.print(why)
     else:
@@ -106,13 +106,12 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     with EpochProgress(console, f"before: {len(sizes)} size(s)", len(split.val)) as bar:
         # a copy: run_sweep moves the model inside inference_mode, after which it cannot be trained
         rows = run_sweep(copy.deepcopy(model), eval_meta, split, sizes, cfg.crop_pct, accelerator, progress=bar, **sweep)
-    source_name = ckpt.RunFolder.holding(meta["weights_path"])
-    source_name = source_name.path.name if source_name else Path(meta["weights_path"]).stem
+    source_name = source_folder.name if source_folder else Path(meta["weights_path"]).stem
     cfg = dataclasses.replace(cfg, res=res, test_res=res,
                               name=cfg.name or f"{source_name}-{cfg.method}-{res}px-{time.strftime('%Y%m%d-%H%M%S')}")
     extra = dict(finetune_res=res, finetune_method=cfg.method, finetuned_from=meta["weights_path"], last_bn=last_bn)
     start = time.perf_counter()
-    applied = apply_method(cfg, model, split, eval_meta, extra, accelerator, console, resume, decode, sweep["workers"])
+    applied = apply_method(cfg, model, split, extra, accelerator, console, resume, decode, sweep["workers"])
     if applied.get("stopped"):
         return applied
     seconds = time.perf_counter() - start
@@ -148,10 +147,10 @@ def resolve_source(cfg: FinetuneConfig, explicit: set[str], console) -> tuple[Fi
 
 
 def load_source(cfg: FinetuneConfig, accelerator) -> tuple:
-    """(model, its metadata, the data split, the source run's config) of --checkpoint."""
+    """(model, its metadata, the data split, the source run folder or None, its config) of --checkpoint."""
     ckpt.classifier_metadata(cfg.checkpoint)  # a one-line error for weights that are not a fixres classifier
     try:
-        model, meta, split, _, source_cfg = load_for_sweep(
+        model, meta, split, source_folder, source_cfg = load_for_sweep(
             SweepConfig(checkpoint=cfg.checkpoint, data=cfg.data, images=cfg.images), accelerator)
     except DataError as err:
         if str(err).endswith("the validation split is empty"):
@@ -161,10 +160,10 @@ def load_source(cfg: FinetuneConfig, accelerator) -> tuple:
     if cfg.method == "parametric" and hasattr(model, adapt.ADAPTER):
         raise ConfigError(f"--method parametric: {meta['weights_path']} carries a parametric adapter already; "
                           f"adapt the run it came from ({meta.get('finetuned_from', 'its source')})")
-    return model, meta, split, source_cfg
+    return model, meta, split, source_folder, source_cfg
 
 
-def apply_method(cfg, model, split, eval_meta, extra, accelerator, console, resume, decode, workers) -> dict:
+def apply_method(cfg, model, split, extra, accelerator, console, resume, decode, workers) -> dict:
     """--method finetune: train.py's fit on the frozen model, its last BN synced and in train
     mode; bn-stats and parametric: no gradients. {"model": the weights the run ships, "folder",
     "records", "shipped": their metadata} (or fit's {"stopped": True})."""
@@ -187,7 +186,7 @@ def apply_method(cfg, model, split, eval_meta, extra, accelerator, console, resu
         model, shipped = load_run_model(folder.path, "best")
         return {"model": model, "folder": folder, "records": result["records"], "shipped": shipped}
     model.to(accelerator.device)
-    extra.update(bn_stats(cfg, model, split, eval_meta, accelerator, console, workers, extra["last_bn"])
+    extra.update(bn_stats(cfg, model, split, accelerator, console, workers, extra["last_bn"])
                  if cfg.method == "bn-stats" else parametric(cfg, model, split, accelerator, console, workers))
     if accelerator.is_main_process:
         weights = (model.state_dict(), weights_meta(cfg, split.classes, **extra))

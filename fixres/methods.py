@@ -19,14 +19,13 @@ from fixres.runtime import use_channels_last
 from fixres.resolution import default_sizes
 from fixres.stats import add_differences
 from fixres.sweep import run_sweep
-from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from fixres.transforms import eval_transform
 
 
 CHOICE_KEYS = ("size", "top1", "top5", "loss", "count", "diff_vs_train", "diff_low", "diff_high", "gained", "lost")
 
 
-def choose_res(cfg, model, eval_meta, split, crop_pct, accelerator, console, sweep, *, train_res, predicted,
-                last_bn):
+def choose_res(cfg, model, eval_meta, split, accelerator, console, sweep, *, predicted, last_bn):
     """--res auto: the size that does best on --choice-images training images (drawn with
     --seed) once the last BN's statistics are re-estimated there: a seconds-long stand-in for
     fine-tuning at every size, which moves the best size up (the paper's point; without it the
@@ -34,6 +33,7 @@ def choose_res(cfg, model, eval_meta, split, crop_pct, accelerator, console, swe
     the validation images that then report before and after: a size chosen on those would
     carry the luck of the choice into the reported gain.
     Returns (size, the printed reason, the sweep's rows)."""
+    train_res = cfg.train_res
     # FixRes tests higher: the default ladder from the training size up (--sizes: any)
     sizes = sorted(set(cfg.sizes or [s for s in default_sizes(train_res, predicted) if s >= train_res]) | {train_res})
     images = seeded_subset(split.train, cfg.choice_images, cfg.seed)
@@ -41,8 +41,8 @@ def choose_res(cfg, model, eval_meta, split, crop_pct, accelerator, console, swe
     for size in sizes:
         trial = copy.deepcopy(model).to(accelerator.device)
         with EpochProgress(console, f"choosing: {size} px, last BN re-estimated", len(images)) as bar:
-            reestimate_last_bn(trial, images, size, cfg, eval_meta, crop_pct, accelerator, sweep["workers"], last_bn)
-            rows += run_sweep(trial, eval_meta, split, [size], crop_pct, accelerator, progress=bar, samples=images,
+            reestimate_last_bn(trial, images, size, cfg, accelerator, sweep["workers"], last_bn)
+            rows += run_sweep(trial, eval_meta, split, [size], cfg.crop_pct, accelerator, progress=bar, samples=images,
                               **{**sweep, "activations": False})
     by_size = {r["size"]: r for r in add_differences(rows, train_res)}
     res = max(rows, key=lambda r: (r["top1"], r["size"]))["size"]
@@ -62,20 +62,20 @@ def seeded_subset(samples: list, count: int, seed: int) -> list:
     return [samples[i] for i in order[:count].tolist()]
 
 
-def bn_stats(cfg, model, split, eval_meta, accelerator, console, workers, last_bn) -> dict:
+def bn_stats(cfg, model, split, accelerator, console, workers, last_bn) -> dict:
     """The last BN's running statistics, re-estimated over the training split at the new
     resolution with the test preprocessing (one pass, no gradients)."""
     with EpochProgress(console, f"bn-stats at {cfg.res} px", len(split.train)):
-        seen = reestimate_last_bn(model, split.train, cfg.res, cfg, eval_meta, cfg.crop_pct, accelerator, workers,
-                                   last_bn)
+        seen = reestimate_last_bn(model, split.train, cfg.res, cfg, accelerator, workers, last_bn)
     return {"bn_stats_images": seen}
 
 
-def reestimate_last_bn(model, samples, size, cfg, eval_meta, crop_pct, accelerator, workers, last_bn) -> int:
-    """Every sample counts once: a shuffled order cut into rounds of --batch-size per process,
+def reestimate_last_bn(model, samples, size, cfg, accelerator, workers, last_bn) -> int:
+    """The last BN's statistics over `samples` at `size`, preprocessed as the run tests.
+    Every sample counts once: a shuffled order cut into rounds of --batch-size per process,
     the last round partial, not padded by Accelerate's repeats nor dropped. Returns the images seen."""
-    tf = eval_transform(size=size, crop_pct=crop_pct, interpolation=eval_meta["interpolation"],
-                        mean=eval_meta.get("mean", IMAGENET_MEAN), std=eval_meta.get("std", IMAGENET_STD))
+    tf = eval_transform(size=size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, mean=cfg.mean,
+                        std=cfg.std)
     order = EpochSampler(len(samples), cfg.seed).order()
     rounds = [[order[i] for i in batch] for batch in
               round_batches(len(order), cfg.batch_size, accelerator.process_index, accelerator.num_processes)]
@@ -98,7 +98,7 @@ def parametric(cfg, model, split, accelerator, console, workers) -> dict:
                                              collate_fn=collate_skipping, num_workers=workers)
         with EpochProgress(console, f"pooled features at {size} px", len(subset)):
             features = adapt.pooled_features(model, accelerator.prepare(loader), accelerator,
-                                             channels_last=cfg.channels_last)
+                                             channels_last=use_channels_last(cfg.channels_last, accelerator.device))
         fits[size] = adapt.fit_gev(features, per_feature=cfg.parametric_scope == "feature")
     adapter = adapt.FrechetAdapter(*fits[cfg.res], *fits[cfg.train_res])
     adapt.attach_adapter(model, adapter.to(accelerator.device))

@@ -86,23 +86,28 @@ def default_train_transform(cfg: TrainConfig, device: torch.device):
 
 def default_eval_transform(cfg: TrainConfig, device: torch.device):
     """train.py's validation preprocessing at --test-res, on `device` with --decode gpu."""
-    if resolve_decode(cfg.decode, device) == "gpu":
-        return ReadForDevice(ResizeSpec((cfg.eval_res,), cfg.crop_pct, cfg.interpolation), skip_bad=cfg.skip_bad_images)
-    return eval_transform(size=cfg.eval_res, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
-                          mean=cfg.mean, std=cfg.std)
+    return validation_transform(cfg, cfg.eval_res, resolve_decode(cfg.decode, device))
+
+
+def validation_transform(cfg, size: int, decode: str):
+    """Resize and centre crop at `size` with the run's crop_pct, interpolation and normalisation;
+    with decode "gpu" the workers read bytes and the device decodes (uint8, normalised later)."""
+    if decode == "gpu":
+        return ReadForDevice(ResizeSpec((size,), cfg.crop_pct, cfg.interpolation), skip_bad=cfg.skip_bad_images)
+    return eval_transform(size=size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, mean=cfg.mean,
+                          std=cfg.std)
 
 
 def finetune_transforms(cfg, decode: str) -> tuple:
     """(training, evaluation) transforms at --res. With --decode gpu the evaluation and --aug
     test / rrc decode on the device; test+ (flip, jitter, shifted crop) has no device version
     and stays in the workers."""
-    resize = dict(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
-    normalised = dict(resize, mean=cfg.mean, std=cfg.std)
-    training = finetune_transform(aug=cfg.aug, size=cfg.res, min_scale=cfg.min_scale, **normalised)
+    training = finetune_transform(aug=cfg.aug, size=cfg.res, min_scale=cfg.min_scale, crop_pct=cfg.crop_pct,
+                                  interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)
+    evaluation = validation_transform(cfg, cfg.res, decode)
     if decode != "gpu":
-        return training, eval_transform(size=cfg.res, **normalised)
+        return training, evaluation
     # on the device: uint8 batches, normalised with cfg.mean / cfg.std by the training loop
-    evaluation = ReadForDevice(ResizeSpec((cfg.res,), **resize), skip_bad=cfg.skip_bad_images)
     if cfg.aug == "test":
         return evaluation, evaluation
     if cfg.aug == "rrc":
