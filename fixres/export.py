@@ -1,9 +1,9 @@
 """A run's timm export: its weights in timm's Hugging Face Hub layout, written by timm itself.
 
     runs/<name>/timm/config.json        architecture, num_classes, label_names, model_args (output_stride,
-                                        ...) and pretrained_cfg: input_size (the training size),
-                                        test_input_size (the FixRes size), crop_pct, test_crop_pct,
-                                        interpolation, mean, std
+                                        ...) and pretrained_cfg: input_size (the training size; a
+                                        finetune.py run's new size), test_input_size (the FixRes
+                                        size), crop_pct, test_crop_pct, interpolation, mean, std
     runs/<name>/timm/model.safetensors  the weights, timm's own parameter names
 
     import timm
@@ -15,18 +15,24 @@
     python validate.py /data/val --model local-dir:runs/<name>/timm --pretrained   # timm's script
     huggingface-cli upload <user>/<repo> runs/<name>/timm                         # publish as is
 
+    from transformers import AutoImageProcessor, AutoModelForImageClassification   # at input_size
+    model = AutoModelForImageClassification.from_pretrained("runs/<name>/timm")
+
 train.py and finetune.py write it from best.safetensors when they finish; `sweep.py
 --write-best` writes it again with the sweep's best size as test_input_size. timm's
 `save_for_hf` writes the folder under a temporary name; it is then loaded back with
-`timm.create_model("local-dir:...")` and checked (the class names, the preprocessing that
-resolve_data_config gives, and the outputs on a random batch at the test size) before it
-replaces the previous export. An export that timm would build or preprocess differently
-from fixres is not written: ExportError says why. A torchvision model has no timm export,
-and neither has a parametric fine-tuning run (timm cannot load its adapter).
+`timm.create_model("local-dir:...")` and checked (the class names, the preprocessing
+that resolve_data_config gives at both sizes, and the outputs on a random
+batch at the test size) before it replaces the previous export. An export that timm would
+build or preprocess differently from fixres is not written: ExportError says why. A
+torchvision model has no timm export, and neither has a parametric fine-tuning run (timm
+cannot load its adapter). config.json's model_args leave out num_classes (at its root):
+transformers passes its own.
 """
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -47,9 +53,14 @@ class ExportError(ValueError):
 
 
 def export_data_config(meta: dict) -> dict:
-    """timm's preprocessing fields for fixres weights metadata: trained at train_res, tested at
-    test_res (the FixRes size), the same crop ratio at both."""
-    return {"input_size": (3, int(meta["train_res"]), int(meta["train_res"])),
+    """timm's preprocessing fields for fixres weights metadata: input_size is the size the model
+    was made at (train_res; finetune_res for a finetune.py run: a model fine-tuned at a size is
+    a model of that size, as timm's own fine-tuned configs say), test_input_size the size to
+    test at (test_res: the FixRes size, sweep.py --write-best's), the same crop ratio at both.
+    input_size is what a plain resolve_data_config and transformers' image processor (which
+    never reads test_input_size) preprocess for."""
+    made_at = int(meta.get("finetune_res") or meta["train_res"])
+    return {"input_size": (3, made_at, made_at),
             "test_input_size": (3, int(meta["test_res"]), int(meta["test_res"])),
             "crop_pct": float(meta.get("crop_pct", 0.875)), "test_crop_pct": float(meta.get("crop_pct", 0.875)),
             "interpolation": meta.get("interpolation", "bilinear"),
@@ -82,6 +93,7 @@ def export_timm(weights: Path, out_dir: Path) -> Path:
         save_for_hf(model, str(tmp), model_config={"label_names": list(meta["classes"]),
                                                    "pretrained_cfg": {"tag": None, "license": None}},
                     model_args=model_args, safe_serialization=True, data_config=data_config)
+        _drop_num_classes_arg(tmp / "config.json")
         check_export(tmp, model, meta, data_config)
         os.chmod(tmp, 0o777 & ~ckpt._UMASK)
         _replace_dir(tmp, out_dir)
@@ -118,6 +130,15 @@ def check_export(folder: Path, model: torch.nn.Module, meta: dict, data_config: 
                           f"{(ours - theirs).abs().max().item() if ours.shape == theirs.shape else 'in shape'}): "
                           f"it is built with other arguments than {meta['model']} was "
                           f"(model_args {getattr(model, '_model_args', {})})")
+
+
+def _drop_num_classes_arg(config_path: Path) -> None:
+    """timm writes num_classes both at the config's root and in model_args; transformers'
+    TimmWrapper passes its own num_classes beside model_args and stops on the repeat ("got
+    multiple values for keyword argument"). timm reads the root's."""
+    config = json.loads(config_path.read_text())
+    config.get("model_args", {}).pop("num_classes", None)
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def _replace_dir(new: Path, final: Path) -> None:

@@ -9,22 +9,26 @@ timm.create_model("local-dir:..."), preprocessed by timm's own eval transform fr
 resolve_data_config(use_test_size=True), and compares with our sweep image by image.
 """
 import json
+import shutil
 
+import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from fixres import finetune as finetune_lib
 from fixres import sweep as sweep_lib
 from fixres.checkpoint import load_weights, save_weights
-from fixres.config import SweepConfig, TrainConfig
+from fixres.config import FinetuneConfig, SweepConfig, TrainConfig
 from fixres.data import load_split
 from fixres.engine import top5_hits
-from fixres.export import EXPORT_DIR, ExportError, check_export, export_data_config, write_run_export
-from fixres.models import pretrained_preprocessing
+from fixres.export import EXPORT_DIR, ExportError, check_export, export_data_config, write_best_size, write_run_export
+from fixres.models import load_run_model, pretrained_preprocessing
 from fixres.report import make_console
 from fixres.preprocessing import resolve_preprocessing
+from fixres.transforms import eval_transform
 from tests.conftest import TINY_TRAIN, finish, run_script, start_script
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -134,6 +138,61 @@ def test_an_export_that_timm_builds_otherwise_is_refused(tmp_path):
     with pytest.raises(ExportError, match="computes other outputs"):
         check_export(tmp_path / "x", ours, meta, data_config)
     check_export(tmp_path / "x", plain.eval(), meta, data_config)  # the model it is: accepted
+
+
+def non_square_images() -> list[Image.Image]:
+    """Landscape and portrait noise: a squash and a centre crop of them differ."""
+    rng = np.random.default_rng(0)
+    return [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for w, h in ((48, 40), (40, 64))]
+
+
+@pytest.fixture(scope="module")
+def fixres_sizes(tmp_path_factory, trained_run):
+    """trained_run (trained at 32 px), copied, told by sweep --write-best to test at 40 px; and
+    finetune.py of it at 40 px (one epoch). Each: (run folder, the size the model is, the size
+    fixres tests it at)."""
+    root = tmp_path_factory.mktemp("sizes")
+    trained = root / "trained"
+    shutil.copytree(ok(trained_run[0]) and trained_run[1], trained)
+    finetune_lib.finetune(FinetuneConfig(checkpoint=str(trained), res=40, epochs=1, batch_size=30, workers=0, cpu=True,
+                                         output=str(root), name="ft40"))
+    write_best_size(trained / "best.safetensors", trained, 40, 0.875, make_console(True))
+    return {"train": (trained, 32, 40), "finetune": (root / "ft40", 40, 40)}
+
+
+@pytest.mark.parametrize("job", ["train", "finetune"])
+def test_transformers_evaluates_the_export_as_fixres_at_the_models_size(fixres_sizes, tiny_csv, job, monkeypatch):
+    """Hugging Face transformers (TimmWrapper) loads the export from its folder, and its image
+    processor, which reads input_size (never test_input_size), gives fixres's logits at the
+    size the model is: train.py's training size (its FixRes size is test_input_size, timm's
+    use_test_size), finetune.py's fine-tuned size."""
+    transformers = pytest.importorskip("transformers", reason="transformers (optional, .ci/run) is not installed")
+    if not hasattr(transformers, "TimmWrapperForImageClassification"):
+        pytest.skip(f"transformers {transformers.__version__} has no TimmWrapper (4.47 added it)")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run, size, test_size = fixres_sizes[job]
+    export = str(run / EXPORT_DIR)
+    model = transformers.AutoModelForImageClassification.from_pretrained(export, local_files_only=True).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(export, local_files_only=True)
+    assert model.config.id2label == {0: "blue", 1: "green", 2: "red"}
+    # the validation images (48 x 40) and a portrait one
+    split = load_split(tiny_csv, None, classes=["blue", "green", "red"])
+    images = [Image.open(path).convert("RGB") for path, _ in split.val] + non_square_images()[1:]
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (len(images), 3, size, size)
+    ours_model, meta = load_run_model(run)
+    ours = eval_transform(size=size, crop_pct=meta["crop_pct"], interpolation=meta["interpolation"], mean=meta["mean"],
+                          std=meta["std"])
+    with torch.inference_mode():
+        theirs = model(pixel_values=pixels).logits
+        want = ours_model.eval()(torch.stack([ours(img) for img in images]))
+    torch.testing.assert_close(theirs, want, rtol=1e-4, atol=1e-5)
+    timm_model = timm.create_model(f"local-dir:{export}", pretrained=True)  # timm's default: the test size
+    config = timm.data.resolve_data_config({}, model=timm_model, use_test_size=True)
+    assert config["input_size"] == (3, test_size, test_size)
+    if job == "finetune":  # finetune.json's top-1 after fine-tuning, image for image
+        right = (theirs[:len(split.val)].argmax(1) == torch.tensor([label for _, label in split.val])).sum().item()
+        assert right == round(json.loads((run / "finetune.json").read_text())["top1"]["after"] * len(split.val))
 
 
 def test_no_export_for_a_torchvision_model(tmp_path, capsys):
