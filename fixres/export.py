@@ -3,7 +3,8 @@
     runs/<name>/timm/config.json        architecture, num_classes, label_names, model_args (output_stride,
                                         ...) and pretrained_cfg: input_size (the training size; a
                                         finetune.py run's new size), test_input_size (the FixRes
-                                        size), crop_pct, test_crop_pct, interpolation, mean, std
+                                        size), crop_pct, test_crop_pct, crop_mode ("center"),
+                                        interpolation, mean, std
     runs/<name>/timm/model.safetensors  the weights, timm's own parameter names
 
     import timm
@@ -21,8 +22,8 @@
 train.py and finetune.py write it from best.safetensors when they finish; `sweep.py
 --write-best` writes it again with the sweep's best size as test_input_size. timm's
 `save_for_hf` writes the folder under a temporary name; it is then loaded back with
-`timm.create_model("local-dir:...")` and checked (the class names, the preprocessing
-that resolve_data_config gives at both sizes, and the outputs on a random
+`timm.create_model("local-dir:...")` and checked (the class names, every field of the
+preprocessing that resolve_data_config gives at both sizes, and the outputs on a random
 batch at the test size) before it replaces the previous export. An export that timm would
 build or preprocess differently from fixres is not written: ExportError says why. A
 torchvision model has no timm export, and neither has a parametric fine-tuning run (timm
@@ -52,18 +53,24 @@ class ExportError(ValueError):
     """A run that cannot be exported for timm as it evaluates in fixres; the message says why."""
 
 
+# what timm's eval transform reads (resolve_data_config -> create_transform); the check compares each
+TRANSFORM_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+
+
 def export_data_config(meta: dict) -> dict:
     """timm's preprocessing fields for fixres weights metadata: input_size is the size the model
     was made at (train_res; finetune_res for a finetune.py run: a model fine-tuned at a size is
     a model of that size, as timm's own fine-tuned configs say), test_input_size the size to
     test at (test_res: the FixRes size, sweep.py --write-best's), the same crop ratio at both.
     input_size is what a plain resolve_data_config and transformers' image processor (which
-    never reads test_input_size) preprocess for."""
+    never reads test_input_size) preprocess for. crop_mode is always given: fixres resizes
+    the shorter side and crops the centre, and without it timm keeps the architecture's
+    default, "squash" or "border" for some (tf_efficientnetv2_*, dm_nfnet_*, ..._384 tags)."""
     made_at = int(meta.get("finetune_res") or meta["train_res"])
     return {"input_size": (3, made_at, made_at),
             "test_input_size": (3, int(meta["test_res"]), int(meta["test_res"])),
             "crop_pct": float(meta.get("crop_pct", 0.875)), "test_crop_pct": float(meta.get("crop_pct", 0.875)),
-            "interpolation": meta.get("interpolation", "bilinear"),
+            "crop_mode": "center", "interpolation": meta.get("interpolation", "bilinear"),
             "mean": tuple(meta.get("mean", IMAGENET_MEAN)), "std": tuple(meta.get("std", IMAGENET_STD))}
 
 
@@ -115,8 +122,7 @@ def check_export(folder: Path, model: torch.nn.Module, meta: dict, data_config: 
         raise ExportError("timm's loaded model does not carry the class names")
     for use_test_size, size_key in ((True, "test_input_size"), (False, "input_size")):
         got = timm.data.resolve_data_config({}, model=loaded, use_test_size=use_test_size)
-        want = {"input_size": data_config[size_key], "crop_pct": data_config["crop_pct"],
-                "interpolation": data_config["interpolation"], "mean": data_config["mean"], "std": data_config["std"]}
+        want = {key: data_config[size_key if key == "input_size" else key] for key in TRANSFORM_KEYS}
         differs = [k for k, v in want.items() if (tuple(got[k]) if isinstance(v, tuple) else got[k]) != v]
         if differs:
             raise ExportError(f"timm resolves another preprocessing from the export ({', '.join(differs)}: "
@@ -174,13 +180,12 @@ def write_run_export(run_dir: Path, console, weights: Path | None = None) -> Pat
 def timm_overlay(weights: str | Path) -> dict:
     """`pretrained_cfg_overlay` for timm.create_model(name, num_classes=n, pretrained=True, ...):
     the file, plus the class count (without it timm drops a classifier whose size differs
-    from the architecture's default 1000) and the preprocessing the weights expect."""
+    from the architecture's default 1000) and the preprocessing the weights expect, every
+    field of the export's (an overlay only replaces what it names: the architecture's
+    test_input_size and crop_mode would stay)."""
     path = ckpt.find_weights(Path(weights))
     meta = ckpt.classifier_metadata(path)
-    return {"file": str(path), "num_classes": len(meta["classes"]),
-            "input_size": tuple(meta.get("input_size") or (3, meta["test_res"], meta["test_res"])),
-            "crop_pct": meta.get("crop_pct", 0.875), "interpolation": meta.get("interpolation", "bilinear"),
-            "mean": tuple(meta.get("mean", IMAGENET_MEAN)), "std": tuple(meta.get("std", IMAGENET_STD))}
+    return {"file": str(path), "num_classes": len(meta["classes"]), **export_data_config(meta)}
 
 
 def write_best_size(weights: Path, run_dir: Path | None, size: int, crop_pct: float, console) -> None:

@@ -24,8 +24,9 @@ from fixres.checkpoint import load_weights, save_weights
 from fixres.config import FinetuneConfig, SweepConfig, TrainConfig
 from fixres.data import load_split
 from fixres.engine import top5_hits
-from fixres.export import EXPORT_DIR, ExportError, check_export, export_data_config, write_best_size, write_run_export
-from fixres.models import load_run_model, pretrained_preprocessing
+from fixres.export import (EXPORT_DIR, ExportError, check_export, export_data_config, timm_overlay, write_best_size,
+                           write_run_export)
+from fixres.models import create_model, load_run_model, pretrained_preprocessing
 from fixres.report import make_console
 from fixres.preprocessing import resolve_preprocessing
 from fixres.transforms import eval_transform
@@ -140,10 +141,68 @@ def test_an_export_that_timm_builds_otherwise_is_refused(tmp_path):
     check_export(tmp_path / "x", plain.eval(), meta, data_config)  # the model it is: accepted
 
 
+# An architecture whose timm default crop_mode is "squash" (and whose default test_input_size,
+# 300 px, and test_crop_pct-less config are not ours): timm.models.get_pretrained_cfg says so.
+SQUASHING = "tf_efficientnetv2_b3"
+
+
 def non_square_images() -> list[Image.Image]:
     """Landscape and portrait noise: a squash and a centre crop of them differ."""
     rng = np.random.default_rng(0)
     return [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for w, h in ((48, 40), (40, 64))]
+
+
+def timm_pixels(model, images, use_test_size: bool) -> tuple[torch.Tensor, dict]:
+    """What timm's own eval transform makes of `images`, from the model's pretrained_cfg."""
+    config = timm.data.resolve_data_config({}, model=model, use_test_size=use_test_size)
+    transform = timm.data.create_transform(**config, is_training=False)
+    return torch.stack([transform(img) for img in images]), config
+
+
+def test_timm_crops_non_square_images_as_fixres_for_a_squashing_architecture(tmp_path, capsys):
+    """timm's default for SQUASHING resizes a whole non-square image to a square; fixres resizes
+    the shorter side and crops the centre. The export (as train.py and sweep --write-best write
+    it) and timm_overlay must make timm preprocess and predict as fixres does."""
+    assert timm.models.get_pretrained_cfg(SQUASHING).crop_mode == "squash"
+    torch.manual_seed(0)
+    weights = tmp_path / "best.safetensors"
+    meta = {"model": SQUASHING, "classes": ["a", "b", "c"], "num_classes": 3, "train_res": 32, "test_res": 32,
+            "input_size": [3, 32, 32], "crop_pct": 0.875, "interpolation": "bilinear", "mean": [0.5] * 3,
+            "std": [0.25] * 3}
+    save_weights(weights, create_model(SQUASHING, 3).state_dict(), meta)
+    assert write_run_export(tmp_path, make_console(True)) is not None
+    write_best_size(weights, tmp_path, 40, 0.875, make_console(True))  # sweep.py --write-best: test at 40 px
+    assert "timm export: none" not in capsys.readouterr().out
+    ours_model, _ = load_run_model(weights)
+    images = non_square_images()
+    exported = timm.create_model(f"local-dir:{tmp_path / EXPORT_DIR}", pretrained=True).eval()
+    overlaid = timm.create_model(SQUASHING, num_classes=3, pretrained=True,
+                                 pretrained_cfg_overlay=timm_overlay(weights)).eval()
+    for model, use_test_size, size in ((exported, True, 40), (exported, False, 32), (overlaid, True, 40),
+                                       (overlaid, False, 32)):
+        # fixres's preprocessing at the size this model is trained (32) or tested (40) at
+        ours = eval_transform(size=size, crop_pct=0.875, interpolation="bilinear", mean=[0.5] * 3, std=[0.25] * 3)
+        want = torch.stack([ours(img) for img in images])
+        got, config = timm_pixels(model, images, use_test_size)
+        assert config["input_size"] == (3, size, size), (model is overlaid, use_test_size)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6,
+                                   msg=lambda m: f"{config} (overlay: {model is overlaid}): {m}")
+        with torch.inference_mode():
+            theirs_logits, our_logits = model(got), ours_model.eval()(want)
+        torch.testing.assert_close(theirs_logits, our_logits, rtol=1e-4, atol=1e-5)
+        assert theirs_logits.argmax(1).tolist() == our_logits.argmax(1).tolist()
+
+
+def test_an_export_that_timm_crops_otherwise_is_refused(tmp_path):
+    """save_for_hf without crop_mode keeps SQUASHING's "squash": the check names the field."""
+    model = create_model(SQUASHING, 3).eval()
+    meta = {"model": SQUASHING, "classes": ["a", "b", "c"], "train_res": 32, "test_res": 40}
+    data_config = export_data_config(meta)
+    squashing = {k: v for k, v in data_config.items() if k != "crop_mode"}
+    timm.models.save_for_hf(model, str(tmp_path / "x"), model_config={"label_names": meta["classes"]},
+                            safe_serialization=True, data_config=squashing)
+    with pytest.raises(ExportError, match=r"crop_mode: \{'crop_mode': 'squash'\} instead of \{'crop_mode': 'center'\}"):
+        check_export(tmp_path / "x", model, meta, data_config)
 
 
 @pytest.fixture(scope="module")
