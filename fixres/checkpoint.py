@@ -235,13 +235,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def newest_checkpoint(output: Path) -> Checkpoint | None:
-    """The most recently written readable checkpoint of any run under `output` (an unreadable
-    newer one is passed over with a warning)."""
+    """The newest readable checkpoint of the run under `output` that wrote a checkpoint last.
+    The run is chosen first, from the files' times alone: a newest checkpoint that cannot be
+    read is passed over (with a warning) only for an older one of the same run, never for
+    another run's."""
     output = Path(output)
-    if not output.is_dir():
+    runs = [run for run in output.iterdir() if run.is_dir() and list_checkpoints(run)] if output.is_dir() else []
+    if not runs:
         return None
-    found = [c for run in output.iterdir() if run.is_dir() for c in list_checkpoints(run)]
-    return newest_readable(sorted(found, key=lambda c: (c / STATE_FILE).stat().st_mtime))
+    written = lambda run: max((c / STATE_FILE).stat().st_mtime for c in list_checkpoints(run))  # noqa: E731
+    return newest_readable(list_checkpoints(max(runs, key=written)))
 
 
 @dataclass
@@ -313,10 +316,10 @@ def newest_run(folder: Path, *, trained_only: bool = False) -> Path:
 def resolve_resume(resume: str, output: Path, name: str | None = None) -> Checkpoint | None:
     """--resume: 'auto', a run folder, or a checkpoint folder, read. 'auto' is the newest
     checkpoint of the run called `name` under output when a name is given (what a requeued
-    SLURM job needs: its own run, not another job's), else the newest of any run under output;
-    None when there is none. A run's newest checkpoint that cannot be read (truncated,
-    corrupted) is passed over for the one before, with a warning; a checkpoint folder given
-    is taken as is."""
+    SLURM job needs: its own run, not another job's), else of the run under output that wrote
+    a checkpoint last; None when there is none. A run's newest checkpoint that cannot be read
+    (truncated, corrupted) is passed over for the one before in the same run, with a warning;
+    a checkpoint folder given is taken as is."""
     if resume == "auto":
         if name:
             return newest_readable(list_checkpoints(Path(output) / name))
