@@ -36,7 +36,7 @@ from fixres import cli
 from fixres.config import TrainConfig, parse_args
 from fixres.data import BadImageError, open_image
 from tests import kill_harness as harness
-from tests.conftest import TINY_TRAIN, error_line, finish, free_port, start_script
+from tests.conftest import TINY_TRAIN, error_line, finish, free_port, run_script, start_script
 
 # 60 training images in batches of 16: 3 optimizer steps an epoch, a checkpoint after each
 # epoch, and from the third on one pruned (two are kept)
@@ -259,6 +259,32 @@ def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_from_it(reference, 
     assert [r["val_acc"] for r in ours] == [r["val_acc"] for r in theirs]
     assert [r["val_loss"] for r in ours] == [r["val_loss"] for r in theirs]
     record("graceful stop", "resumed to the end", "final weights equal the uninterrupted run's")
+
+
+@pytest.mark.slow
+def test_a_stop_mid_epoch_with_skipped_images_resumes_after_the_batches_done(tiny_csv, tmp_path):
+    """--skip-bad-images: a batch holds fewer images than --batch-size, so the position in the
+    epoch is counted in batches, not images; the resumed run then equals an uninterrupted one."""
+    data = shutil.copytree(tiny_csv.parent, tmp_path / "data")
+    for i in range(0, 60, 2):  # half the training images: every batch of 16 skips some
+        (data / "images" / f"{i:04d}.jpg").write_bytes(b"not a jpeg")
+
+    def args(out, *extra):
+        return ["--data", data / "labels.csv", *TINY_TRAIN, "--epochs", 2, "--seed", 0, "--output", out,
+                "--name", "run", "--skip-bad-images", *extra]
+
+    whole = start_script("train.py", *args(tmp_path / "whole"))  # beside the stopped one
+    run = tmp_path / "runs" / "run"
+    process, _ = started_paused(args(tmp_path / "runs", "--resume", "auto"), tmp_path / "events.jsonl", "train step 4")
+    process.send_signal(signal.SIGTERM)  # step 4 is epoch 2's second batch: it runs, then the run stops
+    stopped = finish(process)
+    assert f"checkpoint saved at epoch 2, batch 2; continue with --resume {run}" in stopped.stdout, stopped.stdout[-2000:]
+    resumed = assert_ok(run_script("train.py", *args(tmp_path / "runs", "--resume", "auto")))
+    assert f"resumed from {run / 'checkpoints' / 'epoch-0001-step-000005'} at epoch 2, batch 2" in resumed.stdout
+    assert_ok(finish(whole))
+    assert_same_weights(tmp_path / "whole" / "run" / "last.safetensors", run / "last.safetensors")
+    ours, theirs = metrics(run), metrics(tmp_path / "whole" / "run")
+    assert [(r["val_acc"], r["val_loss"]) for r in ours] == [(r["val_acc"], r["val_loss"]) for r in theirs]
 
 
 # ----------------------------------------------------------------------------- a rank dies or hangs
