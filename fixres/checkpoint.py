@@ -18,6 +18,10 @@
                            (tensors and plain values only, read with torch.load(weights_only=True));
                            no RNG state: the data order and augmentation are functions of
                            (seed, epoch, sample), see fixres/training.py
+        best-so-far.safetensors
+                           when an earlier epoch is the best: best.safetensors as it was (a hard
+                           link where the file system allows), so that a resume from here can put
+                           it back after a later epoch, which the resume discards, replaced it
 
 Every file is written to a temporary name and renamed, and a checkpoint folder is
 built under a temporary name and renamed, so a crash at any moment leaves the
@@ -48,6 +52,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
+BEST_SO_FAR_FILE = "best-so-far.safetensors"
 META_KEY = "fixres"
 
 
@@ -175,10 +180,18 @@ def checkpoint_name(epoch: int, step: int) -> str:
     return f"epoch-{epoch:04d}-step-{step:06d}"
 
 
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # no copy: the file is replaced by rename, never written in place
+    except OSError:
+        shutil.copyfile(source, target)  # a file system without hard links
+
+
 def save_checkpoint(run_dir: Path, *, name: str, state_dict: dict, meta: dict,
-                    training_state: dict, keep: int = 2) -> Path:
+                    training_state: dict, keep: int = 2, kept_files: dict[str, Path] | None = None) -> Path:
     """Write checkpoints/<name>/ atomically, then drop all but the newest `keep`. A failed
-    write leaves the earlier checkpoints as they were; the error names the folder."""
+    write leaves the earlier checkpoints as they were; the error names the folder.
+    `kept_files`: {name in the checkpoint: file} linked (or copied) into it as they are."""
     root = Path(run_dir) / "checkpoints"
     final = root / name
     previous = list_checkpoints(run_dir)
@@ -188,6 +201,8 @@ def save_checkpoint(run_dir: Path, *, name: str, state_dict: dict, meta: dict,
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
         save_weights(tmp / WEIGHTS_FILE, state_dict, meta)
         atomic_write(tmp / STATE_FILE, lambda p: _torch_save(training_state, p))
+        for file_name, source in (kept_files or {}).items():
+            _link_or_copy(source, tmp / file_name)
         os.chmod(tmp, 0o777 & ~_UMASK)
         if final.exists():  # the same step saved again (e.g. a signal right after an epoch end)
             shutil.rmtree(final)
@@ -235,13 +250,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def newest_checkpoint(output: Path) -> Checkpoint | None:
-    """The most recently written readable checkpoint of any run under `output` (an unreadable
-    newer one is passed over with a warning)."""
+    """The newest readable checkpoint of the run under `output` that wrote a checkpoint last.
+    The run is chosen first, from the files' times alone: a newest checkpoint that cannot be
+    read is passed over (with a warning) only for an older one of the same run, never for
+    another run's."""
     output = Path(output)
-    if not output.is_dir():
+    runs = [run for run in output.iterdir() if run.is_dir() and list_checkpoints(run)] if output.is_dir() else []
+    if not runs:
         return None
-    found = [c for run in output.iterdir() if run.is_dir() for c in list_checkpoints(run)]
-    return newest_readable(sorted(found, key=lambda c: (c / STATE_FILE).stat().st_mtime))
+    written = lambda run: max((c / STATE_FILE).stat().st_mtime for c in list_checkpoints(run))  # noqa: E731
+    return newest_readable(list_checkpoints(max(runs, key=written)))
 
 
 @dataclass
@@ -313,10 +331,10 @@ def newest_run(folder: Path, *, trained_only: bool = False) -> Path:
 def resolve_resume(resume: str, output: Path, name: str | None = None) -> Checkpoint | None:
     """--resume: 'auto', a run folder, or a checkpoint folder, read. 'auto' is the newest
     checkpoint of the run called `name` under output when a name is given (what a requeued
-    SLURM job needs: its own run, not another job's), else the newest of any run under output;
-    None when there is none. A run's newest checkpoint that cannot be read (truncated,
-    corrupted) is passed over for the one before, with a warning; a checkpoint folder given
-    is taken as is."""
+    SLURM job needs: its own run, not another job's), else of the run under output that wrote
+    a checkpoint last; None when there is none. A run's newest checkpoint that cannot be read
+    (truncated, corrupted) is passed over for the one before in the same run, with a warning;
+    a checkpoint folder given is taken as is."""
     if resume == "auto":
         if name:
             return newest_readable(list_checkpoints(Path(output) / name))
@@ -460,8 +478,12 @@ class RunFolder:
         """A checkpoint first (the source of truth for resume), then the files derived from it:
         metrics.jsonl and the weights files (epoch_weights_files)."""
         weights, meta = files["last.safetensors"]
+        best = self.path / "best.safetensors"
+        # an earlier epoch's best, kept with the checkpoint (restore_best); this epoch's own is
+        # rebuilt from the checkpoint's weights and EMA
+        kept = {BEST_SO_FAR_FILE: best} if "best.safetensors" not in files and best.is_file() else {}
         saved = save_checkpoint(self.path, name=checkpoint_name(epoch, step), state_dict=weights, meta=meta,
-                                training_state=training_state)
+                                training_state=training_state, kept_files=kept)
         self.write_metrics(records)
         self.write_weights(files)
         return saved
@@ -474,3 +496,18 @@ class RunFolder:
         for name, (state_dict, meta) in files.items():
             if read_metadata(self.path / name).get("epoch") != epoch:  # None when missing or unreadable
                 save_weights(self.path / name, state_dict, meta)
+
+    def restore_best(self, checkpoint: Path, epoch: int | None) -> None:
+        """best.safetensors back to the weights of `epoch` (the best of the resumed records), as
+        `checkpoint` kept them, when an epoch after the checkpoint replaced it: a resume that
+        passed over a newer checkpoint trains that epoch again and may score lower."""
+        best = self.path / "best.safetensors"
+        if epoch is None or read_metadata(best).get("epoch") == epoch:
+            return
+        kept = Path(checkpoint) / BEST_SO_FAR_FILE
+        if read_metadata(kept).get("epoch") == epoch:
+            atomic_write(best, lambda tmp: shutil.copyfile(kept, tmp))
+        else:  # a checkpoint written before fixres kept the best beside it
+            print(f"warning: --resume: {best} does not hold epoch {epoch}, the best of the epochs resumed, and "
+                  f"{checkpoint} keeps no copy of it; it stays as it is until an epoch scores higher",
+                  file=sys.stderr, flush=True)

@@ -47,6 +47,7 @@ class EpochResult:
     seconds: float
     lr: float
     completed: bool = True   # False when a stop was requested mid-epoch
+    batches: int = 0         # batches taken from the loader (per process): where a stopped epoch resumes
     data_wait_seconds: float = 0.0   # waiting for the loader's next batch (mean over processes)
 
     @property
@@ -111,8 +112,9 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
     step, lr = first_step, lr_at(first_step)
     start = asked = time.perf_counter()
     data_wait = 0.0
-    completed = True
+    completed, batches = True, 0
     for batch, (images, labels, n_skipped) in enumerate(loader, start=first_batch):
+        batches += 1  # counted, not inferred from the images: --skip-bad-images leaves batches short
         data_wait += time.perf_counter() - asked
         images, labels, n_skipped = decode_on_device(images, labels, n_skipped, device)
         skipped += n_skipped
@@ -156,7 +158,7 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
     accuracy = correct_total / max(seen_total, 1) if mix is None else None
     return EpochResult(loss=loss_total / max(seen_total, 1), accuracy=accuracy,
                        images=int(seen_total), skipped=int(skipped_total),
-                       seconds=time.perf_counter() - start, lr=lr, completed=completed,
+                       seconds=time.perf_counter() - start, lr=lr, completed=completed, batches=batches,
                        data_wait_seconds=waited_total / accelerator.num_processes), step
 
 

@@ -141,6 +141,8 @@ def build_run(cfg, accelerator, console, folder, split, model, *, resume: ckpt.C
     if resume and accelerator.is_main_process:  # a crash may have come between the checkpoint and these
         folder.restore_weights_files(_resumed_files(meta, resume.weights, ema, resume.meta, state.records),
                                      epoch=resume.meta.get("epoch"))
+        # a resume past a newer checkpoint that could not be read: best.safetensors may be that epoch's
+        folder.restore_best(resume.path, epoch=_best_record(state.records)["epoch"] if state.records else None)
     if cfg.compile:
         model.compile()  # in place: the state dict keeps its names (no "_orig_mod." prefix)
         if ema is not None:
@@ -177,6 +179,10 @@ def _restore(resume: ckpt.Checkpoint, model, optimizer, console) -> RunState:
     return state
 
 
+def _best_record(records: list[dict]) -> dict:
+    return max(records, key=lambda r: epoch_score(r)[0])  # the first of the highest, as the run chose
+
+
 def _resumed_files(meta: dict, weights: dict, ema: ModelEma | None, saved_meta: dict,
                    records: list[dict]) -> dict[str, tuple[dict, dict]]:
     """The weights files as the save of the resumed checkpoint left them; none for a
@@ -184,6 +190,6 @@ def _resumed_files(meta: dict, weights: dict, ema: ModelEma | None, saved_meta: 
     record = next((r for r in records if r["epoch"] == saved_meta.get("epoch")), None)
     if record is None:
         return {}
-    best = max(records, key=lambda r: epoch_score(r)[0])  # the first of the highest, as the run chose
+    best = _best_record(records)
     return ckpt.epoch_weights_files(meta, weights, ema.state_dict() if ema is not None else None, record,
                                     epoch_score(record)[1] if best is record else None)

@@ -77,7 +77,7 @@ def fit(run: Run) -> dict:
         while run.state.epoch < cfg.epochs:
             result = _train_epoch(run, stop)
             if not result.completed:
-                run.state.batch_in_epoch += result.images // (cfg.batch_size * run.accelerator.num_processes)
+                run.state.batch_in_epoch += result.batches
                 _save(run)
                 run.console.print(f"stopped by {stop.received or 'a signal on another rank'}: checkpoint saved "
                                   f"at epoch {run.state.epoch + 1}, batch {run.state.batch_in_epoch}; "

@@ -89,3 +89,25 @@ def test_the_run_folder_owns_its_layout(tmp_path):
     resumed = ckpt.resolve_resume(str(run.path), tmp_path)  # read once, handed over with its folder
     assert resumed.run_folder.path == run.path and torch.equal(resumed.weights["w"], torch.ones(2))
     assert resumed.training_state["run"] == {"epoch": 1} and resumed.meta == {"epoch": 1}
+
+
+def test_resume_auto_falls_back_inside_the_newest_run_only(tmp_path):
+    """Two runs under one --output; the newer one's newest checkpoint cut in half: --resume auto
+    continues the newer run from its checkpoint before, never the other run."""
+    out = tmp_path / "runs"
+    # two jobs side by side: b's checkpoints before and after a's newest
+    for t, (run, epoch) in enumerate([("a", 1), ("b", 1), ("a", 2), ("b", 2)]):
+        saved = ckpt.save_checkpoint(out / run, name=ckpt.checkpoint_name(epoch, epoch), state_dict={"w": torch.ones(1)},
+                                     meta={}, training_state={"run": {"epoch": epoch}})
+        for f in saved.iterdir():  # written in this order, a second apart
+            os.utime(f, (1_000_000 + t, 1_000_000 + t))
+    state = out / "b" / "checkpoints" / ckpt.checkpoint_name(2, 2) / ckpt.STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    resumed = ckpt.resolve_resume("auto", out)
+    assert resumed.path == out / "b" / "checkpoints" / ckpt.checkpoint_name(1, 1)
+
+    # nothing in the chosen run reads: an error naming its newest checkpoint, not the other run
+    older = out / "b" / "checkpoints" / ckpt.checkpoint_name(1, 1) / ckpt.WEIGHTS_FILE
+    older.write_bytes(b"\x00" * 10)
+    with pytest.raises(ckpt.CheckpointError, match=f"^{state}: unreadable training state .*older checkpoint"):
+        ckpt.resolve_resume("auto", out)

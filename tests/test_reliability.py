@@ -33,10 +33,11 @@ from PIL import Image
 
 from fixres import checkpoint as ckpt
 from fixres import cli
+from fixres.cli import run_main
 from fixres.config import TrainConfig, parse_args
 from fixres.data import BadImageError, open_image
 from tests import kill_harness as harness
-from tests.conftest import TINY_TRAIN, error_line, finish, free_port, start_script
+from tests.conftest import TINY_TRAIN, error_line, finish, free_port, run_script, script_main, start_script
 
 # 60 training images in batches of 16: 3 optimizer steps an epoch, a checkpoint after each
 # epoch, and from the third on one pruned (two are kept)
@@ -259,6 +260,32 @@ def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_from_it(reference, 
     assert [r["val_acc"] for r in ours] == [r["val_acc"] for r in theirs]
     assert [r["val_loss"] for r in ours] == [r["val_loss"] for r in theirs]
     record("graceful stop", "resumed to the end", "final weights equal the uninterrupted run's")
+
+
+@pytest.mark.slow
+def test_a_stop_mid_epoch_with_skipped_images_resumes_after_the_batches_done(tiny_csv, tmp_path):
+    """--skip-bad-images: a batch holds fewer images than --batch-size, so the position in the
+    epoch is counted in batches, not images; the resumed run then equals an uninterrupted one."""
+    data = shutil.copytree(tiny_csv.parent, tmp_path / "data")
+    for i in range(0, 60, 2):  # half the training images: every batch of 16 skips some
+        (data / "images" / f"{i:04d}.jpg").write_bytes(b"not a jpeg")
+
+    def args(out, *extra):
+        return ["--data", data / "labels.csv", *TINY_TRAIN, "--epochs", 2, "--seed", 0, "--output", out,
+                "--name", "run", "--skip-bad-images", *extra]
+
+    whole = start_script("train.py", *args(tmp_path / "whole"))  # beside the stopped one
+    run = tmp_path / "runs" / "run"
+    process, _ = started_paused(args(tmp_path / "runs", "--resume", "auto"), tmp_path / "events.jsonl", "train step 4")
+    process.send_signal(signal.SIGTERM)  # step 4 is epoch 2's second batch: it runs, then the run stops
+    stopped = finish(process)
+    assert f"checkpoint saved at epoch 2, batch 2; continue with --resume {run}" in stopped.stdout, stopped.stdout[-2000:]
+    resumed = assert_ok(run_script("train.py", *args(tmp_path / "runs", "--resume", "auto")))
+    assert f"resumed from {run / 'checkpoints' / 'epoch-0001-step-000005'} at epoch 2, batch 2" in resumed.stdout
+    assert_ok(finish(whole))
+    assert_same_weights(tmp_path / "whole" / "run" / "last.safetensors", run / "last.safetensors")
+    ours, theirs = metrics(run), metrics(tmp_path / "whole" / "run")
+    assert [(r["val_acc"], r["val_loss"]) for r in ours] == [(r["val_acc"], r["val_loss"]) for r in theirs]
 
 
 # ----------------------------------------------------------------------------- a rank dies or hangs
@@ -534,6 +561,38 @@ def test_a_damaged_run_folder_is_refused_in_one_line(faults, case, message):
     what, item = {"config_unknown_key": ("config: a run's config.json with an unknown key", 17),
                   "config_bad_type": ("config: a run's config.json with a value of the wrong type", None)}[case]
     record("bad input", what, "refused", message=line.removeprefix("error: "), item=item)
+
+
+@pytest.mark.slow
+def test_best_weights_stay_among_the_epochs_kept_after_a_fallback(tiny_csv, tmp_path, monkeypatch):
+    """Epoch 3 became the best; its checkpoint is then cut in half, so the resume passes over it
+    and trains epoch 3 again, which scores lower this time. best.safetensors must go back to
+    epoch 1's weights (the best of the epochs metrics.jsonl keeps), not stay the discarded ones."""
+    import fixres.training
+    scores = []  # the validation top-1 each epoch reports, in order
+    real_evaluate = fixres.training.evaluate
+
+    def scripted_evaluate(model, **kwargs):
+        return {**real_evaluate(model, **kwargs), "accuracy": scores.pop(0)}
+
+    monkeypatch.setattr(fixres.training, "evaluate", scripted_evaluate)
+    main = script_main("train.py")
+    run = tmp_path / "run"
+    args = [*map(str, train_args(tiny_csv, tmp_path)), "--cpu"]
+    scores[:] = [0.6]
+    assert run_main(main, [*args, "--stop-after", "1"]) == 0
+    epoch_1 = shutil.copy(run / "best.safetensors", tmp_path / "epoch-1.safetensors")
+    scores[:] = [0.5, 0.9]
+    assert run_main(main, [*args, "--resume", str(run), "--stop-after", "2"]) == 0  # the two epochs left
+    assert ckpt.load_weights(run / "best.safetensors")[1]["epoch"] == 3  # the best so far
+    state = ckpt.list_checkpoints(run)[-1] / ckpt.STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    scores[:] = [0.4]
+    assert run_main(main, [*args, "--resume", str(run)]) == 0
+    assert [r["val_acc"] for r in metrics(run)] == [0.6, 0.5, 0.4]
+    best, meta = ckpt.load_weights(run / "best.safetensors")
+    assert (meta["epoch"], meta["val_acc"]) == (1, 0.6)
+    assert_same_weights(epoch_1, run / "best.safetensors")
 
 
 # ----------------------------------------------------------------------------- bad inputs, in-process
