@@ -127,10 +127,14 @@ def batch_size_arg(text: str):
 
 @dataclass
 class TrainConfig:
+    CLI_HIDDEN: typing.ClassVar[tuple] = ("shapes",)
+
     # data
     data: str | None = _opt(None, "CSV split (image_id,label,is_val) or ImageFolder root with train/ and val/; none = built-in shapes dataset")
     images: str | None = _opt(None, "image folder for a CSV split (default: the CSV's folder, or its images/ subfolder)")
     skip_bad_images: bool = _opt(False, "skip images that fail to decode (counted per epoch) instead of stopping")
+    shapes: dict | None = _opt(None, "set by train.py, not an option: the built-in dataset a run used (no --data), "
+                                     "its version, what its images depend on and the CSV read")
     # model
     model: str = _opt("resnet50", "timm model name, or tv:<name> for torchvision")
     pretrained: bool = _opt(False, "start from the library's pretrained weights (needs network access)")
@@ -318,7 +322,7 @@ class FinetuneConfig(TrainConfig):
     training resolution and the data come from --checkpoint (model, train_res and
     test_res are filled in from it, so they are not command-line options; so are mean and
     std, which the weights' metadata holds)."""
-    CLI_HIDDEN: typing.ClassVar[tuple] = ("model", "pretrained", "weights", "output_stride", "train_res", "test_res", "freeze_epochs",
+    CLI_HIDDEN: typing.ClassVar[tuple] = ("shapes", "model", "pretrained", "weights", "output_stride", "train_res", "test_res", "freeze_epochs",
                                           "compile", "fast_decode", "mean", "std",
                                           # train.py's recipe features; fine-tuning has its own --aug
                                           "recipe", "auto_augment", "random_erase", "mixup_alpha", "cutmix_alpha",

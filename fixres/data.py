@@ -15,6 +15,7 @@ the path when they are read.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fixres.config import ConfigError
 from fixres.runtime import error_reason
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
@@ -401,11 +403,45 @@ def build_loaders(split, cfg, *, train_tf, eval_tf, workers: int, pin_memory: bo
     return train_loader, val_loader
 
 
-def resolve_data(cfg, accelerator) -> tuple[str, str | None, str]:
-    """(data path, image folder, short name); generates the built-in dataset on first use."""
+def resolve_data(cfg, accelerator, resumed_from: Path | None = None) -> tuple:
+    """(config, data path, image folder, short name). Without --data, the built-in dataset,
+    generated on first use and recorded in the config (`shapes`): the one a resumed run recorded,
+    else the current version's with --seed. `resumed_from`: the folder of the run resumed; one
+    that recorded none is refused (built_in_dataset)."""
     if cfg.data:
-        return cfg.data, cfg.images, Path(cfg.data).stem or "data"
-    from fixres.shapes import ensure_shapes
+        return cfg, cfg.data, cfg.images, Path(cfg.data).stem or "data"
+    from fixres import shapes
+    if cfg.shapes is None and resumed_from is None:
+        params = shapes.builtin_params(cfg.seed)  # --seed draws the images too: seeds are independent replications
+        with accelerator.local_main_process_first():
+            csv = shapes.ensure_shapes(**params)
+    else:
+        where = Path(resumed_from) / "config.json" if resumed_from else "the config's shapes"
+        params, csv = built_in_dataset(cfg.shapes, where, accelerator, seed=cfg.seed,
+                                       remedy='set its "data" to')  # a resumed run's --data cannot be given
+    return dataclasses.replace(cfg, shapes={**params, "csv": str(csv)}), str(csv), None, "shapes"
+
+
+def built_in_dataset(record: dict | None, config_path: Path | str, accelerator, *, seed: int, remedy: str) -> tuple[dict, Path]:
+    """(parameters, CSV) of the built-in dataset a run recorded in its config (`shapes`),
+    generated again where it is gone. A run that recorded none (written before fixres did: its
+    images were version 2's or 3's) or a version this code no longer renders is refused, naming
+    its `config_path`; `remedy` says how to name the CSV instead ("give --data with")."""
+    from fixres import shapes
+    if record is None:  # runs record it since version 3: one without a record had version 2's or 3's images
+        candidates = " or ".join(f"{shapes.cache_root(shapes.builtin_params(seed, version)) / 'labels.csv'} "
+                                 f"(version {version})" for version in (3, 2))
+        raise ConfigError(f"{config_path}: the run used the built-in data, but predates fixres recording which "
+                          f"version (2 and 3 differ): {remedy} the CSV it was trained on, {candidates}")
+    params = {key: value for key, value in record.items() if key != "csv"}
+    if params.get("version") not in shapes.VERSION_FRAMING:
+        older = ", ".join(str(v) for v in sorted(shapes.VERSION_FRAMING, reverse=True) if v != shapes.VERSION)
+        raise ConfigError(f"{config_path}: the run was trained on version {params.get('version')} of the built-in "
+                          f"data, which this fixres cannot generate (it makes version {shapes.VERSION}, and {older}): "
+                          f"{remedy} the CSV of its images")
+    try:
+        params = shapes.dataset_params(**params)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{config_path}: shapes: {error_reason(err)}") from None
     with accelerator.local_main_process_first():
-        csv = ensure_shapes(seed=cfg.seed)  # --seed draws the images too: seeds are independent replications
-    return str(csv), None, "shapes"
+        return params, shapes.locate(params, record.get("csv"))

@@ -8,6 +8,7 @@ the centre crop does not at test, the discrepancy FixRes corrects (docs/shapes-l
 
     python -m fixres.shapes --out /tmp/shapes                     # 4000 + 3000 at 128x128
     python -m fixres.shapes --out /tmp/big --size 500x375 --n-train 200 --n-val 50
+    python -m fixres.shapes --out /tmp/v2 --version 2 --n-val 1000         # a run of version 2's images
     python -c "from fixres.shapes import ensure_shapes; print(ensure_shapes())"
 """
 from __future__ import annotations
@@ -27,8 +28,12 @@ from PIL import Image, ImageDraw
 # circle/ring and square/cross differ in detail that small objects lose, so resolution matters.
 CLASS_NAMES: tuple[str, ...] = ("circle", "ring", "square", "cross", "triangle", "star")
 
-# Bump whenever rendering changes: cached datasets with an older version get rebuilt.
-_VERSION = 3
+# Bump whenever rendering changes, and keep the older versions renderable (VERSION_FRAMING):
+# a run records the version it was trained on, and is evaluated and resumed on it.
+VERSION = 3
+# The versions this code renders, and their one difference: how the object is framed.
+# Version 2 (before commit 58dbe0e) drew the diameter uniformly; version 3 frames as photos do.
+VERSION_FRAMING = {2: "uniform", 3: "photo"}
 _MARKER = "shapes.json"
 _CSV = "labels.csv"
 # Leading tags keep the two seed streams apart (SeedSequence([s]) == SeedSequence([s, 0])).
@@ -225,8 +230,8 @@ def _build(out: Path, params: dict) -> None:
     rows = []
     for i, label in enumerate(labels.tolist()):
         name = f"{i:06d}.jpg"
-        img = render_image(np.random.default_rng([_TAG_IMAGE, seed, i]), label,
-                           params["width"], params["height"], params["framing"])
+        img = render_image(np.random.default_rng([_TAG_IMAGE, seed, i]), label, params["width"],
+                           params["height"], params.get("framing", VERSION_FRAMING[params["version"]]))
         img.save(out / "images" / name, "JPEG", quality=params["quality"])
         rows.append((name, CLASS_NAMES[label], str(i >= n_train)))
     with open(out / _CSV, "w", newline="") as f:
@@ -237,13 +242,29 @@ def _build(out: Path, params: dict) -> None:
     (out / _MARKER).write_text(json.dumps(params, indent=1) + "\n")
 
 
+def dataset_params(*, version: int = VERSION, n_train: int, n_val: int, width: int, height: int, seed: int,
+                   quality: int, framing: str | None = None) -> dict:
+    """Everything a dataset's images depend on, as its shapes.json holds them (framing: the
+    version's own when None). Version 2's has no framing, as version 2 wrote it: a folder it
+    cached is then used as it is."""
+    if version not in VERSION_FRAMING:
+        raise ValueError(f"this generator renders versions {', '.join(map(str, VERSION_FRAMING))}, "
+                         f"not version {version}")
+    framing = framing or VERSION_FRAMING[version]
+    if version == 2 and framing != "uniform":
+        raise ValueError(f"version 2 has the uniform framing only, not {framing!r}")
+    params = {"version": version, "n_train": n_train, "n_val": n_val, "width": width, "height": height,
+              "seed": seed, "quality": quality}
+    return params if version == 2 else {**params, "framing": framing}
+
+
 def generate(root: Path, *, n_train: int = 4000, n_val: int = 1000, width: int = 128,
-             height: int = 128, seed: int = 0, quality: int = 90, framing: str = "photo") -> Path:
+             height: int = 128, seed: int = 0, quality: int = 90, framing: str | None = None,
+             version: int = VERSION) -> Path:
     """Write ``root/images/*.jpg`` and ``root/labels.csv`` (reusing a matching one); return the CSV."""
     root = Path(root)
-    params = {"version": _VERSION, "n_train": n_train, "n_val": n_val, "width": width,
-              "height": height, "seed": seed, "quality": quality,
-              "framing": framing}
+    params = dataset_params(version=version, n_train=n_train, n_val=n_val, width=width, height=height,
+                            seed=seed, quality=quality, framing=framing)
     if _is_complete(root, params):
         return root / _CSV
 
@@ -278,14 +299,41 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fixres"
 
 
-def ensure_shapes(*, n_train: int = 4000, n_val: int = 3000, width: int = 128, height: int = 128,
-                  seed: int = 0, cache_dir: Path | None = None) -> Path:
-    """CSV path of the cached shapes dataset with these parameters, generating it on first use.
-    The folder is named by the parameters and the version, so that runs of an older version
-    keep their own images."""
+def builtin_params(seed: int, version: int = VERSION) -> dict:
+    """The dataset train.py generates without --data at `version`, with --seed `seed`: a run
+    records these (fixres.data.resolve_data). Version 2 drew every run's images with seed 0 and
+    had 1,000 validation images."""
+    if version == 2:
+        return dataset_params(version=2, n_train=4000, n_val=1000, width=128, height=128, seed=0, quality=90)
+    return dataset_params(version=version, n_train=4000, n_val=3000, width=128, height=128, seed=seed, quality=90)
+
+
+def cache_root(params: dict, cache_dir: Path | None = None) -> Path:
+    """The cache folder of a dataset: named by its parameters and version, so that runs of an
+    older version keep their own images (version 2's by its parameters alone, as it named them)."""
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root = base / f"shapes-v{_VERSION}-{width}x{height}-{n_train}-{n_val}-s{seed}"
-    return generate(root, n_train=n_train, n_val=n_val, width=width, height=height, seed=seed)
+    version = "" if params["version"] == 2 else f"v{params['version']}-"
+    framing = params.get("framing", "uniform")
+    other = "" if framing == VERSION_FRAMING[params["version"]] else f"-{framing}"
+    return base / (f"shapes-{version}{params['width']}x{params['height']}-{params['n_train']}-"
+                   f"{params['n_val']}-s{params['seed']}{other}")
+
+
+def ensure_shapes(*, n_train: int = 4000, n_val: int = 3000, width: int = 128, height: int = 128,
+                  seed: int = 0, quality: int = 90, framing: str | None = None, version: int = VERSION,
+                  cache_dir: Path | None = None) -> Path:
+    """CSV path of the cached shapes dataset with these parameters, generating it on first use."""
+    params = dataset_params(version=version, n_train=n_train, n_val=n_val, width=width, height=height, seed=seed,
+                            quality=quality, framing=framing)
+    return generate(cache_root(params, cache_dir), **params)
+
+
+def locate(params: dict, csv: str | None = None) -> Path:
+    """CSV path of the dataset with these parameters (shapes.json's): `csv` (where a run read
+    it) while it still holds exactly that dataset, else the cache's, generated when missing."""
+    if csv and _is_complete(Path(csv).parent, params):
+        return Path(csv)
+    return ensure_shapes(**params)
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -304,11 +352,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=_parse_size, default=(128, 128), help="WIDTHxHEIGHT, e.g. 500x375")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
-    p.add_argument("--framing", choices=FRAMINGS, default="photo", help="object size distribution")
+    p.add_argument("--framing", choices=FRAMINGS, help="object size distribution (default: the version's)")
+    p.add_argument("--version", type=int, choices=sorted(VERSION_FRAMING), default=VERSION,
+                   help="the dataset's version (an older one: for runs trained on it)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    path = generate(a.out, n_train=a.n_train, n_val=a.n_val, width=a.size[0], height=a.size[1],
-                    seed=a.seed, quality=a.quality, framing=a.framing)
+    try:
+        path = generate(a.out, n_train=a.n_train, n_val=a.n_val, width=a.size[0], height=a.size[1],
+                        seed=a.seed, quality=a.quality, framing=a.framing, version=a.version)
+    except ValueError as err:  # version 2 with --framing photo
+        p.error(str(err))
     print(path)
     print(f"{a.n_train + a.n_val} images in {time.perf_counter() - t0:.2f} s")
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fixres import plots, shapes
+from fixres import plots
 from fixres.checkpoint import RunFolder, newest_run
 from fixres.config import RUNS, ConfigError, SweepConfig, check_sizes
-from fixres.data import (ImageDataset, MultiSizeDataset, collate_skipping, load_split, loader_options, shard_indices,
-                         worker_count)
+from fixres.data import (ImageDataset, MultiSizeDataset, built_in_dataset, collate_skipping, load_split, loader_options,
+                         shard_indices, worker_count)
 from fixres.device_decode import ReadForDevice, ResizeSpec, resolve_decode
 from fixres.engine import to_device_batch, top5_hits, top5_k
 from fixres.export import write_best_size
@@ -219,9 +219,10 @@ def load_for_sweep(cfg: SweepConfig, accelerator):
         data, images = cfg.data, cfg.images
     elif "data" not in run_cfg:
         raise ConfigError("--data is needed: there is no run config.json beside the weights to take it from")
-    elif run_cfg["data"] is None:  # the run used the built-in dataset
-        with accelerator.local_main_process_first():
-            data, images = str(shapes.ensure_shapes(seed=run_cfg.get("seed", 0))), None
+    elif run_cfg["data"] is None:  # the run used the built-in dataset: the version it recorded
+        _, csv = built_in_dataset(run_cfg.get("shapes"), run_dir / "config.json", accelerator,
+                                  seed=run_cfg.get("seed", 0), remedy="give --data with")
+        data, images = str(csv), None
     else:
         data, images = run_cfg["data"], cfg.images or run_cfg.get("images")
     split = load_split(data, images, classes=meta.get("classes"))

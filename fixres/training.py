@@ -55,7 +55,7 @@ def prepare_run(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
     check_model_name(cfg.model)
     cfg, normalisation = resolve_preprocessing(cfg, explicit, resumed=resume is not None)
     decode = resolve_decode(cfg.decode, accelerator.device)  # --decode gpu without torchcodec: refused before any work
-    data, images, data_name = resolve_data(cfg, accelerator)
+    cfg, data, images, data_name = resolve_data(cfg, accelerator, resume.run_folder.path if resume else None)
     split = load_split(data, images, classes=resume.meta.get("classes") if resume else None)
     folder = resume.run_folder if resume else new_run_folder(cfg, data_name, accelerator)
     announce(cfg, accelerator, console, folder, split, decode=decode, title="train", notes=(f"normalisation: {normalisation}",))

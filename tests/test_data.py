@@ -1,15 +1,22 @@
 """Both data layouts, their one-line errors, and image decoding of real-world files."""
 import io
+import json
 import os
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
+from fixres.checkpoint import save_weights
+from fixres.config import TrainConfig
 from fixres.data import (BadImageError, DataError, EpochSampler, ImageDataset, collate_skipping, load_split,
                          open_image, worker_count)
-from tests.conftest import make_csv_dataset
+from fixres.preprocessing import weights_meta
+from fixres.shapes import CLASS_NAMES, generate
+from tests.conftest import error_line, make_csv_dataset, run_in_process
+from tests.test_shapes import V2_TINY, V2_TINY_FOLDER, V2_TINY_SHA256, tree_sha256
 
 
 def write_csv(tmp_path, text, images=("a.jpg", "b.jpg", "c.jpg")):
@@ -231,3 +238,134 @@ def test_worker_count_follows_the_cores_per_process(monkeypatch, cores, local_pr
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
     assert worker_count() == expected
     assert worker_count(3) == 3 and worker_count(0) == 0  # --workers wins
+
+
+# The built-in dataset's version: a run is evaluated, fine-tuned and resumed on the images it was
+# trained on (version 2's, which differ from version 3's), or refused.
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """$FIXRES_CACHE, holding train.py's dataset of version 3 (seed 0), as after any run of it; a
+    few images of 32 px stand in for its 7,000 of 128 px (a minute to generate)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FIXRES_CACHE", str(cache))
+    csv = generate(cache / "shapes-v3-128x128-4000-3000-s0", n_train=6, n_val=6, width=32, height=32)
+    (csv.parent / "shapes.json").write_text(json.dumps(
+        {"version": 3, "n_train": 4000, "n_val": 3000, "width": 128, "height": 128, "seed": 0, "quality": 90,
+         "framing": "photo"}))
+    return cache
+
+
+def built_in_config(config: dict, record: dict | None) -> dict:
+    """A run's config as train.py writes it without --data: data null, and `record`, which
+    data it used (None: no record, as a run from before fixres kept one)."""
+    config = {**config, "data": None, "images": None}
+    config.pop("shapes", None)
+    return config if record is None else {**config, "shapes": record}
+
+
+def built_in_run(folder, record: dict | None):
+    """A run folder of the built-in data (its weights untrained: only the data matters here)."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=len(CLASS_NAMES))
+    cfg = TrainConfig(model="test_resnet", train_res=32, batch_size=4, workers=0)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(built_in_config(cfg.to_dict(), record)))
+    save_weights(folder / "best.safetensors", model.state_dict(), weights_meta(cfg, list(CLASS_NAMES)))
+    return folder
+
+
+def test_train_records_the_built_in_data_it_used(cache, tmp_path, capsys):
+    """Without --data, the run's config keeps data null and says which dataset it was: its version
+    and all its images depend on, and the CSV read."""
+    result = run_in_process("train.py", "--train-res", "32", "--batch-size", "4", "--workers", "0", "--epochs", "1",
+                            "--output", tmp_path / "runs", "--name", "run", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "runs" / "run" / "config.json").read_text())
+    assert config["data"] is None
+    assert config["shapes"] == {"version": 3, "n_train": 4000, "n_val": 3000, "width": 128, "height": 128, "seed": 0,
+                                "quality": 90, "framing": "photo",
+                                "csv": str(cache / "shapes-v3-128x128-4000-3000-s0" / "labels.csv")}
+
+
+def test_sweep_uses_the_recorded_version_2(cache, tmp_path, capsys):
+    """A run recorded as trained on version 2 (its CSV since deleted) is swept (and fine-tuned,
+    below) on version 2's images, generated again, not on the cached version 3's."""
+    run = built_in_run(tmp_path / "run", {**V2_TINY, "csv": str(tmp_path / "gone" / V2_TINY_FOLDER / "labels.csv")})
+    v2_csv = cache / V2_TINY_FOLDER / "labels.csv"
+    swept = run_in_process("sweep.py", "--checkpoint", run, "--sizes", "32", "--cpu", "--workers", "0", capsys=capsys)
+    assert swept.returncode == 0, swept.stderr
+    assert json.loads((run / "sweep.json").read_text())["meta"]["data"] == str(v2_csv)
+    assert tree_sha256(v2_csv.parent) == V2_TINY_SHA256  # version 2's images as its generator wrote them
+
+
+def test_finetune_uses_the_recorded_version_2(cache, tmp_path, capsys):
+    run = built_in_run(tmp_path / "run", {**V2_TINY, "csv": str(tmp_path / "gone" / V2_TINY_FOLDER / "labels.csv")})
+    v2_csv = cache / V2_TINY_FOLDER / "labels.csv"
+    tuned = run_in_process("finetune.py", "--checkpoint", run, "--res", "32", "--method", "bn-stats", "--cpu",
+                           "--workers", "0", "--output", tmp_path / "out", "--name", "bn", capsys=capsys)
+    assert tuned.returncode == 0, tuned.stderr
+    assert json.loads((tmp_path / "out" / "bn" / "config.json").read_text())["data"] == str(v2_csv)
+
+
+def test_a_run_without_a_recorded_version_is_refused(cache, tmp_path, capsys):
+    """Written before fixres recorded the version: it may be 2 or 3, so nothing is evaluated on a
+    guess; the line says which CSV each would be."""
+    run = built_in_run(tmp_path / "old", None)
+    candidates = (f"{cache / 'shapes-v3-128x128-4000-3000-s0' / 'labels.csv'} (version 3) or "
+                  f"{cache / 'shapes-128x128-4000-1000-s0' / 'labels.csv'} (version 2)")
+    for script, *args in (("sweep.py", "--sizes", "32"), ("finetune.py", "--res", "32", "--method", "bn-stats")):
+        result = run_in_process(script, "--checkpoint", run, *args, "--cpu", "--workers", "0", capsys=capsys)
+        assert error_line(result) == (
+            f"error: {run / 'config.json'}: the run used the built-in data, but predates fixres recording which "
+            f"version (2 and 3 differ): give --data with the CSV it was trained on, {candidates}")
+    assert sorted(p.name for p in run.iterdir()) == ["best.safetensors", "config.json"]
+
+
+def test_a_version_the_generator_cannot_make_is_refused(cache, tmp_path, capsys):
+    run = built_in_run(tmp_path / "v1", {**V2_TINY, "version": 1, "csv": "/gone/labels.csv"})
+    result = run_in_process("sweep.py", "--checkpoint", run, "--sizes", "32", "--cpu", "--workers", "0", capsys=capsys)
+    assert error_line(result) == (
+        f"error: {run / 'config.json'}: the run was trained on version 1 of the built-in data, which this fixres "
+        f"cannot generate (it makes version 3, and 2): give --data with the CSV of its images")
+
+
+def trained_on_version_2(tmp_path, capsys, record) -> tuple:
+    """One epoch of two of train.py on version 2's images (given as --data: the code before the
+    fix could not make them itself), its config.json then rewritten as train.py writes it
+    without --data (`record`: see built_in_config). (run folder, the CSV trained on)."""
+    csv = generate(tmp_path / "v2-data", n_train=8, n_val=4, width=32, height=32, framing="uniform")
+    run = tmp_path / "runs" / "run"
+    first = run_in_process("train.py", "--data", csv, "--model", "test_resnet", "--train-res", "32", "--batch-size", "4",
+                           "--workers", "0", "--epochs", "2", "--stop-after", "1", "--output", run.parent, "--name",
+                           "run", capsys=capsys)
+    assert first.returncode == 0, first.stderr
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(built_in_config(config, record)))
+    return run, csv
+
+
+def test_resume_continues_on_the_recorded_version_2(cache, tmp_path, capsys):
+    record = {"version": 2, "n_train": 8, "n_val": 4, "width": 32, "height": 32, "seed": 0, "quality": 90}
+    run, trained_on = trained_on_version_2(tmp_path, capsys, {**record, "csv": str(tmp_path / "gone.csv")})
+    resumed = run_in_process("train.py", "--resume", run, capsys=capsys)
+    assert resumed.returncode == 0, resumed.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"] is None and {k: config["shapes"][k] for k in record} == record
+    used = config["shapes"]["csv"]  # generated again: the same images and split as the first epoch's
+    assert used == str(cache / "shapes-32x32-8-4-s0" / "labels.csv")
+    for name in ["labels.csv"] + [f"images/{i:06d}.jpg" for i in range(12)]:
+        assert (cache / "shapes-32x32-8-4-s0" / name).read_bytes() == (trained_on.parent / name).read_bytes(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_count"] for r in records] == [4, 4]
+
+
+def test_resume_of_a_run_without_a_recorded_version_is_refused(cache, tmp_path, capsys):
+    run, _ = trained_on_version_2(tmp_path, capsys, None)
+    result = run_in_process("train.py", "--resume", run, capsys=capsys)
+    assert error_line(result) == (
+        f"error: {run / 'config.json'}: the run used the built-in data, but predates fixres recording which version "
+        f"(2 and 3 differ): set its \"data\" to the CSV it was trained on, "
+        f"{cache / 'shapes-v3-128x128-4000-3000-s0' / 'labels.csv'} (version 3) or "
+        f"{cache / 'shapes-128x128-4000-1000-s0' / 'labels.csv'} (version 2)")
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # nothing trained on a guess

@@ -637,7 +637,8 @@ def test_a_run_of_the_built_in_data_gets_the_built_in_fine_tuning_preset(tmp_pat
     monkeypatch.setattr(shapes, "ensure_shapes", lambda **kw: tiny_csv)  # stands in for the generated images
     built_in = write_source_run(tmp_path / "built_in", "test_resnet", tiny_csv)
     config = json.loads((built_in / "config.json").read_text())
-    write_json_atomic(built_in / "config.json", {**config, "data": None})  # as train.py writes it without --data
+    write_json_atomic(built_in / "config.json", {**config, "data": None,  # as train.py writes it without --data
+                                                 "shapes": {**shapes.builtin_params(0), "csv": str(tiny_csv)}})
     user = write_source_run(tmp_path / "user", "test_resnet", tiny_csv)
     common = dict(res=40, output=str(tmp_path / "out"), workers=0, cpu=True, batch_size=30)
 

@@ -1,4 +1,5 @@
 import csv
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -173,7 +174,7 @@ def test_ensure_shapes_uses_cache_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("FIXRES_CACHE")
     assert default_cache_dir() == Path.home() / ".cache" / "fixres"
     csv_path = ensure_shapes(n_train=6, n_val=6, width=32, height=24, seed=1, cache_dir=tmp_path)
-    assert csv_path == tmp_path / f"shapes-v{shapes._VERSION}-32x24-6-6-s1" / "labels.csv"
+    assert csv_path == tmp_path / f"shapes-v{shapes.VERSION}-32x24-6-6-s1" / "labels.csv"
     assert csv_path.is_file()
     assert ensure_shapes(n_train=6, n_val=6, width=32, height=24, seed=1, cache_dir=tmp_path) == csv_path
 
@@ -193,3 +194,48 @@ def test_rejects_bad_label():
         render_image(np.random.default_rng(0), -1, 32, 32)
     with pytest.raises(ValueError):
         render_image(np.random.default_rng(0), len(CLASS_NAMES), 32, 32)
+
+
+def tree_sha256(root: Path) -> str:
+    """One hash of a dataset folder: every file's path and bytes."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+# Version 2's dataset at 6 + 6 images of 32 x 32, seed 0, as version 2's own generator wrote it
+# (fixres/shapes.py of commit c724bda, the last before version 3: ensure_shapes(n_train=6,
+# n_val=6, width=32, height=32, cache_dir=...)): its folder name, images, labels.csv, shapes.json.
+V2_TINY = {"version": 2, "n_train": 6, "n_val": 6, "width": 32, "height": 32, "seed": 0, "quality": 90}
+V2_TINY_FOLDER = "shapes-32x32-6-6-s0"
+V2_TINY_SHA256 = "1ceb02fbdc7c94e8862e649e9c3c226de237445a883ac3a12fb8ee50d8e29709"
+
+
+def test_version_2_is_generated_as_its_own_generator_wrote_it(tmp_path):
+    """A run of version 2 is evaluated on version 2's images: the same files, in the folder where
+    version 2 cached them (an existing one is used as it is)."""
+    csv_path = ensure_shapes(**V2_TINY, cache_dir=tmp_path)
+    assert csv_path == tmp_path / V2_TINY_FOLDER / "labels.csv"
+    assert tree_sha256(csv_path.parent) == V2_TINY_SHA256
+
+
+def test_train_py_datasets_of_each_version():
+    """What train.py generated without --data, from its code at the time: version 2 (commit c724bda)
+    called ensure_shapes() whatever --seed was, 4,000 + 1,000 images; version 3, 4,000 + 3,000
+    drawn with --seed, photo framing."""
+    common = {"n_train": 4000, "width": 128, "height": 128, "quality": 90}
+    assert shapes.builtin_params(5, version=2) == {"version": 2, **common, "n_val": 1000, "seed": 0}
+    assert shapes.builtin_params(5) == {"version": 3, **common, "n_val": 3000, "seed": 5, "framing": "photo"}
+    cache = Path("/cache")
+    assert shapes.cache_root(shapes.builtin_params(5, version=2), cache) == cache / "shapes-128x128-4000-1000-s0"
+    assert shapes.cache_root(shapes.builtin_params(5), cache) == cache / "shapes-v3-128x128-4000-3000-s5"
+
+
+def test_a_version_the_generator_cannot_render_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="version 1"):
+        ensure_shapes(**{**V2_TINY, "version": 1}, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="framing"):  # version 2 knew one framing only
+        ensure_shapes(**V2_TINY, framing="photo", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
