@@ -25,7 +25,7 @@ from fixres import checkpoint as ckpt
 from fixres.adapt import train_only
 from fixres.config import TrainConfig
 from fixres.data import Split, build_loaders, worker_count
-from fixres.ema import ModelEma, epoch_score
+from fixres.ema import ModelEma, best_epoch
 from fixres.engine import cosine_lr
 from fixres.models import classifier_name, load_weights_into
 from fixres.optim import auto_batch_size, build_optimizer
@@ -184,6 +184,6 @@ def _resumed_files(meta: dict, weights: dict, ema: ModelEma | None, saved_meta: 
     record = next((r for r in records if r["epoch"] == saved_meta.get("epoch")), None)
     if record is None:
         return {}
-    best = max(records, key=lambda r: epoch_score(r)[0])  # the first of the highest, as the run chose
+    best = best_epoch(records)  # as the run chose
     return ckpt.epoch_weights_files(meta, weights, ema.state_dict() if ema is not None else None, record,
-                                    epoch_score(record)[1] if best is record else None)
+                                    best["which"] if best["epoch"] == record["epoch"] else None)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from fixres import sweep as sweep_lib
 from fixres.checkpoint import load_weights, save_weights
 from fixres.config import SweepConfig, TrainConfig
+from fixres.stats import best_of
 from fixres.data import load_split
 from fixres.engine import top5_hits
 from fixres.export import EXPORT_DIR, ExportError, check_export, export_data_config, write_run_export
@@ -102,7 +103,7 @@ def test_export_evaluates_in_timm_as_in_our_sweep_to_the_image(pretrained_run):
 
     summary = sweep_lib.sweep(SweepConfig(checkpoint=str(run), sizes=[24, 40, 48], write_best=True,
                                                     workers=0, cpu=True))
-    best = sweep_lib.best_row(summary["rows"])
+    best = best_of(summary["rows"])
     _, meta = load_weights(run / "best.safetensors")
     assert meta["test_res"] == best["size"] and meta["train_res"] == 32
 
