@@ -330,10 +330,10 @@ class FinetuneConfig(TrainConfig):
 
     checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py "
                                         f"(default: the newest train.py run under --output, else under {RUNS}/)")
-    res: str | int = _opt("auto", "resolution to fine-tune and test at, or 'auto': the best size on --choice-images "
-                          "training images with the last BN re-estimated at each (the validation split only reports)")
-    choice_images: int = _opt(1000, "with --res auto: training images to choose the size on, drawn with --seed (all "
-                                    "when there are fewer)")
+    res: str | int = _opt("auto", "resolution to fine-tune and test at, or 'auto': the best size on the held-out "
+                          "validation images, the last BN re-estimated at each on --choice-images training images")
+    choice_images: int = _opt(1000, "validation images held out for the choices (--res auto's size, the epoch that "
+                                    "ships), drawn with --seed, at most half; the rest report before and after")
     method: str = _opt("finetune", "finetune: train the classifier with the last BN in train mode; bn-stats: only re-estimate "
                        "that BN's statistics (no gradients); parametric: the paper's Frechet map before the classifier",
                        FINETUNE_METHODS)

@@ -30,6 +30,8 @@ import copy
 import torch
 from torch import nn
 
+from fixres.stats import best_of
+
 
 class ModelEma:
     def __init__(self, model: nn.Module, *, decay: float, every: int = 1, warmup_steps: int = 0):
@@ -72,8 +74,15 @@ class ModelEma:
         self.module.load_state_dict(state)
 
 
-def epoch_score(record: dict) -> tuple[float, str]:
-    """An epoch's validation top-1 and the weights that reached it: the EMA's ("ema") when
-    it did strictly better than the raw weights ("raw")."""
-    ema = record.get("ema_val_acc")
-    return (ema, "ema") if ema is not None and ema > record["val_acc"] else (record["val_acc"], "raw")
+def epoch_score(record: dict) -> dict:
+    """An epoch's validation top-1 and loss, and which weights reached them: the EMA's ("ema")
+    when they beat the raw weights ("raw") under fixres.stats.best_of's rule."""
+    raw = {"epoch": record["epoch"], "which": "raw", "top1": record["val_acc"], "loss": record["val_loss"]}
+    if record.get("ema_val_acc") is None:
+        return raw
+    return best_of([raw, {**raw, "which": "ema", "top1": record["ema_val_acc"], "loss": record["ema_val_loss"]}])
+
+
+def best_epoch(records: list[dict]) -> dict:
+    """The epoch a run ships as best.safetensors (epoch_score's dict), by fixres.stats.best_of."""
+    return best_of([epoch_score(r) for r in records])

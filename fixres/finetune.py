@@ -19,17 +19,20 @@ test_res = input_size = the new resolution, crop_pct, interpolation and min_scal
 source's, unless given on the command line), so sweep.py and any fixres evaluation
 preprocess for the new resolution and predict from the source's training crops.
 
---res auto chooses the size on --choice-images training images (1000, drawn with --seed),
-swept at every candidate size, and the validation split, which the choice never sees,
-reports before and after: choosing on the reported images would add the luck of the
-choice to the reported gain. finetune.json says which images did what ("chosen_on",
-"reported_on") and keeps the choice sweep's rows ("choice_sweep"). It holds the accuracies at
-the training resolution, at the new one before and after, and the paired differences
-after - before and after - training resolution (and before - training resolution) on the
-same validation images with their 95% intervals (fixres.stats). "after" is measured on the
-weights the run ships (best.safetensors: the best epoch on validation, `after_epoch`), and
-`last_epoch` keeps the last epoch's numbers when that is another epoch. activations.png:
-the distributions of the pooled features there.
+Every choice is made on images that never report: --choice-images validation images (1000,
+drawn with --seed, at most half the split) are held out; --res auto scores each candidate
+size there (the last BN re-estimated at that size on as many training images), and the
+fine-tune's epochs are evaluated there, so best.safetensors (the epoch that ships) is chosen
+there too. The rest of the validation split reports before and after: choosing on the
+reported images would add the luck of the choice to the reported gain, and choosing on
+training images saturates on a model that fits them. finetune.json says which images did
+what ("chosen_on", "reported_on", "held_out": the held-out files) and keeps the choice
+sweep's rows ("choice_sweep"). It holds the accuracies at the training resolution, at the
+new one before and after, and the paired differences after - before and after - training
+resolution (and before - training resolution) on the same reported images with their 95%
+intervals (fixres.stats). "after" is measured on the weights the run ships (`after_epoch`),
+and `last_epoch` on the last epoch's weights when that is another epoch, on the same images.
+activations.png: the distributions of the pooled features there.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ from fixres.data import DataError, worker_count
 from fixres.device_decode import resolve_decode
 from fixres.engine import top5_k
 from fixres.export import write_run_export
-from fixres.methods import CHOICE_KEYS, bn_stats, choose_res, parametric
+from fixres.methods import CHOICE_KEYS, bn_stats, choose_res, held_out_split, parametric
 from fixres.models import load_run_model
 from fixres.plots import plot_activation_cdfs
 from fixres.preprocessing import describe_preprocessing, finetune_transforms, weights_meta
@@ -91,35 +94,44 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         # the built-in data's CSV as the source's sweep found it (its images depend on the source's seed)
         data=cfg.data or source_cfg.get("data") or split.source, images=cfg.images or source_cfg.get("images"))
     eval_meta = {**meta, "interpolation": cfg.interpolation}
+    held_out, reported = held_out_split(split.val, cfg.choice_images, cfg.seed)
     last_bn = find_last_bn(model, input_size=train_res)
     sweep = dict(batch_size=cfg.batch_size, workers=worker_count(cfg.workers), activations=True, decode=decode)
     predicted = recommended_test_res(train_res=train_res, crop_pct=cfg.crop_pct, scale=(cfg.min_scale, 1.0))
     if cfg.res == "auto":
         res, why, choice_rows = choose_res(cfg, model, eval_meta, split, accelerator, console, sweep,
-                                           predicted=predicted, last_bn=last_bn)
-        chosen_on = f"{choice_rows[0]['count']} training images"
+                                           predicted=predicted, last_bn=last_bn, choice=held_out)
         console.print(why)
     else:
-        res, why, choice_rows, chosen_on = cfg.res, f"--res {cfg.res}", [], None
-    # before: the training resolution and the new one, on the validation split the choice never saw
+        res, why, choice_rows = cfg.res, f"--res {cfg.res}", []
+    choices = ["the size"] * (cfg.res == "auto") + ["the epoch that ships"] * (cfg.method == "finetune")
+    chosen_on = f"{', '.join(choices)}: {len(held_out)} held-out validation images" if choices else None
+    # before: the training resolution and the new one, on the images no choice sees
     sizes = sorted({train_res, res})
-    with EpochProgress(console, f"before: {len(sizes)} size(s)", len(split.val)) as bar:
+    with EpochProgress(console, f"before: {len(sizes)} size(s)", len(reported)) as bar:
         # a copy: run_sweep moves the model inside inference_mode, after which it cannot be trained
-        rows = run_sweep(copy.deepcopy(model), eval_meta, split, sizes, cfg.crop_pct, accelerator, progress=bar, **sweep)
+        rows = run_sweep(copy.deepcopy(model), eval_meta, split, sizes, cfg.crop_pct, accelerator, progress=bar,
+                         samples=reported, **sweep)
     source_name = source_folder.name if source_folder else Path(meta["weights_path"]).stem
     cfg = dataclasses.replace(cfg, res=res, test_res=res,
                               name=cfg.name or f"{source_name}-{cfg.method}-{res}px-{time.strftime('%Y%m%d-%H%M%S')}")
     extra = dict(finetune_res=res, finetune_method=cfg.method, finetuned_from=meta["weights_path"], last_bn=last_bn)
     start = time.perf_counter()
-    applied = apply_method(cfg, model, split, extra, accelerator, console, resume, decode, sweep["workers"])
+    # the fine-tune's epochs are evaluated on the held-out images: they choose the epoch that ships
+    applied = apply_method(cfg, model, dataclasses.replace(split, val=held_out), extra, accelerator, console, resume,
+                           decode, sweep["workers"])
     if applied.get("stopped"):
         return applied
     seconds = time.perf_counter() - start
-    with EpochProgress(console, f"after: {res} px", len(split.val)) as bar:
-        after = run_sweep(applied["model"], eval_meta, split, [res], cfg.crop_pct, accelerator, progress=bar,
-                          **sweep)[0]
+
+    def on_reported(weights, label: str) -> dict:
+        with EpochProgress(console, label, len(reported)) as bar:
+            return run_sweep(weights, eval_meta, split, [res], cfg.crop_pct, accelerator, progress=bar,
+                             samples=reported, **sweep)[0]
+    after = on_reported(applied["model"], f"after: {res} px")
+    last = on_reported(applied["last_model"], f"last epoch: {res} px") if applied.get("last_model") else None
     context = dict(meta=meta, split=split, why=why, chosen_on=chosen_on, predicted=predicted, choice_rows=choice_rows,
-                   seconds=seconds, extra=extra)
+                   seconds=seconds, extra=extra, held_out=held_out, last=last)
     summary = report(cfg, {r["size"]: r for r in rows}, after, applied, context, accelerator, console)
     return {**summary, "run_dir": str(applied["folder"]), "stopped": False}
 
@@ -184,7 +196,9 @@ def apply_method(cfg, model, split, extra, accelerator, console, resume, decode,
         # the run ships its best epoch on validation (best.safetensors, what sweep.py loads),
         # not the last one in memory: "after" is measured on those weights
         model, shipped = load_run_model(folder.path, "best")
-        return {"model": model, "folder": folder, "records": result["records"], "shipped": shipped}
+        last_model, last_meta = load_run_model(folder.path, "last")
+        return {"model": model, "folder": folder, "records": result["records"], "shipped": shipped,
+                "last_model": last_model if last_meta.get("epoch") != shipped.get("epoch") else None}
     model.to(accelerator.device)
     extra.update(bn_stats(cfg, model, split, accelerator, console, workers, extra["last_bn"])
                  if cfg.method == "bn-stats" else parametric(cfg, model, split, accelerator, console, workers))
@@ -205,17 +219,18 @@ def report(cfg, before: dict, after: dict, applied: dict, context: dict, acceler
               (f"{res} px, before", before[res]),
               (f"{res} px, after {cfg.method}" + (f", epoch {after_epoch} (best.safetensors)" if after_epoch else "")
                + f" ({context['seconds']:.0f} s)", after)]
-    last = records[-1] if records and records[-1]["epoch"] != after_epoch else None
-    if last:  # numbers from train.py's evaluation of that epoch, the same preprocessing
-        last = {"epoch": last["epoch"], "top1": last["val_acc"], "top5": last.get("val_top5"), "loss": last["val_loss"]}
+    last = context["last"]
+    if last is not None:  # the last epoch's weights, on the same reported images
+        last = {"epoch": records[-1]["epoch"], **{k: last[k] for k in ("top1", "top5", "loss")}}
     correct = {key: row["per_image_correct"] for key, (_, row) in zip(("train_res", "before", "after"), stages)}
     differences = {f"{a}_vs_{b}": paired_difference_of(correct[a], correct[b])  # the same validation images
                    for a, b in (("after", "before"), ("after", "train_res"), ("before", "train_res"))}
-    reported_on = f"validation split ({len(split.val)} images)"
+    reported_on = f"{after['count']} validation images (the split's {len(split.val)} less the held-out {len(context['held_out'])})"
     by_stage = {"train_res": before[train_res], "before": before[res], "after": after}
     summary = {"source": meta["weights_path"], "model": meta["model"], "method": cfg.method,
                "aug": cfg.aug if cfg.method == "finetune" else None, "train_res": train_res, "res": res,
                "res_choice": context["why"], "chosen_on": context["chosen_on"], "reported_on": reported_on,
+               "held_out": [path for path, _ in context["held_out"]],
                "predicted_res": context["predicted"], "crop_pct": cfg.crop_pct, "last_bn": context["extra"]["last_bn"],
                **{key: {stage: row[key] for stage, row in by_stage.items()} for key in ("top1", "top5")},
                "top5_k": top5_k(len(split.classes)),
@@ -233,7 +248,7 @@ def report(cfg, before: dict, after: dict, applied: dict, context: dict, acceler
                                  top5_label=f"top-{top5_k(len(split.classes))}"))
     console.print(f"vs: the difference in top-1, in points, on the same {after['count']} validation images; "
                   f"{STATS_METHOD}")
-    console.print(f"chosen on: {context['chosen_on'] or 'given (--res)'}; reported on: {reported_on}")
+    console.print(f"chosen on: {context['chosen_on'] or 'nothing chosen (--res given)'}; reported on: {reported_on}")
     if accelerator.is_main_process:
         ckpt.write_json_atomic(folder.path / "finetune.json", summary)
         plot_activation_cdfs([(label, r["act_hist"]) for label, r in stages], ACT_EDGES.tolist(),

@@ -13,11 +13,12 @@ import copy
 import torch
 
 from fixres import adapt
+from fixres.config import ConfigError
 from fixres.data import EpochSampler, ImageDataset, collate_skipping, round_batches
 from fixres.report import EpochProgress
 from fixres.runtime import use_channels_last
 from fixres.resolution import default_sizes
-from fixres.stats import add_differences
+from fixres.stats import add_differences, best_of
 from fixres.sweep import run_sweep
 from fixres.transforms import eval_transform
 
@@ -25,35 +26,48 @@ from fixres.transforms import eval_transform
 CHOICE_KEYS = ("size", "top1", "top5", "loss", "count", "diff_vs_train", "diff_low", "diff_high", "gained", "lost")
 
 
-def choose_res(cfg, model, eval_meta, split, accelerator, console, sweep, *, predicted, last_bn):
-    """--res auto: the size that does best on --choice-images training images (drawn with
-    --seed) once the last BN's statistics are re-estimated there: a seconds-long stand-in for
-    fine-tuning at every size, which moves the best size up (the paper's point; without it the
-    choice stops where the untouched statistics still fit). Ties go to the larger size. Never
-    the validation images that then report before and after: a size chosen on those would
-    carry the luck of the choice into the reported gain.
+def choose_res(cfg, model, eval_meta, split, accelerator, console, sweep, *, predicted, last_bn, choice):
+    """--res auto: the size that does best on `choice`, the validation images held out for
+    finetune.py's choices (held_out_split), once the last BN's statistics are re-estimated at
+    that size on --choice-images training images (drawn with --seed): a seconds-long stand-in
+    for fine-tuning at every size, which moves the best size up (the paper's point; without it
+    the choice stops where the untouched statistics still fit). Scored on training images, a
+    model that fits them ties at 100% everywhere; scored on the images that then report, the
+    luck of the choice would enter the reported gain. Best by fixres.stats.best_of.
     Returns (size, the printed reason, the sweep's rows)."""
     train_res = cfg.train_res
     # FixRes tests higher: the default ladder from the training size up (--sizes: any)
     sizes = sorted(set(cfg.sizes or [s for s in default_sizes(train_res, predicted) if s >= train_res]) | {train_res})
-    images = seeded_subset(split.train, cfg.choice_images, cfg.seed)
+    bn_images = seeded_subset(split.train, cfg.choice_images, cfg.seed)
     rows = []
     for size in sizes:
         trial = copy.deepcopy(model).to(accelerator.device)
-        with EpochProgress(console, f"choosing: {size} px, last BN re-estimated", len(images)) as bar:
-            reestimate_last_bn(trial, images, size, cfg, accelerator, sweep["workers"], last_bn)
-            rows += run_sweep(trial, eval_meta, split, [size], cfg.crop_pct, accelerator, progress=bar, samples=images,
+        with EpochProgress(console, f"choosing: {size} px, last BN re-estimated", len(bn_images) + len(choice)) as bar:
+            reestimate_last_bn(trial, bn_images, size, cfg, accelerator, sweep["workers"], last_bn)
+            rows += run_sweep(trial, eval_meta, split, [size], cfg.crop_pct, accelerator, progress=bar, samples=choice,
                               **{**sweep, "activations": False})
     by_size = {r["size"]: r for r in add_differences(rows, train_res)}
-    res = max(rows, key=lambda r: (r["top1"], r["size"]))["size"]
-    drawn = f"drawn with --seed {cfg.seed}" if len(images) < len(split.train) else "all of them"
-    why = (f"--res auto: {res} px, the best of the sweep ({', '.join(map(str, sizes))} px) on {len(images)} training "
-           f"images ({drawn}) with the last BN's statistics re-estimated at each size: top-1 "
-           f"{100 * by_size[res]['top1']:.2f}% against {100 * by_size[train_res]['top1']:.2f}% at the training "
-           f"resolution {train_res} px; the apparent-size model predicts {predicted} px")
+    res = best_of(rows)["size"]
+    why = (f"--res auto: {res} px, the best of the sweep ({', '.join(map(str, sizes))} px) on the {len(choice)} "
+           f"held-out validation images, the last BN's statistics re-estimated at each size on {len(bn_images)} "
+           f"training images: top-1 {100 * by_size[res]['top1']:.2f}% against {100 * by_size[train_res]['top1']:.2f}% "
+           f"at the training resolution {train_res} px; the apparent-size model predicts {predicted} px")
     if res == train_res:
         why += "; no larger size did better, so this only adapts the last BN to test-style crops"
     return res, why, rows
+
+
+def held_out_split(val: list, count: int, seed: int) -> tuple[list, list]:
+    """(held out, reported): --choice-images validation images (at most half of them) drawn
+    with `seed` for every choice finetune.py makes (the size, the epoch that ships), and the
+    rest, which report before and after and never choose. Both keep the split's order; the
+    same on every process."""
+    held = min(count, len(val) // 2)
+    if held == 0:
+        raise ConfigError(f"finetune.py needs at least 2 validation images (one to choose on, one to report on), "
+                          f"the split has {len(val)}")
+    chosen = set(torch.randperm(len(val), generator=torch.Generator().manual_seed(seed))[:held].tolist())
+    return [s for i, s in enumerate(val) if i in chosen], [s for i, s in enumerate(val) if i not in chosen]
 
 
 def seeded_subset(samples: list, count: int, seed: int) -> list:

@@ -25,7 +25,7 @@ from fixres import checkpoint as ckpt
 from fixres.adapt import train_only
 from fixres.config import TrainConfig
 from fixres.data import Split, build_loaders, worker_count
-from fixres.ema import ModelEma, epoch_score
+from fixres.ema import ModelEma, best_epoch
 from fixres.engine import cosine_lr
 from fixres.models import classifier_name, load_weights_into
 from fixres.optim import auto_batch_size, build_optimizer
@@ -142,7 +142,7 @@ def build_run(cfg, accelerator, console, folder, split, model, *, resume: ckpt.C
         folder.restore_weights_files(_resumed_files(meta, resume.weights, ema, resume.meta, state.records),
                                      epoch=resume.meta.get("epoch"))
         # a resume past a newer checkpoint that could not be read: best.safetensors may be that epoch's
-        folder.restore_best(resume.path, epoch=_best_record(state.records)["epoch"] if state.records else None)
+        folder.restore_best(resume.path, epoch=best_epoch(state.records)["epoch"] if state.records else None)
     if cfg.compile:
         model.compile()  # in place: the state dict keeps its names (no "_orig_mod." prefix)
         if ema is not None:
@@ -179,10 +179,6 @@ def _restore(resume: ckpt.Checkpoint, model, optimizer, console) -> RunState:
     return state
 
 
-def _best_record(records: list[dict]) -> dict:
-    return max(records, key=lambda r: epoch_score(r)[0])  # the first of the highest, as the run chose
-
-
 def _resumed_files(meta: dict, weights: dict, ema: ModelEma | None, saved_meta: dict,
                    records: list[dict]) -> dict[str, tuple[dict, dict]]:
     """The weights files as the save of the resumed checkpoint left them; none for a
@@ -190,6 +186,6 @@ def _resumed_files(meta: dict, weights: dict, ema: ModelEma | None, saved_meta: 
     record = next((r for r in records if r["epoch"] == saved_meta.get("epoch")), None)
     if record is None:
         return {}
-    best = _best_record(records)
+    best = best_epoch(records)  # as the run chose
     return ckpt.epoch_weights_files(meta, weights, ema.state_dict() if ema is not None else None, record,
-                                    epoch_score(record)[1] if best is record else None)
+                                    best["which"] if best["epoch"] == record["epoch"] else None)

@@ -4,6 +4,7 @@
     paired_difference(gained=60, lost=20, n=3000)   # diff 0.0133, 95% interval about [0.0076, 0.0190]
     paired_difference_of(correct_at_80px, correct_at_64px)   # the same from per-image correctness
     add_differences(sweep_rows, train_res=64)                # each row against the 64 px row
+    best_of(rows)                                            # the one rule for "best"
 
 Two evaluations of the same n images (one model at two test sizes, or before and after
 fine-tuning) differ only where exactly one of them is right: `gained` images are right
@@ -60,3 +61,11 @@ def add_differences(rows: list[dict], train_res: int) -> list[dict]:
         d = paired_difference_of(r["per_image_correct"], reference)
         r.update(diff_vs_train=d["diff"], diff_low=d["low"], diff_high=d["high"], gained=d["gained"], lost=d["lost"])
     return rows
+
+
+def best_of(items: list[dict], *, top1: str = "top1", loss: str = "loss") -> dict:
+    """The one rule for "best" wherever fixres chooses (a test size, an epoch, a benchmark's
+    reference): the highest top-1; among equal top-1, the lowest loss, which still orders
+    models that get every image right; among exact equals, the first (the smaller size, the
+    earlier epoch)."""
+    return max(items, key=lambda item: (item[top1], -item[loss]))

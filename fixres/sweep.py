@@ -37,7 +37,7 @@ from fixres.report import EpochProgress, config_table, make_console, per_class_a
 from fixres.resolution import default_sizes, recommended_test_res, resize_size
 from fixres.runtime import make_accelerator
 from fixres.stats import METHOD as STATS_METHOD
-from fixres.stats import add_differences
+from fixres.stats import add_differences, best_of
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, float_normalize
 
 # Pooled-activation histogram: log-spaced bins over +-[1e-4, 1e4] (25 per decade) plus the
@@ -196,11 +196,6 @@ def trained_min_scale(meta: dict, run_cfg: dict) -> float:
     return meta.get("min_scale") or run_cfg.get("min_scale") or 0.08
 
 
-def best_row(rows: list[dict]) -> dict:
-    """Highest top-1; among equals, the lowest loss."""
-    return max(rows, key=lambda r: (r["top1"], -r["loss"]))
-
-
 def load_for_sweep(cfg: SweepConfig, accelerator):
     """(model, meta, split, run folder or None, run config dict); every user error is raised
     here, before any evaluation work."""
@@ -260,7 +255,7 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
         rows = run_sweep(model, meta, split, sizes, crop_pct, accelerator, batch_size=cfg.batch_size,
                          workers=workers, activations=cfg.activations, progress=bar, decode=decode)
     add_differences(rows, train_res)
-    best = best_row(rows)
+    best = best_of(rows)
     k = top5_k(len(split.classes))
     print_sweep(console, rows, train_res=train_res, predicted=predicted, best=best["size"], top5_label=f"top-{k}",
                 processes=accelerator.num_processes)

@@ -28,7 +28,7 @@ from fixres import checkpoint as ckpt
 from fixres.config import TrainConfig
 from fixres.data import load_split, resolve_data
 from fixres.device_decode import resolve_decode
-from fixres.ema import epoch_score
+from fixres.ema import best_epoch
 from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError, evaluate, top5_k,
                            train_one_epoch)
 from fixres.export import write_run_export
@@ -156,11 +156,10 @@ def _evaluate_epoch(run: Run, result) -> dict:
 
 
 def _end_epoch(run: Run, record: dict) -> None:
-    score, which = epoch_score(record)
-    improved = score > run.state.best_acc
-    run.state = RunState(epoch=run.state.epoch + 1, step=run.state.step, records=run.state.records + [record],
-                         best_acc=max(run.state.best_acc, score))
-    _save(run, record=record, best=which if improved else None)
+    records = run.state.records + [record]
+    best = best_epoch(records)  # the new epoch, or the one before that still stands
+    run.state = RunState(epoch=run.state.epoch + 1, step=run.state.step, records=records, best_acc=best["top1"])
+    _save(run, record=record, best=best["which"] if best["epoch"] == record["epoch"] else None)
     run.console.print(epoch_line(record))
     if run.cfg.log_with:
         run.accelerator.log({k: v for k, v in record.items() if k != "epoch" and v is not None}, step=record["epoch"])
@@ -174,10 +173,9 @@ def _report(run: Run) -> None:
     run.console.print(metrics_table(state.records, title=f"fixres {run.title}: {run.folder}",
                                     top5_label=f"val top-{top5_k(len(run.split.classes))}"))
     if run.ema is not None and state.records:
-        best_acc, which = epoch_score(max(state.records, key=lambda r: epoch_score(r)[0]))
-        best_epoch = next(r["epoch"] for r in state.records if epoch_score(r)[0] == best_acc)
-        run.console.print(f"best.safetensors: epoch {best_epoch}, the {'EMA' if which == 'ema' else 'raw'} weights "
-                          f"(val top-1 {100 * best_acc:.2f}%); ema.safetensors: the EMA after the last epoch")
+        best = best_epoch(state.records)
+        run.console.print(f"best.safetensors: epoch {best['epoch']}, the {'EMA' if best['which'] == 'ema' else 'raw'} "
+                          f"weights (val top-1 {100 * best['top1']:.2f}%); ema.safetensors: the EMA after the last epoch")
     if run.next_steps and state.epoch >= run.cfg.epochs:
         run.console.print(f"next: python sweep.py --checkpoint {shlex.quote(str(run.folder))}\n"
                           f"then: python finetune.py --checkpoint {shlex.quote(str(run.folder))}")

@@ -22,6 +22,7 @@ from fixres import finetune as finetune_lib
 from fixres import sweep as sweep_lib
 from fixres.checkpoint import load_weights, save_weights
 from fixres.config import FinetuneConfig, SweepConfig, TrainConfig
+from fixres.stats import best_of
 from fixres.data import load_split
 from fixres.engine import top5_hits
 from fixres.export import (EXPORT_DIR, ExportError, check_export, export_data_config, timm_overlay, write_best_size,
@@ -107,7 +108,7 @@ def test_export_evaluates_in_timm_as_in_our_sweep_to_the_image(pretrained_run):
 
     summary = sweep_lib.sweep(SweepConfig(checkpoint=str(run), sizes=[24, 40, 48], write_best=True,
                                                     workers=0, cpu=True))
-    best = sweep_lib.best_row(summary["rows"])
+    best = best_of(summary["rows"])
     _, meta = load_weights(run / "best.safetensors")
     assert meta["test_res"] == best["size"] and meta["train_res"] == 32
 

@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from fixres import finetune as finetune_lib
+from fixres import methods as methods_lib
 from fixres import transforms as transforms_lib
 from fixres import sweep as sweep_lib
 from fixres.adapt import (ADAPTER, FrechetAdapter, attach_adapter, attach_saved_adapter, fit_gev, gev_cdf, gev_icdf,
@@ -270,6 +271,36 @@ def test_the_choice_images_are_a_seeded_slice_of_the_training_split():
     assert sorted(seeded_subset(train, 1000, seed=0)) == train  # fewer than asked for: all of them
 
 
+def test_res_auto_chooses_on_validation_images_that_never_report(tmp_path, tiny_csv, monkeypatch):
+    """Which images each step reads, recorded where finetune.py hands them over: the size is
+    scored on held-out validation images, its BN statistics come from training images, and
+    before/after report on the other validation images only."""
+    source = write_source_run(tmp_path / "source", "test_resnet", tiny_csv)
+    seen = {"scored": [], "bn": [], "reported": []}
+
+    def spy(kind, real):
+        def wrapper(*args, **kwargs):
+            # run_sweep(model, meta, split, ..., samples=None: split.val); reestimate_last_bn(model, samples, ...)
+            seen[kind].append(list(args[1] if kind == "bn" else kwargs.get("samples") or args[2].val))
+            return real(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(methods_lib, "run_sweep", spy("scored", methods_lib.run_sweep))
+    monkeypatch.setattr(methods_lib, "reestimate_last_bn", spy("bn", methods_lib.reestimate_last_bn))
+    monkeypatch.setattr(finetune_lib, "run_sweep", spy("reported", finetune_lib.run_sweep))
+    summary = finetune_lib.finetune(FinetuneConfig(checkpoint=str(source), data=str(tiny_csv), res="auto",
+                                                   sizes=[24, 40], choice_images=20, method="bn-stats", workers=0,
+                                                   cpu=True, output=str(tmp_path), name="auto"))
+    split = load_split(tiny_csv)
+    scored = seen["scored"]
+    assert len(scored) == 3 and scored[0] == scored[1] == scored[2]  # 24, 32 (the training size) and 40 px
+    assert len(scored[0]) == 12 and set(scored[0]) <= set(split.val)  # at most half of the 25
+    assert [p for p, _ in scored[0]] == summary["held_out"]
+    assert [len(b) for b in seen["bn"]] == [20, 20, 20, 60] and all(set(b) <= set(split.train) for b in seen["bn"])
+    assert len(seen["reported"]) == 2 and seen["reported"][0] == seen["reported"][1]  # before, after
+    assert sorted(seen["reported"][0] + scored[0]) == sorted(split.val)  # disjoint, and together the split
+    assert summary["val_images"] == 13
+
+
 # ----------------------------------------------------------------------------- the script end to end
 
 def write_source_run(folder, model_name, data, train_res=32, seed=0, **options):
@@ -332,18 +363,25 @@ def test_finetune_json_describes_the_weights_it_ships(unlearning, tmp_path):
                                          name="ft"))
     run = tmp_path / "ft"
     summary = json.loads((run / "finetune.json").read_text())
+    # every choice on held-out validation images, every number reported on the others
+    val = [path for path, _ in load_split(rotated).val]
+    held_out = summary["held_out"]
+    reported = [i for i, path in enumerate(val) if path not in held_out]
+    assert len(held_out) == 12 and set(held_out) <= set(val) and len(reported) == 13 == summary["val_images"]
+    assert summary["chosen_on"] == "the epoch that ships: 12 held-out validation images"
     accuracies = [record["val_acc"] for record in summary["epochs"]]
+    assert all(round(a * 12) == a * 12 for a in accuracies)  # the epochs were scored on the 12 held-out images
     assert max(accuracies) > accuracies[-1], accuracies  # the case at issue: the last epoch is not the best
-    # sweep.py scores the run by its best.safetensors; "after" is those weights, and says which epoch they are
-    rows = sweep_lib.sweep(SweepConfig(checkpoint=str(run), sizes=[40], cpu=True, workers=0,
-                                       output=str(tmp_path / "sweep")))["rows"]
-    shipped = next(row for row in rows if row["size"] == 40)  # the sweep adds the training size as its reference
-    assert (summary["top1"]["after"], summary["loss"]["after"]) == pytest.approx((shipped["top1"], shipped["loss"]))
-    assert summary["after_epoch"] == load_weights(run / "best.safetensors")[1]["epoch"]
-    assert summary["after_epoch"] == accuracies.index(max(accuracies)) + 1
-    last = summary["epochs"][-1]
-    assert summary["last_epoch"] == {"epoch": 3, "top1": last["val_acc"], "top5": last["val_top5"],
-                                     "loss": last["val_loss"]}
+    # the epoch that ships: the highest held-out top-1, then the lowest loss
+    best = max(summary["epochs"], key=lambda r: (r["val_acc"], -r["val_loss"]))
+    assert summary["after_epoch"] == load_weights(run / "best.safetensors")[1]["epoch"] == best["epoch"]
+    # "after" and "last epoch" are those weights on the 13 reported images: sweep.py on all 25, cut to them
+    for which, top1 in (("best", summary["top1"]["after"]), ("last", summary["last_epoch"]["top1"])):
+        rows = sweep_lib.sweep(SweepConfig(checkpoint=str(run), which=which, sizes=[40], cpu=True, workers=0,
+                                           output=str(tmp_path / which)))["rows"]
+        correct = next(row for row in rows if row["size"] == 40)["per_image_correct"]
+        assert top1 == pytest.approx(sum(bool(correct[i]) for i in reported) / 13), which
+    assert summary["last_epoch"]["epoch"] == 3
 
 
 @pytest.fixture(scope="module")
@@ -450,20 +488,22 @@ def test_finetune_run_folder_and_timm_loads_its_weights(runs, tiny_csv):
 def test_res_auto_with_the_parametric_method(runs, tiny_csv):
     results, out, source = runs
     stdout = ok(results["auto"]).stdout
-    assert re.search(r"--res auto: (24|32|40) px, the best of the sweep \(24, 32, 40 px\) on 20 training images "
-                     r"\(drawn with --seed 0\)", stdout)
-    assert "chosen on: 20 training images; reported on: validation split (25 images)" in stdout
+    assert re.search(r"--res auto: (24|32|40) px, the best of the sweep \(24, 32, 40 px\) on the 12 held-out "
+                     r"validation images, the last BN's statistics re-estimated at each size on 20 training images",
+                     stdout)
+    reported_on = "13 validation images (the split's 25 less the held-out 12)"
+    assert f"chosen on: the size: 12 held-out validation images; reported on: {reported_on}" in stdout
     summary = json.loads((out / "auto" / "finetune.json").read_text())
-    assert summary["chosen_on"] == "20 training images"
-    assert summary["reported_on"] == "validation split (25 images)" and summary["val_images"] == 25
+    assert summary["chosen_on"] == "the size: 12 held-out validation images"
+    assert summary["reported_on"] == reported_on and summary["val_images"] == 13
     choice = summary["choice_sweep"]
-    assert [r["size"] for r in choice] == [24, 32, 40] and {r["count"] for r in choice} == {20}
-    best = max(r["top1"] for r in choice)
-    assert summary["res"] == max(r["size"] for r in choice if r["top1"] == best)  # on those rows, ties to the larger
+    assert [r["size"] for r in choice] == [24, 32, 40] and {r["count"] for r in choice} == {12}
+    # the highest top-1, then the lowest loss
+    assert summary["res"] == max(choice, key=lambda r: (r["top1"], -r["loss"]))["size"]
     # each size scored with the last BN re-estimated there, not as the source model stands
     model, meta = load_run_model(source / "best.safetensors")
-    images = seeded_subset(load_split(tiny_csv).train, 20, 0)
-    untouched = sweep_lib.run_sweep(model, meta, None, [24, 32, 40], 0.875, Accelerator(cpu=True), samples=images)
+    held_out = [s for s in load_split(tiny_csv).val if s[0] in summary["held_out"]]
+    untouched = sweep_lib.run_sweep(model, meta, None, [24, 32, 40], 0.875, Accelerator(cpu=True), samples=held_out)
     assert all(abs(a["loss"] - b["loss"]) > 1e-3 for a, b in zip(untouched, choice))
     assert [r["size"] for r in summary["sweep"]] == sorted({32, summary["res"]})  # the validation split: reports only
     assert summary["adaptation"]["scope"] == "feature" and summary["adaptation"]["fit_images"] == 60

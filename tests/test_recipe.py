@@ -158,9 +158,12 @@ def test_ema_averages_every_n_steps_and_copies_during_warm_up():
 
 def test_best_is_the_ema_when_it_scores_higher_and_says_so():
     raw, averaged = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
-    record = {"epoch": 3, "val_acc": 0.5, "ema_val_acc": 0.75}
-    assert epoch_score(record) == (0.75, "ema")
-    assert epoch_score({**record, "ema_val_acc": 0.5}) == (0.5, "raw")  # a tie keeps the raw weights
+    record = {"epoch": 3, "val_acc": 0.5, "val_loss": 0.9, "ema_val_acc": 0.75, "ema_val_loss": 1.2}
+    assert epoch_score(record) == {"epoch": 3, "which": "ema", "top1": 0.75, "loss": 1.2}
+    # the one rule for "best": equal top-1 goes to the lower loss, and an exact tie to the raw weights
+    assert epoch_score({**record, "ema_val_acc": 0.5})["which"] == "raw"
+    assert epoch_score({**record, "ema_val_acc": 0.5, "ema_val_loss": 0.8})["which"] == "ema"
+    assert epoch_score({**record, "ema_val_acc": 0.5, "ema_val_loss": 0.9})["which"] == "raw"
     files = epoch_weights_files({"model": "m"}, raw, averaged, record, best="ema")
     assert files["best.safetensors"] == files["ema.safetensors"]
     assert files["best.safetensors"][1] == {"model": "m", "epoch": 3, "val_acc": 0.75, "ema": True}
@@ -258,7 +261,8 @@ def test_ema_is_evaluated_beside_the_weights_and_saved(featured_run):
     assert len(epoch_lines) == 3 and all("train loss" in line and "acc - |" in line and "EMA val loss" in line
                                          for line in epoch_lines)
     assert "--model-ema: decay 0.5 every 2 optimizer steps averages over about 1.33 epochs" in stdout
-    best_acc, which = max((epoch_score(r) for r in rows), key=lambda s: s[0])
+    candidates = [(r[f"{p}val_acc"], -r[f"{p}val_loss"], "ema" if p else "raw") for r in rows for p in ("", "ema_")]
+    which = max(candidates, key=lambda c: c[:2])[2]  # the highest top-1, then the lowest loss
     assert "best.safetensors: epoch" in stdout and f"the {'EMA' if which == 'ema' else 'raw'} weights" in stdout
     ema_weights, ema_meta = ckpt.load_weights(run / "ema.safetensors")
     assert ema_meta["ema"] is True and ema_meta["val_acc"] == rows[-1]["ema_val_acc"] and ema_meta["epoch"] == 3

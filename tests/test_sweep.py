@@ -21,6 +21,7 @@ from fixres.data import ImageDataset, collate_skipping, load_split, shard_indice
 from fixres.engine import evaluate
 from fixres.models import create_model, load_run_model
 from fixres.resolution import default_sizes
+from fixres.stats import add_differences
 from fixres.sweep import run_sweep
 from fixres.transforms import eval_transform
 from tests.conftest import finish, run_in_process, run_script, script_main, start_script
@@ -174,18 +175,26 @@ def test_sweep_equals_the_preprocessing_written_out(tiny_run, tmp_path, crop_pct
     Image.open(split.val[0][0]).transpose(Image.Transpose.ROTATE_90).resize((37, 53)).save(portrait)
     split.val = split.val + [(str(portrait), split.val[0][1])]
     resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[interpolation]
-    rows = run_sweep(model, {**meta, "interpolation": interpolation}, split, [32, 40], crop_pct, Accelerator(cpu=True),
-                     batch_size=8, workers=0)
+    rows = add_differences(run_sweep(model, {**meta, "interpolation": interpolation}, split, [12, 16, 24, 32, 48], crop_pct,
+                                     Accelerator(cpu=True), batch_size=8, workers=0), 32)
     labels = torch.tensor([label for _, label in split.val])
     model.eval()
+    right = {}
     for row in rows:
         batch = torch.from_numpy(np.stack([reference_eval(path, size=row["size"], crop_pct=crop_pct, resample=resample)
                                            for path, _ in split.val]))
         with torch.no_grad():
             logits = model(batch)
+        right[row["size"]] = logits.argmax(1) == labels
         assert row["resize"] == int(row["size"] / crop_pct) and row["count"] == len(labels)
-        assert row["correct"] == (logits.argmax(1) == labels).sum().item()
+        assert row["correct"] == right[row["size"]].sum().item()
         assert row["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    # the paired counts against the training size, from the written-out preprocessing's answers
+    for row in rows:
+        gained = (right[row["size"]] & ~right[32]).sum().item()
+        lost = (~right[row["size"]] & right[32]).sum().item()
+        assert (row["gained"], row["lost"]) == (gained, lost), row["size"]
+        assert row["diff_vs_train"] == pytest.approx((gained - lost) / len(labels))
 
 
 def test_torchvision_model_and_plots(tv_run, tmp_path, capsys):
