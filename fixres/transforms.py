@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
@@ -189,8 +190,11 @@ class DecodeRandomResizedCrop:
     def __call__(self, path: str) -> torch.Tensor:
         img, box = self.decode(path)
         # crop with Pillow first: only the crop's pixels are copied into the tensor
-        out = TF.resize(TF.pil_to_tensor(img.crop(box)), [self.size, self.size], interpolation=self.interpolation,
-                        antialias=True)
+        out = TF.pil_to_tensor(img.crop(box))
+        if self.interpolation == v2.InterpolationMode.NEAREST:  # torch's nearest picks other pixels than Pillow's
+            out = resize_nearest(out, (self.size, self.size))
+        else:
+            out = TF.resize(out, [self.size, self.size], interpolation=self.interpolation, antialias=True)
         if self.hflip and torch.rand(1).item() < 0.5:
             out = out.flip(-1)
         return self.augment(out) if self.augment else out
@@ -198,6 +202,24 @@ class DecodeRandomResizedCrop:
     def __repr__(self) -> str:
         return (f"DecodeRandomResizedCrop(size={self.size}, scale={self.scale}, draft={self.draft}, "
                 f"interpolation={self.interpolation.value}, augment={self.augment})")
+
+
+@functools.lru_cache(maxsize=1024)
+def pillow_nearest_index(n_in: int, n_out: int) -> torch.Tensor:
+    """The source pixel of each of `n_out` output pixels along one axis, as Pillow's NEAREST
+    resize picks it: the one under the output pixel's centre, the centres summed step by step in
+    float64 as Pillow does (ImagingScaleAffine). torch's "nearest" takes floor(x * step), another
+    pixel; its "nearest-exact" differs from Pillow where a centre falls on a pixel edge."""
+    step = n_in / n_out
+    centres = np.add.accumulate(np.concatenate([[0.5 * step], np.full(n_out - 1, step)]))  # in order, as Pillow
+    return torch.from_numpy(np.minimum(centres.astype(np.int64), n_in - 1))
+
+
+def resize_nearest(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pillow's NEAREST resize of a (..., H, W) tensor to (height, width), on the tensor's device."""
+    rows = pillow_nearest_index(int(img.shape[-2]), size[0]).to(img.device, non_blocking=True)
+    cols = pillow_nearest_index(int(img.shape[-1]), size[1]).to(img.device, non_blocking=True)
+    return img.index_select(-2, rows).index_select(-1, cols)
 
 
 def _scaled_span(start: int, length: int, factor: float, limit: int) -> tuple[int, int]:

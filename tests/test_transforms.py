@@ -1,9 +1,10 @@
 """Preprocessing sizes: the train crop, and the test resize that timm and FixRes use."""
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fixres.transforms import IMAGENET_MEAN, eval_transform, float_normalize, train_transform
+from fixres.transforms import IMAGENET_MEAN, eval_transform, float_normalize, pillow_nearest_index, train_transform
 
 
 @pytest.mark.parametrize("size, crop_pct, resized", [(224, 0.875, 256), (384, 0.875, 438), (64, 0.8, 80)])
@@ -38,3 +39,16 @@ def test_eval_transform_split_gives_the_same_numbers():
     assert uint8[0].dtype == torch.uint8 and uint8[0].shape == (3, 24, 24)
     whole = eval_transform(**preprocess, mean=mean, std=std)
     assert torch.equal(float_normalize(mean=mean, std=std)(torch.stack(uint8)), torch.stack([whole(i) for i in images]))
+
+
+def test_pillow_nearest_index_is_pillows_choice_of_pixel():
+    """Against Pillow's own NEAREST resize of an image whose pixels hold their column and row,
+    for sizes where a centre falls exactly on a pixel edge (88 -> 166: row 41) and random ones."""
+    rng = np.random.default_rng(0)
+    pairs = [(88, 166), (50, 211), (252, 281), (7, 3), (1, 5), (255, 1)] + \
+        [tuple(int(v) for v in rng.integers(1, 256, 2)) for _ in range(300)]
+    for n_in, n_out in pairs:
+        source = np.zeros((1, n_in), np.uint8)
+        source[0] = np.arange(n_in)
+        picked = np.asarray(Image.fromarray(source).resize((n_out, 1), Image.Resampling.NEAREST))[0]
+        assert pillow_nearest_index(n_in, n_out).tolist() == picked.tolist(), (n_in, n_out)
