@@ -6,6 +6,7 @@ same validation images (the README's "after vs the sweep's best" row).
 The source needs sweep.json (python sweep.py --checkpoint runs/<source>); each fine-tuned run
 is evaluated at its own test size, the source at the sweep's best, with the run's crop.
 """
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -41,4 +42,10 @@ def main(source: str, *finetuned: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="the source run folder, with sweep.json (python sweep.py --checkpoint it)")
+    parser.add_argument("finetuned", nargs="+", help="finetune.py run folders of that source")
+    args = parser.parse_args()
+    if not (Path(args.source) / "sweep.json").is_file():
+        parser.error(f"{args.source}: no sweep.json (python sweep.py --checkpoint {args.source})")
+    main(args.source, *args.finetuned)
