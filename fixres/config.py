@@ -306,10 +306,20 @@ SHAPES_PRESET = dict(
 FINETUNE_SHAPES_PRESET = dict(lr=0.05, epochs=10)
 
 
+# A preset's options that fit its model only: left out when another model is asked for
+MODEL_OPTIONS = ("output_stride",)
+
+
 def train_presets(given: dict) -> dict:
     """train.py's defaults for the options not given: the built-in dataset's preset when there
-    is no --data, and --recipe's settings over it."""
-    return {**({} if given.get("data") else SHAPES_PRESET), **RECIPES.get(given.get("recipe"), {})}
+    is no --data, and --recipe's settings over it. The preset's model options go with its model:
+    `--model test_vit` (or a recipe's model) gets no --output-stride it may not take."""
+    preset = {} if given.get("data") else SHAPES_PRESET
+    recipe = RECIPES.get(given.get("recipe"), {})
+    model = given.get("model", recipe.get("model", preset.get("model")))
+    if model != preset.get("model"):
+        preset = {k: v for k, v in preset.items() if k not in MODEL_OPTIONS}
+    return {**preset, **recipe}
 
 
 FINETUNE_METHODS = ("finetune", "bn-stats", "parametric")

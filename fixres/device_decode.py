@@ -40,7 +40,7 @@ from fixres.config import ConfigError
 from fixres.data import EXIF_ORIENTATION, BadImageError, open_image
 from fixres.resolution import resize_size
 from fixres.runtime import error_reason
-from fixres.transforms import sample_crop
+from fixres.transforms import resize_nearest, sample_crop
 
 DECODE_CHOICES = ("auto", "cpu", "gpu")
 INSTALL_HINT = "pip install torchcodec (>= 0.16; README: GPU decoding)"
@@ -279,8 +279,8 @@ def _resize(img: torch.Tensor, size: tuple, interpolation: str) -> torch.Tensor:
     x = img[None].float()
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    if interpolation == "nearest":
-        return F.interpolate(x, size=size, mode="nearest")
+    if interpolation == "nearest":  # Pillow's pixels: torch's own nearest picks others
+        return resize_nearest(x, size)
     return F.interpolate(x, size=size, mode=interpolation, align_corners=False, antialias=True)
 
 

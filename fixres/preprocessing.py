@@ -74,14 +74,14 @@ def default_train_transform(cfg: TrainConfig, device: torch.device):
         return ReadForDevice(CropSpec(cfg.train_res, cfg.interpolation), min_scale=cfg.min_scale,
                              skip_bad=cfg.skip_bad_images)
     fast_decode = cfg.fast_decode if cfg.fast_decode is not None else device.type == "cuda"
+    mean, std = cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD  # None: not resolved yet
     augment = crop_augment(auto_augment=cfg.auto_augment, random_erase=cfg.random_erase,
-                           interpolation=cfg.interpolation)
+                           interpolation=cfg.interpolation, mean=mean, std=std)  # random erasing normalises
     if fast_decode:  # uint8 crops: the engine normalises them on the device with cfg.mean and cfg.std
         return DecodeRandomResizedCrop(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation,
                                        augment=augment)
     return train_transform(size=cfg.train_res, min_scale=cfg.min_scale, interpolation=cfg.interpolation,
-                           mean=cfg.mean or IMAGENET_MEAN, std=cfg.std or IMAGENET_STD,  # None: not resolved yet
-                           augment=augment)
+                           mean=mean, std=std, augment=augment)
 
 
 def default_eval_transform(cfg: TrainConfig, device: torch.device):

@@ -11,9 +11,10 @@
 
 The recipe augmentations run on the uint8 crop, in the loader workers, whichever path made
 it (train_transform from a decoded image, DecodeRandomResizedCrop from the file): the
-automatic augmentation (TrivialAugmentWide or RandAugment) and then random erasing, whose
-rectangle gets the mean colour, 0 after normalisation as in torchvision's recipe (which
-erases after normalising). Mixup and CutMix mix a normalised batch on the device.
+automatic augmentation (TrivialAugmentWide or RandAugment) and then random erasing, which
+normalises the crop with the run's mean and std and sets the rectangle to 0, as torchvision's
+recipe erases after normalising (the workers then hand over float crops, which
+normalize_batch passes). Mixup and CutMix mix a normalised batch on the device.
 
 The test-time resize follows timm and the FixRes code: the shorter side goes to
 int(size / crop_pct), rounded down, then the centre size x size is kept.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
@@ -52,8 +54,11 @@ def float_normalize(*, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
 
 
 def crop_augment(*, auto_augment: str | None = None, random_erase: float = 0.0, interpolation: str = "bilinear",
-                 mean=IMAGENET_MEAN) -> v2.Compose | None:
-    """What the recipes add after the crop and flip, on a uint8 CHW tensor; None when nothing."""
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose | None:
+    """What the recipes add after the crop and flip, on a uint8 CHW tensor; None when nothing.
+    With random_erase the crop leaves normalised with `mean` and `std` (those of the run) and
+    the rectangle exactly 0, as torchvision erases after normalising: a uint8 fill of the mean
+    colour is 0 only to within its rounding, and only for the mean it was made with."""
     steps = []
     if auto_augment == "ta_wide":
         steps.append(v2.TrivialAugmentWide(interpolation=INTERPOLATIONS[interpolation]))
@@ -62,19 +67,32 @@ def crop_augment(*, auto_augment: str | None = None, random_erase: float = 0.0, 
     elif auto_augment is not None:
         raise ValueError(f"--auto-augment must be ta_wide or ra, got {auto_augment!r}")
     if random_erase > 0:
-        steps.append(v2.RandomErasing(p=random_erase, value=[round(255 * m) for m in mean]))
+        steps += [*_scale_and_normalize(mean, std), v2.RandomErasing(p=random_erase, value=0)]
     return v2.Compose(steps) if steps else None
+
+
+class _NormalizeUint8(nn.Module):
+    """uint8 -> float, normalised; a float tensor passes, normalised already by crop_augment's
+    random erasing (as normalize_batch lets float batches pass)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.normalize = v2.Compose(_scale_and_normalize(mean, std))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.normalize(img) if img.dtype == torch.uint8 else img
 
 
 def train_transform(*, size: int, min_scale: float = 0.08, interpolation: str = "bilinear",
                     hflip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                     augment: v2.Compose | None = None) -> v2.Compose:
-    """RandomResizedCrop + flip on a decoded image, then `augment` (crop_augment) on its uint8 tensor."""
+    """RandomResizedCrop + flip on a decoded image, then `augment` (crop_augment, made with the
+    same mean and std) on its uint8 tensor, then the normalisation."""
     steps = [v2.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=INTERPOLATIONS[interpolation],
                                   antialias=True)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps + [v2.PILToTensor()] + ([augment] if augment else []) + _scale_and_normalize(mean, std))
+    return v2.Compose(steps + [v2.PILToTensor()] + ([augment] if augment else []) + [_NormalizeUint8(mean, std)])
 
 
 def eval_transform(*, size: int, crop_pct: float = 0.875, interpolation: str = "bilinear",
@@ -145,7 +163,8 @@ def sample_crop(height: int, width: int, scale: tuple[float, float], ratio: tupl
 
 class DecodeRandomResizedCrop:
     """A file path -> RandomResizedCrop(size, scale=(min_scale, 1)) + horizontal flip, as a
-    uint8 CHW tensor; `normalize_batch` finishes the job on the device. The same
+    uint8 CHW tensor; `normalize_batch` finishes the job on the device (an `augment` with random
+    erasing hands over the crop normalised, as float). The same
     augmentation as train_transform, cheaper (benchmarks/speed.py measures both):
 
     - the crop box is drawn from the header's size before anything is decoded, and a JPEG
@@ -189,8 +208,11 @@ class DecodeRandomResizedCrop:
     def __call__(self, path: str) -> torch.Tensor:
         img, box = self.decode(path)
         # crop with Pillow first: only the crop's pixels are copied into the tensor
-        out = TF.resize(TF.pil_to_tensor(img.crop(box)), [self.size, self.size], interpolation=self.interpolation,
-                        antialias=True)
+        out = TF.pil_to_tensor(img.crop(box))
+        if self.interpolation == v2.InterpolationMode.NEAREST:  # torch's nearest picks other pixels than Pillow's
+            out = resize_nearest(out, (self.size, self.size))
+        else:
+            out = TF.resize(out, [self.size, self.size], interpolation=self.interpolation, antialias=True)
         if self.hflip and torch.rand(1).item() < 0.5:
             out = out.flip(-1)
         return self.augment(out) if self.augment else out
@@ -198,6 +220,24 @@ class DecodeRandomResizedCrop:
     def __repr__(self) -> str:
         return (f"DecodeRandomResizedCrop(size={self.size}, scale={self.scale}, draft={self.draft}, "
                 f"interpolation={self.interpolation.value}, augment={self.augment})")
+
+
+@functools.lru_cache(maxsize=1024)
+def pillow_nearest_index(n_in: int, n_out: int) -> torch.Tensor:
+    """The source pixel of each of `n_out` output pixels along one axis, as Pillow's NEAREST
+    resize picks it: the one under the output pixel's centre, the centres summed step by step in
+    float64 as Pillow does (ImagingScaleAffine). torch's "nearest" takes floor(x * step), another
+    pixel; its "nearest-exact" differs from Pillow where a centre falls on a pixel edge."""
+    step = n_in / n_out
+    centres = np.add.accumulate(np.concatenate([[0.5 * step], np.full(n_out - 1, step)]))  # in order, as Pillow
+    return torch.from_numpy(np.minimum(centres.astype(np.int64), n_in - 1))
+
+
+def resize_nearest(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pillow's NEAREST resize of a (..., H, W) tensor to (height, width), on the tensor's device."""
+    rows = pillow_nearest_index(int(img.shape[-2]), size[0]).to(img.device, non_blocking=True)
+    cols = pillow_nearest_index(int(img.shape[-1]), size[1]).to(img.device, non_blocking=True)
+    return img.index_select(-2, rows).index_select(-1, cols)
 
 
 def _scaled_span(start: int, length: int, factor: float, limit: int) -> tuple[int, int]:

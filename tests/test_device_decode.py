@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -17,7 +18,7 @@ from PIL import Image
 
 from conftest import TINY_TRAIN, run_in_process, run_script
 from fixres import device_decode
-from fixres.config import ConfigError, TrainConfig
+from fixres.config import ConfigError, FinetuneConfig, TrainConfig, build_parser
 from fixres.data import BadImageError, ImageDataset, collate_skipping, load_split, open_image
 from fixres.device_decode import (CropSpec, DeviceBatch, ReadForDevice, ResizeSpec, decode_on_device,
                                   resolve_decode, torchcodec_decode_jpeg)
@@ -34,6 +35,25 @@ STD_LEVELS = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255  # normalised dif
 
 def batch_of(dataset, keys):
     return collate_skipping([dataset[k] for k in keys])
+
+
+def cli_choices(option: str) -> tuple:
+    """Every value train.py and finetune.py accept for `option`, read from their parsers."""
+    return tuple(dict.fromkeys(choice for cls in (TrainConfig, FinetuneConfig)
+                               for choice in build_parser(cls, "")._option_string_actions[option].choices))
+
+
+INTERPOLATIONS = cli_choices("--interpolation")
+# Pillow against torch on noise, (largest, mean) difference in levels of 255: the same pixels
+# picked (nearest), or kernels a little apart (Pillow's bicubic a = -0.5 overshoots less than
+# torch's -0.75 next to a sharp edge). Picking the neighbouring pixels costs a mean of 30+.
+TOLERANCE = {"nearest": (0, 0.0), "bilinear": (1, 0.3), "bicubic": (24, 0.5)}
+
+
+def assert_close_to_pillow(images: torch.Tensor, pillow: torch.Tensor, interpolation: str, where) -> None:
+    diff = levels(images, pillow).float()
+    largest, mean = TOLERANCE[interpolation]
+    assert diff.max() <= largest and diff.mean() <= mean, (where, diff.max().item(), diff.mean().item())
 
 
 def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -115,8 +135,61 @@ def test_training_crops_are_the_cpu_paths_boxes_within_one_level(photos):
         assert levels(images, batch_of(reduced, keys)[0]).float().mean() < 4.0
 
 
+@pytest.fixture(scope="module")
+def noise_pngs(tmp_path_factory) -> list[str]:
+    """Noise (every pixel unlike its neighbours, so a resize that picks other pixels shows) as
+    PNGs: the device path takes them as pixels decoded in the worker, so no torchcodec is needed."""
+    root = tmp_path_factory.mktemp("noise")
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, (width, height) in enumerate([(61, 45), (97, 70), (50, 88)]):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        paths.append(str(root / f"{i}.png"))
+    return paths
+
+
+def test_every_interpolation_choice_is_known_to_both_paths():
+    assert set(INTERPOLATIONS) == set(TOLERANCE) and "nearest" in INTERPOLATIONS
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_device_evaluation_resize_is_pillows_for_every_interpolation(noise_pngs, interpolation):
+    sizes = (24, 40, 96)  # down, about the same, up
+    samples = [(p, 0) for p in noise_pngs]
+    batch, _, _ = batch_of(ImageDataset(samples, ReadForDevice(ResizeSpec(sizes, 0.8, interpolation))), range(3))
+    assert sorted(batch.pixels) == [0, 1, 2]  # decoded in the worker: only the resize runs on the device
+    outputs, _ = batch.decode(CPU)
+    for size, images in zip(sizes, outputs):
+        expected = torch.stack([eval_transform(size=size, crop_pct=0.8, interpolation=interpolation, normalize=False)(
+            open_image(p)) for p in noise_pngs])
+        assert_close_to_pillow(images, expected, interpolation, size)
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_device_training_crop_is_pillows_for_every_interpolation(noise_pngs, interpolation):
+    """The device's crops, and the CPU path's (DecodeRandomResizedCrop), against Pillow's own
+    crop + resize + flip of the same boxes."""
+    samples = [(p, i) for i, p in enumerate(noise_pngs)]
+    keys = [(0, i) for i in range(3)]
+    for size in (32, 128):
+        batch, labels, skipped = batch_of(ImageDataset(samples, ReadForDevice(CropSpec(size, interpolation)), seed=2),
+                                          keys)
+        images, _, _ = decode_on_device(batch, labels, skipped, CPU)
+        cpu_path = batch_of(ImageDataset(samples, DecodeRandomResizedCrop(size=size, interpolation=interpolation),
+                                         seed=2), keys)[0]
+        for i, path in enumerate(noise_pngs):
+            top, left, height, width = batch.boxes[i]
+            crop = Image.open(path).crop((left, top, left + width, top + height))
+            crop = crop.resize((size, size), getattr(Image.Resampling, interpolation.upper()))
+            if batch.flips[i]:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            pillow = torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1)
+            assert_close_to_pillow(images[i], pillow, interpolation, ("device", size, i))
+            assert_close_to_pillow(cpu_path[i], pillow, interpolation, ("cpu", size, i))
+
+
 @needs_torchcodec
-@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
 def test_evaluation_sizes_from_one_decode_match_pillow(photos, interpolation):
     sizes = (48, 80)
     samples = [(p, 0) for p in photos]
@@ -129,8 +202,9 @@ def test_evaluation_sizes_from_one_decode_match_pillow(photos, interpolation):
         expected = torch.stack([eval_transform(size=size, interpolation=interpolation)(open_image(p)) for p in photos])
         assert images.shape == expected.shape == (len(photos), 3, size, size)
         diff = (normalize_batch(images) - expected).abs() * STD_LEVELS
-        # Pillow's bicubic kernel (a = -0.5) is not torch's (a = -0.75): a little further apart
-        largest = 1.5 if interpolation == "bilinear" else 3.0
+        # Pillow's bicubic kernel (a = -0.5) is not torch's (a = -0.75): a little further apart;
+        # nearest picks the same pixels, decoded within a level
+        largest = 3.0 if interpolation == "bicubic" else 1.5
         assert diff.max() < largest and diff.mean() < 0.3, (diff.max(), diff.mean())
 
 

@@ -16,18 +16,16 @@ from torch import nn
 from fixres import checkpoint as ckpt
 from fixres.config import SweepConfig, TrainConfig, parse_args, train_presets
 from fixres.ema import ModelEma
-from fixres.engine import train_one_epoch
+from fixres.engine import to_device_batch, train_one_epoch
 from fixres.resolution import resize_size
 from fixres.sweep import sweep
 from fixres.checkpoint import epoch_weights_files
 from fixres.ema import epoch_score
 from fixres.preprocessing import default_train_transform
 from fixres.runtime import make_accelerator
-from fixres.transforms import IMAGENET_MEAN, BatchMix, DecodeRandomResizedCrop, crop_augment, train_transform
+from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchMix, crop_augment
 from tests import kill_harness as harness
 from tests.conftest import TINY_TRAIN, Started, finish
-
-MEAN_COLOUR = [round(255 * m) for m in IMAGENET_MEAN]
 
 
 def seeded(transform, source, seed: int = 0):
@@ -63,20 +61,28 @@ def test_auto_augment_changes_the_crop_on_both_paths(photo, fast, auto_augment):
     assert changed >= 6  # TrivialAugment's "identity" op, or a no-op magnitude, may leave one alone
 
 
-def erased(image: torch.Tensor, fill: torch.Tensor) -> int:
-    """How many pixels hold exactly `fill` (a colour per channel) in a CHW image."""
-    return int((image == fill.view(-1, 1, 1)).all(0).sum())
-
-
-def test_random_erasing_paints_a_rectangle_with_the_mean_colour_on_both_paths(photo):
-    augment = crop_augment(random_erase=1.0)
-    fast = seeded(DecodeRandomResizedCrop(size=48, augment=augment), str(photo))
-    assert erased(fast, torch.tensor(MEAN_COLOUR, dtype=torch.uint8)) >= 0.02 * 48 * 48  # RandomErasing's smallest area
-    assert erased(seeded(DecodeRandomResizedCrop(size=48), str(photo)), torch.tensor(MEAN_COLOUR, dtype=torch.uint8)) == 0
-
-    decoded = seeded(train_transform(size=48, augment=augment), Image.open(photo).convert("RGB"))
-    near_zero = (decoded.abs() < 0.01).all(0).sum()  # the mean colour, normalised, as torchvision erases
-    assert near_zero >= 0.02 * 48 * 48
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-decode", "decoded-image"])
+@pytest.mark.parametrize("mean, std", [(None, None), ([0.3, 0.6, 0.2], [0.2, 0.3, 0.25])], ids=["imagenet", "own"])
+def test_random_erasing_is_zero_after_the_runs_own_normalisation(photo, fast, mean, std):
+    """The model's input (the workers' crops, then to_device_batch as in training): a rectangle of
+    exact zeros, as torchvision erases after normalising, and elsewhere the crop without erasing."""
+    cfg = dict(fast_decode=fast, train_res=48, min_scale=0.5, mean=mean, std=std)
+    norm = dict(mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)
+    source = str(photo) if fast else Image.open(photo).convert("RGB")
+    erasing = default_train_transform(TrainConfig(**cfg, random_erase=1.0), torch.device("cpu"))
+    plain = default_train_transform(TrainConfig(**cfg), torch.device("cpu"))
+    seeds = range(4)
+    erased = to_device_batch(torch.stack([seeded(erasing, source, s) for s in seeds]), False, **norm)
+    kept = to_device_batch(torch.stack([seeded(plain, source, s) for s in seeds]), False, **norm)
+    for image, reference in zip(erased, kept):
+        zero = (image == 0).all(0)
+        assert zero.any(), f"no pixel is 0 after normalisation; the smallest: {image.abs().amax(0).min():.4f}"
+        rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
+        rectangle = torch.zeros_like(zero)
+        rectangle[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        assert torch.equal(zero, rectangle) and zero.sum() >= 0.02 * 48 * 48  # RandomErasing's smallest area
+        assert not (reference == 0).all(0).any()  # no pixel of the photo is the mean colour
+        assert torch.allclose(image[:, ~zero], reference[:, ~zero], atol=1e-5)
     assert crop_augment(random_erase=0.0) is None and crop_augment() is None
 
 

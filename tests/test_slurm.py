@@ -40,6 +40,9 @@ from tests.conftest import COLOURS, ROOT, TINY_TRAIN, make_csv_dataset
 
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
 EPOCHS = 8        # 15 steps an epoch: seconds of training left after the first checkpoint, to act in
+# The wrappers run `python3` and `accelerate` from PATH: this interpreter's folder goes first, or a
+# venv's python run without activating it would leave another python3 (without accelerate) first
+OWN_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
@@ -67,7 +70,7 @@ def test_accelerate_configs_load_with_accelerates_loader(name, distributed, proc
 def wrapper(*args, env=None) -> subprocess.CompletedProcess:
     """The batch script run by bash as SLURM would, up to where it needs SLURM."""
     return subprocess.run(["bash", "slurm/one_node.sbatch", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "SLURM_JOB_ID": "7", **(env or {})})
+                          text=True, timeout=120, env={**os.environ, "PATH": OWN_PATH, "SLURM_JOB_ID": "7", **(env or {})})
 
 
 @pytest.mark.parametrize("content, message", [
@@ -92,7 +95,7 @@ def test_wrapper_usage_errors():
     assert missing.returncode == 2 and missing.stderr.strip() == (
         "error: trian.py: no such script (run sbatch from the fixres folder, or give its path)")
     outside = subprocess.run(["bash", "slurm/one_node.sbatch", "train.py"], cwd=ROOT, capture_output=True, text=True,
-                             env={k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"})
+                             env={**{k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}, "PATH": OWN_PATH})
     assert outside.returncode == 2 and "submit it with sbatch" in outside.stderr
 
 
@@ -109,7 +112,7 @@ def test_resume_auto_with_a_name_takes_that_run_or_nothing(tmp_path):
 # ----------------------------------------------------------------------------- the local SLURM
 
 def slurm_env(conf: str, **extra) -> dict:
-    return {**os.environ, "SLURM_CONF": conf, "OMP_NUM_THREADS": "1", **extra}
+    return {**os.environ, "PATH": OWN_PATH, "SLURM_CONF": conf, "OMP_NUM_THREADS": "1", **extra}
 
 
 def start_cluster() -> tuple[str, list[str], bool]:
@@ -215,7 +218,7 @@ def test_multi_node_wrapper_launches_one_accelerate_per_node_with_its_rank(clust
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "accelerate").write_text(RECORDER)
     (tmp_path / "bin" / "accelerate").chmod(0o755)
-    env = slurm_env(conf, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", FIXRES_RECORD=str(tmp_path))
+    env = slurm_env(conf, PATH=f"{tmp_path / 'bin'}{os.pathsep}{OWN_PATH}", FIXRES_RECORD=str(tmp_path))
     multi = sbatch(env, "--nodes=2", "--gpus-per-node=2", "--cpus-per-task=1", f"--output={tmp_path}/%j.out",
                    "slurm/multi_node.sbatch", "train.py", "--data", "/data/train.csv", "--epochs", "90")
     wait_done(env, [multi], timeout=120)
@@ -241,7 +244,7 @@ def test_one_node_wrapper_takes_the_gpu_count_from_slurm(cluster, tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "accelerate").write_text(RECORDER)
     (tmp_path / "bin" / "accelerate").chmod(0o755)
-    env = slurm_env(conf, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", FIXRES_RECORD=str(tmp_path))
+    env = slurm_env(conf, PATH=f"{tmp_path / 'bin'}{os.pathsep}{OWN_PATH}", FIXRES_RECORD=str(tmp_path))
     job = sbatch(env, "--gpus-per-node=2", "--cpus-per-task=1", f"--output={tmp_path}/%j.out",
                  "slurm/one_node.sbatch", "sweep.py", "--checkpoint", "runs/x")
     wait_done(env, [job], timeout=120)

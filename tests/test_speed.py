@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from conftest import TINY_TRAIN, error_line, make_csv_dataset, run_in_process, run_script
+from conftest import ROOT, TINY_TRAIN, Started, error_line, make_csv_dataset, run_in_process, run_script
 from fixres import transforms
 from fixres.data import BadImageError, ImageDataset, open_image
 from fixres.engine import train_one_epoch
@@ -228,3 +228,23 @@ def test_a_slow_loader_shows_as_data_wait():
     assert result.images == 16
     # 120 ms of loading per batch against a linear layer's step: nearly all of it is waiting
     assert 0.5 < result.data_wait_frac <= 1.0 and result.data_wait_seconds <= result.seconds
+
+
+BENCHMARKS = sorted(path.name for path in (ROOT / "benchmarks").glob("*.py"))
+
+
+@pytest.fixture(scope="module")
+def benchmark_help():
+    """`python benchmarks/<script> --help` of every script, started together, each in a new
+    interpreter: a fork of the test's server would hide a script that cannot import fixres."""
+    started = Started()
+    for name in BENCHMARKS:
+        started.start(name, f"benchmarks/{name}", "--help", fresh=True)
+    yield started
+    started.collect_all()
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_answers_help(benchmark_help, name):
+    result = benchmark_help[name]
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: {name}"), result.stdout + result.stderr[-2000:]

@@ -6,7 +6,9 @@ import shutil
 import pytest
 import torch
 
+from fixres import shapes
 from fixres.checkpoint import list_checkpoints, load_weights
+from fixres.config import TrainConfig, parse_args, train_presets
 from tests.conftest import TINY_TRAIN, Started, error_line, make_image_folder, run_in_process, run_script
 
 
@@ -203,3 +205,30 @@ def test_undecodable_image_stops_or_is_skipped(tmp_path, runs, capsys):
     assert_ok(result)
     assert "skipped 1 bad images" in result.stdout
     assert json.loads((run / "metrics.jsonl").read_text())["skipped"] == 1
+
+
+@pytest.mark.parametrize("args, model, output_stride", [
+    ([], "test_resnet", 8),                                          # the preset's model: its stride
+    (["--model", "test_resnet"], "test_resnet", 8),                  # the same model, named
+    (["--model", "test_vit"], "test_vit", None),                     # another model: no stride it may not take
+    (["--model", "test_vit", "--output-stride", "16"], "test_vit", 16),  # given: kept
+    (["--recipe", "tv-resnet50-v2"], "tv:resnet50", None),           # the recipe's model
+    (["--data", "x.csv"], "resnet50", None),                         # no preset
+])
+def test_the_presets_output_stride_goes_with_its_model_only(args, model, output_stride):
+    cfg, _ = parse_args(TrainConfig, args, "train", train_presets)
+    assert (cfg.model, cfg.output_stride) == (model, output_stride)
+
+
+def test_another_model_trains_on_the_built_in_data(tmp_path, monkeypatch, capsys):
+    """`train.py --model test_vit` with no --data: the built-in preset's --output-stride 8 is its
+    test_resnet's, which timm's ViT does not take. The built-in generator, with fewer images."""
+    real = shapes.ensure_shapes
+    monkeypatch.setattr(shapes, "ensure_shapes",
+                        lambda seed: real(n_train=24, n_val=12, seed=seed, cache_dir=tmp_path / "cache"))
+    result = run_in_process("train.py", "--model", "test_vit", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                            "--output", tmp_path / "runs", "--name", "vit", capsys=capsys)
+    assert_ok(result)
+    config = json.loads((tmp_path / "runs" / "vit" / "config.json").read_text())
+    assert (config["model"], config["output_stride"], config["train_res"]) == ("test_vit", None, 64)
+    assert len((tmp_path / "runs" / "vit" / "metrics.jsonl").read_text().splitlines()) == 1
