@@ -52,6 +52,9 @@ def main(argv=None) -> None:
     parser.add_argument("finetuned", type=Path, nargs="+", help="finetune.py run folders of that source")
     parser.add_argument("--data", help="the source's data, for a run that does not record it")
     args = parser.parse_args(argv)
+    for folder, name in [(args.source, "sweep.json")] + [(run, "finetune.json") for run in args.finetuned]:
+        if not (folder / name).is_file():
+            parser.error(f"{folder}: no {name}")
     accelerator = Accelerator(cpu=True)
     for run in args.finetuned:
         print(compare(args.source, run, args.data, accelerator))
