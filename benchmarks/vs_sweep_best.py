@@ -23,7 +23,8 @@ from fixres.sweep import load_for_sweep, run_sweep
 
 
 def compare(source: Path, finetuned: Path, data: str | None, accelerator) -> str:
-    """One line: the fine-tuned run against the source at the sweep's best, chosen on the held-out images."""
+    """Two lines: the source at the sweep's best (chosen on the held-out images) against its training
+    size, then the fine-tuned run against the source there, both on the reported images."""
     sweep = json.loads((source / "sweep.json").read_text())
     summary = json.loads((finetuned / "finetune.json").read_text())
     model, meta, split, _, _ = load_for_sweep(SweepConfig(checkpoint=str(source), data=data), accelerator)
@@ -33,12 +34,18 @@ def compare(source: Path, finetuned: Path, data: str | None, accelerator) -> str
     crop_pct = sweep["meta"]["crop_pct"]
     sizes = [row["size"] for row in sweep["rows"]]
     best = best_of(run_sweep(model, meta, split, sizes, crop_pct, accelerator, workers=1, samples=choice))["size"]
-    reference = run_sweep(model, meta, split, [best], crop_pct, accelerator, workers=1, samples=reported)[0]
+    train_res = int(meta["train_res"])
+    on_reported = {row["size"]: row for row in run_sweep(model, meta, split, sorted({train_res, best}), crop_pct,
+                                                         accelerator, workers=1, samples=reported)}
+    trained, reference = on_reported[train_res], on_reported[best]
     tuned, tuned_meta, _, _, _ = load_for_sweep(SweepConfig(checkpoint=str(finetuned)), accelerator)
     after = run_sweep(tuned, tuned_meta, split, [summary["res"]], summary["crop_pct"], accelerator, workers=1,
                       samples=reported)[0]
     d = paired_difference_of(after["per_image_correct"], reference["per_image_correct"])
-    return (f"{finetuned.name} at {summary['res']} px: {100 * after['top1']:.2f}%, loss {after['loss']:.4f} | "
+    gain = paired_difference_of(reference["per_image_correct"], trained["per_image_correct"])
+    return (f"{source.name} at {train_res} px (trained): {100 * trained['top1']:.2f}%, at the sweep's best: "
+            f"{100 * gain['diff']:+.2f} [{100 * gain['low']:+.2f}, {100 * gain['high']:+.2f}] on the reported images\n"
+            f"{finetuned.name} at {summary['res']} px: {100 * after['top1']:.2f}%, loss {after['loss']:.4f} | "
             f"{source.name} at the sweep's best {best} px (chosen on the {len(choice)} held-out images; on all "
             f"{sweep['meta']['val_images']}: {sweep['meta']['measured_best']} px): {100 * reference['top1']:.2f}%, "
             f"loss {reference['loss']:.4f} | difference {100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, "
