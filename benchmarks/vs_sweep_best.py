@@ -31,6 +31,9 @@ def compare(source: Path, finetuned: Path, data: str | None, accelerator) -> str
     held_out = set(summary["held_out"])
     choice = [s for s in split.val if s[0] in held_out]
     reported = [s for s in split.val if s[0] not in held_out]
+    if len(choice) != len(held_out) or Path(summary["source"]).resolve() != Path(meta["weights_path"]).resolve():
+        sys.exit(f"{finetuned}: not a fine-tune of {source} on its validation images ({len(choice)} of its "
+                 f"{len(held_out)} held-out images found; source {summary['source']})")
     crop_pct = sweep["meta"]["crop_pct"]
     sizes = [row["size"] for row in sweep["rows"]]
     best = best_of(run_sweep(model, meta, split, sizes, crop_pct, accelerator, workers=1, samples=choice))["size"]

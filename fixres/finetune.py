@@ -102,9 +102,11 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         res, why, choice_rows = choose_res(cfg, model, eval_meta, split, accelerator, console, sweep,
                                            predicted=predicted, last_bn=last_bn, choice=held_out)
         console.print(why)
+    elif resume and "res_choice" in resume.meta:  # the size its first start chose, and how
+        res, why, choice_rows = cfg.res, resume.meta["res_choice"], resume.meta["choice_sweep"]
     else:
         res, why, choice_rows = cfg.res, f"--res {cfg.res}", []
-    choices = ["the size"] * (cfg.res == "auto") + ["the epoch that ships"] * (cfg.method == "finetune")
+    choices = ["the size"] * bool(choice_rows) + ["the epoch that ships"] * (cfg.method == "finetune")
     chosen_on = f"{', '.join(choices)}: {len(held_out)} held-out validation images" if choices else None
     # before: the training resolution and the new one, on the images no choice sees
     sizes = sorted({train_res, res})
@@ -115,7 +117,8 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     source_name = source_folder.name if source_folder else Path(meta["weights_path"]).stem
     cfg = dataclasses.replace(cfg, res=res, test_res=res,
                               name=cfg.name or f"{source_name}-{cfg.method}-{res}px-{time.strftime('%Y%m%d-%H%M%S')}")
-    extra = dict(finetune_res=res, finetune_method=cfg.method, finetuned_from=meta["weights_path"], last_bn=last_bn)
+    extra = dict(finetune_res=res, finetune_method=cfg.method, finetuned_from=meta["weights_path"], last_bn=last_bn,
+                 res_choice=why, choice_sweep=[{k: r[k] for k in CHOICE_KEYS} for r in choice_rows])
     start = time.perf_counter()
     # the fine-tune's epochs are evaluated on the held-out images: they choose the epoch that ships
     applied = apply_method(cfg, model, dataclasses.replace(split, val=held_out), extra, accelerator, console, resume,
@@ -130,7 +133,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
                              samples=reported, **sweep)[0]
     after = on_reported(applied["model"], f"after: {res} px")
     last = on_reported(applied["last_model"], f"last epoch: {res} px") if applied.get("last_model") else None
-    context = dict(meta=meta, split=split, why=why, chosen_on=chosen_on, predicted=predicted, choice_rows=choice_rows,
+    context = dict(meta=meta, split=split, why=why, chosen_on=chosen_on, predicted=predicted,
                    seconds=seconds, extra=extra, held_out=held_out, last=last)
     summary = report(cfg, {r["size"]: r for r in rows}, after, applied, context, accelerator, console)
     return {**summary, "run_dir": str(applied["folder"]), "stopped": False}
@@ -240,9 +243,8 @@ def report(cfg, before: dict, after: dict, applied: dict, context: dict, acceler
                "processes": accelerator.num_processes, "device": str(accelerator.device),
                "sweep": [{k: r[k] for k in ("size", "top1", "top5", "loss")} for r in before.values()],
                "after_epoch": after_epoch, **({"last_epoch": last} if last else {}),
-               "choice_sweep": [{k: r[k] for k in CHOICE_KEYS} for r in context["choice_rows"]],
                "epochs": records,
-               **{k: v for k, v in context["extra"].items() if k not in ("last_bn", "finetuned_from")}}
+               **{k: v for k, v in context["extra"].items() if k not in ("last_bn", "finetuned_from")}}  # choice_sweep
     last_row = [(f"{res} px, last epoch {last['epoch']} (last.safetensors)", last)] if last else []
     console.print(finetune_table(stages, differences, title=f"fixres finetune: {folder}", also=last_row,
                                  top5_label=f"top-{top5_k(len(split.classes))}"))

@@ -34,8 +34,9 @@ from fixres.report import config_table
 from fixres.runtime import make_accelerator, use_channels_last
 from fixres.transforms import BatchMix
 
-# Options that define what a run is: a resumed run must keep them.
-IDENTITY_KEYS = ("model", "data", "images")
+# Options that define what a run is: a resumed run must keep them (a fine-tune's held-out
+# validation images are drawn from --choice-images and --seed).
+IDENTITY_KEYS = ("model", "data", "images", "choice_images", "seed")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from fixres import transforms as transforms_lib
 from fixres import sweep as sweep_lib
 from fixres.adapt import (ADAPTER, FrechetAdapter, attach_adapter, attach_saved_adapter, fit_gev, gev_cdf, gev_icdf,
                           pooled_features, reestimate_bn_stats)
-from fixres.checkpoint import load_weights, save_weights, write_json_atomic
+from fixres.checkpoint import CheckpointError, load_weights, save_weights, write_json_atomic
 from fixres.cli import run_main
 from fixres.config import ConfigError, FinetuneConfig, SweepConfig, TrainConfig
 from fixres.data import DataError, load_split, open_image
@@ -299,6 +299,23 @@ def test_res_auto_chooses_on_validation_images_that_never_report(tmp_path, tiny_
     assert len(seen["reported"]) == 2 and seen["reported"][0] == seen["reported"][1]  # before, after
     assert sorted(seen["reported"][0] + scored[0]) == sorted(split.val)  # disjoint, and together the split
     assert summary["val_images"] == 13
+
+
+def test_a_resumed_finetune_keeps_its_held_out_images_and_its_choice(tmp_path, tiny_csv):
+    """Stopped after an epoch and resumed, a fine-tune reports what an uninterrupted one does: the
+    same held-out images, the size chosen the same way; a resume cannot redraw them."""
+    source = write_source_run(tmp_path / "source", "test_resnet", tiny_csv)
+    common = dict(checkpoint=str(source), data=str(tiny_csv), res="auto", sizes=[24, 40], choice_images=20, epochs=2,
+                  aug="test", batch_size=10, workers=0, cpu=True, output=str(tmp_path))
+    whole = finetune_lib.finetune(FinetuneConfig(**common, name="whole"))
+    assert len(finetune_lib.finetune(FinetuneConfig(**common, name="parts", stop_after=1))["epochs"]) == 1
+    with pytest.raises(CheckpointError, match="the run was trained with --choice-images 20, not 6"):
+        finetune_lib.finetune(FinetuneConfig(resume=str(tmp_path / "parts"), choice_images=6),
+                              explicit={"choice_images"})
+    parts = finetune_lib.finetune(FinetuneConfig(resume=str(tmp_path / "parts")))
+    for key in ("held_out", "res", "res_choice", "chosen_on", "choice_sweep", "top1", "loss", "after_epoch"):
+        assert parts[key] == whole[key], key
+    assert parts["res_choice"].startswith("--res auto: ") and len(parts["choice_sweep"]) == 3
 
 
 # ----------------------------------------------------------------------------- the script end to end

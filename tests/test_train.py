@@ -225,7 +225,7 @@ def test_another_model_trains_on_the_built_in_data(tmp_path, monkeypatch, capsys
     test_resnet's, which timm's ViT does not take. The built-in generator, with fewer images."""
     real = shapes.ensure_shapes
     monkeypatch.setattr(shapes, "ensure_shapes",
-                        lambda seed: real(n_train=24, n_val=12, seed=seed, cache_dir=tmp_path / "cache"))
+                        lambda **params: real(**{**params, "n_train": 24, "n_val": 12, "cache_dir": tmp_path / "cache"}))
     result = run_in_process("train.py", "--model", "test_vit", "--epochs", "1", "--batch-size", "8", "--workers", "0",
                             "--output", tmp_path / "runs", "--name", "vit", capsys=capsys)
     assert_ok(result)
