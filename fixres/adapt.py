@@ -1,10 +1,11 @@
 """What FixRes changes in a trained model, as functions on the model.
 
-The last BatchNorm before the global pooling: `find_last_bn` finds it,
-`SyncedBatchNorm2d` replaces it so that its statistics are the global batch's on
-any backend (gloo included, where torch.nn.SyncBatchNorm refuses to run),
-`freeze_for_finetuning` and `train_only` leave it and the classifier as the only
-things that change during fine-tuning:
+The last normalisation layer before the classifier: `find_last_norm` finds it (a BatchNorm
+before the global pooling; ConvNeXt's and ViT's last LayerNorm; None in a norm-free net).
+A BatchNorm is replaced by `SyncedBatchNorm2d` so that its statistics are the global batch's
+on any backend (gloo included, where torch.nn.SyncBatchNorm refuses to run);
+`finetune_layers` leaves it and the classifier as the only things that change during
+fine-tuning (a LayerNorm or GroupNorm: its weight and bias):
 
     name, bn = prepare_for_finetuning(model, input_size=224)   # "layer4.2.bn3" for ResNet-50
 
@@ -38,6 +39,7 @@ run is for fixres evaluation only.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -53,26 +55,31 @@ XI = 0.3          # the paper's fixed Frechet shape
 ADAPTER = "fixres_adapter"
 
 
-def find_last_bn(model: nn.Module, *, input_size: int = 64) -> str:
-    """Dotted name of the last BatchNorm that runs on feature maps before the classifier,
-    i.e. before the global pooling (ResNet-50: layer4.2.bn3 in timm and torchvision).
+# what counts as a normalisation layer (timm's and torchvision's LayerNorm2d and GroupNorm1 subclass these)
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def find_last_norm(model: nn.Module, *, input_size: int = 64) -> str | None:
+    """Dotted name of the last normalisation layer that runs before the classifier, whatever
+    its kind, or None where none runs there (norm-free nets such as NFNet): a BatchNorm on the
+    feature maps before the global pooling (ResNet-50: layer4.2.bn3 in timm and torchvision), a
+    LayerNorm or GroupNorm (ConvNeXt's head.norm, after its pooling; a ViT's final norm or fc_norm).
 
     Found by running one blank image through the model in eval mode and recording the
-    order in which BatchNorm layers run, so the order of registration does not matter
-    (torchvision's Bottleneck registers its downsample BN after bn3). Where the last
-    block has a downsample branch (timm's test_resnet), that branch's BN runs last and
-    is the one chosen."""
-    norms = {m: n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    order in which they run, so the order of registration does not matter (torchvision's
+    Bottleneck registers its downsample BN after bn3). Where the last block has a
+    downsample branch (timm's test_resnet), that branch's BN runs last and is the one
+    chosen. A BatchNorm that runs after the pooling (on vectors) is passed over: its
+    statistics are not a map's."""
+    norms = {m: n for n, m in model.named_modules() if isinstance(m, NORMS)}
     kind = type(model).__name__
-    if not norms:
-        raise ModelError(f"{kind} has no BatchNorm layer; FixRes fine-tuning needs one before the global pooling")
     head = model.get_submodule(classifier_name(model))
-    ran: list[tuple[str, int]] = []   # (name, output dims), in execution order
+    ran: list[tuple[str, bool]] = []   # (name, passed over), in execution order
     reached = []
 
     def record(module, args, output):
         if not reached:
-            ran.append((norms[module], output.dim()))
+            ran.append((norms[module], is_batchnorm(module) and output.dim() != 4))
 
     handles = [m.register_forward_hook(record) for m in norms]
     handles.append(head.register_forward_pre_hook(lambda module, args: reached.append(True)))
@@ -82,18 +89,29 @@ def find_last_bn(model: nn.Module, *, input_size: int = 64) -> str:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, input_size, input_size, device=param.device, dtype=param.dtype))
     except Exception as err:  # a model that cannot run at this size cannot be traced either
-        raise ModelError(f"cannot run {kind} on a {input_size} px image to find its last BatchNorm "
+        raise ModelError(f"cannot run {kind} on a {input_size} px image to find its last normalisation layer "
                          f"({error_reason(err)})") from None
     finally:
         for h in handles:
             h.remove()
         for m, training in modes.items():
             m.train(training)
-    on_maps = [name for name, dims in ran if dims == 4]
-    if not on_maps:
+    kept = [name for name, passed_over in ran if not passed_over]
+    if not kept and ran:
         raise ModelError(f"{kind} has no BatchNorm on feature maps before its global pooling "
                          f"(its BatchNorm layers run after it); FixRes fine-tuning needs one")
-    return on_maps[-1]
+    return kept[-1] if kept else None
+
+
+def is_batchnorm(module: nn.Module | None) -> bool:
+    """Running statistics to sync and re-estimate (the others normalise each image by itself)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def adapted_layers(model: nn.Module, norm: str | None) -> dict:
+    """What --method finetune adapts (finetune.json's "adapted"): the norm, its class, the classifier."""
+    return {"layer": norm, "kind": type(model.get_submodule(norm)).__name__ if norm else None,
+            "classifier": classifier_name(model)}
 
 
 def channel_moments(x: torch.Tensor) -> torch.Tensor:
@@ -163,9 +181,9 @@ def install_synced_bn(model: nn.Module, name: str) -> SyncedBatchNorm2d:
     return bn
 
 
-def freeze_for_finetuning(model: nn.Module, *, last_bn: str, train_bn_affine: bool = False) -> list[str]:
-    """requires_grad only for the classifier (and the last BN's weight and bias); returns those names."""
-    prefixes = (classifier_name(model) + ".",) + ((last_bn + ".",) if train_bn_affine else ())
+def freeze_for_finetuning(model: nn.Module, *, norm: str | None, train_affine: bool = False) -> list[str]:
+    """requires_grad only for the classifier (and the `norm` layer's weight and bias); returns those names."""
+    prefixes = (classifier_name(model) + ".",) + ((norm + ".",) if norm and train_affine else ())
     trainable = []
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(prefixes))
@@ -184,16 +202,26 @@ def train_only(*modules: nn.Module):
     return set_modes
 
 
+def finetune_layers(model: nn.Module, norm: str | None, *, train_bn_affine: bool = False) -> Callable:
+    """Set up what --method finetune trains (`norm`: find_last_norm's answer) and return the
+    training loop's set_modes. A BatchNorm: replaced by a SyncedBatchNorm2d, alone in train mode
+    (batch statistics, running ones re-estimated at the new size), its weight and bias trained
+    with --train-bn-affine only. A LayerNorm or GroupNorm has no statistics to re-estimate: its
+    weight and bias train, the whole model in eval mode. None (norm-free): the classifier alone."""
+    if is_batchnorm(model.get_submodule(norm) if norm else None):
+        bn = install_synced_bn(model, norm)
+        freeze_for_finetuning(model, norm=norm, train_affine=train_bn_affine)
+        return train_only(bn)
+    freeze_for_finetuning(model, norm=norm, train_affine=True)
+    return train_only()
+
+
 def prepare_for_finetuning(model: nn.Module, *, input_size: int, train_bn_affine: bool = False
-                           ) -> tuple[str, SyncedBatchNorm2d]:
-    """find_last_bn + install_synced_bn + freeze_for_finetuning + the modes; (name, BN)."""
-    name = find_last_bn(model, input_size=input_size)
-    bn = install_synced_bn(model, name)
-    freeze_for_finetuning(model, last_bn=name, train_bn_affine=train_bn_affine)
-    train_only(bn)(model)
-    return name, bn
-
-
+                           ) -> tuple[str | None, nn.Module | None]:
+    """find_last_norm + finetune_layers + the modes; (name, layer), None for both where there is none."""
+    name = find_last_norm(model, input_size=input_size)
+    finetune_layers(model, name, train_bn_affine=train_bn_affine)(model)
+    return name, model.get_submodule(name) if name else None
 
 
 def gev_cdf(x: torch.Tensor, loc, scale, xi: float = XI) -> torch.Tensor:

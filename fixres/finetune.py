@@ -13,6 +13,10 @@ resolution. Nothing before it requires grad, so autograd records nothing there a
 a step costs little more than a forward pass. That BatchNorm is replaced by
 `SyncedBatchNorm2d` (same state dict), whose statistics are those of the global
 batch on every backend, gloo included, where torch.nn.SyncBatchNorm refuses to run.
+A model whose last norm before the classifier is a LayerNorm or GroupNorm (ConvNeXt's
+head.norm, a ViT's norm) trains its weight and bias instead (no statistics to re-estimate;
+bn-stats is refused); a norm-free one (NFNet) trains the classifier alone. The run prints
+which (`adapts: ...`) and finetune.json says so ("adapted").
 
 The run folder is train.py's; its weights say train_res = the original K_train,
 test_res = input_size = the new resolution, crop_pct, interpolation and min_scale (the
@@ -45,13 +49,13 @@ import torch
 
 from fixres import adapt
 from fixres import checkpoint as ckpt
-from fixres.adapt import find_last_bn, freeze_for_finetuning, install_synced_bn, train_only
+from fixres.adapt import adapted_layers, find_last_norm, finetune_layers, is_batchnorm
 from fixres.config import FINETUNE_SHAPES_PRESET, RUNS, ConfigError, FinetuneConfig, SweepConfig
 from fixres.data import DataError, worker_count
 from fixres.device_decode import resolve_decode
 from fixres.engine import top5_k
 from fixres.export import write_run_export
-from fixres.methods import CHOICE_KEYS, bn_stats, choose_res, held_out_split, parametric
+from fixres.methods import CHOICE_KEYS, bn_stats, choose_res, held_out_split, parametric, refuse_negative_features
 from fixres.models import load_run_model
 from fixres.plots import plot_activation_cdfs
 from fixres.preprocessing import describe_preprocessing, finetune_transforms, weights_meta
@@ -95,8 +99,17 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         data=cfg.data or source_cfg.get("data") or split.source, images=cfg.images or source_cfg.get("images"))
     eval_meta = {**meta, "interpolation": cfg.interpolation}
     held_out, reported = held_out_split(split.val, cfg.choice_images, cfg.seed)
-    last_bn = find_last_bn(model, input_size=train_res)
+    norm = find_last_norm(model, input_size=train_res)
+    adapted = adapted_layers(model, norm)
+    last_bn = norm if is_batchnorm(model.get_submodule(norm) if norm else None) else None  # running statistics
     sweep = dict(batch_size=cfg.batch_size, workers=worker_count(cfg.workers), activations=True, decode=decode)
+    if cfg.method == "bn-stats" and last_bn is None:
+        where = (f"'s last normalisation layer {norm} is a {adapted['kind']}, which keeps" if norm else
+                 f" has no normalisation layer before its classifier {adapted['classifier']}, so")
+        raise ConfigError(f"--method bn-stats: {cfg.model}{where} no running statistics to re-estimate; "
+                          f"use --method finetune")
+    if cfg.method == "parametric":
+        refuse_negative_features(cfg, model, split, accelerator, sweep["workers"], adapted["classifier"])
     predicted = recommended_test_res(train_res=train_res, crop_pct=cfg.crop_pct, scale=(cfg.min_scale, 1.0))
     if cfg.res == "auto":
         res, why, choice_rows = choose_res(cfg, model, eval_meta, split, accelerator, console, sweep,
@@ -118,7 +131,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     cfg = dataclasses.replace(cfg, res=res, test_res=res,
                               name=cfg.name or f"{source_name}-{cfg.method}-{res}px-{time.strftime('%Y%m%d-%H%M%S')}")
     extra = dict(finetune_res=res, finetune_method=cfg.method, finetuned_from=meta["weights_path"], last_bn=last_bn,
-                 res_choice=why, choice_sweep=[{k: r[k] for k in CHOICE_KEYS} for r in choice_rows])
+                 adapted=adapted, res_choice=why, choice_sweep=[{k: r[k] for k in CHOICE_KEYS} for r in choice_rows])
     start = time.perf_counter()
     # the fine-tune's epochs are evaluated on the held-out images: they choose the epoch that ships
     applied = apply_method(cfg, model, dataclasses.replace(split, val=held_out), extra, accelerator, console, resume,
@@ -186,14 +199,14 @@ def apply_method(cfg, model, split, extra, accelerator, console, resume, decode,
     if cfg.method != "finetune":  # no training loop resolves it: the config says what ran
         cfg = dataclasses.replace(cfg, channels_last=use_channels_last(cfg.channels_last, accelerator.device))
     announce(cfg, accelerator, console, folder, split, decode=decode, title="finetune",
-             notes=("normalisation: " + describe_preprocessing(cfg, "the source weights' metadata"),))
+             notes=("normalisation: " + describe_preprocessing(cfg, "the source weights' metadata"),
+                    adapts_line(cfg, type(model).__name__, extra)))
     if cfg.method == "finetune":
         torch.manual_seed(cfg.seed)  # as train.py, before anything draws from torch's generator
-        bn = install_synced_bn(model, extra["last_bn"])
-        freeze_for_finetuning(model, last_bn=extra["last_bn"], train_bn_affine=cfg.train_bn_affine)
+        set_modes = finetune_layers(model, extra["adapted"]["layer"], train_bn_affine=cfg.train_bn_affine)
         result = fit(build_run(cfg, accelerator, console, folder, split, model, resume=resume,
                                transforms=finetune_transforms(cfg, decode), meta=weights_meta(cfg, split.classes, **extra),
-                               set_modes=train_only(bn), title="finetune", next_steps=False))
+                               set_modes=set_modes, title="finetune", next_steps=False))
         if result["stopped"]:
             return result
         # the run ships its best epoch on validation (best.safetensors, what sweep.py loads),
@@ -210,6 +223,23 @@ def apply_method(cfg, model, split, extra, accelerator, console, resume, decode,
         folder.write_weights({"best.safetensors": weights, "last.safetensors": weights})
         write_run_export(folder.path, console)  # fit writes it for --method finetune
     return {"model": model, "folder": folder, "records": [], "shipped": {}}
+
+
+def adapts_line(cfg, model_class: str, extra: dict) -> str:
+    """The one line that says what the method changes in the model."""
+    norm, kind, classifier = (extra["adapted"][k] for k in ("layer", "kind", "classifier"))
+    if cfg.method == "parametric":
+        return (f"adapts: the input of the classifier {classifier} (a Frechet map fitted at {cfg.train_res} and "
+                f"{cfg.res} px)")
+    if cfg.method == "bn-stats":
+        return f"adapts: {norm} ({kind}): its running statistics re-estimated at {cfg.res} px on the training images"
+    if norm is None:
+        return f"adapts: the classifier {classifier} alone ({model_class} has no normalisation layer before it)"
+    if extra["last_bn"]:
+        affine = "; its weight and bias train" if cfg.train_bn_affine else ""
+        return (f"adapts: {norm} ({kind}: batch statistics, running ones re-estimated at {cfg.res} px{affine}) "
+                f"and the classifier {classifier}")
+    return f"adapts: {norm} ({kind}, no running statistics: its weight and bias train) and the classifier {classifier}"
 
 
 def report(cfg, before: dict, after: dict, applied: dict, context: dict, accelerator, console) -> dict:

@@ -23,6 +23,8 @@ from fixres.sweep import run_sweep
 from fixres.transforms import eval_transform
 
 
+NEGATIVE_CHECK_IMAGES = 32  # parametric: training images whose pooled features must not go far negative
+ACTIVATION_FLOOR = -0.375    # the lowest value of hard-swish (x (x + 3) / 6 at x = -1.5); Mish -0.31, SiLU -0.28
 CHOICE_KEYS = ("size", "top1", "top5", "loss", "count", "diff_vs_train", "diff_low", "diff_high", "gained", "lost")
 
 
@@ -33,27 +35,33 @@ def choose_res(cfg, model, eval_meta, split, accelerator, console, sweep, *, pre
     for fine-tuning at every size, which moves the best size up (the paper's point; without it
     the choice stops where the untouched statistics still fit). Scored on training images, a
     model that fits them ties at 100% everywhere; scored on the images that then report, the
-    luck of the choice would enter the reported gain. Best by fixres.stats.best_of.
+    luck of the choice would enter the reported gain. Best by fixres.stats.best_of. `last_bn`
+    None (a LayerNorm head, a norm-free net): nothing to re-estimate, each size as the model stands.
     Returns (size, the printed reason, the sweep's rows)."""
     train_res = cfg.train_res
     # FixRes tests higher: the default ladder from the training size up (--sizes: any)
     sizes = sorted(set(cfg.sizes or [s for s in default_sizes(train_res, predicted) if s >= train_res]) | {train_res})
-    bn_images = seeded_subset(split.train, cfg.choice_images, cfg.seed)
+    # no running statistics (a LayerNorm head, a norm-free net): each size scored as the model stands
+    bn_images = seeded_subset(split.train, cfg.choice_images, cfg.seed) if last_bn else []
     rows = []
     for size in sizes:
         trial = copy.deepcopy(model).to(accelerator.device)
-        with EpochProgress(console, f"choosing: {size} px, last BN re-estimated", len(bn_images) + len(choice)) as bar:
-            reestimate_last_bn(trial, bn_images, size, cfg, accelerator, sweep["workers"], last_bn)
+        label = f"choosing: {size} px" + (", last BN re-estimated" if last_bn else "")
+        with EpochProgress(console, label, len(bn_images) + len(choice)) as bar:
+            if last_bn:
+                reestimate_last_bn(trial, bn_images, size, cfg, accelerator, sweep["workers"], last_bn)
             rows += run_sweep(trial, eval_meta, split, [size], cfg.crop_pct, accelerator, progress=bar, samples=choice,
                               **{**sweep, "activations": False})
     by_size = {r["size"]: r for r in add_differences(rows, train_res)}
     res = best_of(rows)["size"]
+    how = (f"the last BN's statistics re-estimated at each size on {len(bn_images)} training images" if last_bn else
+           "the model as it stands (no running statistics to re-estimate)")
     why = (f"--res auto: {res} px, the best of the sweep ({', '.join(map(str, sizes))} px) on the {len(choice)} "
-           f"held-out validation images, the last BN's statistics re-estimated at each size on {len(bn_images)} "
-           f"training images: top-1 {100 * by_size[res]['top1']:.2f}% against {100 * by_size[train_res]['top1']:.2f}% "
+           f"held-out validation images, {how}: top-1 {100 * by_size[res]['top1']:.2f}% against "
+           f"{100 * by_size[train_res]['top1']:.2f}% "
            f"at the training resolution {train_res} px; the apparent-size model predicts {predicted} px")
     if res == train_res:
-        why += "; no larger size did better, so this only adapts the last BN to test-style crops"
+        why += "; no larger size did better, so this only adapts the last norm and the classifier to test-style crops"
     return res, why, rows
 
 
@@ -100,19 +108,39 @@ def reestimate_last_bn(model, samples, size, cfg, accelerator, workers, last_bn)
                                      channels_last=channels_last)
 
 
+def pooled_at(cfg, model, samples, size, accelerator, workers) -> torch.Tensor:
+    """The classifier's input for `samples` at `size`, preprocessed as the run tests."""
+    tf = eval_transform(size=size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, tf, cfg.skip_bad_images), batch_size=cfg.batch_size,
+                                         collate_fn=collate_skipping, num_workers=workers)
+    return adapt.pooled_features(model, accelerator.prepare(loader), accelerator,
+                                 channels_last=use_channels_last(cfg.channels_last, accelerator.device))
+
+
+def refuse_negative_features(cfg, model, split, accelerator, workers, classifier: str) -> None:
+    """The Frechet distribution is bounded below and heavy above: the parametric map models
+    pooled activations (the paper's ReLU; SiLU, GELU, Mish and hard-swish dip a little below 0,
+    never under ACTIVATION_FLOOR, and so neither does an average of them). A LayerNorm head
+    (ConvNeXt) or a ViT's normalised token centres each image's features on 0, so values far
+    below it show on any image: NEGATIVE_CHECK_IMAGES training images at the training size
+    decide, before any other work."""
+    samples = seeded_subset(split.train, NEGATIVE_CHECK_IMAGES, cfg.seed)
+    lowest = pooled_at(cfg, model.to(accelerator.device), samples, cfg.train_res, accelerator, workers).min().item()
+    if lowest < ACTIVATION_FLOOR:
+        raise ConfigError(f"--method parametric: {cfg.model}'s pooled features (the input of its classifier "
+                          f"{classifier}) go negative ({lowest:.3g} on {len(samples)} training images at "
+                          f"{cfg.train_res} px, below any activation's {ACTIVATION_FLOOR}), and the Frechet map "
+                          f"models pooled activations; use --method finetune")
+
+
 def parametric(cfg, model, split, accelerator, console, workers) -> dict:
     """Fit the Frechet model to the pooled features of --fit-images training images at the
     training and at the new resolution; attach the equalising map before the classifier."""
     subset = seeded_subset(split.train, cfg.fit_images, cfg.seed)
     fits = {}
     for size in (cfg.train_res, cfg.res):
-        tf = eval_transform(size=size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, mean=cfg.mean,
-                            std=cfg.std)
-        loader = torch.utils.data.DataLoader(ImageDataset(subset, tf, cfg.skip_bad_images), batch_size=cfg.batch_size,
-                                             collate_fn=collate_skipping, num_workers=workers)
         with EpochProgress(console, f"pooled features at {size} px", len(subset)):
-            features = adapt.pooled_features(model, accelerator.prepare(loader), accelerator,
-                                             channels_last=use_channels_last(cfg.channels_last, accelerator.device))
+            features = pooled_at(cfg, model, subset, size, accelerator, workers)
         fits[size] = adapt.fit_gev(features, per_feature=cfg.parametric_scope == "feature")
     adapter = adapt.FrechetAdapter(*fits[cfg.res], *fits[cfg.train_res])
     adapt.attach_adapter(model, adapter.to(accelerator.device))

@@ -26,7 +26,7 @@ from fixres.cli import run_main
 from fixres.config import ConfigError, FinetuneConfig, SweepConfig, TrainConfig
 from fixres.data import DataError, load_split, open_image
 from fixres.export import EXPORT_DIR
-from fixres.adapt import SyncedBatchNorm2d, find_last_bn, prepare_for_finetuning, train_only
+from fixres.adapt import SyncedBatchNorm2d, prepare_for_finetuning, train_only
 from fixres.export import timm_overlay
 from fixres.methods import seeded_subset
 from fixres.models import ModelError, load_run_model
@@ -73,15 +73,6 @@ def test_the_frozen_part_builds_no_graph():
     assert seen["bn_out"].grad_fn is not None                                 # its affine trains
     assert all(p.grad is None for p in model.layer1.parameters())
     assert model.fc.weight.grad is not None and bn.weight.grad is not None
-
-
-def test_a_model_without_batchnorm_before_its_pool_is_refused():
-    with pytest.raises(ModelError, match="no BatchNorm layer"):
-        find_last_bn(timm.create_model("test_convnext", num_classes=3), input_size=32)
-    after_pool = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                               nn.BatchNorm1d(8), nn.Linear(8, 3))
-    with pytest.raises(ModelError, match="no BatchNorm on feature maps before its global pooling"):
-        find_last_bn(after_pool, input_size=16)
 
 
 # ----------------------------------------------------------------------------- synced BN, one process
@@ -609,7 +600,6 @@ def bad_inputs(tmp_path_factory, tiny_csv):
                               for i, line in enumerate(tiny_csv.read_text().splitlines())))
     junk = root / "junk.safetensors"
     save_weights(junk, {"w": torch.zeros(3)}, {})
-    convnext = write_source_run(root / "convnext", "test_convnext", tiny_csv)
     out = ["--output", root / "out", "--workers", "0", "--cpu"]
     save_weights(root / "out" / "taken" / "best.safetensors", {"w": torch.zeros(1)}, {})
     return {
@@ -617,7 +607,6 @@ def bad_inputs(tmp_path_factory, tiny_csv):
         "method": ["--checkpoint", source, "--method", "distill"],
         "aug": ["--checkpoint", source, "--aug", "autoaugment"],
         "junk": ["--checkpoint", junk, "--res", "40", *out],
-        "convnext": ["--checkpoint", convnext, "--res", "40", *out],
         "taken": ["--checkpoint", source, "--res", "40", "--method", "bn-stats", "--name", "taken", *out],
         "no_val": ["--checkpoint", source, "--data", no_val, "--images", tiny_csv.parent / "images", *out],
     }
@@ -628,7 +617,6 @@ def bad_inputs(tmp_path_factory, tiny_csv):
     ("method", "argument --method: invalid choice: 'distill'"),
     ("aug", "argument --aug: invalid choice: 'autoaugment'"),
     ("junk", "not a classifier trained by fixres"),
-    ("convnext", "has no BatchNorm layer"),
     ("no_val", "finetune.py measures before and after on the validation split, and there is none"),
     ("taken", "taken already holds a run; choose another --name"),
 ])
