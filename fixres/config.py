@@ -341,15 +341,17 @@ class FinetuneConfig(TrainConfig):
     checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py "
                                         f"(default: the newest train.py run under --output, else under {RUNS}/)")
     res: str | int = _opt("auto", "resolution to fine-tune and test at, or 'auto': the best size on the held-out "
-                          "validation images, the last BN re-estimated at each on --choice-images training images")
+                          "validation images, a last BN re-estimated at each on --choice-images training images")
     choice_images: int = _opt(1000, "validation images held out for the choices (--res auto's size, the epoch that "
                                     "ships), drawn with --seed, at most half; the rest report before and after")
-    method: str = _opt("finetune", "finetune: train the classifier with the last BN in train mode; bn-stats: only re-estimate "
-                       "that BN's statistics (no gradients); parametric: the paper's Frechet map before the classifier",
+    method: str = _opt("finetune", "finetune: train the classifier with the last norm (a BN in train mode, a "
+                       "LayerNorm's weight and bias); bn-stats: only re-estimate that BN's statistics (no gradients); "
+                       "parametric: the paper's Frechet map before the classifier",
                        FINETUNE_METHODS)
     aug: str = _opt("test+", "fine-tuning images: test = Resize + CenterCrop at --res; test+ = that with a flip, light "
                     "colour jitter and a horizontally shifted crop (FixRes v2); rrc = RandomResizedCrop", FINETUNE_AUGS)
-    train_bn_affine: bool = _opt(False, "also train the last BN's weight and bias")
+    train_bn_affine: bool = _opt(False, "also train the last BN's weight and bias (a LayerNorm's or GroupNorm's "
+                                        "always train)")
     sizes: list[int] | None = _opt(None, "with --res auto: the sizes to sweep (default: sweep.py's, about 0.5x to 2x the training res)")
     parametric_scope: str = _opt("global", "parametric: one distribution for all pooled features, or one per feature",
                                  ("global", "feature"))
