@@ -18,7 +18,9 @@ published recipe's settings (`RECIPES`) on top, and the options given still win:
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -125,6 +127,40 @@ def batch_size_arg(text: str):
         raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {text!r}") from None
 
 
+def model_kwarg(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` as timm's train.py reads --model-kwargs (its ParseKwargs): the value as a
+    Python literal where it parses (8, 0.1, False, None, (32, 32)), else the text itself."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value  # no quoting needed on the command line for a text value
+
+
+class ModelKwargsAction(argparse.Action):
+    """`--model-kwargs k=v k=v` -> {"k": v, ...}."""
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, dict(values))
+
+
+# set by fixres itself from its own options: a keyword of the same name would clash or be ignored
+RESERVED_MODEL_KWARGS = {"num_classes": "", "pretrained": " (use --pretrained)", "weights": " (use --pretrained or --weights)",
+                         "output_stride": " (use --output-stride)"}
+
+
+def check_kwargs_recordable(kwargs: dict | None) -> None:
+    for key, value in (kwargs or {}).items():
+        if key in RESERVED_MODEL_KWARGS:
+            raise ConfigError(f"--model-kwargs {key}: fixres sets it{RESERVED_MODEL_KWARGS[key]}")
+        try:  # recorded in config.json, the weights' metadata and the timm export
+            json.dumps(value)
+        except TypeError:
+            raise ConfigError(f"--model-kwargs {key}={value!r}: not a value a config file can hold "
+                              f"(numbers, text, True/False/None, lists, tuples)") from None
+
+
 @dataclass
 class TrainConfig:
     CLI_HIDDEN: typing.ClassVar[tuple] = ("shapes",)
@@ -141,6 +177,9 @@ class TrainConfig:
     weights: str | None = _opt(None, "local state dict (.safetensors or .pth) to start from; the classifier is replaced if the class count differs")
     output_stride: int | None = _opt(None, "timm models that support it: total stride of the network (16 or 8 dilate the last "
                                            "stages: a larger last feature map at the same resolution, same weights)")
+    model_kwargs: dict | None = _opt(None, "KEY=VALUE ... for the model's constructor, as timm's train.py takes them "
+                                           "(patch_size=8 img_size=64 drop_path_rate=0.1 stem_type=deep): values are "
+                                           "Python literals where they parse, else text; kept with the weights")
     channels_last: bool | None = _opt(None, "channels_last memory format (default: on for GPUs; off on CPUs, where it measured slower)")
     compile: bool = _opt(False, "torch.compile the model (minutes of compiling first; pays on GPUs for long runs)")
     fast_decode: bool | None = _opt(True, "training crops drawn before decoding, JPEGs decoded at reduced scale, "
@@ -222,6 +261,7 @@ class TrainConfig:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if self.output_stride is not None and self.output_stride not in (8, 16, 32):
             raise ConfigError(f"--output-stride must be 8, 16 or 32, got {self.output_stride}")
+        check_kwargs_recordable(self.model_kwargs)
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and len(value) != 3:
@@ -332,7 +372,8 @@ class FinetuneConfig(TrainConfig):
     training resolution and the data come from --checkpoint (model, train_res and
     test_res are filled in from it, so they are not command-line options; so are mean and
     std, which the weights' metadata holds)."""
-    CLI_HIDDEN: typing.ClassVar[tuple] = ("shapes", "model", "pretrained", "weights", "output_stride", "train_res", "test_res", "freeze_epochs",
+    CLI_HIDDEN: typing.ClassVar[tuple] = ("shapes", "model", "pretrained", "weights", "output_stride", "model_kwargs",
+                                          "train_res", "test_res", "freeze_epochs",
                                           "compile", "fast_decode", "mean", "std",
                                           # train.py's recipe features; fine-tuning has its own --aug
                                           "recipe", "auto_augment", "random_erase", "mixup_alpha", "cutmix_alpha",
@@ -477,6 +518,9 @@ def build_parser(cls, description: str, preset_note: str = "") -> argparse.Argum
             hint, nargs = typing.get_args(hint)[0], "+"
         if hint is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text)
+        elif hint is dict:  # --model-kwargs k=v k=v
+            parser.add_argument(*flags, nargs="+", type=model_kwarg, action=ModelKwargsAction, metavar="KEY=VALUE",
+                                help=help_text)
         else:
             parser.add_argument(*flags, type=f.metadata.get("parse") or hint, nargs=nargs, choices=f.metadata.get("choices"),
                                 help=help_text, metavar=f.name.upper() if not f.metadata.get("choices") else None)

@@ -1,7 +1,7 @@
 """A run's timm export: its weights in timm's Hugging Face Hub layout, written by timm itself.
 
     runs/<name>/timm/config.json        architecture, num_classes, label_names, model_args (output_stride,
-                                        ...) and pretrained_cfg: input_size (the training size; a
+                                        --model-kwargs) and pretrained_cfg: input_size (the training size; a
                                         finetune.py run's new size), test_input_size (the FixRes
                                         size), crop_pct, test_crop_pct, crop_mode ("center"),
                                         interpolation, mean, std
@@ -91,7 +91,9 @@ def export_timm(weights: Path, out_dir: Path) -> Path:
     model, meta = load_run_model(weights)
     model.eval()
     data_config = export_data_config(meta)
-    model_args = {"output_stride": meta["output_stride"]} if meta.get("output_stride") else None
+    # what timm's create_model needs besides the name to build the same network
+    model_args = {**({"output_stride": meta["output_stride"]} if meta.get("output_stride") else {}),
+                  **(meta.get("model_kwargs") or {})} or None
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))

@@ -89,7 +89,8 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     # the source's preprocessing and crop scale, unless given on this command line: --aug rrc
     # crops as the source was trained, and the new run's weights and config say so
     cfg = dataclasses.replace(
-        cfg, model=meta["model"], output_stride=meta.get("output_stride"), train_res=train_res, output=output,
+        cfg, model=meta["model"], output_stride=meta.get("output_stride"), model_kwargs=meta.get("model_kwargs"),
+        train_res=train_res, output=output,
         crop_pct=cfg.crop_pct if "crop_pct" in explicit else meta.get("crop_pct", cfg.crop_pct),
         interpolation=cfg.interpolation if "interpolation" in explicit else meta.get("interpolation", cfg.interpolation),
         min_scale=cfg.min_scale if "min_scale" in explicit else trained_min_scale(meta, source_cfg),

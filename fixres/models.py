@@ -3,18 +3,21 @@
     create_model("resnet50", num_classes=5)                  # timm, random init
     create_model("tv:resnet50", num_classes=5, weights="r50.pth")
     create_model("resnet50", num_classes=5, pretrained=True)  # needs the network
+    create_model("test_vit", num_classes=5, model_kwargs={"patch_size": 8, "img_size": 64})  # --model-kwargs
 
 timm's and torchvision's ResNets use the same parameter names (conv1, layer4,
 fc), so a state dict from either loads into both.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from fixres.checkpoint import find_weights, load_weights, refused_pickle
+from fixres.config import ConfigError
 from fixres.data import DataError
 from fixres.runtime import error_reason
 from fixres.transforms import INTERPOLATIONS
@@ -27,9 +30,9 @@ class ModelError(ValueError):
 TV_PREFIX = "tv:"
 
 
-def create_model(name: str, num_classes: int, *, pretrained: bool = False,
-                 weights: str | Path | None = None, output_stride: int | None = None) -> nn.Module:
-    model = _build(name, num_classes, pretrained, output_stride)
+def create_model(name: str, num_classes: int, *, pretrained: bool = False, weights: str | Path | None = None,
+                 output_stride: int | None = None, model_kwargs: dict | None = None) -> nn.Module:
+    model = _build(name, num_classes, pretrained, output_stride, model_kwargs)
     if weights:
         load_weights_into(model, read_state_dict(weights), source=str(weights))
     return model
@@ -47,32 +50,79 @@ def check_model_name(name: str) -> None:
             raise ModelError(f"--model {name}: unknown timm model (torchvision models are named tv:<name>)")
 
 
-def _build(name: str, num_classes: int, pretrained: bool, output_stride: int | None = None) -> nn.Module:
+def check_model_kwargs(name: str, model_kwargs: dict | None) -> None:
+    """Fail fast, before any data is read, on --model-kwargs the constructor does not take: the
+    model is built on the meta device (no memory, no initialisation), where a keyword it does
+    not take stops the call as it would on the CPU. A constructor that computes with its
+    tensors cannot be built there: then it is built for real, once."""
+    if not model_kwargs:
+        return
+    check_model_name(name)
+    try:
+        with torch.device("meta"):
+            _construct(name, 2, False, model_kwargs)
+    except TypeError as err:
+        raise model_kwargs_error(name, model_kwargs, err) from None
+    except Exception:
+        try:
+            _construct(name, 2, False, model_kwargs)
+        except Exception as err:
+            raise model_kwargs_error(name, model_kwargs, err) from None
+
+
+def model_kwargs_error(name: str, model_kwargs: dict, err: Exception) -> ConfigError:
+    """One line for a constructor that refused --model-kwargs: the keyword it does not take
+    (or that its builder passes itself), else the values and the constructor's reason."""
+    text = str(err)
+    owner = re.match(r"(\w+)\.__init__\(\)", text)
+    library = "torchvision" if name.startswith(TV_PREFIX) else "timm"
+    model = f"{name} ({library}'s {owner.group(1)})" if owner else name
+    for key in model_kwargs:
+        if f"'{key}'" in text and "unexpected keyword" in text:
+            return ConfigError(f"--model-kwargs {key}: {model} takes no keyword {key}")
+        if f"'{key}'" in text and "multiple values" in text:
+            return ConfigError(f"--model-kwargs {key}: {name}'s builder passes it itself")
+    pairs = " ".join(f"{k}={v!r}" for k, v in model_kwargs.items())
+    return ConfigError(f"--model-kwargs {pairs}: {name} cannot be built with them ({error_reason(err)})")
+
+
+def _build(name: str, num_classes: int, pretrained: bool, output_stride: int | None = None,
+           model_kwargs: dict | None = None) -> nn.Module:
     check_model_name(name)
     if output_stride and name.startswith(TV_PREFIX):
         raise ModelError(f"--output-stride is for timm models; {name} is torchvision's")
+    extra = {"output_stride": output_stride} if output_stride else {}
     try:
-        if name.startswith(TV_PREFIX):
-            import torchvision
-            tv_name = name[len(TV_PREFIX):]
-            if not pretrained:
-                return torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
-            model = torchvision.models.get_model(tv_name, weights="DEFAULT")
-            return _resize_classifier(model, num_classes)
-        import timm
-        extra = {"output_stride": output_stride} if output_stride else {}
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **extra)
+        return _construct(name, num_classes, pretrained, {**extra, **(model_kwargs or {})})
     except ModelError:
         raise
     except TypeError as err:
         if output_stride and "output_stride" in str(err):
             raise ModelError(f"--output-stride {output_stride}: timm's {name} does not take it") from None
+        if model_kwargs and not pretrained:
+            raise model_kwargs_error(name, model_kwargs, err) from None
         raise
     except Exception as err:  # hub/HTTP/file errors come in many types
         if pretrained:
             raise ModelError(f"--pretrained: cannot get pretrained weights for {name} ({error_reason(err)}); "
                              f"download them elsewhere and pass --weights FILE") from None
+        if model_kwargs:
+            raise model_kwargs_error(name, model_kwargs, err) from None
         raise
+
+
+def _construct(name: str, num_classes: int, pretrained: bool, kwargs: dict) -> nn.Module:
+    """The library's model; `kwargs` go to its constructor (timm's builders let them override
+    their own defaults: test_resnet's stem_width)."""
+    if name.startswith(TV_PREFIX):
+        import torchvision
+        tv_name = name[len(TV_PREFIX):]
+        if not pretrained:
+            return torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes, **kwargs)
+        model = torchvision.models.get_model(tv_name, weights="DEFAULT", **kwargs)
+        return _resize_classifier(model, num_classes)
+    import timm
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
 
 
 # what fixres's transforms can reproduce of a library's preprocessing
@@ -203,7 +253,8 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, di
     if not meta.get("model") or not meta.get("classes"):
         raise ModelError(f"{weights_path}: no fixres metadata (model name, classes); "
                          f"pass plain weights with --weights and --model instead")
-    model = _build(meta["model"], len(meta["classes"]), pretrained=False, output_stride=meta.get("output_stride"))
+    model = _build(meta["model"], len(meta["classes"]), pretrained=False, output_stride=meta.get("output_stride"),
+                   model_kwargs=meta.get("model_kwargs"))
     attach_saved_adapter(model, state)  # first: its keys are then the model's own
     load_weights_into(model, state, source=str(weights_path), replace_classifier=False)
     return model, {**meta, "weights_path": str(weights_path)}

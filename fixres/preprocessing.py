@@ -23,7 +23,7 @@ from fixres.transforms import (IMAGENET_MEAN, IMAGENET_STD, DecodeRandomResizedC
 
 def weights_meta(cfg: TrainConfig, classes: list[str], **extra) -> dict:
     """The preprocessing a set of weights expects, stored inside the weights file."""
-    return {"model": cfg.model, "output_stride": cfg.output_stride, "classes": classes, "num_classes": len(classes), "train_res": cfg.train_res,
+    return {"model": cfg.model, "output_stride": cfg.output_stride, "model_kwargs": cfg.model_kwargs, "classes": classes, "num_classes": len(classes), "train_res": cfg.train_res,
             "test_res": cfg.eval_res, "input_size": [3, cfg.eval_res, cfg.eval_res], "crop_pct": cfg.crop_pct,
             "interpolation": cfg.interpolation, "min_scale": cfg.min_scale, "mean": list(cfg.mean or IMAGENET_MEAN),
             "std": list(cfg.std or IMAGENET_STD), **extra}
