@@ -36,7 +36,7 @@ from fixres.transforms import BatchMix
 
 # Options that define what a run is: a resumed run must keep them (a fine-tune's held-out
 # validation images are drawn from --choice-images and --seed).
-IDENTITY_KEYS = ("model", "data", "images", "choice_images", "seed")
+IDENTITY_KEYS = ("model", "model_kwargs", "data", "images", "choice_images", "seed")
 
 
 @dataclass

@@ -90,6 +90,10 @@ def test_a_run_with_model_kwargs_is_rebuilt_by_sweep_finetune_and_timm(tmp_path,
     assert tuned.returncode == 0, tuned.stdout[-2000:] + tuned.stderr[-2000:]
     assert json.loads((runs / "ft" / "config.json").read_text())["model_kwargs"] == kwargs
     assert load_weights(runs / "ft" / "best.safetensors")[1]["model_kwargs"] == kwargs
+    # a resume keeps them: another value is refused in one line, not trained with a word
+    resumed = run_in_process("train.py", "--resume", run, "--epochs", "2", "--model-kwargs", "stem_type=deep",
+                             "stem_width=16", capsys=capsys)
+    assert resumed.returncode != 0 and "the run was trained with --model-kwargs" in resumed.stderr
     assert json.loads((runs / "ft" / "timm" / "config.json").read_text())["model_args"].items() >= kwargs.items()
 
 
