@@ -244,6 +244,7 @@ def benchmark_help():
     started.collect_all()
 
 
+@pytest.mark.slow  # eight new interpreters: about 30 s of CPU
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_every_benchmark_answers_help(benchmark_help, name):
     result = benchmark_help[name]
