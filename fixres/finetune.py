@@ -137,7 +137,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     # the fine-tune's epochs are evaluated on the held-out images: they choose the epoch that ships
     applied = apply_method(cfg, model, dataclasses.replace(split, val=held_out), extra, accelerator, console, resume,
                            decode, sweep["workers"])
-    if applied.get("stopped"):
+    if applied.get("stopped") or applied.get("unfinished"):
         return applied
     seconds = time.perf_counter() - start
 
@@ -210,6 +210,8 @@ def apply_method(cfg, model, split, extra, accelerator, console, resume, decode,
                                set_modes=set_modes, title="finetune", next_steps=False))
         if result["stopped"]:
             return result
+        if len(result["records"]) < cfg.epochs:  # --stop-after (exit 0, as train.py): measured when the run ends
+            return {**result, "unfinished": True}
         # the run ships its best epoch on validation (best.safetensors, what sweep.py loads),
         # not the last one in memory: "after" is measured on those weights
         model, shipped = load_run_model(folder.path, "best")
