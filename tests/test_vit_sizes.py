@@ -5,18 +5,26 @@ fine-tuned size. Sizes that are not a multiple of the 16 px patch are dropped or
 
     python -m pytest -q tests/test_vit_sizes.py      # about 8 s on 2 CPU cores (the slow one 5 s)
 """
+import json
+
+import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from fixres.checkpoint import save_weights
+from fixres.checkpoint import load_weights, save_weights
 from fixres.config import TrainConfig
 from fixres.models import create_model, load_run_model
 from fixres.preprocessing import weights_meta
-from tests.conftest import COLOURS
+from tests.conftest import COLOURS, error_line, run_in_process
 
 VIT = "vit_tiny_patch16_224"
 CLASSES = sorted(COLOURS)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 def test_weights_trained_at_32_px_run_at_48_as_timms_own_resampling_gives(tmp_path):
@@ -51,3 +59,44 @@ def test_plain_weights_from_another_size_load_as_timm_loads_them(tmp_path):
     images = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(ours(images), theirs(images), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # trains, sweeps and fine-tunes end to end
+def test_a_strict_vit_trains_sweeps_finetunes_and_exports_at_other_sizes(tmp_path, tiny_csv, capsys):
+    runs = tmp_path / "runs"
+    refused = run_in_process("train.py", "--data", tiny_csv, "--model", VIT, "--train-res", "40", "--output", runs,
+                             capsys=capsys)
+    assert error_line(refused) == "error: --train-res 40: vit_tiny_patch16_224 takes multiples of its 16 px patch (nearest: 32, 48)"
+    assert not runs.exists()
+    # validated at another size than it trains at (--test-res)
+    ok(run_in_process("train.py", "--data", tiny_csv, "--model", VIT, "--train-res", "32", "--test-res", "48",
+                      "--batch-size", "16", "--workers", "0", "--epochs", "1", "--output", runs, "--name", "vit",
+                      capsys=capsys))
+    run = runs / "vit"
+    # built at its training size, and recorded so that every rebuild is the same network
+    assert json.loads((run / "config.json").read_text())["model_kwargs"] == {"img_size": 32}
+    assert load_weights(run / "best.safetensors")[1]["model_kwargs"] == {"img_size": 32}
+
+    swept = ok(run_in_process("sweep.py", "--checkpoint", run, "--sizes", "32", "40", "48", "--workers", "0",
+                              capsys=capsys))
+    assert "dropped 40 px: vit_tiny_patch16_224 takes multiples of its 16 px patch" in swept.stdout
+    rows = json.loads((run / "sweep.json").read_text())["rows"]
+    assert [row["size"] for row in rows] == [32, 48]
+
+    refused = run_in_process("finetune.py", "--checkpoint", run, "--res", "40", "--method", "finetune",
+                             "--output", tmp_path / "out", capsys=capsys)
+    assert error_line(refused) == ("error: --res 40: vit_tiny_patch16_224 takes multiples of its 16 px patch "
+                                   "(nearest: 32, 48)")
+    assert not (tmp_path / "out").exists()
+
+    ok(run_in_process("finetune.py", "--checkpoint", run, "--res", "48", "--method", "finetune", "--epochs", "1",
+                      "--batch-size", "16", "--workers", "0", "--output", tmp_path / "out", "--name", "ft",
+                      capsys=capsys))
+    tuned = tmp_path / "out" / "ft"
+    assert load_weights(tuned / "best.safetensors")[1]["model_kwargs"] == {"img_size": 48}
+    ours, _ = load_run_model(tuned)
+    theirs = timm.create_model(f"local-dir:{tuned / 'timm'}", pretrained=True).eval()
+    assert theirs.pretrained_cfg["input_size"] == (3, 48, 48)
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(images), ours.eval()(images), rtol=1e-5, atol=1e-5)
