@@ -93,6 +93,11 @@ def test_a_strict_vit_trains_sweeps_finetunes_and_exports_at_other_sizes(tmp_pat
                       "--batch-size", "16", "--workers", "0", "--output", tmp_path / "out", "--name", "ft",
                       capsys=capsys))
     tuned = tmp_path / "out" / "ft"
+    auto = ok(run_in_process("finetune.py", "--checkpoint", run, "--res", "auto", "--sizes", "40", "48",
+                             "--method", "finetune", "--epochs", "1", "--batch-size", "16", "--workers", "0",
+                             "--output", tmp_path / "out", "--name", "auto", capsys=capsys))
+    assert "dropped 40 px: vit_tiny_patch16_224 takes multiples of its 16 px patch" in auto.stdout
+    assert json.loads((tmp_path / "out" / "auto" / "finetune.json").read_text())["finetune_res"] in (32, 48)
     assert load_weights(tuned / "best.safetensors")[1]["model_kwargs"] == {"img_size": 48}
     ours, _ = load_run_model(tuned)
     theirs = timm.create_model(f"local-dir:{tuned / 'timm'}", pretrained=True).eval()
