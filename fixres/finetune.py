@@ -56,7 +56,7 @@ from fixres.device_decode import resolve_decode
 from fixres.engine import top5_k
 from fixres.export import write_run_export
 from fixres.methods import CHOICE_KEYS, bn_stats, choose_res, held_out_split, parametric, refuse_negative_features
-from fixres.models import load_run_model
+from fixres.models import load_run_model, resize_model, size_refusal
 from fixres.plots import plot_activation_cdfs
 from fixres.preprocessing import describe_preprocessing, finetune_transforms, weights_meta
 from fixres.report import EpochProgress, finetune_table, make_console
@@ -80,6 +80,8 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     if resume:  # the resumed run's own --decode
         decode = resolve_decode(cfg.decode, accelerator.device)
     model, meta, split, source_folder, source_cfg = load_source(cfg, accelerator)
+    if cfg.res != "auto" and (why_not := size_refusal(model, meta["model"], cfg.res)):
+        raise ConfigError(f"--res {cfg.res}: {why_not}")
     if "data" in source_cfg and source_cfg["data"] is None and not resume:  # the built-in data: its preset
         cfg = dataclasses.replace(cfg, **{k: v for k, v in FINETUNE_SHAPES_PRESET.items() if k not in explicit})
     output = cfg.output or str(beside_source(Path(meta["weights_path"])))
@@ -129,6 +131,10 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         rows = run_sweep(copy.deepcopy(model), eval_meta, split, sizes, cfg.crop_pct, accelerator, progress=bar,
                          samples=reported, **sweep)
     source_name = source_folder.name if source_folder else Path(meta["weights_path"]).stem
+    if "img_size" in (cfg.model_kwargs or {}) and resize_model(model, res):
+        # a ViT built for its size: the new run's network is built at `res` (its position
+        # embedding resampled once, as timm does), so its weights and export are that network
+        cfg = dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, "img_size": res})
     cfg = dataclasses.replace(cfg, res=res, test_res=res,
                               name=cfg.name or f"{source_name}-{cfg.method}-{res}px-{time.strftime('%Y%m%d-%H%M%S')}")
     extra = dict(finetune_res=res, finetune_method=cfg.method, finetuned_from=meta["weights_path"], last_bn=last_bn,

@@ -15,6 +15,7 @@ import torch
 from fixres import adapt
 from fixres.config import ConfigError
 from fixres.data import EpochSampler, ImageDataset, collate_skipping, round_batches
+from fixres.models import sizes_it_takes
 from fixres.report import EpochProgress
 from fixres.runtime import use_channels_last
 from fixres.resolution import default_sizes
@@ -41,6 +42,9 @@ def choose_res(cfg, model, eval_meta, split, accelerator, console, sweep, *, pre
     train_res = cfg.train_res
     # FixRes tests higher: the default ladder from the training size up (--sizes: any)
     sizes = sorted(set(cfg.sizes or [s for s in default_sizes(train_res, predicted) if s >= train_res]) | {train_res})
+    sizes, dropped = sizes_it_takes(model, cfg.model, sizes)  # a ViT: multiples of its patch
+    if dropped:
+        console.print(dropped)
     # no running statistics (a LayerNorm head, a norm-free net): each size scored as the model stands
     bn_images = seeded_subset(split.train, cfg.choice_images, cfg.seed) if last_bn else []
     rows = []

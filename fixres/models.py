@@ -10,6 +10,7 @@ fc), so a state dict from either loads into both.
 """
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -84,6 +85,93 @@ def model_kwargs_error(name: str, model_kwargs: dict, err: Exception) -> ConfigE
             return ConfigError(f"--model-kwargs {key}: {name}'s builder passes it itself")
     pairs = " ".join(f"{k}={v!r}" for k, v in model_kwargs.items())
     return ConfigError(f"--model-kwargs {pairs}: {name} cannot be built with them ({error_reason(err)})")
+
+
+def _meta_model(name: str, model_kwargs: dict | None) -> nn.Module:
+    """The model built on the meta device (no memory, no initialisation) to read its structure;
+    a constructor that computes with its tensors cannot be built there: then for real."""
+    try:
+        with torch.device("meta"):
+            return _construct(name, 2, False, model_kwargs or {})
+    except Exception:
+        return _construct(name, 2, False, model_kwargs or {})
+
+
+def constructor_keywords(name: str, model_kwargs: dict | None = None) -> set[str]:
+    """The keywords a timm model's class takes (its builder passes **kwargs on to it);
+    torchvision models: none (not needed)."""
+    if name.startswith(TV_PREFIX):
+        return set()
+    return set(inspect.signature(type(_meta_model(name, model_kwargs))).parameters)
+
+
+def check_model_sizes(name: str, model_kwargs: dict | None, sizes: dict[str, int]) -> None:
+    """Fail fast on an --option's size the model cannot run at (a ViT: not a multiple of its patch)."""
+    model = _meta_model(name, model_kwargs)
+    for option, size in sizes.items():
+        if why_not := size_refusal(model, name, size):
+            raise ConfigError(f"{option} {size}: {why_not}")
+
+
+def sized_model_kwargs(name: str, train_res: int, model_kwargs: dict | None) -> dict | None:
+    """train.py's --model-kwargs with img_size=train_res for a timm model whose constructor
+    takes img_size (a ViT is built for one size and refuses any other), unless given; recorded
+    in the run's config and weights so that every rebuild (sweep, finetune, export) is the
+    network that was trained."""
+    if model_kwargs and "img_size" in model_kwargs or "img_size" not in constructor_keywords(name, model_kwargs):
+        return model_kwargs
+    return {**(model_kwargs or {}), "img_size": train_res}
+
+
+def any_size_kwargs(name: str, model_kwargs: dict | None) -> dict | None:
+    """The recorded --model-kwargs plus dynamic_img_size=True where the constructor takes it:
+    the same parameters, and a forward pass at any size resamples the position embedding from
+    the trained grid with timm's resample_abs_pos_embed (bicubic, antialiased), as timm's
+    checkpoint filter does for weights loaded into a model built at another size. One model
+    then serves every size of a sweep (each batch runs at all of them)."""
+    if not (model_kwargs and "img_size" in model_kwargs) or "dynamic_img_size" in model_kwargs:
+        return model_kwargs
+    if "dynamic_img_size" not in constructor_keywords(name, model_kwargs):
+        return model_kwargs
+    return {**model_kwargs, "dynamic_img_size": True}
+
+
+def patch_size(model: nn.Module) -> int | None:
+    """The patch a timm ViT's input sides must be multiples of (its PatchEmbed asserts it
+    unless built with dynamic_img_pad), else None: the model takes any size."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "patch_size", None)
+    if size is None or getattr(embed, "dynamic_img_pad", False):
+        return None
+    return max(size) if isinstance(size, (tuple, list)) else int(size)
+
+
+def size_refusal(model: nn.Module, name: str, size: int) -> str | None:
+    """Why `model` cannot run at `size` px (its patch does not divide it), else None."""
+    patch = patch_size(model)
+    if patch is None or size % patch == 0:
+        return None
+    below = max(patch, size // patch * patch)
+    return f"{name} takes multiples of its {patch} px patch (nearest: {below}, {below + patch})"
+
+
+def sizes_it_takes(model: nn.Module, name: str, sizes: list[int]) -> tuple[list[int], str | None]:
+    """(the sizes `model` can run at, one line naming the dropped ones and why, or None)."""
+    dropped = [s for s in sizes if size_refusal(model, name, s)]
+    if not dropped:
+        return list(sizes), None
+    kept = [s for s in sizes if s not in dropped]
+    return kept, (f"dropped {', '.join(map(str, dropped))} px: {name} takes multiples of its "
+                  f"{patch_size(model)} px patch")
+
+
+def resize_model(model: nn.Module, size: int) -> bool:
+    """Build `model` (in place) for `size` px as timm does, its position embedding resampled
+    once (set_input_size); False for a model that has no such size (CNNs)."""
+    if not hasattr(model, "set_input_size") or getattr(model, "patch_embed", None) is None:
+        return False
+    model.set_input_size(img_size=size)
+    return True
 
 
 def _build(name: str, num_classes: int, pretrained: bool, output_stride: int | None = None,
@@ -221,6 +309,8 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
     for key, value in state.items():
         if key not in own:
             continue
+        if own[key].shape != value.shape and key == "pos_embed":
+            value = _resampled_pos_embed(model, value)  # weights made at another size
         if own[key].shape != value.shape:
             if replace_classifier and key.startswith(head):
                 skipped.append(key)
@@ -243,6 +333,17 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
     return skipped
 
 
+def _resampled_pos_embed(model: nn.Module, value: torch.Tensor) -> torch.Tensor:
+    """A timm ViT's position embedding from weights made at another size, resampled to the
+    model's grid as timm's checkpoint filter does (bicubic, antialiased; prefix tokens kept)."""
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None or value.dim() != 3:
+        return value
+    from timm.layers import resample_abs_pos_embed
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    return resample_abs_pos_embed(value, new_size=list(grid), num_prefix_tokens=prefix)
+
+
 def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, dict]:
     """A classifier from a run folder (its `which` weights), a checkpoint folder or a
     .safetensors file written by fixres, with the preprocessing metadata it carries, and
@@ -253,8 +354,9 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, di
     if not meta.get("model") or not meta.get("classes"):
         raise ModelError(f"{weights_path}: no fixres metadata (model name, classes); "
                          f"pass plain weights with --weights and --model instead")
+    # at any size: the recorded network, its position embedding resampled for the input's size
     model = _build(meta["model"], len(meta["classes"]), pretrained=False, output_stride=meta.get("output_stride"),
-                   model_kwargs=meta.get("model_kwargs"))
+                   model_kwargs=any_size_kwargs(meta["model"], meta.get("model_kwargs")))
     attach_saved_adapter(model, state)  # first: its keys are then the model's own
     load_weights_into(model, state, source=str(weights_path), replace_classifier=False)
     return model, {**meta, "weights_path": str(weights_path)}

@@ -32,7 +32,8 @@ from fixres.data import (ImageDataset, MultiSizeDataset, built_in_dataset, colla
 from fixres.device_decode import ReadForDevice, ResizeSpec, resolve_decode
 from fixres.engine import to_device_batch, top5_hits, top5_k
 from fixres.export import write_best_size
-from fixres.models import check_model_name, classifier_name, load_plain_weights, load_run_model, pretrained_preprocessing
+from fixres.models import (check_model_name, classifier_name, load_plain_weights, load_run_model, pretrained_preprocessing,
+                           sizes_it_takes)
 from fixres.report import EpochProgress, config_table, make_console, per_class_accuracy, print_sweep, write_sweep_tables
 from fixres.resolution import default_sizes, recommended_test_res, resize_size
 from fixres.runtime import make_accelerator
@@ -241,6 +242,9 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
     min_scale = cfg.min_scale or trained_min_scale(meta, run_cfg)
     predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct, scale=(min_scale, 1.0))
     sizes = sorted(set(cfg.sizes or default_sizes(train_res, predicted)) | {train_res})  # the reference
+    sizes, dropped = sizes_it_takes(model, meta["model"], sizes)  # a ViT: multiples of its patch
+    if dropped:
+        console.print(dropped)
     out = Path(cfg.output or run_dir or Path(meta["weights_path"]).parent)
     workers = worker_count(cfg.workers)
     console.print(config_table({

@@ -17,6 +17,7 @@ workers, and a run stopped mid-epoch continues with the batches it had not seen.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import shlex
@@ -32,7 +33,8 @@ from fixres.ema import best_epoch
 from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError, evaluate, top5_k,
                            train_one_epoch)
 from fixres.export import write_run_export
-from fixres.models import check_model_kwargs, check_model_name, create_model
+from fixres.models import (any_size_kwargs, check_model_kwargs, check_model_name, check_model_sizes, create_model,
+                           sized_model_kwargs)
 from fixres.preprocessing import default_eval_transform, default_train_transform, resolve_preprocessing
 from fixres.report import EpochProgress, epoch_line, make_console, metrics_table
 from fixres.run import Run, RunState, announce, build_run, new_run_folder, resumed_config, training_accelerator
@@ -54,6 +56,9 @@ def prepare_run(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
             cfg = resumed_config(resume, cfg, explicit)
     check_model_name(cfg.model)
     check_model_kwargs(cfg.model, cfg.model_kwargs)
+    if resume is None:  # a ViT built for --train-res (a strict one refuses other sizes); config.json records it
+        cfg = dataclasses.replace(cfg, model_kwargs=sized_model_kwargs(cfg.model, cfg.train_res, cfg.model_kwargs))
+    check_model_sizes(cfg.model, cfg.model_kwargs, {"--train-res": cfg.train_res, "--test-res": cfg.eval_res})
     cfg, normalisation = resolve_preprocessing(cfg, explicit, resumed=resume is not None)
     decode = resolve_decode(cfg.decode, accelerator.device)  # --decode gpu without torchcodec: refused before any work
     cfg, data, images, data_name = resolve_data(cfg, accelerator, resume.run_folder.path if resume else None)
@@ -63,7 +68,7 @@ def prepare_run(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
     model = create_model(cfg.model, len(split.classes), pretrained=cfg.pretrained and not resume,
                          weights=None if resume else cfg.weights, output_stride=cfg.output_stride,
-                         model_kwargs=cfg.model_kwargs)
+                         model_kwargs=any_size_kwargs(cfg.model, cfg.model_kwargs))  # --test-res: any
     device = accelerator.device
     return build_run(cfg, accelerator, console, folder, split, model, resume=resume,
                      transforms=(default_train_transform(cfg, device), default_eval_transform(cfg, device)))
