@@ -70,6 +70,7 @@ def test_pickled_code_is_not_run(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow  # a new interpreter (the offline variable is read at import): 6 s
 def test_pretrained_offline_fails_in_one_line():
     # in a fresh process: the hub reads HF_HUB_OFFLINE when it is imported
     code = ("from fixres.models import create_model\n"

@@ -146,6 +146,7 @@ def test_bad_file_through_the_fast_decoder_names_it(tmp_path):
     assert dataset[0] is None
 
 
+@pytest.mark.slow  # torch.compile: 4.5 s
 def test_channels_last_and_compiled_models_give_the_same_logits():
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=5).eval()
