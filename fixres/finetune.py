@@ -267,7 +267,8 @@ def report(cfg, before: dict, after: dict, applied: dict, context: dict, acceler
     correct = {key: row["per_image_correct"] for key, (_, row) in zip(("train_res", "before", "after"), stages)}
     differences = {f"{a}_vs_{b}": paired_difference_of(correct[a], correct[b])  # the same validation images
                    for a, b in (("after", "before"), ("after", "train_res"), ("before", "train_res"))}
-    reported_on = f"{after['count']} validation images (the split's {len(split.val)} less the held-out {len(context['held_out'])})"
+    reported_on = (f"{after['count']} validation images (the split's {len(split.val)} less the held-out "
+                   f"{len(context['held_out'])})")
     by_stage = {"train_res": before[train_res], "before": before[res], "after": after}
     summary = {"source": meta["weights_path"], "model": meta["model"], "method": cfg.method,
                "aug": cfg.aug if cfg.method == "finetune" else None, "train_res": train_res, "res": res,
@@ -283,7 +284,8 @@ def report(cfg, before: dict, after: dict, applied: dict, context: dict, acceler
                "sweep": [{k: r[k] for k in ("size", "top1", "top5", "loss")} for r in before.values()],
                "after_epoch": after_epoch, **({"last_epoch": last} if last else {}),
                "epochs": records,
-               **{k: v for k, v in context["extra"].items() if k not in ("last_bn", "finetuned_from")}}  # choice_sweep
+               # with finetune_res, adapted, res_choice and choice_sweep, as the weights' metadata holds them
+               **{k: v for k, v in context["extra"].items() if k not in ("last_bn", "finetuned_from")}}
     last_row = [(f"{res} px, last epoch {last['epoch']} (last.safetensors)", last)] if last else []
     console.print(finetune_table(stages, differences, title=f"fixres finetune: {folder}", also=last_row,
                                  top5_label=f"top-{top5_k(len(split.classes))}"))

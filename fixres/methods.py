@@ -78,7 +78,7 @@ def held_out_split(val: list, count: int, seed: int) -> tuple[list, list]:
     if held == 0:
         raise ConfigError(f"finetune.py needs at least 2 validation images (one to choose on, one to report on), "
                           f"the split has {len(val)}")
-    chosen = set(torch.randperm(len(val), generator=torch.Generator().manual_seed(seed))[:held].tolist())
+    chosen = set(seeded_subset(range(len(val)), held, seed))
     return [s for i, s in enumerate(val) if i in chosen], [s for i, s in enumerate(val) if i not in chosen]
 
 
