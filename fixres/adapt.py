@@ -71,8 +71,15 @@ def find_last_norm(model: nn.Module, *, input_size: int = 64) -> str | None:
     downsample branch (timm's test_resnet), that branch's BN runs last and is the one
     chosen. A BatchNorm that runs after the pooling (on vectors) is passed over: its
     statistics are not a map's."""
-    norms = {m: n for n, m in model.named_modules() if isinstance(m, NORMS)}
     kind = type(model).__name__
+    heads = getattr(model, "pretrained_cfg", {}).get("classifier")
+    if isinstance(heads, (tuple, list)) and len(heads) > 1:  # a distilled DeiT: head and head_dist
+        raise ModelError(f"{kind} has {len(heads)} classifiers ({', '.join(heads)}); fixres adapts one, so "
+                         f"fine-tuning it would leave the others at the old size: not supported yet")
+    # the kinds fixres adapts, and leaf layers named like a norm that it does not know (RmsNorm, EvoNorm):
+    # a model whose last norm is one of those is refused, not taken for norm-free or for an earlier norm
+    norms = {m: n for n, m in model.named_modules() if isinstance(m, NORMS)
+             or ("Norm" in type(m).__name__ and not list(m.children()) and any(True for _ in m.parameters()))}
     head = model.get_submodule(classifier_name(model))
     ran: list[tuple[str, bool]] = []   # (name, passed over), in execution order
     reached = []
@@ -100,7 +107,11 @@ def find_last_norm(model: nn.Module, *, input_size: int = 64) -> str | None:
     if not kept and ran:
         raise ModelError(f"{kind} has no BatchNorm on feature maps before its global pooling "
                          f"(its BatchNorm layers run after it); FixRes fine-tuning needs one")
-    return kept[-1] if kept else None
+    last = kept[-1] if kept else None
+    if last is not None and not isinstance(model.get_submodule(last), NORMS):
+        raise ModelError(f"{kind}'s last normalisation layer {last} is a {type(model.get_submodule(last)).__name__}, "
+                         f"a kind fixres does not adapt yet")
+    return last
 
 
 def is_batchnorm(module: nn.Module | None) -> bool:

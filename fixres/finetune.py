@@ -114,12 +114,12 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     if cfg.method == "parametric":
         refuse_negative_features(cfg, model, split, accelerator, sweep["workers"], adapted["classifier"])
     predicted = recommended_test_res(train_res=train_res, crop_pct=cfg.crop_pct, scale=(cfg.min_scale, 1.0))
-    if cfg.res == "auto":
+    if resume and "res_choice" in resume.meta:  # the size its first start chose, and how (a requeue repeats --res auto)
+        res, why, choice_rows = resume.meta["finetune_res"], resume.meta["res_choice"], resume.meta["choice_sweep"]
+    elif cfg.res == "auto":
         res, why, choice_rows = choose_res(cfg, model, eval_meta, split, accelerator, console, sweep,
                                            predicted=predicted, last_bn=last_bn, choice=held_out)
         console.print(why)
-    elif resume and "res_choice" in resume.meta:  # the size its first start chose, and how
-        res, why, choice_rows = cfg.res, resume.meta["res_choice"], resume.meta["choice_sweep"]
     else:
         res, why, choice_rows = cfg.res, f"--res {cfg.res}", []
     choices = ["the size"] * bool(choice_rows) + ["the epoch that ships"] * (cfg.method == "finetune")

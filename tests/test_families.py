@@ -3,6 +3,7 @@
 classifier alone), what it says it adapted, and the methods refused in one line where they do
 not apply (bn-stats without running statistics, parametric on features that go negative)."""
 import json
+import re
 
 import pytest
 import timm
@@ -88,6 +89,16 @@ def test_parametric_takes_pooled_silu_features(tmp_path, tiny_csv, capsys):
                                                    output=str(tmp_path / "out"), workers=0, cpu=True, name="p"))
     assert summary["adaptation"]["kind"] == "frechet" and summary["adapted"]["layer"] is None
     assert "adapts: the input of the classifier head.fc (a Frechet map fitted at 32 and 40 px)\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("test_efficientnet_evos", {}, "last normalisation layer bn2 is a EvoNorm2dS0, a kind fixres does not adapt yet"),
+    ("test_vit4", {}, "last normalisation layer fc_norm is a RmsNorm, a kind fixres does not adapt yet"),
+    ("deit_tiny_distilled_patch16_224", dict(img_size=32, depth=1), "has 2 classifiers (head, head_dist)")])
+def test_norms_and_heads_it_does_not_adapt_are_refused(name, kwargs, message):
+    """Not taken for norm-free (the classifier alone) nor for one head of two: refused in one line."""
+    with pytest.raises(ModelError, match=re.escape(message)):
+        find_last_norm(timm.create_model(name, num_classes=3, **kwargs), input_size=32)
 
 
 def test_the_last_norm_of_each_kind():

@@ -292,7 +292,7 @@ def test_res_auto_chooses_on_validation_images_that_never_report(tmp_path, tiny_
     assert summary["val_images"] == 13
 
 
-def test_a_resumed_finetune_keeps_its_held_out_images_and_its_choice(tmp_path, tiny_csv):
+def test_a_resumed_finetune_keeps_its_held_out_images_and_its_choice(tmp_path, tiny_csv, monkeypatch):
     """Stopped after an epoch and resumed, a fine-tune reports what an uninterrupted one does: the
     same held-out images, the size chosen the same way; a resume cannot redraw them."""
     source = write_source_run(tmp_path / "source", "test_resnet", tiny_csv)
@@ -304,7 +304,11 @@ def test_a_resumed_finetune_keeps_its_held_out_images_and_its_choice(tmp_path, t
     with pytest.raises(CheckpointError, match="the run was trained with --choice-images 20, not 6"):
         finetune_lib.finetune(FinetuneConfig(resume=str(tmp_path / "parts"), choice_images=6),
                               explicit={"choice_images"})
-    parts = finetune_lib.finetune(FinetuneConfig(resume=str(tmp_path / "parts")))
+    def no_second_choice(*args, **kwargs):
+        raise AssertionError("a resumed fine-tune chose its size again")
+    monkeypatch.setattr(finetune_lib, "choose_res", no_second_choice)
+    # a requeued job repeats its command line: --res auto with --resume
+    parts = finetune_lib.finetune(FinetuneConfig(resume=str(tmp_path / "parts"), res="auto"), explicit={"res"})
     for key in ("held_out", "res", "res_choice", "chosen_on", "choice_sweep", "top1", "loss", "after_epoch"):
         assert parts[key] == whole[key], key
     assert parts["res_choice"].startswith("--res auto: ") and len(parts["choice_sweep"]) == 3
