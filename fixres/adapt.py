@@ -2,6 +2,8 @@
 
 The last normalisation layer before the classifier: `find_last_norm` finds it (a BatchNorm
 before the global pooling; ConvNeXt's and ViT's last LayerNorm; None in a norm-free net).
+"The classifier" is every one the model has (models.classifier_names): a distilled DeiT's head
+and head_dist both train, and timm's forward averages their logits in every evaluation.
 A BatchNorm is replaced by `SyncedBatchNorm2d` so that its statistics are the global batch's
 on any backend (gloo included, where torch.nn.SyncBatchNorm refuses to run);
 `finetune_layers` leaves it and the classifier as the only things that change during
@@ -29,7 +31,7 @@ With one xi for both distributions the map is affine on the new-resolution suppo
 x -> loc_tr + scale_tr * (x - loc_te) / scale_te, and constant (the training support's
 lower end) below it, where F_test is 0: not foldable into the classifier because of
 that floor. The adapter is a submodule (`fixres_adapter`) applied by a forward
-pre-hook of the classifier, so the model's other state-dict keys do not change; the
+pre-hook of each classifier, so the model's other state-dict keys do not change; the
 weights file carries `fixres_adapter.*` and `meta["adaptation"]`, and
 `attach_saved_adapter` restores it (models.load_run_model calls it, so every fixres
 evaluation of a parametric run uses the adapted model). Loading those weights anywhere
@@ -48,7 +50,7 @@ from torch import nn
 
 from fixres.data import DataError
 from fixres.engine import to_device_batch
-from fixres.models import ModelError, classifier_name
+from fixres.models import ModelError, classifier_names
 from fixres.runtime import error_reason
 
 XI = 0.3          # the paper's fixed Frechet shape
@@ -72,15 +74,10 @@ def find_last_norm(model: nn.Module, *, input_size: int = 64) -> str | None:
     chosen. A BatchNorm that runs after the pooling (on vectors) is passed over: its
     statistics are not a map's."""
     kind = type(model).__name__
-    heads = getattr(model, "pretrained_cfg", {}).get("classifier")
-    if isinstance(heads, (tuple, list)) and len(heads) > 1:  # a distilled DeiT: head and head_dist
-        raise ModelError(f"{kind} has {len(heads)} classifiers ({', '.join(heads)}); fixres adapts one, so "
-                         f"fine-tuning it would leave the others at the old size: not supported yet")
     # the kinds fixres adapts, and leaf layers named like a norm that it does not know (RmsNorm, EvoNorm):
     # a model whose last norm is one of those is refused, not taken for norm-free or for an earlier norm
     norms = {m: n for n, m in model.named_modules() if isinstance(m, NORMS)
              or ("Norm" in type(m).__name__ and not list(m.children()) and any(True for _ in m.parameters()))}
-    head = model.get_submodule(classifier_name(model))
     ran: list[tuple[str, bool]] = []   # (name, passed over), in execution order
     reached = []
 
@@ -89,7 +86,8 @@ def find_last_norm(model: nn.Module, *, input_size: int = 64) -> str | None:
             ran.append((norms[module], is_batchnorm(module) and output.dim() != 4))
 
     handles = [m.register_forward_hook(record) for m in norms]
-    handles.append(head.register_forward_pre_hook(lambda module, args: reached.append(True)))
+    handles += [model.get_submodule(head).register_forward_pre_hook(lambda module, args: reached.append(True))
+                for head in classifier_names(model)]  # the first to run ends the search
     modes = {m: m.training for m in model.modules()}
     param = next(model.parameters())
     try:
@@ -114,15 +112,22 @@ def find_last_norm(model: nn.Module, *, input_size: int = 64) -> str | None:
     return last
 
 
+def classifiers_text(names: list[str]) -> str:
+    """'classifier head.fc', or 'classifiers head and head_dist': for the lines that name them."""
+    return f"classifier {names[0]}" if len(names) == 1 else f"classifiers {', '.join(names[:-1])} and {names[-1]}"
+
+
 def is_batchnorm(module: nn.Module | None) -> bool:
     """Running statistics to sync and re-estimate (the others normalise each image by itself)."""
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
 def adapted_layers(model: nn.Module, norm: str | None) -> dict:
-    """What --method finetune adapts (finetune.json's "adapted"): the norm, its class, the classifier."""
+    """What --method finetune adapts (finetune.json's "adapted"): the norm, its class, the classifier
+    (the first) and every classifier (a distilled DeiT: head and head_dist)."""
+    heads = classifier_names(model)
     return {"layer": norm, "kind": type(model.get_submodule(norm)).__name__ if norm else None,
-            "classifier": classifier_name(model)}
+            "classifier": heads[0], "classifiers": heads}
 
 
 def channel_moments(x: torch.Tensor) -> torch.Tensor:
@@ -193,8 +198,8 @@ def install_synced_bn(model: nn.Module, name: str) -> SyncedBatchNorm2d:
 
 
 def freeze_for_finetuning(model: nn.Module, *, norm: str | None, train_affine: bool = False) -> list[str]:
-    """requires_grad only for the classifier (and the `norm` layer's weight and bias); returns those names."""
-    prefixes = (classifier_name(model) + ".",) + ((norm + ".",) if norm and train_affine else ())
+    """requires_grad only for the classifiers (and the `norm` layer's weight and bias); returns those names."""
+    prefixes = tuple(head + "." for head in classifier_names(model)) + ((norm + ".",) if norm and train_affine else ())
     trainable = []
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(prefixes))
@@ -285,12 +290,13 @@ class FrechetAdapter(nn.Module):
 
 
 def attach_adapter(model: nn.Module, adapter: FrechetAdapter) -> nn.Module:
-    """Register the adapter as `model.fixres_adapter` and apply it to the classifier's input."""
+    """Register the adapter as `model.fixres_adapter` and apply it to every classifier's input
+    (a distilled DeiT: the class token head reads and the distillation token head_dist reads)."""
     if hasattr(model, ADAPTER):  # a second pre-hook would apply both maps, one after the other
         raise ModelError(f"{type(model).__name__} carries a parametric adapter already")
-    head = model.get_submodule(classifier_name(model))
     model.add_module(ADAPTER, adapter)
-    head.register_forward_pre_hook(adapter.pre_hook)
+    for head in classifier_names(model):
+        model.get_submodule(head).register_forward_pre_hook(adapter.pre_hook)
     return model
 
 
@@ -311,19 +317,23 @@ def attach_saved_adapter(model: nn.Module, state: dict) -> nn.Module:
 @torch.no_grad()
 def pooled_features(model: nn.Module, loader, accelerator, *, channels_last: bool = True) -> torch.Tensor:
     """The classifier's input for every sample of a prepared loader, gathered from all
-    processes (each sample once), on the CPU."""
-    head = accelerator.unwrap_model(model).get_submodule(classifier_name(accelerator.unwrap_model(model)))
+    processes (each sample once), on the CPU; with several classifiers (a distilled DeiT), each
+    one's input in turn, as rows of their own: the adapter maps them all."""
+    net = accelerator.unwrap_model(model)
     captured = []
-    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach().float()))
+    handles = [net.get_submodule(head).register_forward_pre_hook(
+        lambda module, args: captured.append(args[0].detach().float())) for head in classifier_names(net)]
     model.eval()
     out = []
     try:
         for images, _, _ in loader:
             with accelerator.autocast():
                 model(to_device_batch(images, channels_last))
-            out.append(accelerator.gather_for_metrics(captured.pop()).cpu())
+            out += [accelerator.gather_for_metrics(features).cpu() for features in captured]
+            captured.clear()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return torch.cat(out)
 
 

@@ -49,7 +49,7 @@ import torch
 
 from fixres import adapt
 from fixres import checkpoint as ckpt
-from fixres.adapt import adapted_layers, find_last_norm, finetune_layers, is_batchnorm
+from fixres.adapt import adapted_layers, classifiers_text, find_last_norm, finetune_layers, is_batchnorm
 from fixres.config import FINETUNE_SHAPES_PRESET, RUNS, ConfigError, FinetuneConfig, SweepConfig
 from fixres.data import DataError, worker_count
 from fixres.device_decode import resolve_decode
@@ -108,11 +108,11 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     sweep = dict(batch_size=cfg.batch_size, workers=worker_count(cfg.workers), activations=True, decode=decode)
     if cfg.method == "bn-stats" and last_bn is None:
         where = (f"'s last normalisation layer {norm} is a {adapted['kind']}, which keeps" if norm else
-                 f" has no normalisation layer before its classifier {adapted['classifier']}, so")
+                 f" has no normalisation layer before its {classifiers_text(adapted['classifiers'])}, so")
         raise ConfigError(f"--method bn-stats: {cfg.model}{where} no running statistics to re-estimate; "
                           f"use --method finetune")
     if cfg.method == "parametric":
-        refuse_negative_features(cfg, model, split, accelerator, sweep["workers"], adapted["classifier"])
+        refuse_negative_features(cfg, model, split, accelerator, sweep["workers"], adapted["classifiers"])
     predicted = recommended_test_res(train_res=train_res, crop_pct=cfg.crop_pct, scale=(cfg.min_scale, 1.0))
     if resume and "res_choice" in resume.meta:  # the size its first start chose, and how (a requeue repeats --res auto)
         res, why, choice_rows = resume.meta["finetune_res"], resume.meta["res_choice"], resume.meta["choice_sweep"]
@@ -236,19 +236,20 @@ def apply_method(cfg, model, split, extra, accelerator, console, resume, decode,
 
 def adapts_line(cfg, model_class: str, extra: dict) -> str:
     """The one line that says what the method changes in the model."""
-    norm, kind, classifier = (extra["adapted"][k] for k in ("layer", "kind", "classifier"))
+    norm, kind = extra["adapted"]["layer"], extra["adapted"]["kind"]
+    classifier = classifiers_text(extra["adapted"]["classifiers"])  # a distilled DeiT: both heads
     if cfg.method == "parametric":
-        return (f"adapts: the input of the classifier {classifier} (a Frechet map fitted at {cfg.train_res} and "
+        return (f"adapts: the input of the {classifier} (a Frechet map fitted at {cfg.train_res} and "
                 f"{cfg.res} px)")
     if cfg.method == "bn-stats":
         return f"adapts: {norm} ({kind}): its running statistics re-estimated at {cfg.res} px on the training images"
     if norm is None:
-        return f"adapts: the classifier {classifier} alone ({model_class} has no normalisation layer before it)"
+        return f"adapts: the {classifier} alone ({model_class} has no normalisation layer before it)"
     if extra["last_bn"]:
         affine = "; its weight and bias train" if cfg.train_bn_affine else ""
         return (f"adapts: {norm} ({kind}: batch statistics, running ones re-estimated at {cfg.res} px{affine}) "
-                f"and the classifier {classifier}")
-    return f"adapts: {norm} ({kind}, no running statistics: its weight and bias train) and the classifier {classifier}"
+                f"and the {classifier}")
+    return f"adapts: {norm} ({kind}, no running statistics: its weight and bias train) and the {classifier}"
 
 
 def report(cfg, before: dict, after: dict, applied: dict, context: dict, accelerator, console) -> dict:

@@ -15,7 +15,7 @@ import torch
 from fixres import adapt
 from fixres.config import ConfigError
 from fixres.data import EpochSampler, ImageDataset, collate_skipping, round_batches
-from fixres.models import sizes_it_takes
+from fixres.models import classifier_names, sizes_it_takes
 from fixres.report import EpochProgress
 from fixres.runtime import use_channels_last
 from fixres.resolution import default_sizes
@@ -121,7 +121,7 @@ def pooled_at(cfg, model, samples, size, accelerator, workers) -> torch.Tensor:
                                  channels_last=use_channels_last(cfg.channels_last, accelerator.device))
 
 
-def refuse_negative_features(cfg, model, split, accelerator, workers, classifier: str) -> None:
+def refuse_negative_features(cfg, model, split, accelerator, workers, classifiers: list[str]) -> None:
     """The Frechet distribution is bounded below and heavy above: the parametric map models
     pooled activations (the paper's ReLU; SiLU, GELU, Mish and hard-swish dip a little below 0,
     never under ACTIVATION_FLOOR, and so neither does an average of them). A LayerNorm head
@@ -131,9 +131,9 @@ def refuse_negative_features(cfg, model, split, accelerator, workers, classifier
     samples = seeded_subset(split.train, NEGATIVE_CHECK_IMAGES, cfg.seed)
     lowest = pooled_at(cfg, model.to(accelerator.device), samples, cfg.train_res, accelerator, workers).min().item()
     if lowest < ACTIVATION_FLOOR:
-        raise ConfigError(f"--method parametric: {cfg.model}'s pooled features (the input of its classifier "
-                          f"{classifier}) go negative ({lowest:.3g} on {len(samples)} training images at "
-                          f"{cfg.train_res} px, below any activation's {ACTIVATION_FLOOR}), and the Frechet map "
+        raise ConfigError(f"--method parametric: {cfg.model}'s pooled features (the input of its "
+                          f"{adapt.classifiers_text(classifiers)}) go negative ({lowest:.3g} on {len(samples)} "
+                          f"training images at {cfg.train_res} px, below any activation's {ACTIVATION_FLOOR}), and the Frechet map "
                           f"models pooled activations; use --method finetune")
 
 
@@ -149,4 +149,5 @@ def parametric(cfg, model, split, accelerator, console, workers) -> dict:
     adapter = adapt.FrechetAdapter(*fits[cfg.res], *fits[cfg.train_res])
     adapt.attach_adapter(model, adapter.to(accelerator.device))
     return {"adaptation": {"kind": "frechet", "xi": adapt.XI, "scope": cfg.parametric_scope,
-                           "module": adapt.ADAPTER, "fit_images": len(features)}}
+                           "module": adapt.ADAPTER,  # pooled_features: a row per image and classifier
+                           "fit_images": len(features) // len(classifier_names(model))}}

@@ -102,7 +102,14 @@ def constructor_keywords(name: str, model_kwargs: dict | None = None) -> set[str
     torchvision models: none (not needed)."""
     if name.startswith(TV_PREFIX):
         return set()
-    return set(inspect.signature(type(_meta_model(name, model_kwargs))).parameters)
+    keywords = set()
+    # a class that passes **kwargs on to its base (a distilled DeiT's): the base's keywords too
+    for cls in type(_meta_model(name, model_kwargs)).__mro__:
+        params = inspect.signature(cls).parameters
+        keywords |= set(params)
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()) or cls is nn.Module:
+            return keywords
+    return keywords
 
 
 def check_model_sizes(name: str, model_kwargs: dict | None, sizes: dict[str, int]) -> None:
@@ -259,6 +266,16 @@ def classifier_name(model: nn.Module) -> str:
     return linears[-1]
 
 
+def classifier_names(model: nn.Module) -> list[str]:
+    """Every classifier's dotted name: a distilled DeiT has two (timm's pretrained_cfg lists head
+    and head_dist; its forward averages their logits), other models the one classifier_name gives."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = cfg.get("classifier")
+    if isinstance(names, (tuple, list)) and names and all(isinstance(_get(model, n), nn.Linear) for n in names):
+        return list(names)
+    return [classifier_name(model)]
+
+
 def _get(model: nn.Module, dotted: str):
     try:
         return model.get_submodule(dotted)
@@ -303,7 +320,7 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
     """Load `state`; a classifier of another class count is left freshly initialised.
     Returns the keys that were not loaded. Anything else that does not fit is an error."""
     own = model.state_dict()
-    head = classifier_name(model) + "."
+    head = tuple(name + "." for name in classifier_names(model))
     skipped = []
     usable = {}
     for key, value in state.items():

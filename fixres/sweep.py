@@ -32,7 +32,7 @@ from fixres.data import (ImageDataset, MultiSizeDataset, built_in_dataset, colla
 from fixres.device_decode import ReadForDevice, ResizeSpec, resolve_decode
 from fixres.engine import to_device_batch, top5_hits, top5_k
 from fixres.export import write_best_size
-from fixres.models import (check_model_name, classifier_name, load_plain_weights, load_run_model, pretrained_preprocessing,
+from fixres.models import (check_model_name, classifier_names, load_plain_weights, load_run_model, pretrained_preprocessing,
                            sizes_it_takes)
 from fixres.report import EpochProgress, config_table, make_console, per_class_accuracy, print_sweep, write_sweep_tables
 from fixres.resolution import default_sizes, recommended_test_res, resize_size
@@ -114,7 +114,7 @@ def score_batches(net, loader, mine: list[int], to_float, tally: SizeTally, acce
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # so that the time is this size's forward pass
             tally.forward_s[k] += time.perf_counter() - t0
-            features = captured[-1] if captured else None
+            features = torch.cat(captured) if captured else None
             captured.clear()
             tally.add(k, logits, labels, indices, features)
         if progress is not None:
@@ -149,16 +149,16 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
                                 batch_size=batch_size, workers=workers, decode=decode)
     to_float = float_normalize(mean=meta.get("mean", IMAGENET_MEAN), std=meta.get("std", IMAGENET_STD))
     tally = SizeTally(len(sizes), len(samples), accelerator.device)
-    captured = []  # with `activations`, the classifier's input at every forward pass
-    hook = (net.get_submodule(classifier_name(net)).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-            if activations else None)
+    captured = []  # with `activations`, the input of every classifier (a distilled DeiT: two) at every forward pass
+    hooks = [net.get_submodule(head).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+             for head in (classifier_names(net) if activations else [])]
     start = time.perf_counter()
     try:
         with torch.inference_mode():
             loader_s = score_batches(net, loader, mine, to_float, tally, accelerator, decode=decode,
                                      captured=captured, progress=progress)
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
         for module, training in modes.items():
             module.train(training)
