@@ -1,6 +1,6 @@
 """The optimizer and the batch size a run trains with.
 
-    optimizer = build_optimizer(model.named_parameters(), cfg, head="fc")   # SGD or AdamW, as --optimizer says
+    optimizer = build_optimizer(model.named_parameters(), cfg, head=["fc"])   # SGD or AdamW, as --optimizer says
     python train.py --data train.csv --batch-size auto                      # the largest that fits the GPU
 """
 from __future__ import annotations
@@ -13,15 +13,15 @@ import torch
 from fixres.config import ConfigError, TrainConfig
 
 
-def build_optimizer(named_params, cfg: TrainConfig, head: str | None = None) -> torch.optim.Optimizer:
-    """With `head` (the classifier's name), its parameters get groups of their own, marked
+def build_optimizer(named_params, cfg: TrainConfig, head: list[str] | None = None) -> torch.optim.Optimizer:
+    """With `head` (the classifiers' names), their parameters get groups of their own, marked
     "head", so that --freeze-epochs can give the others a learning-rate scale of 0."""
     # no weight decay on norms and biases, as timm and torchvision's references do
     params = [(n, p) for n, p in named_params if p.requires_grad]
     groups = [{"params": [p for n, p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
               {"params": [p for n, p in params if p.ndim <= 1], "weight_decay": 0.0}]
     if head is not None:
-        in_head = lambda n: n.startswith(head + ".")  # noqa: E731
+        in_head = lambda n: n.startswith(tuple(h + "." for h in head))  # noqa: E731
         groups = [{"params": [p for n, p in params if in_head(n) == is_head and (p.ndim > 1) == decay],
                    "weight_decay": cfg.weight_decay if decay else 0.0, "head": is_head}
                   for is_head in (False, True) for decay in (True, False)]

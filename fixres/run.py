@@ -27,7 +27,7 @@ from fixres.config import TrainConfig
 from fixres.data import Split, build_loaders, worker_count
 from fixres.ema import ModelEma, best_epoch
 from fixres.engine import cosine_lr
-from fixres.models import classifier_name, load_weights_into
+from fixres.models import classifier_names, load_weights_into
 from fixres.optim import auto_batch_size, build_optimizer
 from fixres.preprocessing import weights_meta
 from fixres.report import config_table
@@ -119,7 +119,7 @@ def build_run(cfg, accelerator, console, folder, split, model, *, resume: ckpt.C
     """The model on its device with its optimizer, restored from `resume` when given (with
     the EMA and the weights files a crash may have missed), the loaders over `transforms`
     (training, evaluation), and the schedule: a Run for fit()."""
-    head = classifier_name(model) if cfg.freeze_epochs else None
+    head = classifier_names(model) if cfg.freeze_epochs else None  # a distilled DeiT: both heads
     channels_last = use_channels_last(cfg.channels_last, accelerator.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -169,7 +169,7 @@ def build_run(cfg, accelerator, console, folder, split, model, *, resume: ckpt.C
     return Run(cfg, accelerator, console, folder, split, model, optimizer, *loaders, meta=meta, state=state,
                lr_at=functools.partial(cosine_lr, total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=cfg.lr),
                channels_last=channels_last, set_modes=set_modes, ema=ema, mix=mix, title=title, next_steps=next_steps,
-               head_modes=train_only(accelerator.unwrap_model(model).get_submodule(head)) if head else None)
+               head_modes=train_only(*map(accelerator.unwrap_model(model).get_submodule, head)) if head else None)
 
 
 def _restore(resume: ckpt.Checkpoint, model, optimizer, console) -> RunState:

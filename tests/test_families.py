@@ -270,3 +270,22 @@ def test_a_distilled_deit_trains_sweeps_finetunes_and_exports_as_timm_evaluates_
     with torch.no_grad():
         torch.testing.assert_close(export.eval()(images), ours.eval()(images), rtol=1e-5, atol=1e-5)
 
+
+def test_freeze_epochs_train_both_heads_of_a_distilled_deit(tmp_path, capsys):
+    """train.py --weights FILE (5 classes) for 3 classes with --freeze-epochs 1: both new heads
+    train in the heads-only epoch, and nothing else moves from the file's weights."""
+    data = make_csv_dataset(tmp_path / "data", n_train=12, n_val=6)
+    torch.manual_seed(1)
+    donor = deit(num_classes=5).state_dict()
+    save_file(donor, str(tmp_path / "donor.safetensors"))
+    result = run_in_process("train.py", "--data", data, "--model", DEIT, "--model-kwargs",
+                            *[f"{k}={v}" for k, v in DEIT_KWARGS.items()], "--train-res", "32", "--epochs", "1",
+                            "--freeze-epochs", "1", "--weights", tmp_path / "donor.safetensors", "--batch-size", "6",
+                            "--workers", "0", "--cpu", "--output", tmp_path / "runs", "--name", "f", capsys=capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained, meta = load_weights(tmp_path / "runs" / "f" / "best.safetensors")
+    assert all(torch.equal(trained[k], v) for k, v in donor.items() if not k.startswith(("head.", "head_dist.")))
+    torch.manual_seed(0)  # train.py's seed: the new heads as it drew them
+    init = create_model(DEIT, 3, model_kwargs=meta["model_kwargs"]).state_dict()
+    for head in HEADS:
+        assert (trained[f"{head}.weight"] - init[f"{head}.weight"]).abs().max() > 1e-3, head
