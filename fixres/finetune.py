@@ -56,7 +56,7 @@ from fixres.device_decode import resolve_decode
 from fixres.engine import top5_k
 from fixres.export import write_run_export
 from fixres.methods import CHOICE_KEYS, bn_stats, choose_res, held_out_split, parametric, refuse_negative_features
-from fixres.models import load_run_model, resize_model, size_refusal
+from fixres.models import load_run_model, recorded_size_keyword, resize_model, size_refusal
 from fixres.plots import plot_activation_cdfs
 from fixres.preprocessing import describe_preprocessing, finetune_transforms, weights_meta
 from fixres.report import EpochProgress, finetune_table, make_console
@@ -131,10 +131,10 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         rows = run_sweep(copy.deepcopy(model), eval_meta, split, sizes, cfg.crop_pct, accelerator, progress=bar,
                          samples=reported, **sweep)
     source_name = source_folder.name if source_folder else Path(meta["weights_path"]).stem
-    if "img_size" in (cfg.model_kwargs or {}) and resize_model(model, res):
-        # a ViT built for its size: the new run's network is built at `res` (its position
-        # embedding resampled once, as timm does), so its weights and export are that network
-        cfg = dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, "img_size": res})
+    if (size_key := recorded_size_keyword(cfg.model_kwargs)) and resize_model(model, res):
+        # a ViT or Swin built for its size: the new run's network is built at `res` (its position
+        # embedding or window tables resized once, as its library does), so its weights and export are that network
+        cfg = dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, size_key: res})
     cfg = dataclasses.replace(cfg, res=res, test_res=res,
                               name=cfg.name or f"{source_name}-{cfg.method}-{res}px-{time.strftime('%Y%m%d-%H%M%S')}")
     extra = dict(finetune_res=res, finetune_method=cfg.method, finetuned_from=meta["weights_path"], last_bn=last_bn,

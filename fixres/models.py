@@ -98,10 +98,8 @@ def _meta_model(name: str, model_kwargs: dict | None) -> nn.Module:
 
 
 def constructor_keywords(name: str, model_kwargs: dict | None = None) -> set[str]:
-    """The keywords a timm model's class takes (its builder passes **kwargs on to it);
-    torchvision models: none (not needed)."""
-    if name.startswith(TV_PREFIX):
-        return set()
+    """The keywords the model's class takes (timm's and torchvision's builders pass **kwargs on
+    to it; torchvision's also pass some themselves: a ViT's patch_size)."""
     keywords = set()
     # a class that passes **kwargs on to its base (a distilled DeiT's): the base's keywords too
     for cls in type(_meta_model(name, model_kwargs)).__mro__:
@@ -112,30 +110,49 @@ def constructor_keywords(name: str, model_kwargs: dict | None = None) -> set[str
     return keywords
 
 
+SIZE_KEYWORDS = ("img_size", "image_size")  # timm's, torchvision's ViT's
+
+
+def size_keyword(name: str, model_kwargs: dict | None = None) -> str | None:
+    """The constructor keyword that builds the model for one input size, else None (CNNs)."""
+    keywords = constructor_keywords(name, model_kwargs)
+    return next((key for key in SIZE_KEYWORDS if key in keywords), None)
+
+
+def recorded_size_keyword(model_kwargs: dict | None) -> str | None:
+    """The size keyword a run's --model-kwargs record (train.py put it there), else None."""
+    return next((key for key in SIZE_KEYWORDS if key in (model_kwargs or {})), None)
+
+
 def check_model_sizes(name: str, model_kwargs: dict | None, sizes: dict[str, int]) -> None:
     """Fail fast on an --option's size the model cannot run at (a ViT: not a multiple of its patch)."""
-    model = _meta_model(name, model_kwargs)
+    # built at its default size: torchvision's ViT cannot even be built at a size off its patch grid
+    model = _meta_model(name, {k: v for k, v in (model_kwargs or {}).items() if k not in SIZE_KEYWORDS})
     for option, size in sizes.items():
         if why_not := size_refusal(model, name, size):
             raise ConfigError(f"{option} {size}: {why_not}")
 
 
 def sized_model_kwargs(name: str, train_res: int, model_kwargs: dict | None) -> dict | None:
-    """train.py's --model-kwargs with img_size=train_res for a timm model whose constructor
-    takes img_size (a ViT is built for one size and refuses any other), unless given; recorded
-    in the run's config and weights so that every rebuild (sweep, finetune, export) is the
-    network that was trained."""
-    if model_kwargs and "img_size" in model_kwargs or "img_size" not in constructor_keywords(name, model_kwargs):
+    """train.py's --model-kwargs with img_size=train_res for a model whose constructor takes it
+    (image_size for torchvision's ViT: a ViT or a Swin is built for one size and refuses any
+    other), unless given; recorded in the run's config and weights so that every rebuild
+    (sweep, finetune, export) is the network that was trained."""
+    key = size_keyword(name, model_kwargs)
+    if key is None or recorded_size_keyword(model_kwargs):
         return model_kwargs
-    return {**(model_kwargs or {}), "img_size": train_res}
+    return {**(model_kwargs or {}), key: train_res}
 
 
 def any_size_kwargs(name: str, model_kwargs: dict | None) -> dict | None:
     """The recorded --model-kwargs plus dynamic_img_size=True where the constructor takes it:
-    the same parameters, and a forward pass at any size resamples the position embedding from
-    the trained grid with timm's resample_abs_pos_embed (bicubic, antialiased), as timm's
-    checkpoint filter does for weights loaded into a model built at another size. One model
-    then serves every size of a sweep (each batch runs at all of them)."""
+    the same parameters, and a forward pass at any size resamples a ViT's position embedding
+    from the trained grid with timm's resample_abs_pos_embed (bicubic, antialiased), as timm's
+    checkpoint filter does for weights loaded into a model built at another size; a Swin keeps
+    its trained windows and pads to them, with the attention masks of that size. One model then
+    serves every size of a sweep (each batch runs at all of them), and is the network timm
+    builds from the export (its model_args say dynamic_img_size), so the export's outputs at
+    its test size are the sweep's."""
     if not (model_kwargs and "img_size" in model_kwargs) or "dynamic_img_size" in model_kwargs:
         return model_kwargs
     if "dynamic_img_size" not in constructor_keywords(name, model_kwargs):
@@ -144,8 +161,11 @@ def any_size_kwargs(name: str, model_kwargs: dict | None) -> dict | None:
 
 
 def patch_size(model: nn.Module) -> int | None:
-    """The patch a timm ViT's input sides must be multiples of (its PatchEmbed asserts it
-    unless built with dynamic_img_pad), else None: the model takes any size."""
+    """The patch a ViT's or a timm Swin's input sides must be multiples of (timm's PatchEmbed
+    asserts it unless built with dynamic_img_pad, torchvision's ViT always), else None: the
+    model takes any size (torchvision's Swin pads to its patch and windows)."""
+    if _is_tv_vit(model):
+        return model.patch_size
     embed = getattr(model, "patch_embed", None)
     size = getattr(embed, "patch_size", None)
     if size is None or getattr(embed, "dynamic_img_pad", False):
@@ -172,13 +192,72 @@ def sizes_it_takes(model: nn.Module, name: str, sizes: list[int]) -> tuple[list[
                   f"{patch_size(model)} px patch")
 
 
-def resize_model(model: nn.Module, size: int) -> bool:
-    """Build `model` (in place) for `size` px as timm does, its position embedding resampled
-    once (set_input_size); False for a model that has no such size (CNNs)."""
+def resize_model(model: nn.Module, size: int | tuple[int, int]) -> bool:
+    """Make `model` (in place) the network its library builds for `size` px from these weights;
+    False for a model that has no such size (CNNs). A timm ViT: set_input_size, its position
+    embedding resampled once. A timm Swin: the windows its constructor gives at that size (its
+    window_size, cut to each stage's grid), the relative-position tables resized from these
+    as timm's checkpoint filter resizes them (set_input_size alone would scale the windows with
+    the grid: not the network create_model(img_size=size) builds). torchvision's ViT: image_size,
+    encoder.pos_embedding resampled by torchvision's interpolate_embeddings."""
+    height, width = (size, size) if isinstance(size, int) else size
+    if _is_tv_vit(model):
+        from torchvision.models.vision_transformer import interpolate_embeddings
+        old = model.encoder.pos_embedding
+        with torch.no_grad():
+            new = interpolate_embeddings(height, model.patch_size, {"encoder.pos_embedding": old})
+        model.encoder.pos_embedding = nn.Parameter(new["encoder.pos_embedding"], requires_grad=old.requires_grad)
+        model.image_size, model.seq_length = height, new["encoder.pos_embedding"].shape[1]
+        return True
     if not hasattr(model, "set_input_size") or getattr(model, "patch_embed", None) is None:
         return False
-    model.set_input_size(img_size=size)
+    if _is_timm_swin(model):
+        model.set_input_size(img_size=(height, width), window_size=model._ref_window_sizes)
+    else:
+        model.set_input_size(img_size=(height, width))
     return True
+
+
+def _is_tv_vit(model: nn.Module) -> bool:
+    return type(model).__name__ == "VisionTransformer" and hasattr(model, "conv_proj")  # timm's has patch_embed
+
+
+def _is_timm_swin(model: nn.Module) -> bool:
+    return type(model).__module__ == "timm.models.swin_transformer" and hasattr(model, "_ref_window_sizes")
+
+
+def serve_any_size(model: nn.Module) -> nn.Module:
+    """A torchvision ViT (built for one image_size) that runs at any size it can take: a forward
+    at another size runs the network torchvision builds at that size from these weights
+    (resize_model), made from the trained weights each time and undone after, so the parameters,
+    the state dict and the trained size stay as they are (one model serves every size of a sweep
+    batch; train.py trains it after --test-res evaluations). timm's ViT and Swin do this
+    themselves: dynamic_img_size (any_size_kwargs)."""
+    if _is_tv_vit(model):
+        model.register_forward_pre_hook(_at_input_size)
+        model.register_forward_hook(_back_at_built_size, always_call=True)
+    return model
+
+
+def _at_input_size(model: nn.Module, args) -> None:
+    size = tuple(args[0].shape[-2:])
+    if size == (model.image_size, model.image_size):
+        return
+    undo = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    resize_model(model, size)
+    model._fixres_undo = undo
+
+
+def _back_at_built_size(model: nn.Module, args, output) -> None:
+    """Every module's attributes, parameters and buffers as they were (resize_model only
+    reassigns them): not rebuilt, which inside inference mode would make inference tensors."""
+    for module, attributes, parameters, buffers in model.__dict__.pop("_fixres_undo", ()):
+        for key in set(module.__dict__) - set(attributes):
+            del module.__dict__[key]
+        module.__dict__.update(attributes)
+        for store, saved in ((module._parameters, parameters), (module._buffers, buffers)):
+            store.clear()
+            store.update(saved)
 
 
 def _build(name: str, num_classes: int, pretrained: bool, output_stride: int | None = None,
@@ -187,8 +266,8 @@ def _build(name: str, num_classes: int, pretrained: bool, output_stride: int | N
     if output_stride and name.startswith(TV_PREFIX):
         raise ModelError(f"--output-stride is for timm models; {name} is torchvision's")
     extra = {"output_stride": output_stride} if output_stride else {}
-    try:
-        return _construct(name, num_classes, pretrained, {**extra, **(model_kwargs or {})})
+    try:  # at any size it can take: a torchvision ViT as torchvision builds it there
+        return serve_any_size(_construct(name, num_classes, pretrained, {**extra, **(model_kwargs or {})}))
     except ModelError:
         raise
     except TypeError as err:
@@ -326,8 +405,8 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
     for key, value in state.items():
         if key not in own:
             continue
-        if own[key].shape != value.shape and key == "pos_embed":
-            value = _resampled_pos_embed(model, value)  # weights made at another size
+        if own[key].shape != value.shape:
+            value = _resampled(model, key, value)  # weights made at another size
         if own[key].shape != value.shape:
             if replace_classifier and key.startswith(head):
                 skipped.append(key)
@@ -350,11 +429,21 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
     return skipped
 
 
-def _resampled_pos_embed(model: nn.Module, value: torch.Tensor) -> torch.Tensor:
-    """A timm ViT's position embedding from weights made at another size, resampled to the
-    model's grid as timm's checkpoint filter does (bicubic, antialiased; prefix tokens kept)."""
+def _resampled(model: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
+    """A tensor of weights made at another size that the model holds at its own size, as its
+    library resamples it when it loads them: a timm ViT's pos_embed and a timm Swin's
+    relative_position_bias_table as timm's checkpoint filters do, torchvision's ViT's
+    encoder.pos_embedding as its interpolate_embeddings does. Anything else: unchanged."""
+    if key == "encoder.pos_embedding" and _is_tv_vit(model) and value.dim() == 3:
+        from torchvision.models.vision_transformer import interpolate_embeddings
+        return interpolate_embeddings(model.image_size, model.patch_size, {key: value})[key]
+    if key.endswith(".relative_position_bias_table") and _is_timm_swin(model):
+        from timm.layers import resize_rel_pos_bias_table
+        attn = model.get_submodule(key.rpartition(".")[0])
+        return resize_rel_pos_bias_table(value, new_window_size=attn.window_size,
+                                         new_bias_shape=attn.relative_position_bias_table.shape)
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if grid is None or value.dim() != 3:
+    if key != "pos_embed" or grid is None or value.dim() != 3:
         return value
     from timm.layers import resample_abs_pos_embed
     prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
