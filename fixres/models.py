@@ -163,14 +163,17 @@ def any_size_kwargs(name: str, model_kwargs: dict | None) -> dict | None:
 def patch_size(model: nn.Module) -> int | None:
     """The patch a ViT's or a timm Swin's input sides must be multiples of (timm's PatchEmbed
     asserts it unless built with dynamic_img_pad, torchvision's ViT always), else None: the
-    model takes any size (torchvision's Swin pads to its patch and windows)."""
+    model takes any size (torchvision's Swin pads to its patch and windows). A hybrid ViT's
+    patches are cut from its CNN stem's maps: its patch in pixels is the stem's stride times
+    the patch (timm's HybridEmbed floors other sizes, dropping the border)."""
     if _is_tv_vit(model):
         return model.patch_size
     embed = getattr(model, "patch_embed", None)
     size = getattr(embed, "patch_size", None)
     if size is None or getattr(embed, "dynamic_img_pad", False):
         return None
-    return max(size) if isinstance(size, (tuple, list)) else int(size)
+    stride = max(getattr(embed, "feature_ratio", None) or (1,))  # HybridEmbed: the stem's stride
+    return stride * (max(size) if isinstance(size, (tuple, list)) else int(size))
 
 
 def size_refusal(model: nn.Module, name: str, size: int) -> str | None:

@@ -208,3 +208,17 @@ def test_a_torchvision_vit_trains_sweeps_and_finetunes_at_other_sizes(tmp_path, 
         torch.testing.assert_close(ours.eval()(real_images(tiny_csv, 48)), direct.eval()(real_images(tiny_csv, 48)),
                                    rtol=1e-4, atol=1e-5)
     ok(run_in_process("sweep.py", "--checkpoint", tuned, "--sizes", "48", "64", "--workers", "0", capsys=capsys))
+
+
+def test_a_hybrid_vits_sizes_are_multiples_of_its_stem_stride_times_its_patch():
+    """A hybrid ViT (a CNN stem, then 2x2 patches of its stride-4 maps) takes the sizes where
+    timm's HybridEmbed uses every pixel: 8 px multiples, not the 2 of its `patch_size`."""
+    from fixres.models import size_refusal, sizes_it_takes
+    model = create_model("vit_tiny_r_s16_p8_224", 3, model_kwargs=dict(
+        patch_size=2, embed_dim=32, depth=1, num_heads=2, img_size=32, dynamic_img_size=True))
+    embed = model.patch_embed
+    whole = [s for s in range(32, 65, 2) if embed.dynamic_feat_size((s, s))[0] * 8 == s]  # timm's token grid
+    kept, line = sizes_it_takes(model, "hybrid", list(range(32, 65, 2)))
+    assert kept == whole == [32, 40, 48, 56, 64]
+    assert "multiples of its 8 px patch" in line
+    assert "nearest: 32, 40" in size_refusal(model, "hybrid", 36)
