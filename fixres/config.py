@@ -64,7 +64,35 @@ TV_RESNET50_V2 = dict(
     # of runs of any length): 0.99891 for 8 x 128 images per step, 32 steps, 600 epochs
     model_ema_decay=1 - (1 - 0.99998) * 8 * 128 * 32 / 600,
 )
-RECIPES = {"tv-resnet50-v2": TV_RESNET50_V2}
+
+# The built-in data's recipes for the model families without BatchNorm by default (README,
+# "Model families"; docs/shapes-lab.md: what was tried). Stock LayerNorm test_convnext and
+# test_vit stay near chance here in 15-26 CPU epochs at any learning rate; these variants learn.
+# A ConvNeXt with BatchNorm, ReLU and an overlapping conv stem (timm's own options): its head is
+# still timm's NormMlpClassifierHead, a norm then the classifier, which finetune.py adapts.
+SHAPES_CONVNEXT = dict(
+    model="test_convnext",
+    model_kwargs=dict(stem_type="overlap_act", norm_layer="batchnorm2d", conv_mlp=True, act_layer="relu",
+                      ls_init_value=None),
+    lr=2e-3,
+    warmup_epochs=1,
+    min_scale=0.35,  # 0.08's crops of a 128 px image leave too little for a stride-32 net at 64 px
+    epochs=26,
+)
+# A hybrid ViT (timm's ResNet stem, then transformer blocks on 2x2 patches of its stride-16 map):
+# 64 px gives 4x4 = 16 tokens. Its last norm is a LayerNorm (fc_norm, before the average pool),
+# so fine-tuning adapts a LayerNorm and the head. Patch-embedding ViTs (test_vit, patch 4-8) were
+# too slow or stayed near chance on this CPU.
+SHAPES_VIT = dict(
+    model="vit_tiny_r_s16_p8_224",
+    model_kwargs=dict(patch_size=2, embed_dim=64, depth=6, num_heads=2, global_pool="avg", class_token=False),
+    lr=5e-4,
+    warmup_epochs=2,
+    min_scale=0.35,
+    clip_grad_norm=1.0,
+    epochs=30,
+)
+RECIPES = {"tv-resnet50-v2": TV_RESNET50_V2, "shapes-convnext": SHAPES_CONVNEXT, "shapes-vit": SHAPES_VIT}
 
 
 def _opt(default, help: str, choices: tuple | None = None, parse=None):
@@ -216,7 +244,8 @@ class TrainConfig:
                                               "(default: no clipping)")
     # the training features of timm's and torchvision's recipes, all off by default
     recipe: str | None = _opt(None, "a published recipe's settings as defaults (options given here still win): "
-                                    "tv-resnet50-v2 = torchvision's ResNet-50 IMAGENET1K_V2 (README)", tuple(RECIPES))
+                                    "tv-resnet50-v2 = torchvision's ResNet-50 IMAGENET1K_V2 (README); shapes-convnext, "
+                                    "shapes-vit = a ConvNeXt and a ViT on the built-in data", tuple(RECIPES))
     auto_augment: str | None = _opt(None, "per-image automatic augmentation after the crop and flip: ta_wide = "
                                           "TrivialAugmentWide, ra = RandAugment (2 ops, magnitude 9)", ("ta_wide", "ra"))
     random_erase: float = _opt(0.0, "probability of filling a rectangle of each training image with the mean colour (RandomErasing; 0 = off)")
