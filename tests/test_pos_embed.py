@@ -3,9 +3,10 @@ and the classifiers (as DeiT's fine-tuning at a new size trains it), without wei
 no_weight_decay lists it). With it exactly those change; without it the position embedding is
 only resampled to the new size, as timm resamples it. finetune.json's "adapted", the weights'
 metadata and the `adapts:` line name it, the timm export of such a run loads in timm and gives
-finetune.json's "after", and the option is refused in one line where it does not apply.
+finetune.json's "after", a resumed run continues it, and the option is refused in one line where it
+does not apply.
 
-    python -m pytest -q tests/test_pos_embed.py     # about 20 s on 2 loaded CPU cores
+    python -m pytest -q tests/test_pos_embed.py     # about 12 s on 2 loaded CPU cores
 """
 import json
 
@@ -164,3 +165,18 @@ def test_a_model_without_an_absolute_position_embedding_is_refused_in_one_line(t
                                      "--output", out, "--workers", "0", "--cpu", capsys=capsys))
     assert line == f"error: --train-pos-embed: {model_name} has no absolute position embedding"
     assert not out.exists()  # refused before any work
+
+
+def test_a_resumed_fine_tune_trains_its_position_embedding_as_an_uninterrupted_one(tmp_path, tiny_csv):
+    """Stopped after an epoch and resumed: the config brings the option back, and the optimizer's
+    state (the position embedding in its no-decay group) loads into the same groups."""
+    source = write_source_run(tmp_path / "source", DEIT, tiny_csv, model_kwargs={"img_size": 32, **DEIT_KWARGS})
+    common = dict(checkpoint=str(source), res=48, epochs=2, batch_size=30, workers=0, cpu=True, output=str(tmp_path),
+                  train_pos_embed=True)
+    whole = finetune_lib.finetune(FinetuneConfig(**common, name="whole"))
+    assert finetune_lib.finetune(FinetuneConfig(**common, name="parts", stop_after=1))["unfinished"]
+    parts = finetune_lib.finetune(FinetuneConfig(resume=str(tmp_path / "parts")))
+    assert parts["adapted"]["pos_embed"] == "pos_embed" and parts["loss"] == whole["loss"]
+    whole_weights, _ = load_weights(tmp_path / "whole" / "last.safetensors")
+    parts_weights, _ = load_weights(tmp_path / "parts" / "last.safetensors")
+    assert all(torch.equal(whole_weights[k], parts_weights[k]) for k in whole_weights)
