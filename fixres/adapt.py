@@ -7,9 +7,13 @@ and head_dist both train, and timm's forward averages their logits in every eval
 A BatchNorm is replaced by `SyncedBatchNorm2d` so that its statistics are the global batch's
 on any backend (gloo included, where torch.nn.SyncBatchNorm refuses to run);
 `finetune_layers` leaves it and the classifier as the only things that change during
-fine-tuning (a LayerNorm or GroupNorm: its weight and bias):
+fine-tuning (a LayerNorm or GroupNorm: its weight and bias). With --train-pos-embed a ViT's
+absolute position embedding trains too (`find_position_embedding`: timm's pos_embed, DeiT's and
+hybrid ViTs' included, torchvision's encoder.pos_embedding), as DeiT's fine-tuning at a new size
+trains it; gradients then run back through every block (a slower step, the blocks still frozen):
 
     name, bn = prepare_for_finetuning(model, input_size=224)   # "layer4.2.bn3" for ResNet-50
+    prepare_for_finetuning(vit, input_size=384, train_pos_embed=True)  # norm, head and pos_embed train
 
 Then the two zero-training alternatives to fine-tuning.
 
@@ -50,7 +54,7 @@ from torch import nn
 
 from fixres.data import DataError
 from fixres.engine import to_device_batch
-from fixres.models import ModelError, classifier_names
+from fixres.models import ModelError, classifier_names, patch_grid
 from fixres.runtime import error_reason
 
 XI = 0.3          # the paper's fixed Frechet shape
@@ -122,12 +126,38 @@ def is_batchnorm(module: nn.Module | None) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
-def adapted_layers(model: nn.Module, norm: str | None) -> dict:
+def find_position_embedding(model: nn.Module) -> str | None:
+    """Dotted name of the model's absolute position embedding, else None: the parameter that holds
+    one vector per patch of the grid the model is built for (models.patch_grid), shape (1, tokens,
+    width), with the class, distillation or register tokens' own where the model embeds those too
+    (at most the tokens of the model's other (1, k, width) parameters). timm's ViTs (pos_embed:
+    DeiT, hybrid ViTs, EVA), torchvision's ViT (encoder.pos_embedding). A Swin's relative-position
+    tables hold one bias per offset inside a window, BEiT's too: None, as for a CNN."""
+    grid = patch_grid(model)
+    if grid is None:
+        return None
+    patches = grid[0] * grid[1]
+    # (1, tokens, width) parameters: the position embedding, and the class, distillation, register tokens
+    shaped = {name: (p.shape[1], p.shape[2]) for name, p in model.named_parameters()
+              if p.dim() == 3 and p.shape[0] == 1}
+
+    def tokens_besides(name: str, width: int) -> int:
+        return sum(count for other, (count, w) in shaped.items() if other != name and w == width and count < patches)
+    found = [name for name, (count, width) in shaped.items()
+             if patches <= count <= patches + tokens_besides(name, width)]
+    if len(found) > 1:
+        raise ModelError(f"{type(model).__name__} has {len(found)} parameters shaped as a position embedding "
+                         f"({', '.join(found)}); fixres trains one")
+    return found[0] if found else None
+
+
+def adapted_layers(model: nn.Module, norm: str | None, *, pos_embed: str | None = None) -> dict:
     """What --method finetune adapts (finetune.json's "adapted"): the norm, its class, the classifier
-    (the first) and every classifier (a distilled DeiT: head and head_dist)."""
+    (the first) and every classifier (a distilled DeiT: head and head_dist); with --train-pos-embed,
+    the position embedding's name ("pos_embed")."""
     heads = classifier_names(model)
     return {"layer": norm, "kind": type(model.get_submodule(norm)).__name__ if norm else None,
-            "classifier": heads[0], "classifiers": heads}
+            "classifier": heads[0], "classifiers": heads, **({"pos_embed": pos_embed} if pos_embed else {})}
 
 
 def channel_moments(x: torch.Tensor) -> torch.Tensor:
@@ -197,12 +227,14 @@ def install_synced_bn(model: nn.Module, name: str) -> SyncedBatchNorm2d:
     return bn
 
 
-def freeze_for_finetuning(model: nn.Module, *, norm: str | None, train_affine: bool = False) -> list[str]:
-    """requires_grad only for the classifiers (and the `norm` layer's weight and bias); returns those names."""
+def freeze_for_finetuning(model: nn.Module, *, norm: str | None, train_affine: bool = False,
+                          also: tuple[str, ...] = ()) -> list[str]:
+    """requires_grad only for the classifiers (and the `norm` layer's weight and bias, and the
+    parameters named in `also`); returns those names."""
     prefixes = tuple(head + "." for head in classifier_names(model)) + ((norm + ".",) if norm and train_affine else ())
     trainable = []
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(prefixes))
+        p.requires_grad_(name.startswith(prefixes) or name in also)
         if p.requires_grad:
             trainable.append(name)
     return trainable
@@ -218,26 +250,39 @@ def train_only(*modules: nn.Module):
     return set_modes
 
 
-def finetune_layers(model: nn.Module, norm: str | None, *, train_bn_affine: bool = False) -> Callable:
+def finetune_layers(model: nn.Module, norm: str | None, *, train_bn_affine: bool = False,
+                    pos_embed: str | None = None) -> Callable:
     """Set up what --method finetune trains (`norm`: find_last_norm's answer) and return the
     training loop's set_modes. A BatchNorm: replaced by a SyncedBatchNorm2d, alone in train mode
     (batch statistics, running ones re-estimated at the new size), its weight and bias trained
     with --train-bn-affine only. A LayerNorm or GroupNorm has no statistics to re-estimate: its
-    weight and bias train, the whole model in eval mode. None (norm-free): the classifier alone."""
+    weight and bias train, the whole model in eval mode. None (norm-free): the classifier alone.
+    `pos_embed` (find_position_embedding's answer, --train-pos-embed): that parameter trains too."""
+    also = (pos_embed,) if pos_embed else ()
     if is_batchnorm(model.get_submodule(norm) if norm else None):
         bn = install_synced_bn(model, norm)
-        freeze_for_finetuning(model, norm=norm, train_affine=train_bn_affine)
+        freeze_for_finetuning(model, norm=norm, train_affine=train_bn_affine, also=also)
         return train_only(bn)
-    freeze_for_finetuning(model, norm=norm, train_affine=True)
+    freeze_for_finetuning(model, norm=norm, train_affine=True, also=also)
     return train_only()
 
 
-def prepare_for_finetuning(model: nn.Module, *, input_size: int, train_bn_affine: bool = False
-                           ) -> tuple[str | None, nn.Module | None]:
-    """find_last_norm + finetune_layers + the modes; (name, layer), None for both where there is none."""
+def prepare_for_finetuning(model: nn.Module, *, input_size: int, train_bn_affine: bool = False,
+                           train_pos_embed: bool = False) -> tuple[str | None, nn.Module | None]:
+    """find_last_norm + finetune_layers + the modes; (name, layer), None for both where there is none.
+    train_pos_embed: the absolute position embedding trains too (a model without one: ModelError)."""
     name = find_last_norm(model, input_size=input_size)
-    finetune_layers(model, name, train_bn_affine=train_bn_affine)(model)
+    pos_embed = required_position_embedding(model, type(model).__name__) if train_pos_embed else None
+    finetune_layers(model, name, train_bn_affine=train_bn_affine, pos_embed=pos_embed)(model)
     return name, model.get_submodule(name) if name else None
+
+
+def required_position_embedding(model: nn.Module, model_name: str) -> str:
+    """find_position_embedding's name for --train-pos-embed; a model without one is refused in one line."""
+    name = find_position_embedding(model)
+    if name is None:
+        raise ModelError(f"--train-pos-embed: {model_name} has no absolute position embedding")
+    return name
 
 
 def gev_cdf(x: torch.Tensor, loc, scale, xi: float = XI) -> torch.Tensor:

@@ -422,6 +422,10 @@ class FinetuneConfig(TrainConfig):
                     "colour jitter and a horizontally shifted crop (FixRes v2); rrc = RandomResizedCrop", FINETUNE_AUGS)
     train_bn_affine: bool = _opt(False, "also train the last BN's weight and bias (a LayerNorm's or GroupNorm's "
                                         "always train)")
+    train_pos_embed: bool = _opt(False, "with --method finetune, a ViT's absolute position embedding trains too "
+                                        "(timm's pos_embed, torchvision's encoder.pos_embedding; no weight decay), as "
+                                        "DeiT's fine-tuning at a new size does; a step then backpropagates through "
+                                        "every block")
     sizes: list[int] | None = _opt(None, "with --res auto: the sizes to sweep (default: sweep.py's, about 0.5x to 2x the training res)")
     parametric_scope: str = _opt("global", "parametric: one distribution for all pooled features, or one per feature",
                                  ("global", "feature"))
@@ -462,6 +466,9 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError(f"--fit-images must be > 1, got {self.fit_images}")
         if self.choice_images <= 0:
             raise ConfigError(f"--choice-images must be > 0, got {self.choice_images}")
+        if self.train_pos_embed and self.method != "finetune":
+            raise ConfigError(f"--train-pos-embed goes with --method finetune (--method {self.method} trains no "
+                              f"parameters)")
 
 
 @dataclass

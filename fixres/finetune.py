@@ -15,8 +15,13 @@ a step costs little more than a forward pass. That BatchNorm is replaced by
 batch on every backend, gloo included, where torch.nn.SyncBatchNorm refuses to run.
 A model whose last norm before the classifier is a LayerNorm or GroupNorm (ConvNeXt's
 head.norm, a ViT's norm) trains its weight and bias instead (no statistics to re-estimate;
-bn-stats is refused); a norm-free one (NFNet) trains the classifier alone. The run prints
-which (`adapts: ...`) and finetune.json says so ("adapted").
+bn-stats is refused); a norm-free one (NFNet) trains the classifier alone. With
+--train-pos-embed a ViT's absolute position embedding (at the new size) trains too, without
+weight decay, as DeiT's fine-tuning at a new size trains it; gradients then flow back through
+every (frozen) block, so a step costs about a training step's backward. The run prints what
+adapts (`adapts: ...`) and finetune.json says so ("adapted"; "pos_embed": the embedding's name).
+
+    python finetune.py --checkpoint runs/<vit run> --res 384 --train-pos-embed
 
 The run folder is train.py's; its weights say train_res = the original K_train,
 test_res = input_size = the new resolution, crop_pct, interpolation and min_scale (the
@@ -49,7 +54,8 @@ import torch
 
 from fixres import adapt
 from fixres import checkpoint as ckpt
-from fixres.adapt import adapted_layers, classifiers_text, find_last_norm, finetune_layers, is_batchnorm
+from fixres.adapt import (adapted_layers, classifiers_text, find_last_norm, finetune_layers, is_batchnorm,
+                          required_position_embedding)
 from fixres.config import FINETUNE_SHAPES_PRESET, RUNS, ConfigError, FinetuneConfig, SweepConfig
 from fixres.data import DataError, worker_count
 from fixres.device_decode import resolve_decode
@@ -103,7 +109,8 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     eval_meta = {**meta, "interpolation": cfg.interpolation}
     held_out, reported = held_out_split(split.val, cfg.choice_images, cfg.seed)
     norm = find_last_norm(model, input_size=train_res)
-    adapted = adapted_layers(model, norm)
+    pos_embed = required_position_embedding(model, cfg.model) if cfg.train_pos_embed else None
+    adapted = adapted_layers(model, norm, pos_embed=pos_embed)
     last_bn = norm if is_batchnorm(model.get_submodule(norm) if norm else None) else None  # running statistics
     sweep = dict(batch_size=cfg.batch_size, workers=worker_count(cfg.workers), activations=True, decode=decode)
     if cfg.method == "bn-stats" and last_bn is None:
@@ -210,10 +217,13 @@ def apply_method(cfg, model, split, extra, accelerator, console, resume, decode,
                     adapts_line(cfg, type(model).__name__, extra)))
     if cfg.method == "finetune":
         torch.manual_seed(cfg.seed)  # as train.py, before anything draws from torch's generator
-        set_modes = finetune_layers(model, extra["adapted"]["layer"], train_bn_affine=cfg.train_bn_affine)
+        pos_embed = extra["adapted"].get("pos_embed")  # --train-pos-embed: trained, not decayed
+        set_modes = finetune_layers(model, extra["adapted"]["layer"], train_bn_affine=cfg.train_bn_affine,
+                                    pos_embed=pos_embed)
         result = fit(build_run(cfg, accelerator, console, folder, split, model, resume=resume,
                                transforms=finetune_transforms(cfg, decode), meta=weights_meta(cfg, split.classes, **extra),
-                               set_modes=set_modes, title="finetune", next_steps=False))
+                               set_modes=set_modes, title="finetune", next_steps=False,
+                               no_decay=(pos_embed,) if pos_embed else ()))
         if result["stopped"]:
             return result
         if len(result["records"]) < cfg.epochs:  # --stop-after (exit 0, as train.py): measured when the run ends
@@ -243,13 +253,17 @@ def adapts_line(cfg, model_class: str, extra: dict) -> str:
                 f"{cfg.res} px)")
     if cfg.method == "bn-stats":
         return f"adapts: {norm} ({kind}): its running statistics re-estimated at {cfg.res} px on the training images"
+    pos_embed = extra["adapted"].get("pos_embed")  # --train-pos-embed
+    trained = f"the position embedding {pos_embed} and the {classifier}" if pos_embed else f"the {classifier}"
     if norm is None:
-        return f"adapts: the {classifier} alone ({model_class} has no normalisation layer before it)"
+        return (f"adapts: {trained}{'' if pos_embed else ' alone'} ({model_class} has no normalisation layer "
+                f"before it)")
+    trained = (", " if pos_embed else " and ") + trained
     if extra["last_bn"]:
         affine = "; its weight and bias train" if cfg.train_bn_affine else ""
-        return (f"adapts: {norm} ({kind}: batch statistics, running ones re-estimated at {cfg.res} px{affine}) "
-                f"and the {classifier}")
-    return f"adapts: {norm} ({kind}, no running statistics: its weight and bias train) and the {classifier}"
+        return (f"adapts: {norm} ({kind}: batch statistics, running ones re-estimated at {cfg.res} px{affine})"
+                f"{trained}")
+    return f"adapts: {norm} ({kind}, no running statistics: its weight and bias train){trained}"
 
 
 def report(cfg, before: dict, after: dict, applied: dict, context: dict, accelerator, console) -> dict:

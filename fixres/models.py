@@ -176,6 +176,16 @@ def patch_size(model: nn.Module) -> int | None:
     return stride * (max(size) if isinstance(size, (tuple, list)) else int(size))
 
 
+def patch_grid(model: nn.Module) -> tuple[int, int] | None:
+    """The (rows, columns) of patches a ViT or a timm Swin cuts from an image of the size it is
+    built for (its tokens, less any class token), else None (CNNs)."""
+    if _is_tv_vit(model):
+        side = model.image_size // model.patch_size
+        return side, side
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    return (int(grid[0]), int(grid[1])) if grid is not None else None
+
+
 def size_refusal(model: nn.Module, name: str, size: int) -> str | None:
     """Why `model` cannot run at `size` px (its patch does not divide it), else None."""
     patch = patch_size(model)

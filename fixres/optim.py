@@ -13,16 +13,20 @@ import torch
 from fixres.config import ConfigError, TrainConfig
 
 
-def build_optimizer(named_params, cfg: TrainConfig, head: list[str] | None = None) -> torch.optim.Optimizer:
+def build_optimizer(named_params, cfg: TrainConfig, head: list[str] | None = None,
+                    no_decay: tuple[str, ...] = ()) -> torch.optim.Optimizer:
     """With `head` (the classifiers' names), their parameters get groups of their own, marked
-    "head", so that --freeze-epochs can give the others a learning-rate scale of 0."""
+    "head", so that --freeze-epochs can give the others a learning-rate scale of 0. The
+    parameters named in `no_decay` (finetune.py --train-pos-embed: the position embedding, which
+    timm's no_weight_decay lists for its ViTs) get no weight decay."""
     # no weight decay on norms and biases, as timm and torchvision's references do
     params = [(n, p) for n, p in named_params if p.requires_grad]
-    groups = [{"params": [p for n, p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    decays = lambda n, p: p.ndim > 1 and n not in no_decay  # noqa: E731
+    groups = [{"params": [p for n, p in params if decays(n, p)], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}]
     if head is not None:
         in_head = lambda n: n.startswith(tuple(h + "." for h in head))  # noqa: E731
-        groups = [{"params": [p for n, p in params if in_head(n) == is_head and (p.ndim > 1) == decay],
+        groups = [{"params": [p for n, p in params if in_head(n) == is_head and decays(n, p) == decay],
                    "weight_decay": cfg.weight_decay if decay else 0.0, "head": is_head}
                   for is_head in (False, True) for decay in (True, False)]
         groups = [g for g in groups if g["params"]]

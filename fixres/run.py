@@ -115,10 +115,10 @@ def announce(cfg, accelerator: Accelerator, console, folder: ckpt.RunFolder, spl
 
 def build_run(cfg, accelerator, console, folder, split, model, *, resume: ckpt.Checkpoint | None, transforms,
               meta: dict | None = None, set_modes: Callable = torch.nn.Module.train, title: str = "train",
-              next_steps: bool = True) -> Run:
-    """The model on its device with its optimizer, restored from `resume` when given (with
-    the EMA and the weights files a crash may have missed), the loaders over `transforms`
-    (training, evaluation), and the schedule: a Run for fit()."""
+              next_steps: bool = True, no_decay: tuple[str, ...] = ()) -> Run:
+    """The model on its device with its optimizer (`no_decay`: parameters it does not decay),
+    restored from `resume` when given (with the EMA and the weights files a crash may have
+    missed), the loaders over `transforms` (training, evaluation), and the schedule: a Run for fit()."""
     head = classifier_names(model) if cfg.freeze_epochs else None  # a distilled DeiT: both heads
     channels_last = use_channels_last(cfg.channels_last, accelerator.device)
     if channels_last:
@@ -129,7 +129,7 @@ def build_run(cfg, accelerator, console, folder, split, model, *, resume: ckpt.C
         if accelerator.is_main_process:
             folder.write_config(cfg.to_dict())
     meta = meta or weights_meta(cfg, split.classes)
-    optimizer = build_optimizer(model.named_parameters(), cfg, head=head)
+    optimizer = build_optimizer(model.named_parameters(), cfg, head=head, no_decay=no_decay)
     state = _restore(resume, model, optimizer, console) if resume else RunState()
     # a copy of the plain model, before it is compiled or wrapped; its warm-up is set below
     ema = ModelEma(model, decay=cfg.model_ema_decay, every=cfg.model_ema_steps) if cfg.model_ema else None
