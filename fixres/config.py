@@ -79,8 +79,8 @@ SHAPES_CONVNEXT = dict(
     min_scale=0.35,  # 0.08's crops of a 128 px image leave too little for a stride-32 net at 64 px
     epochs=26,
 )
-# A hybrid ViT (timm's ResNet stem, then transformer blocks on 2x2 patches of its stride-16 map):
-# 64 px gives 4x4 = 16 tokens. Its last norm is a LayerNorm (fc_norm, before the average pool),
+# A hybrid ViT (timm's ResNet stem, then transformer blocks on 2x2 patches of its stride-4 map):
+# 8 px per token, 8x8 = 64 tokens at 64 px. Its last norm is a LayerNorm (fc_norm, before the average pool),
 # so fine-tuning adapts a LayerNorm and the head. Patch-embedding ViTs (test_vit, patch 4-8) were
 # too slow or stayed near chance on this CPU.
 SHAPES_VIT = dict(

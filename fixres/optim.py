@@ -17,8 +17,8 @@ def build_optimizer(named_params, cfg: TrainConfig, head: list[str] | None = Non
                     no_decay: tuple[str, ...] = ()) -> torch.optim.Optimizer:
     """With `head` (the classifiers' names), their parameters get groups of their own, marked
     "head", so that --freeze-epochs can give the others a learning-rate scale of 0. The
-    parameters named in `no_decay` (finetune.py --train-pos-embed: the position embedding, which
-    timm's no_weight_decay lists for its ViTs) get no weight decay."""
+    parameters named in `no_decay` (what a timm model's no_weight_decay() lists: a ViT's position
+    embedding and tokens) get no weight decay."""
     # no weight decay on norms and biases, as timm and torchvision's references do
     params = [(n, p) for n, p in named_params if p.requires_grad]
     decays = lambda n, p: p.ndim > 1 and n not in no_decay  # noqa: E731

@@ -129,6 +129,9 @@ def build_run(cfg, accelerator, console, folder, split, model, *, resume: ckpt.C
         if accelerator.is_main_process:
             folder.write_config(cfg.to_dict())
     meta = meta or weights_meta(cfg, split.classes)
+    # what the model says it does not decay (timm: a ViT's pos_embed and tokens, a Swin's
+    # relative-position tables), as timm's train.py leaves them undecayed
+    no_decay = (*no_decay, *getattr(model, "no_weight_decay", set)())
     optimizer = build_optimizer(model.named_parameters(), cfg, head=head, no_decay=no_decay)
     state = _restore(resume, model, optimizer, console) if resume else RunState()
     # a copy of the plain model, before it is compiled or wrapped; its warm-up is set below

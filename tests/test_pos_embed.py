@@ -54,24 +54,44 @@ def test_the_position_embedding_is_the_parameter_with_a_vector_per_patch():
             assert find_position_embedding(other) is None, type(other).__name__
 
 
-def fine_tune(tmp_path, model_name, model_kwargs, tiny_csv, monkeypatch, **options) -> tuple[dict, dict]:
-    """A 1-epoch fine-tune at 48 px of an untrained source run at 32 px; (finetune.json, the weight
-    decay the optimizer gave each trained parameter)."""
-    source = write_source_run(tmp_path / "source", model_name, tiny_csv, model_kwargs=model_kwargs)
+@pytest.fixture
+def optimizer_decay(monkeypatch) -> dict:
+    """The weight decay the run's own optimizer gives each parameter it trains, read back from its
+    groups (filled in when a run builds it)."""
     decay = {}
+    real = run_lib.build_optimizer
 
-    def recording(named_params, cfg, **kwargs):  # the run's own optimizer, its groups read back
+    def recording(named_params, cfg, **kwargs):
         named = list(named_params)
         optimizer = real(named, cfg, **kwargs)
         names = {id(p): n for n, p in named}
         decay.update({names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]})
         return optimizer
-    real = run_lib.build_optimizer
     monkeypatch.setattr(run_lib, "build_optimizer", recording)
+    return decay
+
+
+def fine_tune(tmp_path, model_name, model_kwargs, tiny_csv, optimizer_decay, **options) -> tuple[dict, dict]:
+    """A 1-epoch fine-tune at 48 px of an untrained source run at 32 px; (finetune.json, the weight
+    decay the optimizer gave each trained parameter)."""
+    source = write_source_run(tmp_path / "source", model_name, tiny_csv, model_kwargs=model_kwargs)
     summary = finetune_lib.finetune(FinetuneConfig(checkpoint=str(source), res=48, epochs=1, batch_size=30,
                                                    output=str(tmp_path / "out"), workers=0, cpu=True, name="ft",
                                                    **options))
-    return summary, decay
+    return summary, optimizer_decay
+
+
+def test_train_py_does_not_decay_what_timm_lists_in_no_weight_decay(tmp_path, tiny_csv, capsys, optimizer_decay):
+    """A ViT trained from scratch: its position embedding undecayed, as timm's train.py leaves it
+    (its no_weight_decay()); weight matrices decayed, norms and biases not."""
+    result = run_in_process("train.py", "--data", tiny_csv, "--model", HYBRID, "--model-kwargs",
+                            *[f"{k}={v}" for k, v in HYBRID_KWARGS.items()], "--train-res", "32", "--epochs", "1",
+                            "--batch-size", "30", "--workers", "0", "--cpu", "--output", tmp_path, "--name", "vit",
+                            capsys=capsys)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert optimizer_decay["pos_embed"] == 0.0
+    assert optimizer_decay["head.weight"] == optimizer_decay["blocks.0.attn.qkv.weight"] == 0.1  # the default
+    assert optimizer_decay["fc_norm.weight"] == optimizer_decay["head.bias"] == 0.0
 
 
 def timm_at(model_name, model_kwargs, weights, size: int):
@@ -83,8 +103,8 @@ def timm_at(model_name, model_kwargs, weights, size: int):
 @pytest.mark.parametrize("train_pos_embed", [True, False], ids=["with", "without"])
 @pytest.mark.parametrize("model_name, model_kwargs, norm, heads", VITS, ids=["deit", "hybrid"])
 def test_the_position_embedding_trains_with_the_option_and_is_only_resampled_without(
-        tmp_path, tiny_csv, capsys, monkeypatch, model_name, model_kwargs, norm, heads, train_pos_embed):
-    summary, decay = fine_tune(tmp_path, model_name, model_kwargs, tiny_csv, monkeypatch,
+        tmp_path, tiny_csv, capsys, optimizer_decay, model_name, model_kwargs, norm, heads, train_pos_embed):
+    summary, decay = fine_tune(tmp_path, model_name, model_kwargs, tiny_csv, optimizer_decay,
                                train_pos_embed=train_pos_embed)
     # every tensor against timm's model at 48 px from the source weights: the source's own, pos_embed resampled
     reference = timm_at(model_name, model_kwargs, tmp_path / "source" / "best.safetensors", 48).state_dict()
