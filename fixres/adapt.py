@@ -45,7 +45,7 @@ run is for fixres evaluation only.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -383,46 +383,57 @@ def pooled_features(model: nn.Module, loader, accelerator, *, channels_last: boo
 
 
 @torch.no_grad()
-def reestimate_bn_stats(model: nn.Module, bn: nn.Module, batches, accelerator, *, channels_last: bool = True) -> int:
-    """Set `bn`'s running statistics to the average of its batch statistics over `batches`,
-    each batch weighted by its number of images: the mean is the plain mean over every image,
-    the variance the images' average of their batch's (unbiased) variance. The whole model
-    stays in eval mode; a hook reads the BN's input, so nothing else changes.
+def reestimate_bn_stats(model: nn.Module, bn: nn.Module | Sequence[nn.Module], batches, accelerator, *,
+                        channels_last: bool = True) -> int:
+    """Set the running statistics of `bn` (one BatchNorm, or several in one pass) to the average
+    of its batch statistics over `batches`, each batch weighted by its number of images: the
+    mean is the plain mean over every image, the variance the images' average of their batch's
+    (unbiased) variance. The whole model stays in eval mode; a hook reads each BN's input, so
+    nothing else changes. Several BNs see their inputs as the model stood before the call: right
+    for parallel branches (a block's main branch and its shortcut), not for a BN that feeds
+    another (re-estimate those one call each, in the order they run).
 
     In a process group, `batches` are this process's part of each round (fixres.data.round_batches:
     the same number of rounds everywhere, a part may be empty) and a round's statistics are
     those of all parts together, so N processes give what one gives with the round as its
     batch. Returns the images seen, all processes; with none (every image undecodable), a
     DataError, and the statistics stay as they were."""
-    param = bn.running_mean
-    captured = []
-    handle = bn.register_forward_pre_hook(lambda module, args: captured.append(channel_moments(args[0])))
+    bns = [bn] if isinstance(bn, nn.Module) else list(bn)
+    param = bns[0].running_mean
+    captured = {layer: [] for layer in bns}
+    handles = [layer.register_forward_pre_hook(lambda module, args: captured[module].append(channel_moments(args[0])))
+               for layer in bns]
+    widths = [2 * layer.num_features + 1 for layer in bns]  # each BN's channel_moments
     model.eval()
     seen, rounds, mean, var = 0, 0, None, None
     try:
         for images, labels, _ in batches:
-            stats = torch.zeros(2 * bn.num_features + 1, dtype=torch.float64, device=param.device)
+            stats = torch.zeros(sum(widths), dtype=torch.float64, device=param.device)
             if labels.numel():
                 with accelerator.autocast():
                     model(to_device_batch(images.to(param.device), channels_last))
-                stats = captured.pop()
+                stats = torch.cat([captured[layer].pop() for layer in bns])
             stats = torch.cat([stats, stats.new_tensor([labels.numel()])])  # + the images
             if _distributed():
                 dist.all_reduce(stats)
             n = int(stats[-1])
             if n == 0:
                 continue
-            batch_mean, batch_var, values = mean_var(stats[:-1])
-            batch_var = batch_var * values / (values - 1).clamp_min(1)  # unbiased, as BatchNorm keeps it
+            moments = [mean_var(part) for part in stats[:-1].split(widths)]
+            # unbiased, as BatchNorm keeps it
+            batch_mean = [m for m, _, _ in moments]
+            batch_var = [v * values / (values - 1).clamp_min(1) for _, v, values in moments]
             seen, rounds = seen + n, rounds + 1
-            mean = batch_mean if mean is None else mean + (batch_mean - mean) * (n / seen)
-            var = batch_var if var is None else var + (batch_var - var) * (n / seen)
+            mean = batch_mean if mean is None else [a + (b - a) * (n / seen) for a, b in zip(mean, batch_mean)]
+            var = batch_var if var is None else [a + (b - a) * (n / seen) for a, b in zip(var, batch_var)]
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if not seen:
-        raise DataError("bn-stats: no training image could be read, so the last BatchNorm's statistics "
+        raise DataError("bn-stats: no training image could be read, so the BatchNorm statistics "
                         "were not re-estimated (they stay as they were)")
-    bn.running_mean.copy_(mean)
-    bn.running_var.copy_(var)
-    bn.num_batches_tracked.fill_(rounds)
+    for layer, layer_mean, layer_var in zip(bns, mean, var):
+        layer.running_mean.copy_(layer_mean)
+        layer.running_var.copy_(layer_var)
+        layer.num_batches_tracked.fill_(rounds)
     return seen

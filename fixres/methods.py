@@ -96,8 +96,9 @@ def bn_stats(cfg, model, split, accelerator, console, workers, last_bn) -> dict:
     return {"bn_stats_images": seen}
 
 
-def reestimate_last_bn(model, samples, size, cfg, accelerator, workers, last_bn) -> int:
-    """The last BN's statistics over `samples` at `size`, preprocessed as the run tests.
+def reestimate_last_bn(model, samples, size, cfg, accelerator, workers, last_bn: str | list[str]) -> int:
+    """The last BN's statistics over `samples` at `size`, preprocessed as the run tests; `last_bn`
+    a list of names: those BNs' in the same pass (parallel branches, as adapt.reestimate_bn_stats says).
     Every sample counts once: a shuffled order cut into rounds of --batch-size per process,
     the last round partial, not padded by Accelerate's repeats nor dropped. Returns the images seen."""
     tf = eval_transform(size=size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, mean=cfg.mean,
@@ -108,7 +109,8 @@ def reestimate_last_bn(model, samples, size, cfg, accelerator, workers, last_bn)
     loader = torch.utils.data.DataLoader(ImageDataset(samples, tf, cfg.skip_bad_images), batch_sampler=rounds,
                                          collate_fn=collate_skipping, num_workers=workers)
     channels_last = use_channels_last(cfg.channels_last, accelerator.device)
-    return adapt.reestimate_bn_stats(model, model.get_submodule(last_bn), loader, accelerator,
+    names = [last_bn] if isinstance(last_bn, str) else last_bn
+    return adapt.reestimate_bn_stats(model, [model.get_submodule(name) for name in names], loader, accelerator,
                                      channels_last=channels_last)
 
 

@@ -1,6 +1,7 @@
 """finetune.py: what trains and in which mode, the synced last BN, bn-stats, the parametric
 map, the exported weights, and the script end to end (1 and 2 processes, bad input)."""
 import contextlib
+import copy
 import json
 import math
 import re
@@ -135,6 +136,38 @@ def test_bn_stats_changes_only_the_last_bn_running_statistics():
     torch.testing.assert_close(bn.running_var, torch.stack([x.var((0, 2, 3)) for x in inputs]).mean(0))
     assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 3
     assert not any(m.training for m in model.modules())
+
+
+def test_bn_stats_of_two_parallel_branches_in_one_pass_are_torchs_batchnorm_averages():
+    """test_resnet's last block sums a main branch ending in bn2 and a shortcut ending in
+    downsample.2: one pass re-estimates both, as torch's BatchNorm in train mode with momentum
+    None (a plain average of equal batches) estimates each, and nothing else changes."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    model.train()
+    model(torch.randn(8, 3, 32, 32) + 1)  # running statistics that differ from the defaults
+    names = ["layer4.0.bn2", "layer4.0.downsample.2"]
+    batches = [(torch.randn(4, 3, 48, 48) * (1 + i), torch.zeros(4, dtype=torch.long), 0) for i in range(3)]
+    reference = copy.deepcopy(model).eval()
+    for name in names:  # torch's own estimate: only these two in train mode, their averages restarted
+        bn = reference.get_submodule(name)
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    with torch.no_grad():
+        for images, _, _ in batches:
+            reference(images)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert reestimate_bn_stats(model, [model.get_submodule(n) for n in names], batches, OneProcess(),
+                               channels_last=False) == 12
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"{n}.{stat}" for n in names for stat in ("running_mean", "running_var", "num_batches_tracked")}
+    for name in names:
+        ours, torchs = model.get_submodule(name), reference.get_submodule(name)
+        torch.testing.assert_close(ours.running_mean, torchs.running_mean)
+        torch.testing.assert_close(ours.running_var, torchs.running_var)
+        assert int(ours.num_batches_tracked) == int(torchs.num_batches_tracked) == 3
 
 
 def test_bn_stats_weighs_each_batch_by_its_images_and_refuses_none():
