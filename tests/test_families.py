@@ -204,16 +204,21 @@ def test_parametric_on_a_distilled_deit_is_refused_in_one_line(tmp_path, tiny_cs
     assert not out.exists()
 
 
+def library_logits(model, samples, transform) -> torch.Tensor:
+    """Each image's logits from the model's own forward, the image opened with PIL and
+    preprocessed by `transform` (a library's own eval transform), one image at a time."""
+    with torch.inference_mode():
+        rows = []
+        for path, _ in samples:
+            with Image.open(path) as img:
+                rows.append(model.eval()(transform(img.convert("RGB"))[None])[0])
+    return torch.stack(rows)
+
+
 def timm_losses(model, samples, config) -> torch.Tensor:
     """Each image's cross-entropy with timm's own eval transform for `config` and the model's own forward."""
-    transform = timm.data.create_transform(**config, is_training=False)
-    losses = []
-    with torch.inference_mode():
-        for path, label in samples:
-            with Image.open(path) as img:
-                logits = model.eval()(transform(img.convert("RGB"))[None])
-            losses.append(nn.functional.cross_entropy(logits, torch.tensor([label])))
-    return torch.stack(losses)
+    logits = library_logits(model, samples, timm.data.create_transform(**config, is_training=False))
+    return nn.functional.cross_entropy(logits, torch.tensor([label for _, label in samples]), reduction="none")
 
 
 def test_a_distilled_deit_trains_sweeps_finetunes_and_exports_as_timm_evaluates_it(tmp_path, capsys):

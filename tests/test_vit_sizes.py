@@ -5,7 +5,6 @@ fine-tuned size. Sizes that are not a multiple of the 16 px patch are dropped or
 
     python -m pytest -q tests/test_vit_sizes.py      # about 8 s on 2 CPU cores (the slow one 5 s)
 """
-import functools
 import json
 
 import pytest
@@ -109,8 +108,8 @@ def test_a_strict_vit_trains_sweeps_finetunes_and_exports_at_other_sizes(tmp_pat
 
 
 # torchvision's ViT (tv:vit_*): built for one image_size (its forward asserts it); its builders pass
-# the widths themselves, so the fast tests build the VisionTransformer class small, and the
-# scripts run tv:vit_b_16 (slow).
+# the widths themselves, so the fast tests build the VisionTransformer class small; the scripts
+# run tv:vit_b_16 in tests/test_family_matrix.py (slow).
 TV_SMALL = dict(patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=len(CLASSES))
 
 
@@ -165,49 +164,6 @@ def test_torchvision_vit_weights_of_another_size_load_as_torchvision_resamples_t
     images = real_images(tiny_csv, 48)
     with torch.no_grad():
         torch.testing.assert_close(ours(images), tv_vit_at(48, state)(images), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.slow  # tv:vit_b_16 (86M parameters) trained, swept and fine-tuned end to end
-def test_a_torchvision_vit_trains_sweeps_and_finetunes_at_other_sizes(tmp_path, tiny_csv, capsys):
-    from torchvision.models import vit_b_16
-    tv_b16 = functools.partial(vit_b_16, num_classes=len(CLASSES))
-    runs = tmp_path / "runs"
-    refused = run_in_process("train.py", "--data", tiny_csv, "--model", "tv:vit_b_16", "--train-res", "40",
-                             "--output", runs, capsys=capsys)
-    assert error_line(refused) == "error: --train-res 40: tv:vit_b_16 takes multiples of its 16 px patch (nearest: 32, 48)"
-    ok(run_in_process("train.py", "--data", tiny_csv, "--model", "tv:vit_b_16", "--train-res", "32", "--test-res",
-                      "48", "--batch-size", "32", "--workers", "0", "--epochs", "1", "--output", runs, "--name", "vit",
-                      capsys=capsys))
-    run = runs / "vit"
-    assert load_weights(run / "best.safetensors")[1]["model_kwargs"] == {"image_size": 32}
-    swept = ok(run_in_process("sweep.py", "--checkpoint", run, "--sizes", "32", "40", "48", "--workers", "0",
-                              capsys=capsys))
-    assert "dropped 40 px: tv:vit_b_16 takes multiples of its 16 px patch" in swept.stdout
-    assert [row["size"] for row in json.loads((run / "sweep.json").read_text())["rows"]] == [32, 48]
-    # what the sweep ran at 48 px: torchvision's own vit_b_16 at 48 px, its weights interpolated
-    ours, _ = load_run_model(run)
-    trained = load_weights(run / "best.safetensors")[0]
-    theirs = tv_vit_at(48, trained, patch=16, build=lambda size: tv_b16(image_size=size))
-    with torch.no_grad():
-        torch.testing.assert_close(ours.eval()(real_images(tiny_csv, 48)), theirs(real_images(tiny_csv, 48)),
-                                   rtol=1e-4, atol=1e-5)
-    refused = run_in_process("finetune.py", "--checkpoint", run, "--res", "40", "--method", "finetune",
-                             "--output", tmp_path / "out", capsys=capsys)
-    assert error_line(refused) == "error: --res 40: tv:vit_b_16 takes multiples of its 16 px patch (nearest: 32, 48)"
-    ok(run_in_process("finetune.py", "--checkpoint", run, "--res", "48", "--method", "finetune", "--epochs", "1",
-                      "--batch-size", "32", "--workers", "0", "--output", tmp_path / "out", "--name", "ft",
-                      capsys=capsys))
-    tuned = tmp_path / "out" / "ft"
-    state, meta = load_weights(tuned / "best.safetensors")
-    assert meta["model_kwargs"] == {"image_size": 48}  # rebuilt at 48 px: its weights are that network's
-    assert state["encoder.pos_embedding"].shape == (1, 3 * 3 + 1, 768)
-    direct = tv_b16(image_size=48)
-    direct.load_state_dict(state)
-    ours, _ = load_run_model(tuned)
-    with torch.no_grad():
-        torch.testing.assert_close(ours.eval()(real_images(tiny_csv, 48)), direct.eval()(real_images(tiny_csv, 48)),
-                                   rtol=1e-4, atol=1e-5)
-    ok(run_in_process("sweep.py", "--checkpoint", tuned, "--sizes", "48", "64", "--workers", "0", capsys=capsys))
 
 
 def test_a_hybrid_vits_sizes_are_multiples_of_its_stem_stride_times_its_patch():

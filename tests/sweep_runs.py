@@ -1,0 +1,35 @@
+"""Several sweeps in one launch: sweep.py's own main once per argument list, in this process,
+as `python sweep.py ARGS` runs it; under torchrun every sweep runs in the one process group
+torchrun set up, so a test that sweeps several runs with 2 processes pays for one launch (two
+new interpreters importing torch, timm and accelerate: most of a 2-process sweep's time here).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/sweep_runs.py ARGS1 -- ARGS2 -- ...
+
+Exits as sweep.py does (run_main: `error: <line>` and status 2 for a user error).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # torchrun puts tests/ first; sweep.py is above
+
+import sweep  # noqa: E402  the script, not fixres.sweep
+from fixres.cli import run_main  # noqa: E402
+
+
+def argument_lists(argv: list[str]) -> list[list[str]]:
+    lists = [[]]
+    for arg in argv:
+        if arg == "--":
+            lists.append([])
+        else:
+            lists[-1].append(arg)
+    return [args for args in lists if args]
+
+
+def main(argv: list[str]) -> None:
+    for args in argument_lists(argv):
+        sweep.main(args)  # run_main ends the process group once, after the last
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, sys.argv[1:]))
