@@ -1,0 +1,67 @@
+"""The README's per-seed results table for trained runs, each with its sweep and its fine-tune.
+
+    python benchmarks/seed_table.py runs/cnx-s0:runs/cnx-s0-ft runs/cnx-s1:runs/cnx-s1-ft ...
+
+Each argument is SOURCE:FINETUNED: a train.py run folder that sweep.py has swept, and a
+finetune.py run of it. Nothing is evaluated here: every number is read from the files the
+scripts wrote (the best epoch's validation top-1 from best.safetensors' metadata, the sweep
+from sweep.json, the size chosen and the paired differences on the reported images from
+finetune.json), so the table is what users get from those commands. Prints a markdown table,
+one column per seed.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fixres.checkpoint import load_weights
+
+
+def interval(d: dict) -> str:
+    return f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+
+
+def column(source: Path, finetuned: Path) -> dict[str, str]:
+    _, meta = load_weights(source / "best.safetensors")
+    sweep = json.loads((source / "sweep.json").read_text())
+    rows = {row["size"]: row for row in sweep["rows"]}
+    best = rows[sweep["meta"]["measured_best"]]
+    tuned = json.loads((finetuned / "finetune.json").read_text())
+    train_res, res, diffs = tuned["train_res"], tuned["res"], tuned["differences"]
+    n_sweep, n_reported = best["count"], tuned["val_images"]
+    return {
+        f"train.py: val top-1 at {train_res} px (the best epoch, {n_sweep} images)":
+            f"{100 * meta['val_acc']:.2f}% (epoch {meta['epoch']})",
+        f"sweep.py's best size ({n_sweep} images), vs {train_res} px":
+            f"{best['size']} px: {100 * best['top1']:.2f}%, " + interval(
+                {"diff": best["diff_vs_train"], "low": best["diff_low"], "high": best["diff_high"]}),
+        "`--res auto`: size chosen on the held-out images": f"{res} px",
+        f"unchanged at that size vs {train_res} px ({n_reported} reported images)": interval(diffs["before_vs_train_res"]),
+        f"fine-tuned ({tuned['method']}) vs unchanged there": f"{100 * tuned['top1']['after']:.2f}%, "
+                                                             + interval(diffs["after_vs_before"]),
+        "loss there: unchanged → fine-tuned": f"{tuned['loss']['before']:.4f} → {tuned['loss']['after']:.4f}",
+        "adapted": f"{tuned['adapted']['layer']} ({tuned['adapted']['kind']}), "
+                   f"{', '.join(tuned['adapted'].get('classifiers') or [tuned['adapted']['classifier']])}",
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pairs", nargs="+", help="SOURCE:FINETUNED run folders")
+    args = parser.parse_args(argv)
+    columns, names = [], []
+    for pair in args.pairs:
+        source, sep, finetuned = pair.partition(":")
+        if not sep:
+            parser.error(f"{pair}: give SOURCE:FINETUNED run folders")
+        columns.append(column(Path(source), Path(finetuned)))
+        names.append(Path(source).name)
+    print("| | " + " | ".join(names) + " |")
+    print("| --- |" + " --- |" * len(names))
+    for row in columns[0]:
+        print(f"| {row} | " + " | ".join(c.get(row, "") for c in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()
