@@ -37,7 +37,9 @@ def column(source: Path, finetuned: Path) -> dict[str, str]:
             f"{best['size']} px: {100 * best['top1']:.2f}%, " + interval(
                 {"diff": best["diff_vs_train"], "low": best["diff_low"], "high": best["diff_high"]}),
         "`--res auto`: size chosen on the held-out images": f"{res} px",
-        f"unchanged at that size vs {train_res} px ({n_reported} reported images)": interval(diffs["before_vs_train_res"]),
+        f"{train_res} px, on the {n_reported} reported images": f"{100 * tuned['top1']['train_res']:.2f}%",
+        "unchanged at the chosen size, vs the training size": f"{100 * tuned['top1']['before']:.2f}%, "
+                                                             + interval(diffs["before_vs_train_res"]),
         f"fine-tuned ({tuned['method']}) vs unchanged there": f"{100 * tuned['top1']['after']:.2f}%, "
                                                              + interval(diffs["after_vs_before"]),
         "loss there: unchanged → fine-tuned": f"{tuned['loss']['before']:.4f} → {tuned['loss']['after']:.4f}",
