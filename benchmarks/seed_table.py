@@ -42,6 +42,7 @@ def column(source: Path, finetuned: Path) -> dict[str, str]:
                                                              + interval(diffs["before_vs_train_res"]),
         f"fine-tuned ({tuned['method']}) vs unchanged there": f"{100 * tuned['top1']['after']:.2f}%, "
                                                              + interval(diffs["after_vs_before"]),
+        "fine-tuned vs the training size": interval(diffs["after_vs_train_res"]),
         "loss there: unchanged → fine-tuned": f"{tuned['loss']['before']:.4f} → {tuned['loss']['after']:.4f}",
         "adapted": f"{tuned['adapted']['layer']} ({tuned['adapted']['kind']}), "
                    f"{', '.join(tuned['adapted'].get('classifiers') or [tuned['adapted']['classifier']])}",
