@@ -8,7 +8,7 @@ import torch
 
 from fixres import shapes
 from fixres.checkpoint import list_checkpoints, load_weights
-from fixres.config import TrainConfig, parse_args, train_presets
+from fixres.config import RECIPES, TrainConfig, parse_args, train_presets
 from tests.conftest import TINY_TRAIN, Started, error_line, make_image_folder, run_in_process, run_script
 
 
@@ -232,3 +232,24 @@ def test_another_model_trains_on_the_built_in_data(tmp_path, monkeypatch, capsys
     config = json.loads((tmp_path / "runs" / "vit" / "config.json").read_text())
     assert (config["model"], config["output_stride"], config["train_res"]) == ("test_vit", None, 64)
     assert len((tmp_path / "runs" / "vit" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("recipe", ["shapes-convnext", "shapes-vit"])
+def test_the_built_in_datas_family_recipes_train_their_model(tmp_path, monkeypatch, capsys, recipe):
+    """`train.py --recipe shapes-vit` (or shapes-convnext) with no --data: the recipe's model with
+    its constructor keywords (the ViT built at the preset's 64 px), not the preset's stride; the
+    recipe's options over the preset's, and an option given still wins."""
+    real = shapes.ensure_shapes
+    monkeypatch.setattr(shapes, "ensure_shapes",
+                        lambda **params: real(**{**params, "n_train": 24, "n_val": 12, "cache_dir": tmp_path / "cache"}))
+    result = run_in_process("train.py", "--recipe", recipe, "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                            "--output", tmp_path / "runs", "--name", "r", capsys=capsys)
+    assert_ok(result)
+    config = json.loads((tmp_path / "runs" / "r" / "config.json").read_text())
+    expected = RECIPES[recipe]
+    assert (config["model"], config["output_stride"], config["train_res"], config["epochs"]) == (
+        expected["model"], None, 64, 1)
+    assert (config["lr"], config["min_scale"], config["batch_size"]) == (expected["lr"], expected["min_scale"], 8)
+    _, meta = load_weights(tmp_path / "runs" / "r" / "best.safetensors")
+    size = {"img_size": 64} if recipe == "shapes-vit" else {}
+    assert meta["model_kwargs"] == {**expected["model_kwargs"], **size}
