@@ -10,6 +10,9 @@ to 1 (about 1.25 x K_train).
     python -m fixres.resolution --train-res 224
         E[sigma] = 0.7082, the apparent size ratio at --test-res (default: the
         train res) = 0.809, and the recommended test res (277 for 224).
+    python -m fixres.resolution --test-res 224
+        the inverse, for a test size fixed by deployment: the training size whose
+        objects look as large as a test at 224 shows them (181).
     python -m fixres.resolution --train-res 224 --monte-carlo 500 375
         also the ratio from sampling torchvision's own RRC on a 500x375 image
         (0.840) and the test res that equalises under it (267).
@@ -69,6 +72,14 @@ def recommended_test_res(*, train_res: int, crop_pct: float = 0.875, scale=(0.08
     return _equalising_test_res(train_res / expected_sigma(scale), crop_pct)
 
 
+def training_res_for(*, test_res: int, crop_pct: float = 0.875, scale=(0.08, 1.0)) -> int:
+    """The inverse of recommended_test_res: the RandomResizedCrop size whose objects look as large
+    as a test at `test_res` shows them, round(E[sigma] * K_image_test) (181 for a 224 test at
+    crop_pct 0.875, the paper's scale; torchvision's ResNet-50 V2 recipe found 176 by grid
+    search). recommended_test_res of it gives `test_res` back within a pixel."""
+    return max(1, round(expected_sigma(scale) * resize_size(test_res, crop_pct)))
+
+
 def monte_carlo_ratio(*, train_res: int, test_res: int, width: int, height: int, crop_pct: float = 0.875,
                       scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), samples: int = 20000, seed: int = 0) -> float:
     """Apparent size ratio from sampling torchvision's RandomResizedCrop.get_params on a W x H image.
@@ -112,16 +123,29 @@ def default_sizes(train_res: int, predicted: int) -> list[int]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m fixres.resolution", description=__doc__.splitlines()[0])
-    p.add_argument("--train-res", type=int, required=True, help="RandomResizedCrop output size K_train")
-    p.add_argument("--test-res", type=int, default=None, help="centre-crop size K_test (default: train res)")
+    p.add_argument("--train-res", type=int, default=None, help="RandomResizedCrop output size K_train")
+    p.add_argument("--test-res", type=int, default=None,
+                   help="centre-crop size K_test (default: train res); alone: the training size for it")
     p.add_argument("--crop-pct", type=float, default=0.875, help="K_test / K_image_test (default 0.875)")
     p.add_argument("--min-scale", type=float, default=0.08, help="lower RRC area fraction (default 0.08)")
     p.add_argument("--monte-carlo", type=int, nargs=2, metavar=("W", "H"), help="also sample torchvision RRC")
     p.add_argument("--samples", type=int, default=20000, help="Monte-Carlo samples (default 20000)")
     p.add_argument("--seed", type=int, default=0, help="Monte-Carlo seed (default 0)")
     args = p.parse_args(argv)
-    test_res = args.train_res if args.test_res is None else args.test_res
     scale = (args.min_scale, 1.0)
+    if args.train_res is None:  # a test size fixed by deployment: what to train at
+        if args.test_res is None:
+            p.error("give --train-res (the test size for it), --test-res (the training size for it), or both")
+        try:
+            train_res = training_res_for(test_res=args.test_res, crop_pct=args.crop_pct, scale=scale)
+        except ValueError as e:
+            p.error(str(e))
+        print(f"test res {args.test_res} (resize {resize_size(args.test_res, args.crop_pct)}, crop_pct "
+              f"{args.crop_pct}), RRC scale {scale}, E[sigma] = {expected_sigma(scale):.4f}")
+        print(f"training res whose objects look as large: {train_res} (nearest multiple of 8: {8 * round(train_res / 8)}); "
+              f"its recommended test res: {recommended_test_res(train_res=train_res, crop_pct=args.crop_pct, scale=scale)}")
+        return
+    test_res = args.train_res if args.test_res is None else args.test_res
     try:
         _check_positive("train-res", args.train_res)
         sig = expected_sigma(scale)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fixres.resolution import (apparent_size_ratio, expected_sigma, main, monte_carlo_ratio, recommended_test_res,
-                               resize_size)
+                               resize_size, training_res_for)
 
 
 def test_expected_sigma_closed_form():
@@ -99,3 +99,33 @@ def test_cli_monte_carlo(capsys):
     mc = float(re.search(r"Monte-Carlo ratio.*:\s*([0-9.]+)", out).group(1))
     assert mc == pytest.approx(0.84, abs=0.03)
     assert re.search(r"test res equalising under Monte-Carlo:\s*\d+", out)
+
+
+@pytest.mark.parametrize("crop_pct", [0.7, 0.875, 0.95, 1.0])
+@pytest.mark.parametrize("min_scale", [0.08, 0.35, 1.0])
+def test_the_training_size_for_a_test_size_round_trips_with_the_forward_prediction(crop_pct, min_scale):
+    """train -> the test size it predicts -> the training size for that test: within a pixel, at
+    every training size from 16 to 1024 px."""
+    scale = (min_scale, 1.0)
+    for train_res in range(16, 1025):
+        test_res = recommended_test_res(train_res=train_res, crop_pct=crop_pct, scale=scale)
+        assert abs(training_res_for(test_res=test_res, crop_pct=crop_pct, scale=scale) - train_res) <= 1, train_res
+
+
+def test_the_training_size_for_a_test_size_equalises_the_apparent_size():
+    train_res = training_res_for(test_res=224)  # the paper's scale, crop_pct 0.875
+    assert train_res == round(0.7082 * 256) == 181
+    assert apparent_size_ratio(train_res=train_res, test_res=224) == pytest.approx(1.0, abs=0.5 / train_res)
+
+
+def test_cli_prints_the_training_size_for_a_test_size(capsys):
+    main(["--test-res", "224"])  # python -m fixres.resolution --test-res 224
+    out = capsys.readouterr().out
+    assert re.search(r"training res whose objects look as large: 181 \(nearest multiple of 8: 184\); "
+                     r"its recommended test res: 224", out)
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "python -m fixres.resolution: error: give --train-res (the test size for it), --test-res (the training size "
+        "for it), or both")
