@@ -375,19 +375,20 @@ SHAPES_PRESET = dict(
 FINETUNE_SHAPES_PRESET = dict(lr=0.05, epochs=10)
 
 
-# A preset's options that fit its model only: left out when another model is asked for
-MODEL_OPTIONS = ("output_stride",)
+# A preset's or recipe's options that fit its model only: left out when another model is asked for
+MODEL_OPTIONS = ("output_stride", "model_kwargs")
 
 
 def train_presets(given: dict) -> dict:
     """train.py's defaults for the options not given: the built-in dataset's preset when there
-    is no --data, and --recipe's settings over it. The preset's model options go with its model:
-    `--model test_vit` (or a recipe's model) gets no --output-stride it may not take."""
+    is no --data, and --recipe's settings over it. A preset's or recipe's model options go with
+    its model: `--model test_vit` (or a recipe's model) gets no --output-stride it may not take,
+    and `--recipe shapes-vit --model test_vit` not the hybrid ViT's constructor keywords."""
     preset = {} if given.get("data") else SHAPES_PRESET
     recipe = RECIPES.get(given.get("recipe"), {})
     model = given.get("model", recipe.get("model", preset.get("model")))
-    if model != preset.get("model"):
-        preset = {k: v for k, v in preset.items() if k not in MODEL_OPTIONS}
+    preset, recipe = ({k: v for k, v in options.items() if options.get("model") == model or k not in MODEL_OPTIONS}
+                      for options in (preset, recipe))
     return {**preset, **recipe}
 
 

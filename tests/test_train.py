@@ -207,17 +207,23 @@ def test_undecodable_image_stops_or_is_skipped(tmp_path, runs, capsys):
     assert json.loads((run / "metrics.jsonl").read_text())["skipped"] == 1
 
 
-@pytest.mark.parametrize("args, model, output_stride", [
-    ([], "test_resnet", 8),                                          # the preset's model: its stride
-    (["--model", "test_resnet"], "test_resnet", 8),                  # the same model, named
-    (["--model", "test_vit"], "test_vit", None),                     # another model: no stride it may not take
-    (["--model", "test_vit", "--output-stride", "16"], "test_vit", 16),  # given: kept
-    (["--recipe", "tv-resnet50-v2"], "tv:resnet50", None),           # the recipe's model
-    (["--data", "x.csv"], "resnet50", None),                         # no preset
+VIT_KWARGS = RECIPES["shapes-vit"]["model_kwargs"]
+
+
+@pytest.mark.parametrize("args, model, output_stride, model_kwargs", [
+    ([], "test_resnet", 8, None),                                          # the preset's model: its stride
+    (["--model", "test_resnet"], "test_resnet", 8, None),                  # the same model, named
+    (["--model", "test_vit"], "test_vit", None, None),                     # another model: no stride it may not take
+    (["--model", "test_vit", "--output-stride", "16"], "test_vit", 16, None),  # given: kept
+    (["--recipe", "tv-resnet50-v2"], "tv:resnet50", None, None),           # the recipe's model
+    (["--data", "x.csv"], "resnet50", None, None),                         # no preset
+    (["--recipe", "shapes-vit"], "vit_tiny_r_s16_p8_224", None, VIT_KWARGS),  # the recipe's model, its keywords
+    (["--recipe", "shapes-vit", "--model", "test_vit"], "test_vit", None, None),  # another model: not its keywords
+    (["--recipe", "shapes-vit", "--model", "test_vit", "--model-kwargs", "depth=2"], "test_vit", None, {"depth": 2}),
 ])
-def test_the_presets_output_stride_goes_with_its_model_only(args, model, output_stride):
+def test_a_preset_or_recipes_model_options_go_with_its_model_only(args, model, output_stride, model_kwargs):
     cfg, _ = parse_args(TrainConfig, args, "train", train_presets)
-    assert (cfg.model, cfg.output_stride) == (model, output_stride)
+    assert (cfg.model, cfg.output_stride, cfg.model_kwargs) == (model, output_stride, model_kwargs)
 
 
 def test_another_model_trains_on_the_built_in_data(tmp_path, monkeypatch, capsys):
