@@ -129,22 +129,24 @@ def is_batchnorm(module: nn.Module | None) -> bool:
 def find_position_embedding(model: nn.Module) -> str | None:
     """Dotted name of the model's absolute position embedding, else None: the parameter that holds
     one vector per patch of the grid the model is built for (models.patch_grid), shape (1, tokens,
-    width), with the class, distillation or register tokens' own where the model embeds those too
-    (at most the tokens of the model's other (1, k, width) parameters). timm's ViTs (pos_embed:
-    DeiT, hybrid ViTs, EVA), torchvision's ViT (encoder.pos_embedding). A Swin's relative-position
-    tables hold one bias per offset inside a window, BEiT's too: None, as for a CNN."""
+    width), plus one per prefix token the model embeds with them: timm's ViTs say how many
+    (num_prefix_tokens: class, distillation and register tokens; none with no_embed_class),
+    torchvision's ViT embeds its class token. timm's ViTs (pos_embed: DeiT, hybrid ViTs, EVA),
+    torchvision's ViT (encoder.pos_embedding). A Swin's relative-position tables hold one bias per
+    offset inside a window, BEiT's too: None, as for a CNN."""
     grid = patch_grid(model)
     if grid is None:
         return None
     patches = grid[0] * grid[1]
-    # (1, tokens, width) parameters: the position embedding, and the class, distillation, register tokens
-    shaped = {name: (p.shape[1], p.shape[2]) for name, p in model.named_parameters()
-              if p.dim() == 3 and p.shape[0] == 1}
-
-    def tokens_besides(name: str, width: int) -> int:
-        return sum(count for other, (count, w) in shaped.items() if other != name and w == width and count < patches)
-    found = [name for name, (count, width) in shaped.items()
-             if patches <= count <= patches + tokens_besides(name, width)]
+    if hasattr(model, "num_prefix_tokens"):  # timm: register tokens can outnumber a small grid's patches
+        embedded = 0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens)
+    else:  # torchvision's ViT: its class token
+        embedded = int(getattr(model, "class_token", None) is not None)
+    # not timm's prefix tokens themselves (as many register tokens as patches have the same shape)
+    tokens = {id(getattr(model, t)) for t in ("cls_token", "reg_token", "dist_token")
+              if getattr(model, t, None) is not None}
+    found = [name for name, p in model.named_parameters()
+             if p.dim() == 3 and p.shape[0] == 1 and p.shape[1] == patches + embedded and id(p) not in tokens]
     if len(found) > 1:
         raise ModelError(f"{type(model).__name__} has {len(found)} parameters shaped as a position embedding "
                          f"({', '.join(found)}); fixres trains one")

@@ -42,7 +42,11 @@ def test_the_position_embedding_is_the_parameter_with_a_vector_per_patch():
     with torch.device("meta"):  # shapes only
         timm_vits = [timm.create_model(DEIT, **DEIT_KWARGS), timm.create_model(HYBRID, **HYBRID_KWARGS),
                      timm.create_model("test_vit4"),  # a register token, not embedded
-                     timm.create_model("vit_tiny_patch16_224", depth=1, reg_tokens=4)]
+                     timm.create_model("vit_tiny_patch16_224", depth=1, reg_tokens=4),
+                     # as many register tokens as patches (2x2), embedded or not: not the tokens
+                     timm.create_model("vit_tiny_patch16_224", depth=1, img_size=32, reg_tokens=4),
+                     timm.create_model("vit_tiny_patch16_224", depth=1, img_size=32, reg_tokens=4, no_embed_class=True),
+                     timm.create_model("vit_tiny_patch16_224", depth=1, img_size=48, reg_tokens=16)]
         for vit in timm_vits:
             assert find_position_embedding(vit) == "pos_embed"
             assert "pos_embed" in vit.no_weight_decay()
