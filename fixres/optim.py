@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 from collections.abc import Callable
 
 import torch
@@ -21,7 +22,8 @@ def build_optimizer(named_params, cfg: TrainConfig, head: list[str] | None = Non
     embedding and tokens) get no weight decay."""
     # no weight decay on norms and biases, as timm and torchvision's references do
     params = [(n, p) for n, p in named_params if p.requires_grad]
-    decays = lambda n, p: p.ndim > 1 and n not in no_decay  # noqa: E731
+    # names or patterns, as timm's lists hold them (XCiT's "pos_embed.*")
+    decays = lambda n, p: p.ndim > 1 and not any(fnmatch.fnmatchcase(n, pattern) for pattern in no_decay)  # noqa: E731
     groups = [{"params": [p for n, p in params if decays(n, p)], "weight_decay": cfg.weight_decay},
               {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}]
     if head is not None:

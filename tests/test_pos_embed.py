@@ -204,3 +204,17 @@ def test_a_resumed_fine_tune_trains_its_position_embedding_as_an_uninterrupted_o
     whole_weights, _ = load_weights(tmp_path / "whole" / "last.safetensors")
     parts_weights, _ = load_weights(tmp_path / "parts" / "last.safetensors")
     assert all(torch.equal(whole_weights[k], parts_weights[k]) for k in whole_weights)
+
+
+def test_train_py_leaves_undecayed_the_patterns_timms_no_weight_decay_gives(tmp_path, tiny_csv, capsys,
+                                                                            optimizer_decay):
+    """XCiT lists "pos_embed.*" (its position encoder's parameters): every one of them undecayed, as
+    timm's param_groups_weight_decay leaves them; its other weight matrices decayed."""
+    assert "pos_embed.*" in timm.create_model("xcit_nano_12_p16_224", depth=1).no_weight_decay()
+    result = run_in_process("train.py", "--data", tiny_csv, "--model", "xcit_nano_12_p16_224", "--model-kwargs",
+                            "depth=1", "--train-res", "32", "--epochs", "1", "--batch-size", "30", "--workers", "0",
+                            "--cpu", "--output", tmp_path, "--name", "xcit", capsys=capsys)
+    assert result.returncode == 0, result.stderr[-2000:]
+    encoder = {n: wd for n, wd in optimizer_decay.items() if n.startswith("pos_embed.")}
+    assert encoder and set(encoder.values()) == {0.0}
+    assert optimizer_decay["head.weight"] == 0.1
