@@ -136,14 +136,17 @@ def main(argv=None) -> None:
     if args.train_res is None:  # a test size fixed by deployment: what to train at
         if args.test_res is None:
             p.error("give --train-res (the test size for it), --test-res (the training size for it), or both")
+        if args.monte_carlo:
+            p.error("--monte-carlo samples the crops of a training size: give --train-res too")
         try:
             train_res = training_res_for(test_res=args.test_res, crop_pct=args.crop_pct, scale=scale)
         except ValueError as e:
             p.error(str(e))
         print(f"test res {args.test_res} (resize {resize_size(args.test_res, args.crop_pct)}, crop_pct "
               f"{args.crop_pct}), RRC scale {scale}, E[sigma] = {expected_sigma(scale):.4f}")
-        print(f"training res whose objects look as large: {train_res} (nearest multiple of 8: {8 * round(train_res / 8)}); "
-              f"its recommended test res: {recommended_test_res(train_res=train_res, crop_pct=args.crop_pct, scale=scale)}")
+        back = recommended_test_res(train_res=train_res, crop_pct=args.crop_pct, scale=scale)
+        print(f"training res whose objects look as large: {train_res} (nearest multiple of 8: "
+              f"{8 * max(1, round(train_res / 8))}); its recommended test res: {back}")
         return
     test_res = args.train_res if args.test_res is None else args.test_res
     try:

@@ -129,3 +129,7 @@ def test_cli_prints_the_training_size_for_a_test_size(capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "python -m fixres.resolution: error: give --train-res (the test size for it), --test-res (the training size "
         "for it), or both")
+    with pytest.raises(SystemExit):  # the Monte-Carlo ratio is of a training size's crops: not ignored
+        main(["--test-res", "224", "--monte-carlo", "500", "375"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "python -m fixres.resolution: error: --monte-carlo samples the crops of a training size: give --train-res too")
