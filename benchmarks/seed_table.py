@@ -31,9 +31,9 @@ def column(source: Path, finetuned: Path) -> dict[str, str]:
     train_res, res, diffs = tuned["train_res"], tuned["res"], tuned["differences"]
     n_sweep, n_reported = best["count"], tuned["val_images"]
     return {
-        f"train.py: val top-1 at {train_res} px (the best epoch, {n_sweep} images)":
+        f"train.py: val top-1 at {meta['test_res']} px (the best epoch, {n_sweep} images)":
             f"{100 * meta['val_acc']:.2f}% (epoch {meta['epoch']})",
-        f"sweep.py's best size ({n_sweep} images), vs {train_res} px":
+        f"sweep.py's highest size, vs {train_res} px ({n_sweep} images, which also chose it: optimistic)":
             f"{best['size']} px: {100 * best['top1']:.2f}%, " + interval(
                 {"diff": best["diff_vs_train"], "low": best["diff_low"], "high": best["diff_high"]}),
         "`--res auto`: size chosen on the held-out images": f"{res} px",
