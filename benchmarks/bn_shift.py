@@ -4,9 +4,11 @@
 
 For each test size, a trained run's model is evaluated on its whole validation split three ways:
 as trained (the sweep's number), with its last BatchNorm's running statistics re-estimated at
-that size (finetune.py --method bn-stats), and with every BatchNorm's re-estimated there (one pass
-over the training images with the test preprocessing, every BatchNorm in batch mode: the "precise
-BN" recalibration; fixres.methods.reestimate_last_bn with all of them). If re-estimating every
+that size (finetune.py --method bn-stats), and with every BatchNorm's re-estimated there, one
+after the other in the order they run (fixres.methods.reestimate_last_bn, one pass over the
+training images with the test preprocessing per BatchNorm, each seeing the ones before it already
+re-estimated: one pass for all would give each BatchNorm the inputs of the old statistics
+upstream). If re-estimating every
 BatchNorm recovers what the larger size loses and the last alone does not, the loss comes from
 the statistics of layers FixRes's fine-tuning leaves frozen. Paired differences against the model
 as trained at the same size, with 95% intervals (fixres.stats). Prints a markdown table.
@@ -17,6 +19,8 @@ import argparse
 import copy
 import sys
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fixres.adapt import find_last_norm, is_batchnorm  # noqa: E402
@@ -31,6 +35,19 @@ from fixres.sweep import load_for_sweep, run_sweep  # noqa: E402
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
+def in_running_order(model, names: list[str], size: int) -> list[str]:
+    """`names` in the order a forward pass reaches them."""
+    order, modules = [], dict(model.named_modules())
+    handles = [modules[n].register_forward_pre_hook(lambda m, args, n=n: order.append(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(order)) + [n for n in names if n not in order]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +57,8 @@ def main(argv=None) -> None:
     a = parser.parse_args(argv)
     accelerator = make_accelerator(SweepConfig(cpu=True))
     model, meta, split, _, _ = load_for_sweep(SweepConfig(checkpoint=a.run), accelerator)
-    every_bn = [name for name, module in model.named_modules() if is_batchnorm(module)]
+    every_bn = in_running_order(model, [name for name, module in model.named_modules() if is_batchnorm(module)],
+                                int(meta["train_res"]))
     if not every_bn:
         sys.exit(f"{a.run}: {meta['model']} has no BatchNorm")
     last = find_last_norm(model, input_size=int(meta["train_res"]))
@@ -56,8 +74,8 @@ def main(argv=None) -> None:
         rows = {}
         for choice, layers in (("trained", []), ("last", [last]), ("every", every_bn)):
             trial = copy.deepcopy(model)
-            if layers:
-                reestimate_last_bn(trial, split.train, size, cfg, accelerator, workers, layers)
+            for layer in layers:  # in the order they run: each sees the ones before it re-estimated
+                reestimate_last_bn(trial, split.train, size, cfg, accelerator, workers, layer)
             rows[choice] = run_sweep(trial, meta, split, [size], cfg.crop_pct, accelerator, workers=workers,
                                      decode="cpu")[0]
 

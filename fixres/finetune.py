@@ -18,7 +18,7 @@ head.norm, a ViT's norm) trains its weight and bias instead (no statistics to re
 bn-stats is refused); a norm-free one (NFNet) trains the classifier alone. With
 --train-pos-embed a ViT's absolute position embedding (at the new size) trains too, without
 weight decay, as DeiT's fine-tuning at a new size trains it; gradients then flow back through
-every (frozen) block, so a step costs about a training step's backward. The run prints what
+every (frozen) block, so a step is slower. The run prints what
 adapts (`adapts: ...`) and finetune.json says so ("adapted"; "pos_embed": the embedding's name).
 
     python finetune.py --checkpoint runs/<vit run> --res 384 --train-pos-embed
