@@ -219,6 +219,10 @@ class TrainConfig:
     # resolution and preprocessing
     train_res: int = _opt(224, "RandomResizedCrop size for training")
     test_res: int | None = _opt(None, "centre-crop size for validation (default: --train-res)")
+    for_test_res: int | None = _opt(None, "the test size a deployment fixes: train at the size whose objects look as "
+                                          "large as a test at it shows them (python -m fixres.resolution --test-res N, "
+                                          "from --crop-pct and --min-scale), validate at it; instead of --train-res "
+                                          "and --test-res")
     min_scale: float = _opt(0.08, "smallest RandomResizedCrop area fraction (torchvision's default 0.08)")
     crop_pct: float = _opt(0.875, "test crop ratio: Resize(int(res / crop_pct)) then CenterCrop(res); not given, "
                                   "with --pretrained or --weights: the model's pretrained weights' own")
@@ -276,7 +280,7 @@ class TrainConfig:
         check_finite(self)
         if isinstance(self.batch_size, str) and self.batch_size != "auto":
             raise ConfigError(f"--batch-size must be a number or 'auto', got {self.batch_size!r}")
-        for name in ("train_res", "test_res", "epochs", "batch_size", "grad_accum"):
+        for name in ("train_res", "test_res", "for_test_res", "epochs", "batch_size", "grad_accum"):
             value = getattr(self, name)
             if value is not None and value != "auto" and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
@@ -384,6 +388,9 @@ def train_presets(given: dict) -> dict:
     is no --data, and --recipe's settings over it. A preset's or recipe's model options go with
     its model: `--model test_vit` (or a recipe's model) gets no --output-stride it may not take,
     and `--recipe shapes-vit --model test_vit` not the hybrid ViT's constructor keywords."""
+    if "for_test_res" in given and {"train_res", "test_res"} & set(given):
+        raise ConfigError("--for-test-res N chooses the training size and tests at N: give it without --train-res "
+                          "and --test-res, or give those two instead")
     preset = {} if given.get("data") else SHAPES_PRESET
     recipe = RECIPES.get(given.get("recipe"), {})
     model = given.get("model", recipe.get("model", preset.get("model")))
@@ -403,7 +410,7 @@ class FinetuneConfig(TrainConfig):
     test_res are filled in from it, so they are not command-line options; so are mean and
     std, which the weights' metadata holds)."""
     CLI_HIDDEN: typing.ClassVar[tuple] = ("shapes", "model", "pretrained", "weights", "output_stride", "model_kwargs",
-                                          "train_res", "test_res", "freeze_epochs",
+                                          "train_res", "test_res", "for_test_res", "freeze_epochs",
                                           "compile", "fast_decode", "mean", "std",
                                           # train.py's recipe features; fine-tuning has its own --aug
                                           "recipe", "auto_augment", "random_erase", "mixup_alpha", "cutmix_alpha",
@@ -569,8 +576,8 @@ def parse_args(cls, argv, description: str, presets: dict | None = None):
     defaults that depend on what the user gave (the built-in dataset's preset)."""
     parser = build_parser(cls, description)
     given = vars(parser.parse_args(argv))
-    defaults = presets(given) if presets else {}
     try:
+        defaults = presets(given) if presets else {}
         return cls(**{**defaults, **given}), set(given)
     except ConfigError as err:
         parser.error(str(err))

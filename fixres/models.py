@@ -133,6 +133,12 @@ def check_model_sizes(name: str, model_kwargs: dict | None, sizes: dict[str, int
             raise ConfigError(f"{option} {size}: {why_not}")
 
 
+def nearest_size_it_takes(name: str, model_kwargs: dict | None, size: int) -> int:
+    """`size`, or the nearest size the model can run at (a ViT: a multiple of its patch; ties up)."""
+    patch = patch_size(_meta_model(name, {k: v for k, v in (model_kwargs or {}).items() if k not in SIZE_KEYWORDS}))
+    return size if patch is None else max(patch, patch * round(size / patch + 1e-9))
+
+
 def sized_model_kwargs(name: str, train_res: int, model_kwargs: dict | None) -> dict | None:
     """train.py's --model-kwargs with img_size=train_res for a model whose constructor takes it
     (image_size for torchvision's ViT: a ViT or a Swin is built for one size and refuses any

@@ -34,9 +34,10 @@ from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError
                            train_one_epoch)
 from fixres.export import write_run_export
 from fixres.models import (any_size_kwargs, check_model_kwargs, check_model_name, check_model_sizes, create_model,
-                           sized_model_kwargs)
+                           nearest_size_it_takes, sized_model_kwargs)
 from fixres.preprocessing import default_eval_transform, default_train_transform, resolve_preprocessing
 from fixres.report import EpochProgress, epoch_line, make_console, metrics_table
+from fixres.resolution import training_res_for
 from fixres.run import Run, RunState, announce, build_run, new_run_folder, resumed_config, training_accelerator
 from fixres.stopping import StopRequest, collective_failed, collective_failure
 
@@ -56,10 +57,12 @@ def prepare_run(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
             cfg = resumed_config(resume, cfg, explicit)
     check_model_name(cfg.model)
     check_model_kwargs(cfg.model, cfg.model_kwargs)
+    cfg, normalisation = resolve_preprocessing(cfg, explicit, resumed=resume is not None)
+    if cfg.for_test_res and resume is None:  # after crop_pct is resolved: a pretrained model's own changes the answer
+        cfg = sizes_for_test_res(cfg, console)
     if resume is None:  # a ViT built for --train-res (a strict one refuses other sizes); config.json records it
         cfg = dataclasses.replace(cfg, model_kwargs=sized_model_kwargs(cfg.model, cfg.train_res, cfg.model_kwargs))
     check_model_sizes(cfg.model, cfg.model_kwargs, {"--train-res": cfg.train_res, "--test-res": cfg.eval_res})
-    cfg, normalisation = resolve_preprocessing(cfg, explicit, resumed=resume is not None)
     decode = resolve_decode(cfg.decode, accelerator.device)  # --decode gpu without torchcodec: refused before any work
     cfg, data, images, data_name = resolve_data(cfg, accelerator, resume.run_folder.path if resume else None)
     split = load_split(data, images, classes=resume.meta.get("classes") if resume else None)
@@ -72,6 +75,20 @@ def prepare_run(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
     device = accelerator.device
     return build_run(cfg, accelerator, console, folder, split, model, resume=resume,
                      transforms=(default_train_transform(cfg, device), default_eval_transform(cfg, device)))
+
+
+def sizes_for_test_res(cfg: TrainConfig, console) -> TrainConfig:
+    """--for-test-res N: the training size whose objects look as large as a test at N shows them
+    (fixres.resolution.training_res_for, with the run's crop_pct and min_scale), the nearest one
+    the model takes (a ViT: a multiple of its patch); validation at N. Said in one line."""
+    ideal = training_res_for(test_res=cfg.for_test_res, crop_pct=cfg.crop_pct, scale=(cfg.min_scale, 1.0))
+    train_res = nearest_size_it_takes(cfg.model, cfg.model_kwargs, ideal)
+    console.print(f"--for-test-res {cfg.for_test_res}: training at {train_res} px"
+                  + (f" (the apparent-size model's {ideal} px, the nearest size {cfg.model} takes)"
+                     if train_res != ideal else "")
+                  + f", whose objects look as large as a test at {cfg.for_test_res} px shows them "
+                    f"(crop_pct {cfg.crop_pct:g}, min scale {cfg.min_scale:g}); validating at {cfg.for_test_res} px")
+    return dataclasses.replace(cfg, train_res=train_res, test_res=cfg.for_test_res)
 
 
 def fit(run: Run) -> dict:
