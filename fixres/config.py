@@ -419,7 +419,8 @@ class FinetuneConfig(TrainConfig):
     checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py "
                                         f"(default: the newest train.py run under --output, else under {RUNS}/)")
     res: str | int = _opt("auto", "resolution to fine-tune and test at, or 'auto': the best size on the held-out "
-                          "validation images, a last BN re-estimated at each on --choice-images training images")
+                          "validation images, a last BN re-estimated at each on --choice-images training images; a run trained with "
+                          "--for-test-res N: N")
     choice_images: int = _opt(1000, "validation images held out for the choices (--res auto's size, the epoch that "
                                     "ships), drawn with --seed, at most half; the rest report before and after")
     method: str = _opt("finetune", "finetune: train the classifier with the last norm (a BN in train mode, a "

@@ -2,6 +2,7 @@
 
     accelerate launch finetune.py --checkpoint runs/<name> --res 384
     python finetune.py --checkpoint runs/<name>                       # --res auto: choose, then fine-tune
+    python finetune.py --checkpoint runs/<train.py --for-test-res 224 run>   # --res auto: at 224, the size it was trained for
     python finetune.py --checkpoint runs/<name> --method bn-stats     # no gradients, seconds
     python finetune.py --checkpoint runs/<name> --method parametric   # the paper's Frechet map
 
@@ -123,6 +124,11 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     predicted = recommended_test_res(train_res=train_res, crop_pct=cfg.crop_pct, scale=(cfg.min_scale, 1.0))
     if resume and "res_choice" in resume.meta:  # the size its first start chose, and how (a requeue repeats --res auto)
         res, why, choice_rows = resume.meta["finetune_res"], resume.meta["res_choice"], resume.meta["choice_sweep"]
+    elif cfg.res == "auto" and source_cfg.get("for_test_res"):  # the size a deployment fixed: no choice to make
+        res, choice_rows = source_cfg["for_test_res"], []
+        why = (f"--res auto: {res} px, the test size the source run was trained for (train.py --for-test-res {res}); "
+               f"--res N fine-tunes at another")
+        console.print(why)
     elif cfg.res == "auto":
         res, why, choice_rows = choose_res(cfg, model, eval_meta, split, accelerator, console, sweep,
                                            predicted=predicted, last_bn=last_bn, choice=held_out)

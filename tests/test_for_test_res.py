@@ -1,0 +1,51 @@
+"""train.py --for-test-res N: a test size fixed by deployment decides the training size, which
+sweep.py and finetune.py then know.
+
+    python -m pytest -q tests/test_for_test_res.py
+"""
+import json
+
+import pytest
+
+from fixres.checkpoint import read_metadata
+from fixres.models import nearest_size_it_takes
+from fixres.resolution import recommended_test_res
+from tests.conftest import error_line, run_in_process, run_script
+
+TINY = ["--model", "test_resnet", "--batch-size", "16", "--workers", "0", "--epochs", "1"]
+
+
+@pytest.mark.parametrize("given", [["--train-res", "32"], ["--test-res", "40"]])
+def test_for_test_res_with_a_size_is_refused(tmp_path, tiny_csv, capsys, given):
+    result = run_in_process("train.py", "--data", tiny_csv, *TINY, "--for-test-res", "40", *given,
+                            "--output", tmp_path, capsys=capsys)
+    assert "--for-test-res N chooses the training size and tests at N" in error_line(result)
+    assert not any(tmp_path.iterdir())  # refused before a run folder was started
+
+
+def test_a_vit_trains_at_the_nearest_multiple_of_its_patch():
+    # vit_tiny_patch16_224 takes multiples of 16: 52 px (the apparent-size answer for a 64 px test) -> 48
+    assert nearest_size_it_takes("vit_tiny_patch16_224", None, 52) == 48
+    assert nearest_size_it_takes("vit_tiny_patch16_224", None, 56) == 64  # a tie goes up
+    assert nearest_size_it_takes("test_resnet", None, 45) == 45  # a CNN takes any size
+
+
+@pytest.mark.slow
+def test_train_for_a_test_size_then_finetune_there(tmp_path, tiny_csv):
+    trained = run_script("train.py", "--data", tiny_csv, *TINY, "--for-test-res", "40", "--output", tmp_path,
+                         "--name", "run")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())
+    # crop_pct 0.875: Resize(45) + CenterCrop(40) shows objects as a 32 px RandomResizedCrop does (E[sigma] 0.708)
+    assert (config["train_res"], config["test_res"], config["for_test_res"]) == (32, 40, 40)
+    assert abs(recommended_test_res(train_res=32, crop_pct=0.875) - 40) <= 1  # the forward prediction comes back
+    assert "--for-test-res 40: training at 32 px" in trained.stdout
+    assert "(n=25) " in trained.stdout.split("epoch   1")[1]  # validated (at 40 px: the weights say so)
+    assert read_metadata(run / "best.safetensors")["test_res"] == 40
+
+    tuned = run_script("finetune.py", "--checkpoint", run, "--epochs", "1", "--batch-size", "16", "--workers", "0",
+                       "--choice-images", "10", "--name", "ft")
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert "--res auto: 40 px, the test size the source run was trained for" in tuned.stdout
+    assert json.loads((tmp_path / "ft" / "finetune.json").read_text())["res"] == 40
