@@ -118,7 +118,7 @@ def _runtime_opt(name: str):
 # A speed budget (fixres/throughput.py), one definition for sweep.py and finetune.py --res auto
 BUDGET_OPTIONS = {
     "max_latency_ms": (None, "choose the best size among those whose forward pass of one image (batch 1) takes at "
-                             "most this many milliseconds on this device (median of --speed-repeats timings)"),
+                             "most this many milliseconds on this device (the median of timings after a warm-up)"),
     "min_images_per_s": (None, "choose the best size among those that forward at least this many images a second "
                                "at --batch-size on this device (with --max-latency-ms: a size must meet both)"),
 }
@@ -529,7 +529,8 @@ class SweepConfig:
                                    "size: in the swept weights' metadata and in the run's timm export, written again")
     # speed per size: the forward pass alone on synthetic input, before the sweep (fixres/throughput.py)
     speed: bool = _opt(True, "measure each size's images/s at --batch-size and milliseconds at batch 1 on this "
-                             "device (a few seconds on a CPU); --no-speed skips it")
+                             "device before the sweep (on a CPU, about a tenth of the built-in data's sweep); "
+                             "--no-speed skips it")
     speed_repeats: int = _opt(5, "timed forward passes per size and batch (after one warm-up); the median is kept")
     max_latency_ms: float | None = _budget_opt("max_latency_ms")
     min_images_per_s: float | None = _budget_opt("min_images_per_s")
