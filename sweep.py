@@ -7,19 +7,32 @@
     torchrun --nproc_per_node 2 sweep.py --cpu --checkpoint runs/<name>   # two CPU processes (gloo)
     python sweep.py --checkpoint runs/<name> --activations        # + pooled-feature statistics
     python sweep.py --checkpoint runs/<name> --write-best         # the best size becomes the run's test size
+    python sweep.py --checkpoint runs/<name> --max-latency-ms 5   # the best size that takes at most 5 ms an image
+    python sweep.py --checkpoint runs/<name> --min-images-per-s 2000 --write-best   # ... that does 2000 images/s
     python sweep.py --model tv:resnet50 --weights r50.pth --data data/ --train-res 224  # plain weights
 
 Prints the resolved config, a progress bar, a table (size, resize, top-1, the paired
 difference in top-1 against the training size on the same images with its 95% interval,
 "+2.40 [+1.20, +3.60]" in points, the images gained and lost against it, top-5 (top-k,
 k = min(5, classes), named so: "top-3" for 3 classes), loss, images,
-forward img/s, which size was trained / predicted / best) and a line like
-"best: 80 px (top-1 91.2%), trained at 64 px, predicted 79 px"; with --activations, the
-fraction of zeros, mean and spread of the pooled features per size. Writes sweep.csv,
+forward img/s, the measured speed "img/s b64" and "ms b1", which size was trained / predicted / best)
+and a line like "best: 80 px (top-1 91.2%), trained at 64 px, predicted 79 px"; with --activations, the
+fraction of zeros, mean and spread of the pooled features per size.
+
+Speed: before the sweep, each size's forward pass is timed on synthetic input on the main
+process's device (fixres/throughput.py): images/s at --batch-size and milliseconds at batch 1,
+the medians of --speed-repeats timings after a warm-up ("speed: 10 size(s) timed ... in 3.2 s";
+--no-speed skips it). With --max-latency-ms and/or --min-images-per-s the best size is chosen
+among the sizes that meet the budget: "best within --max-latency-ms 5: 80 px (top-1 91.2%, 4.2 ms
+at batch 1, ...); best overall: 96 px", and --write-best writes that one. A budget that no size
+meets is refused in one line before any evaluation ("error: --max-latency-ms 2: no size meets it
+(the fastest, 32 px, takes 3.1 ms at batch 1 on cpu)"). Writes sweep.csv,
 sweep.json (columns top5, diff_vs_train, diff_low, diff_high, gained, lost among them; sweep.json
 also per-class top-1 at every size, "per_class") and
-sweep.png (top-1, and below it the difference with its interval as error bars; and
-activations.png) into the run folder or --output. The table is the same with 1 and N
+sweep.png (top-1, and below it the difference with its interval as error bars), sweep_speed.png
+(top-1 against images/s and against ms at batch 1, each point a size, the budget drawn; sweep.json's
+"speed", "budget" and "best_within_budget" say how it was measured and chosen) and activations.png
+into the run folder or --output. The table is the same with 1 and N
 processes. With --write-best, the swept weights' metadata then says test_res = the best
 size, and the run's timm export (runs/<name>/timm, fixres/export.py) is written again with
 it as test_input_size. `--help` lists every option.

@@ -115,6 +115,25 @@ def _runtime_opt(name: str):
     return _opt(*RUNTIME_OPTIONS[name])
 
 
+# A speed budget (fixres/throughput.py), one definition for sweep.py and finetune.py --res auto
+BUDGET_OPTIONS = {
+    "max_latency_ms": (None, "choose the best size among those whose forward pass of one image (batch 1) takes at "
+                             "most this many milliseconds on this device (the median of timings after a warm-up)"),
+    "min_images_per_s": (None, "choose the best size among those that forward at least this many images a second "
+                               "at --batch-size on this device (with --max-latency-ms: a size must meet both)"),
+}
+
+
+def _budget_opt(name: str):
+    return _opt(*BUDGET_OPTIONS[name])
+
+
+def check_budget(cfg) -> None:
+    for name in BUDGET_OPTIONS:
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+
+
 def check_finite(cfg) -> None:
     """float("nan") and float("inf") parse, and pass every comparison: refuse them first."""
     for f in dataclasses.fields(cfg):
@@ -454,6 +473,9 @@ class FinetuneConfig(TrainConfig):
                                      "last BN's weight and bias, as in train.py")
     warmup_epochs: float = _opt(0.0, "linear warm-up length in epochs (the head starts trained: none needed)")
     output: str | None = _opt(None, "folder for the new run folder (default: the folder that holds the source run)")
+    # a speed budget: --res auto chooses among the sizes that meet it; a --res N that does not is refused
+    max_latency_ms: float | None = _budget_opt("max_latency_ms")
+    min_images_per_s: float | None = _budget_opt("min_images_per_s")
 
     def validate(self) -> None:
         super().validate()
@@ -475,6 +497,7 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError(f"--fit-images must be > 1, got {self.fit_images}")
         if self.choice_images <= 0:
             raise ConfigError(f"--choice-images must be > 0, got {self.choice_images}")
+        check_budget(self)
         if self.train_pos_embed and self.method != "finetune":
             raise ConfigError(f"--train-pos-embed goes with --method finetune (--method {self.method} trains no "
                               f"parameters)")
@@ -510,8 +533,15 @@ class SweepConfig:
     cpu: bool = _runtime_opt("cpu")
     collective_timeout: float = _runtime_opt("collective_timeout")
     output: str | None = _opt(None, "folder for sweep.csv, sweep.json and the plots (default: the run folder)")
-    write_best: bool = _opt(False, "record the best size as the run's test size: in the swept weights' metadata and "
-                                   "in the run's timm export, which is written again")
+    write_best: bool = _opt(False, "record the best size (within the budget, when one is given) as the run's test "
+                                   "size: in the swept weights' metadata and in the run's timm export, written again")
+    # speed per size: the forward pass alone on synthetic input, before the sweep (fixres/throughput.py)
+    speed: bool = _opt(True, "measure each size's images/s at --batch-size and milliseconds at batch 1 on this "
+                             "device before the sweep (on a CPU, about a tenth of the built-in data's sweep); "
+                             "--no-speed skips it")
+    speed_repeats: int = _opt(5, "timed forward passes per size and batch (after one warm-up); the median is kept")
+    max_latency_ms: float | None = _budget_opt("max_latency_ms")
+    min_images_per_s: float | None = _budget_opt("min_images_per_s")
 
     def __post_init__(self):
         check_finite(self)
@@ -523,13 +553,16 @@ class SweepConfig:
             raise ConfigError("--model goes with --weights; a --checkpoint names its own model")
         if self.write_best and self.weights:
             raise ConfigError("--write-best records the size in a fixres run: give --checkpoint, not --weights")
-        for name in ("train_res", "batch_size"):
+        for name in ("train_res", "batch_size", "speed_repeats"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if self.min_scale is not None and not 0 < self.min_scale <= 1:
             raise ConfigError(f"--min-scale must be in (0, 1], got {self.min_scale}")
+        check_budget(self)
+        if not self.speed and (self.max_latency_ms or self.min_images_per_s):
+            raise ConfigError("--no-speed: a budget (--max-latency-ms, --min-images-per-s) needs the speed measured")
         check_sizes(self.sizes or [], self.crop_pct if self.crop_pct is not None else 0.875)
         if self.sizes:
             self.sizes = sorted(set(self.sizes))

@@ -73,6 +73,7 @@ from fixres.runtime import use_channels_last
 from fixres.stats import METHOD as STATS_METHOD
 from fixres.stats import paired_difference_of
 from fixres.sweep import ACT_EDGES, load_for_sweep, run_sweep, trained_min_scale
+from fixres.throughput import budget_of, refuse_over_budget
 from fixres.training import fit
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -89,6 +90,8 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     model, meta, split, source_folder, source_cfg = load_source(cfg, accelerator)
     if cfg.res != "auto" and (why_not := size_refusal(model, meta["model"], cfg.res)):
         raise ConfigError(f"--res {cfg.res}: {why_not}")
+    if cfg.res != "auto" and (budget := budget_of(cfg)) and not resume:  # refused, not warned: the budget was asked for
+        refuse_over_budget(copy.deepcopy(model), cfg.res, budget, batch_size=cfg.batch_size, accelerator=accelerator)
     if "data" in source_cfg and source_cfg["data"] is None and not resume:  # the built-in data: its preset
         cfg = dataclasses.replace(cfg, **{k: v for k, v in FINETUNE_SHAPES_PRESET.items() if k not in explicit})
     output = cfg.output or str(beside_source(Path(meta["weights_path"])))
@@ -151,7 +154,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     cfg = dataclasses.replace(cfg, res=res, test_res=res,
                               name=cfg.name or f"{source_name}-{cfg.method}-{res}px-{time.strftime('%Y%m%d-%H%M%S')}")
     extra = dict(finetune_res=res, finetune_method=cfg.method, finetuned_from=meta["weights_path"], last_bn=last_bn,
-                 adapted=adapted, res_choice=why, choice_sweep=[{k: r[k] for k in CHOICE_KEYS} for r in choice_rows])
+                 adapted=adapted, res_choice=why, choice_sweep=[{k: r[k] for k in CHOICE_KEYS if k in r} for r in choice_rows])
     start = time.perf_counter()
     # the fine-tune's epochs are evaluated on the held-out images: they choose the epoch that ships
     applied = apply_method(cfg, model, dataclasses.replace(split, val=held_out), extra, accelerator, console, resume,

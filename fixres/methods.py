@@ -21,12 +21,14 @@ from fixres.runtime import use_channels_last
 from fixres.resolution import default_sizes
 from fixres.stats import add_differences, best_of
 from fixres.sweep import run_sweep
+from fixres.throughput import add_speeds, budget_of, budget_text, over_budget, timed_sizes
 from fixres.transforms import eval_transform
 
 
 NEGATIVE_CHECK_IMAGES = 32  # parametric: training images whose pooled features must not go far negative
 ACTIVATION_FLOOR = -0.375    # the lowest value of hard-swish (x (x + 3) / 6 at x = -1.5); Mish -0.31, SiLU -0.28
-CHOICE_KEYS = ("size", "top1", "top5", "loss", "count", "diff_vs_train", "diff_low", "diff_high", "gained", "lost")
+CHOICE_KEYS = ("size", "top1", "top5", "loss", "count", "diff_vs_train", "diff_low", "diff_high", "gained", "lost",
+               "images_per_s_batch", "latency_ms")  # the last two with a speed budget only
 
 
 def choose_res(cfg, model, eval_meta, split, accelerator, console, sweep, *, predicted, last_bn, choice):
@@ -45,6 +47,11 @@ def choose_res(cfg, model, eval_meta, split, accelerator, console, sweep, *, pre
     sizes, dropped = sizes_it_takes(model, cfg.model, sizes)  # a ViT: multiples of its patch
     if dropped:
         console.print(dropped)
+    candidates, speeds, budget = sizes, None, budget_of(cfg)
+    if budget:  # timed before any scoring: a budget no size meets is refused here; the training size stays the reference
+        speeds, candidates, _ = timed_sizes(copy.deepcopy(model), sizes, budget=budget, batch_size=cfg.batch_size,
+                                            accelerator=accelerator, console=console)
+        sizes = sorted(set(candidates) | {train_res})
     # no running statistics (a LayerNorm head, a norm-free net): each size scored as the model stands
     bn_images = seeded_subset(split.train, cfg.choice_images, cfg.seed) if last_bn else []
     rows = []
@@ -56,12 +63,13 @@ def choose_res(cfg, model, eval_meta, split, accelerator, console, sweep, *, pre
                 reestimate_last_bn(trial, bn_images, size, cfg, accelerator, sweep["workers"], last_bn)
             rows += run_sweep(trial, eval_meta, split, [size], cfg.crop_pct, accelerator, progress=bar, samples=choice,
                               **{**sweep, "activations": False})
-    by_size = {r["size"]: r for r in add_differences(rows, train_res)}
-    res = best_of(rows)["size"]
+    by_size = {r["size"]: r for r in add_speeds(add_differences(rows, train_res), speeds)}
+    res = best_of([r for r in rows if r["size"] in candidates])["size"]
     how = (f"the last BN's statistics re-estimated at each size on {len(bn_images)} training images" if last_bn else
            "the model as it stands (no running statistics to re-estimate)")
-    why = (f"--res auto: {res} px, the best of the sweep ({', '.join(map(str, sizes))} px) on the {len(choice)} "
-           f"held-out validation images, {how}: top-1 {100 * by_size[res]['top1']:.2f}% against "
+    within = f" within {budget_text(budget)}{over_budget(speeds, candidates, train_res)}" if budget else ""
+    why = (f"--res auto: {res} px, the best of the sweep ({', '.join(map(str, candidates))} px){within} on the "
+           f"{len(choice)} held-out validation images, {how}: top-1 {100 * by_size[res]['top1']:.2f}% against "
            f"{100 * by_size[train_res]['top1']:.2f}% "
            f"at the training resolution {train_res} px; the apparent-size model predicts {predicted} px")
     if res == train_res:

@@ -3,6 +3,7 @@
     plot_sweep(rows, "sweep.png", train_res=64, predicted=79, best=80)   # top-1 against test size, and
                                                                           # the paired difference against 64 px
     plot_sweep_activations(rows, edges, "activations.png", train_res=64)  # the paper's CDF figure
+    plot_speed(rows, "sweep_speed.png", batch_size=64, budget={"max_latency_ms": 5}, best=80)  # top-1 against speed
     plot_activation_cdfs([("before", hist), ("after", hist2)], edges, "activations.png", title="...")  # finetune.py
 """
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from fixres.checkpoint import atomic_write
+from fixres.throughput import meets
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -85,3 +88,42 @@ def plot_sweep_activations(rows: list[dict], edges: list[float], path: Path, *, 
     styles = [{"color": colour, "linewidth": 2.5 if bold else 1.2} for colour, bold in zip(colours, trained)]
     plot_activation_cdfs(curves, edges, path, title="pooled-feature distribution by test size", styles=styles,
                          legend_title="test size")
+
+
+def _one_two_five(value: float, _) -> str:
+    """A log axis's tick label: plain numbers at 1, 2 and 5 times a power of ten (0.5, 2000), none between."""
+    return f"{value:g}" if f"{value:.0e}"[0] in "125" else ""
+
+
+def plot_speed(rows: list[dict], path: Path, *, batch_size: int, budget: dict, best: int, title: str = "") -> None:
+    """sweep_speed.png: top-1 against images/s at `batch_size` (left) and against milliseconds
+    at batch 1 (right), log x, each point labelled with its size; a budget's limit drawn on its
+    panel, the sizes outside it hollow, `best` (the best within the budget, or overall) starred."""
+    fig = Figure(figsize=(10, 4.2))
+    axes = fig.subplots(1, 2, sharey=True)
+    top1 = [100 * r["top1"] for r in rows]
+    inside = [meets({"images_per_s": r["images_per_s_batch"], "latency_ms": r["latency_ms"]}, budget) for r in rows]
+    panels = ((axes[0], "images_per_s_batch", f"images/s at batch {batch_size} (forward pass)", "min_images_per_s"),
+              (axes[1], "latency_ms", "ms per image at batch 1 (forward pass)", "max_latency_ms"))
+    for ax, key, label, limit in panels:
+        x = [r[key] for r in rows]
+        ax.plot(x, top1, "-", color="tab:blue", alpha=0.4)
+        for xi, yi, r, ok in zip(x, top1, rows, inside):
+            ax.plot([xi], [yi], "o", color="tab:blue", markerfacecolor="tab:blue" if ok else "white")
+            ax.annotate(f"{r['size']}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize="small")
+            if r["size"] == best:
+                ax.plot([xi], [yi], "*", color="tab:red", markersize=15,
+                        label=f"best{' within budget' if budget else ''}: {best} px ({yi:.1f}%)")
+        if budget.get(limit) is not None:
+            ax.axvline(budget[limit], color="tab:red", linestyle="--",
+                       label=f"--{limit.replace('_', '-')} {budget[limit]:g}")
+        ax.set_xscale("log")
+        for set_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            set_formatter(FuncFormatter(_one_two_five))
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel("top-1 (%)")
+    fig.suptitle((title or "top-1 against speed") + ": one point per test size (px)"
+                 + ("; hollow: outside the budget" if budget else ""))
+    _save(fig, path)

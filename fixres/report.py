@@ -101,20 +101,29 @@ def difference_cell(diff: float, low: float, high: float) -> str:
     return f"{100 * diff:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
 
 
-def sweep_table(rows: list[dict], *, train_res: int, predicted: int, best: int, top5_label: str = "top-5") -> Table:
-    """`top5_label`: top-k with k = min(5, classes) ("top-3")."""
+def _speed_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}" if value >= 10 else f"{value:.2f}"  # --no-speed: "-"
+
+
+def sweep_table(rows: list[dict], *, train_res: int, predicted: int, best: int, top5_label: str = "top-5",
+                within: int | None = None, speed_batch: int | None = None) -> Table:
+    """`top5_label`: top-k with k = min(5, classes) ("top-3"); `within`: the best size within
+    a speed budget; `speed_batch`: the batch of the measured images/s (fixres.throughput)."""
     table = Table(title="fixres sweep")
     for column in ("size", "resize", "top-1", f"vs {train_res} px (95% CI)", "gained", "lost", top5_label, "loss",
-                   "images", "forward img/s", ""):
+                   "images", "forward img/s", f"img/s b{speed_batch or '-'}", "ms b1", ""):
         table.add_column(column, justify="right" if column else "left")
     for r in rows:
-        notes = [name for name, size in (("trained", train_res), ("predicted", predicted), ("best", best))
-                 if size == r["size"]]
+        # a budget's best: "best in budget", or "best (in budget)" when the best overall meets it
+        notes = [name for name, size in (("trained", train_res), ("predicted", predicted),
+                                         ("best (in budget)" if within == best else "best", best),
+                                         ("best in budget", within if within != best else None)) if size == r["size"]]
         difference = ("reference" if r["size"] == train_res
                       else difference_cell(r["diff_vs_train"], r["diff_low"], r["diff_high"]))
         table.add_row(str(r["size"]), str(r["resize"]), f"{100 * r['top1']:.2f}%", difference, str(r["gained"]),
                       str(r["lost"]), f"{100 * r['top5']:.2f}%", f"{r['loss']:.4f}", str(r["count"]),
-                      f"{r['images_per_s']:.1f}", ", ".join(notes))
+                      f"{r['images_per_s']:.1f}", _speed_cell(r.get("images_per_s_batch")),
+                      _speed_cell(r.get("latency_ms")), ", ".join(notes))
     return table
 
 
@@ -150,7 +159,8 @@ def activation_table(rows: list[dict]) -> Table:
 
 
 CSV_COLUMNS = ("size", "resize", "top1", "top5", "loss", "correct", "correct5", "count", "diff_vs_train", "diff_low", "diff_high",
-               "gained", "lost", "forward_seconds", "images_per_s", "act_zero_frac", "act_mean", "act_std")
+               "gained", "lost", "forward_seconds", "images_per_s", "images_per_s_batch", "latency_ms", "act_zero_frac",
+               "act_mean", "act_std")
 
 
 def per_class_accuracy(rows: list[dict], labels: list[int], classes: list[str]) -> dict:
@@ -182,15 +192,20 @@ def write_sweep_tables(out: Path, rows: list[dict], summary: dict, *, act_edges:
 
 
 def print_sweep(console: Console, rows: list[dict], *, train_res: int, predicted: int, best: int, top5_label: str,
-                processes: int) -> None:
+                processes: int, within: int | None = None, speed_batch: int | None = None) -> None:
     """The sweep's table and the lines that say what its columns mean, then the best size."""
-    console.print(sweep_table(rows, train_res=train_res, predicted=predicted, best=best, top5_label=top5_label))
+    console.print(sweep_table(rows, train_res=train_res, predicted=predicted, best=best, top5_label=top5_label,
+                              within=within, speed_batch=speed_batch))
     console.print(f"vs {train_res} px: the difference in top-1 from the training size, in points, on the same "
                   f"{rows[0]['count']} validation images; {STATS_METHOD}; gained / lost: images right only at that "
                   f"size / only at {train_res} px")
     console.print(f"forward img/s: forward passes only, all {processes} process(es); decoding and "
                   f"resizing (shared by all sizes) kept the model waiting {rows[0]['loader_seconds']:.1f} s "
                   f"of the sweep's {rows[0]['seconds']:.1f} s")
+    if speed_batch:
+        console.print(f"img/s b{speed_batch}, ms b1: the forward pass alone on synthetic input, one process's device, "
+                      f"at batch {speed_batch} (images/s) and at batch 1 (milliseconds), medians, measured before "
+                      f"the sweep")
     if "act_zero_frac" in rows[0]:
         console.print(activation_table(rows))
     top = next(r for r in rows if r["size"] == best)

@@ -13,6 +13,7 @@ image is counted once at every size (no padding) and a batch holds the same imag
 N is. Counts, histograms and which images were right (`per_image_correct`) are summed
 across processes exactly; only the loss sum's last float bits can depend on N. Every size is
 compared with the training size, always swept, on the same images (fixres.stats.add_differences).
+sweep() times every size first (fixres.throughput: images/s, ms at batch 1; a speed budget's best).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from fixres.resolution import default_sizes, recommended_test_res, resize_size
 from fixres.runtime import make_accelerator
 from fixres.stats import METHOD as STATS_METHOD
 from fixres.stats import add_differences, best_of
+from fixres.throughput import add_speeds, best_within, budget_line, budget_of, speed_record, timed_sizes
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, float_normalize
 
 # Pooled-activation histogram: log-spaced bins over +-[1e-4, 1e4] (25 per decade) plus the
@@ -255,21 +257,31 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
         "processes": accelerator.num_processes, "device": accelerator.device,
         "mixed precision": accelerator.mixed_precision, "workers": workers, "decoding on": decode, "output": out},
         title="fixres sweep: resolved config"))
+    budget, speeds, speed_s = budget_of(cfg), None, 0.0
+    if cfg.speed:  # before any evaluation: a budget that no size meets is refused here
+        speeds, _, speed_s = timed_sizes(model, sizes, budget=budget, batch_size=cfg.batch_size, accelerator=accelerator,
+                                         console=console, repeats=cfg.speed_repeats)
     with EpochProgress(console, f"sweep ({len(sizes)} sizes)", len(split.val)) as bar:
         rows = run_sweep(model, meta, split, sizes, crop_pct, accelerator, batch_size=cfg.batch_size,
                          workers=workers, activations=cfg.activations, progress=bar, decode=decode)
-    add_differences(rows, train_res)
+    add_speeds(add_differences(rows, train_res), speeds)
     best = best_of(rows)
+    chosen = best_within(rows, speeds, budget) if budget else best
     k = top5_k(len(split.classes))
     print_sweep(console, rows, train_res=train_res, predicted=predicted, best=best["size"], top5_label=f"top-{k}",
-                processes=accelerator.num_processes)
+                processes=accelerator.num_processes, within=chosen["size"] if budget else None,
+                speed_batch=cfg.batch_size if speeds else None)
+    if budget:
+        console.print(budget_line(chosen, best, budget, batch_size=cfg.batch_size))
     summary = {"train_res": train_res, "predicted_best": predicted, "measured_best": best["size"],
                "measured_best_top1": best["top1"], "crop_pct": crop_pct, "min_scale": min_scale,
                "weights": meta["weights_path"], "model": meta["model"], "data": split.source,
                "val_images": len(split.val), "difference_vs_train": STATS_METHOD,
                "processes": accelerator.num_processes, "device": str(accelerator.device),
                "mixed_precision": accelerator.mixed_precision, "loader_seconds": rows[0]["loader_seconds"],
-               "seconds": rows[0]["seconds"], "top5_k": k, "command": command, "config": cfg.to_dict()}
+               "seconds": rows[0]["seconds"], "top5_k": k, "command": command, "config": cfg.to_dict(),
+               **speed_record(measured=bool(speeds), budget=budget, chosen=chosen, batch_size=cfg.batch_size,
+                              repeats=cfg.speed_repeats, device=accelerator.device, seconds=speed_s)}
     per_class = per_class_accuracy(rows, [label for _, label in split.val], split.classes)
     if accelerator.is_main_process:
         write_sweep_tables(out, rows, summary, act_edges=ACT_EDGES.tolist(), per_class=per_class)
@@ -277,8 +289,12 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
             plots.plot_sweep_activations(rows, ACT_EDGES.tolist(), out / "activations.png", train_res=train_res)
         plots.plot_sweep(rows, out / "sweep.png", train_res=train_res, predicted=predicted, best=best["size"],
                          title=f"{meta['model']} trained at {train_res} px, crop_pct {crop_pct}")
-        console.print(f"wrote {out}/sweep.csv, sweep.json, sweep.png" + (", activations.png" if cfg.activations else ""))
-        if cfg.write_best:
-            write_best_size(Path(meta["weights_path"]), run_dir, best["size"], crop_pct, console)
+        if speeds:
+            plots.plot_speed(rows, out / "sweep_speed.png", batch_size=cfg.batch_size, budget=budget, best=chosen["size"],
+                             title=f"{meta['model']} on {summary['speed']['device']}")
+        console.print(f"wrote {out}/sweep.csv, sweep.json, sweep.png" + (", sweep_speed.png" if speeds else "")
+                      + (", activations.png" if cfg.activations else ""))
+        if cfg.write_best:  # within the budget, when one is given
+            write_best_size(Path(meta["weights_path"]), run_dir, chosen["size"], crop_pct, console)
     accelerator.wait_for_everyone()
     return {"rows": rows, "meta": summary, "output": str(out)}

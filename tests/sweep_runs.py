@@ -5,8 +5,11 @@ new interpreters importing torch, timm and accelerate: most of a 2-process sweep
 
     python -m torch.distributed.run --nproc_per_node 2 tests/sweep_runs.py ARGS1 -- ARGS2 -- ...
 
-Exits as sweep.py does (run_main: `error: <line>` and status 2 for a user error).
+Exits as sweep.py does (run_main: `error: <line>` and status 2 for a user error). After each
+sweep, every rank prints "rank R: speeds {size: [images/s, ms], ...}", the speeds it holds.
 """
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +31,10 @@ def argument_lists(argv: list[str]) -> list[list[str]]:
 
 def main(argv: list[str]) -> None:
     for args in argument_lists(argv):
-        sweep.main(args)  # run_main ends the process group once, after the last
+        rows = sweep.main(args)["rows"]  # run_main ends the process group once, after the last
+        # what this rank holds (sweep.json is the main process's): the same numbers on every rank
+        speeds = {row["size"]: [row.get("images_per_s_batch"), row.get("latency_ms")] for row in rows}
+        print(f"rank {os.environ.get('RANK', '0')}: speeds {json.dumps(speeds)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -75,12 +75,12 @@ def tv_run(data_csv, tmp_path_factory) -> Path:
 
 def table_rows(stdout: str) -> list[list[str]]:
     """The sweep table's cells (size, resize, top-1, vs trained, gained, lost, top-5, loss,
-    images, notes), without the timing column (forward img/s)."""
+    images, notes), without the timing columns (forward img/s, img/s at the batch, ms at batch 1)."""
     rows = []
     for line in stdout.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]
-        if cells and cells[0].isdigit() and len(cells) == 11:
-            rows.append(cells[:9] + cells[10:])
+        if cells and cells[0].isdigit() and len(cells) == 13:
+            rows.append(cells[:9] + cells[12:])
     return rows
 
 
@@ -306,7 +306,9 @@ def _one_and_two_processes(run: Path, out: Path, workers_of_one: int) -> tuple[s
     # 16 px: the 1-epoch model changes its answer on one image there (the others: on none)
     common = ["--checkpoint", run, "--sizes", "16", "24", "32", "40", "--batch-size", "4", "--activations"]
     started = [start_script("sweep.py", *common, "--output", out / "one", "--workers", workers_of_one),
-               start_script("sweep.py", *common, "--output", out / "two", "--cpu", "--workers", "0", processes=2)]
+               # sweep.py's main under torchrun, each rank printing the speeds it holds (tests/sweep_runs.py)
+               start_script("tests/sweep_runs.py", *common, "--output", out / "two", "--cpu", "--workers", "0",
+                            processes=2)]
     results = [finish(process, timeout=300) for process in started]
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -317,6 +319,9 @@ def _one_and_two_processes(run: Path, out: Path, workers_of_one: int) -> tuple[s
 def test_same_table_with_one_and_two_processes(tiny_run, tmp_path):
     one, two = _one_and_two_processes(tiny_run, tmp_path, workers_of_one=1)  # a loader worker process
     assert re.search(r"processes\s+2\b", two) and re.search(r"processes\s+1\b", one)
+    ranks = dict(re.findall(r"^rank (\d): speeds (.*)$", two, re.M))
+    assert sorted(ranks) == ["0", "1"] and ranks["0"] == ranks["1"]  # measured on rank 0 and broadcast
+    assert sorted(json.loads(ranks["0"])) == ["16", "24", "32", "40"]
     rows_one, rows_two = table_rows(one), table_rows(two)
     assert [r[0] for r in rows_one] == ["16", "24", "32", "40"]
     assert all(r[8] == str(N_VAL) for r in rows_one)
