@@ -90,8 +90,10 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     model, meta, split, source_folder, source_cfg = load_source(cfg, accelerator)
     if cfg.res != "auto" and (why_not := size_refusal(model, meta["model"], cfg.res)):
         raise ConfigError(f"--res {cfg.res}: {why_not}")
-    if cfg.res != "auto" and (budget := budget_of(cfg)) and not resume:  # refused, not warned: the budget was asked for
-        refuse_over_budget(copy.deepcopy(model), cfg.res, budget, batch_size=cfg.batch_size, accelerator=accelerator)
+    fixed_res = cfg.res if cfg.res != "auto" else source_cfg.get("for_test_res")  # given, or the size trained for
+    if fixed_res and (budget := budget_of(cfg)) and not resume:  # refused, not warned: the budget was asked for
+        refuse_over_budget(copy.deepcopy(model), fixed_res, budget, batch_size=cfg.batch_size, accelerator=accelerator,
+                           target=cfg.res == "auto")
     if "data" in source_cfg and source_cfg["data"] is None and not resume:  # the built-in data: its preset
         cfg = dataclasses.replace(cfg, **{k: v for k, v in FINETUNE_SHAPES_PRESET.items() if k not in explicit})
     output = cfg.output or str(beside_source(Path(meta["weights_path"])))

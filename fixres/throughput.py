@@ -146,14 +146,18 @@ def over_budget(speeds: dict[int, dict], within: list[int], train_res: int) -> s
     return f" ({', '.join(map(str, over))} px outside it{reference})" if over else ""
 
 
-def refuse_over_budget(model: nn.Module, size: int, budget: dict, *, batch_size: int, accelerator) -> None:
-    """finetune.py --res N with a budget: N timed, and a ConfigError in one line when it is outside."""
+def refuse_over_budget(model: nn.Module, size: int, budget: dict, *, batch_size: int, accelerator,
+                       target: bool = False) -> None:
+    """finetune.py --res N (or `target`: the test size its source run was trained for) with a
+    budget: N timed, and a ConfigError in one line when it is outside."""
     speed = measure_speed(model, [size], batch_size=batch_size, accelerator=accelerator)[size]
     if not meets(speed, budget):
-        raise ConfigError(f"--res {size} takes {_number(speed['latency_ms'])} ms at batch 1 and does "
+        what, remedy = ((f"--res auto: {size} px, the test size the source run was trained for (--for-test-res),",
+                         "give --res N to fine-tune at another size, or drop the budget") if target else
+                        (f"--res {size}", "use --res auto to choose within it, or drop the budget"))
+        raise ConfigError(f"{what} takes {_number(speed['latency_ms'])} ms at batch 1 and does "
                           f"{_number(speed['images_per_s'])} images/s at batch {batch_size} on "
-                          f"{device_name(accelerator.device)}: outside {budget_text(budget)}; use --res auto to choose "
-                          f"within it, or drop the budget")
+                          f"{device_name(accelerator.device)}: outside {budget_text(budget)}; {remedy}")
 
 
 def device_name(device: torch.device) -> str:

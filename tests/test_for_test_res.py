@@ -31,7 +31,7 @@ def test_a_vit_trains_at_the_nearest_multiple_of_its_patch():
 
 
 @pytest.mark.slow
-def test_train_for_a_test_size_then_finetune_there(tmp_path, tiny_csv):
+def test_train_for_a_test_size_then_finetune_there(tmp_path, tiny_csv, capsys):
     trained = run_script("train.py", "--data", tiny_csv, *TINY, "--for-test-res", "40", "--output", tmp_path,
                          "--name", "run")
     assert trained.returncode == 0, trained.stderr[-3000:]
@@ -43,6 +43,12 @@ def test_train_for_a_test_size_then_finetune_there(tmp_path, tiny_csv):
     assert "--for-test-res 40: training at 32 px" in trained.stdout
     assert "(n=25) " in trained.stdout.split("epoch   1")[1]  # validated (at 40 px: the weights say so)
     assert read_metadata(run / "best.safetensors")["test_res"] == 40
+
+    # a budget the size trained for cannot meet is refused in one line, before any fine-tuning
+    over = run_in_process("finetune.py", "--checkpoint", run, "--max-latency-ms", "1e-6", "--name", "over",
+                          capsys=capsys)
+    assert error_line(over).startswith("error: --res auto: 40 px, the test size the source run was trained for")
+    assert not (tmp_path / "over").exists()
 
     tuned = run_script("finetune.py", "--checkpoint", run, "--epochs", "1", "--batch-size", "16", "--workers", "0",
                        "--choice-images", "10", "--name", "ft")
