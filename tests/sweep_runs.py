@@ -5,8 +5,12 @@ new interpreters importing torch, timm and accelerate: most of a 2-process sweep
 
     python -m torch.distributed.run --nproc_per_node 2 tests/sweep_runs.py ARGS1 -- ARGS2 -- ...
 
-Exits as sweep.py does (run_main: `error: <line>` and status 2 for a user error).
+Exits as sweep.py does (run_main: `error: <line>` and status 2 for a user error). Each process
+also writes which images every row got right, <output>/per_image_correct.<rank>.json
+({"size@crop_pct": [0 or 1 per validation image]}), for tests that compare sweeps image for image.
 """
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,9 +30,15 @@ def argument_lists(argv: list[str]) -> list[list[str]]:
     return [args for args in lists if args]
 
 
+def save_per_image(result: dict) -> None:
+    rows = {f"{r['size']}@{r['crop_pct']}": r["per_image_correct"].int().tolist() for r in result["rows"]}
+    rank = os.environ.get("RANK", "0")  # every process holds every row: each writes its own
+    (Path(result["output"]) / f"per_image_correct.{rank}.json").write_text(json.dumps(rows))
+
+
 def main(argv: list[str]) -> None:
     for args in argument_lists(argv):
-        sweep.main(args)  # run_main ends the process group once, after the last
+        save_per_image(sweep.main(args))  # run_main ends the process group once, after the last
 
 
 if __name__ == "__main__":
