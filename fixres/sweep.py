@@ -12,8 +12,9 @@ Each size is evaluated as train.py evaluates: Resize(int(size / crop_pct)) + Cen
 Decode once: every validation image is decoded once per sweep and resized to every size (every
 (size, crop_pct) pair) from that decode. Sharding: batch b of the validation split goes to
 process b mod N, so each image is counted once at every size (no padding) and a batch holds
-the same images whatever N is. Counts, histograms and which images were right (`per_image_correct`) are summed
-across processes exactly; only the loss sum's last float bits can depend on N. Every size is
+the same images whatever N is. Counts, histograms and which images were right
+(`per_image_correct`) are summed across processes exactly; only the loss sum's last float bits
+can depend on N. Every size is
 compared with the training size (at the reference crop_pct: --crop-pct, else the run's), always
 swept, on the same images (fixres.stats.add_differences).
 """
@@ -78,11 +79,11 @@ class SizeTally:
     """This process's sums per (size, crop_pct) pair; each image is on one process only, so the
     sum over processes puts every image's result in place."""
 
-    def __init__(self, sizes: int, images: int, device: torch.device):
+    def __init__(self, pairs: int, images: int, device: torch.device):
         # per pair: correct, count, loss sum | zeros, sum, sum of squares, count of features | top-5 correct | histogram
-        self.stats = torch.zeros(sizes, 8 + len(ACT_EDGES) + 1, dtype=torch.float64, device=device)
-        self.per_image_correct = torch.zeros(sizes, images, dtype=torch.int32, device=device)
-        self.forward_s = [0.0] * sizes
+        self.stats = torch.zeros(pairs, 8 + len(ACT_EDGES) + 1, dtype=torch.float64, device=device)
+        self.per_image_correct = torch.zeros(pairs, images, dtype=torch.int32, device=device)
+        self.forward_s = [0.0] * pairs
         self.edges = ACT_EDGES.to(device)
 
     def add(self, k: int, logits, labels, indices, features=None) -> None:
