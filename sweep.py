@@ -6,12 +6,13 @@
     accelerate launch sweep.py --checkpoint runs/<name>           # all GPUs share every size
     torchrun --nproc_per_node 2 sweep.py --cpu --checkpoint runs/<name>   # two CPU processes (gloo)
     python sweep.py --checkpoint runs/<name> --activations        # + pooled-feature statistics
+    python sweep.py --checkpoint runs/<name> --crop-pcts 0.875 0.95 1.0   # every (size, crop_pct) pair
     python sweep.py --checkpoint runs/<name> --write-best         # the best size becomes the run's test size
     python sweep.py --checkpoint runs/<name> --max-latency-ms 5   # the best size that takes at most 5 ms an image
     python sweep.py --checkpoint runs/<name> --min-images-per-s 2000 --write-best   # ... that does 2000 images/s
     python sweep.py --model tv:resnet50 --weights r50.pth --data data/ --train-res 224  # plain weights
 
-Prints the resolved config, a progress bar, a table (size, resize, top-1, the paired
+Prints the resolved config, a progress bar, a table (size, crop_pct, resize, top-1, the paired
 difference in top-1 against the training size on the same images with its 95% interval,
 "+2.40 [+1.20, +3.60]" in points, the images gained and lost against it, top-5 (top-k,
 k = min(5, classes), named so: "top-3" for 3 classes), loss, images,
@@ -27,15 +28,25 @@ among the sizes that meet the budget: "best within --max-latency-ms 5: 80 px (to
 at batch 1, ...); best overall: 96 px", and --write-best writes that one. A budget that no size
 meets is refused in one line before any evaluation ("error: --max-latency-ms 2: no size meets it
 (the fastest, 32 px, takes 3.1 ms at batch 1 on cpu)"). Writes sweep.csv,
-sweep.json (columns top5, diff_vs_train, diff_low, diff_high, gained, lost among them; sweep.json
+sweep.json (columns crop_pct, top5, diff_vs_train, diff_low, diff_high, gained, lost among them; sweep.json
 also per-class top-1 at every size, "per_class") and
 sweep.png (top-1, and below it the difference with its interval as error bars), sweep_speed.png
 (top-1 against images/s and against ms at batch 1, each point a size, the budget drawn; sweep.json's
 "speed", "budget" and "best_within_budget" say how it was measured and chosen) and activations.png
 into the run folder or --output. The table is the same with 1 and N
 processes. With --write-best, the swept weights' metadata then says test_res = the best
-size, and the run's timm export (runs/<name>/timm, fixres/export.py) is written again with
-it as test_input_size. `--help` lists every option.
+size and test_crop_pct = its crop_pct, and the run's timm export (runs/<name>/timm,
+fixres/export.py) is written again with them as test_input_size and test_crop_pct.
+
+--crop-pcts 0.875 0.95 1.0 (any list, each in (0, 1]): every (size, crop_pct) pair, each image
+still decoded once for all of them. The rows go by size, then crop_pct; the reference of every
+paired difference is the training size at --crop-pct (else the run's crop_pct), swept whether
+listed or not; the best pair is the highest top-1, then the lower loss, then the first row
+(fixres.stats.best_of). Also printed: a grid of top-1 by size and crop_pct and a line like
+"best: 80 px at crop_pct 0.95 (top-1 91.2%), ..."; also written: sweep_crop.png (a heat map of
+top-1, size by crop_pct, the best pair outlined), and sweep.png draws a line per crop_pct;
+sweep.json's per_class and activations are keyed by pair ("80@0.95"), its meta gains
+crop_pcts and measured_best_crop_pct. `--help` lists every option.
 """
 import shlex
 import sys

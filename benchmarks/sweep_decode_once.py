@@ -71,20 +71,34 @@ def breakdown(model, split, sizes, crop_pct, batch_size) -> dict:
     return {"decode_once": decode, "resize": resize, "forward": forward}
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sweep_options(doc: str, *, n_val: int, width: int, height: int, json_path: str) -> argparse.ArgumentParser:
+    """The options of the sweep benchmarks (this one and sweep_crop_pcts.py): generated data, model, sizes,
+    batch, loader workers, torch threads, rounds, where the JSON goes."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--data-dir", default=None, help="generated once, then reused (default: runs/bench/shapes-WxH-N)")
-    p.add_argument("--n-val", type=int, default=300)
-    p.add_argument("--width", type=int, default=800)
-    p.add_argument("--height", type=int, default=600)
+    p.add_argument("--n-val", type=int, default=n_val)
+    p.add_argument("--width", type=int, default=width)
+    p.add_argument("--height", type=int, default=height)
     p.add_argument("--model", default="test_resnet")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 80, 96, 112, 128])
-    p.add_argument("--crop-pct", type=float, default=0.875)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=1, help="loader workers (0: all work on the timed process)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", default="benchmarks/results/sweep_decode_once.json")
+    p.add_argument("--json", default=json_path)
+    return p
+
+
+def write_result(result: dict, path: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def main(argv=None) -> dict:
+    p = sweep_options(__doc__, n_val=300, width=800, height=600, json_path="benchmarks/results/sweep_decode_once.json")
+    p.add_argument("--crop-pct", type=float, default=0.875)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,10 +148,7 @@ def main(argv=None) -> dict:
     print(f"where the time goes: decode {parts['decode_once']:.2f} s per pass over the images; "
           f"resize {sum(parts['resize'].values()):.2f} s and forward {sum(parts['forward'].values()):.2f} s "
           f"summed over the sizes")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.json)
     return result
 
 

@@ -6,7 +6,8 @@
       metrics.jsonl        one JSON record per epoch
       last.safetensors     newest weights; the preprocessing they expect is in the
       best.safetensors     file's metadata (key "fixres"): model, classes, train_res,
-                           test_res, crop_pct, interpolation, mean, std
+                           test_res, crop_pct, interpolation, mean, std; after sweep.py
+                           --write-best also test_crop_pct (the crop ratio to test at)
       ema.safetensors      with --model-ema: the weights' moving average (metadata "ema": true);
                            best.safetensors is then the raw or the EMA weights of the best
                            epoch, whichever scored higher (its "ema" says which)

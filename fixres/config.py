@@ -521,7 +521,10 @@ class SweepConfig:
     # the sweep
     sizes: list[int] | None = _opt(None, "test sizes (default: about 0.5x to 2x the training res, with it and the predicted best)")
     crop_pct: float | None = _opt(None, "Resize(int(size / crop_pct)) + CenterCrop(size) (default: the run's; with "
-                                        "--weights, the model's pretrained preprocessing; else 0.875)")
+                                        "--weights, the model's pretrained preprocessing; else 0.875); the training "
+                                        "size at it is the reference of every paired difference")
+    crop_pcts: list[float] | None = _opt(None, "also sweep these crop ratios: every (size, crop_pct) pair, each image "
+                                               "decoded once for all; the --crop-pct (or the run's) is always in")
     activations: bool = _opt(False, "also collect the pooled features that feed the classifier: stats per size and activations.png")
     # runtime
     batch_size: int = _opt(64, "images per process per forward pass")
@@ -533,8 +536,10 @@ class SweepConfig:
     cpu: bool = _runtime_opt("cpu")
     collective_timeout: float = _runtime_opt("collective_timeout")
     output: str | None = _opt(None, "folder for sweep.csv, sweep.json and the plots (default: the run folder)")
-    write_best: bool = _opt(False, "record the best size (within the budget, when one is given) as the run's test "
-                                   "size: in the swept weights' metadata and in the run's timm export, written again")
+    write_best: bool = _opt(False, "record the best size (within the budget, when one is given) and its crop_pct as the "
+                                   "run's test size and test crop ratio: "
+                                   "in the swept weights' metadata (test_res, test_crop_pct) and in the run's timm "
+                                   "export (test_input_size, test_crop_pct), which is written again")
     # speed per size: the forward pass alone on synthetic input, before the sweep (fixres/throughput.py)
     speed: bool = _opt(True, "measure each size's images/s at --batch-size and milliseconds at batch 1 on this "
                              "device before the sweep (on a CPU, about a tenth of the built-in data's sweep); "
@@ -566,6 +571,10 @@ class SweepConfig:
         check_sizes(self.sizes or [], self.crop_pct if self.crop_pct is not None else 0.875)
         if self.sizes:
             self.sizes = sorted(set(self.sizes))
+        if self.crop_pcts is not None:
+            if not self.crop_pcts or not all(0 < c <= 1 for c in self.crop_pcts):
+                raise ConfigError(f"--crop-pcts: each must be in (0, 1], got {' '.join(map(str, self.crop_pcts))}")
+            self.crop_pcts = sorted(set(self.crop_pcts))
         check_collective_timeout(self.collective_timeout)
         check_choices(self)
 

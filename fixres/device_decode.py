@@ -16,8 +16,9 @@ per-sample seeded CPU generator exactly as DecodeRandomResizedCrop draws them (s
 `sample_crop`, same order), so both paths crop the same boxes; the device crops the full
 decode (no reduced-scale decoding) and resizes with torch's antialiased kernel in float,
 rounded to uint8 once per batch. Evaluation and the sweep (`ResizeSpec`): one decode, then
-Resize(int(size / crop_pct)) + CenterCrop(size) for every size. The batch leaves this module as
-uint8 NCHW on the device; normalisation follows as for the CPU path (normalize_batch).
+Resize(int(size / crop_pct)) + CenterCrop(size) for every size (or every (size, crop_pct) pair).
+The batch leaves this module as uint8 NCHW on the device; normalisation follows as for the CPU
+path (normalize_batch).
 
 Per-image fallback to the CPU: files that are not baseline-decodable JPEGs for the device
 (another format, CMYK, an EXIF rotation, over Pillow's pixel limit) are decoded in the worker by
@@ -97,10 +98,16 @@ class CropSpec:
 
 @dataclass(frozen=True)
 class ResizeSpec:
-    """Evaluation: Resize(int(size / crop_pct)) + CenterCrop(size), for every size from one decode."""
+    """Evaluation: Resize(int(size / crop_pct)) + CenterCrop(size), for every size from one decode;
+    `crop_pcts`, when given, one crop_pct per size instead (a crop_pct sweep's (size, crop_pct) pairs)."""
     sizes: tuple
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
+    crop_pcts: tuple = ()
+
+    def outputs(self) -> list[tuple[int, float]]:
+        """(size, crop_pct) of every output, in order."""
+        return list(zip(self.sizes, self.crop_pcts or (self.crop_pct,) * len(self.sizes), strict=True))
 
 
 @dataclass
@@ -204,8 +211,8 @@ class DeviceBatch:
             flips = torch.tensor([self.flips[i] for i in kept], dtype=torch.bool).to(device).view(-1, 1, 1, 1)
             return [torch.where(flips, batch.flip(-1), batch)], kept
         outputs = []
-        for size in self.spec.sizes:
-            shorter = resize_size(size, self.spec.crop_pct)
+        for size, crop_pct in self.spec.outputs():
+            shorter = resize_size(size, crop_pct)
             resized = (_resize(images[i], _shorter_side_to(images[i].shape[-2:], shorter), self.spec.interpolation)
                        for i in kept)
             outputs.append(_to_uint8([_center_crop(img, size) for img in resized], (size, size), device))

@@ -20,7 +20,7 @@
     model = AutoModelForImageClassification.from_pretrained("runs/<name>/timm")
 
 train.py and finetune.py write it from best.safetensors when they finish; `sweep.py
---write-best` writes it again with the sweep's best size as test_input_size. timm's
+--write-best` writes it again with the sweep's best pair as test_input_size and test_crop_pct. timm's
 `save_for_hf` writes the folder under a temporary name; it is then loaded back with
 `timm.create_model("local-dir:...")` and checked (the class names, every field of the
 preprocessing that resolve_data_config gives at both sizes, and the outputs on a random
@@ -61,7 +61,9 @@ def export_data_config(meta: dict) -> dict:
     """timm's preprocessing fields for fixres weights metadata: input_size is the size the model
     was made at (train_res; finetune_res for a finetune.py run: a model fine-tuned at a size is
     a model of that size, as timm's own fine-tuned configs say), test_input_size the size to
-    test at (test_res: the FixRes size, sweep.py --write-best's), the same crop ratio at both.
+    test at (test_res: the FixRes size, sweep.py --write-best's), crop_pct the crop ratio the
+    training size was evaluated at and test_crop_pct the one to test at (--write-best's best
+    pair's; without one, crop_pct).
     input_size is what a plain resolve_data_config and transformers' image processor (which
     never reads test_input_size) preprocess for. crop_mode is always given: fixres resizes
     the shorter side and crops the centre, and without it timm keeps the architecture's
@@ -69,7 +71,8 @@ def export_data_config(meta: dict) -> dict:
     made_at = int(meta.get("finetune_res") or meta["train_res"])
     return {"input_size": (3, made_at, made_at),
             "test_input_size": (3, int(meta["test_res"]), int(meta["test_res"])),
-            "crop_pct": float(meta.get("crop_pct", 0.875)), "test_crop_pct": float(meta.get("crop_pct", 0.875)),
+            "crop_pct": float(meta.get("crop_pct", 0.875)),
+            "test_crop_pct": float(meta.get("test_crop_pct") or meta.get("crop_pct", 0.875)),
             "crop_mode": "center", "interpolation": meta.get("interpolation", "bilinear"),
             "mean": tuple(meta.get("mean", IMAGENET_MEAN)), "std": tuple(meta.get("std", IMAGENET_STD))}
 
@@ -122,9 +125,10 @@ def check_export(folder: Path, model: torch.nn.Module, meta: dict, data_config: 
         raise ExportError(f"timm cannot load the export ({error_reason(err)})") from None
     if list(loaded.pretrained_cfg.get("label_names") or []) != list(meta["classes"]):
         raise ExportError("timm's loaded model does not carry the class names")
-    for use_test_size, size_key in ((True, "test_input_size"), (False, "input_size")):
+    for use_test_size, prefix in ((True, "test_"), (False, "")):
         got = timm.data.resolve_data_config({}, model=loaded, use_test_size=use_test_size)
-        want = {key: data_config[size_key if key == "input_size" else key] for key in TRANSFORM_KEYS}
+        # at the test size timm reads test_input_size and test_crop_pct
+        want = {key: data_config[prefix + key if key in ("input_size", "crop_pct") else key] for key in TRANSFORM_KEYS}
         differs = [k for k, v in want.items() if (tuple(got[k]) if isinstance(v, tuple) else got[k]) != v]
         if differs:
             raise ExportError(f"timm resolves another preprocessing from the export ({', '.join(differs)}: "
@@ -191,8 +195,9 @@ def timm_overlay(weights: str | Path) -> dict:
 
 
 def write_best_size(weights: Path, run_dir: Path | None, size: int, crop_pct: float, console) -> None:
-    """--write-best: the swept weights' metadata says test_res = `size` (at the sweep's
-    crop_pct), and the run's timm export is written again from them."""
-    ckpt.update_metadata(weights, test_res=size, input_size=[3, size, size], crop_pct=crop_pct)
-    console.print(f"--write-best: {weights} now says test_res {size} px (crop_pct {crop_pct})")
+    """--write-best: the swept weights' metadata says test_res = `size` and test_crop_pct =
+    `crop_pct` (the best pair's), and the run's timm export is written again from them. Its
+    crop_pct stays the one the training size was evaluated at: the next sweep's reference."""
+    ckpt.update_metadata(weights, test_res=size, input_size=[3, size, size], test_crop_pct=crop_pct)
+    console.print(f"--write-best: {weights} now says test_res {size} px, test_crop_pct {crop_pct}")
     write_run_export(run_dir or weights.parent, console, weights=weights)

@@ -105,25 +105,57 @@ def _speed_cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}" if value >= 10 else f"{value:.2f}"  # --no-speed: "-"
 
 
-def sweep_table(rows: list[dict], *, train_res: int, predicted: int, best: int, top5_label: str = "top-5",
-                within: int | None = None, speed_batch: int | None = None) -> Table:
-    """`top5_label`: top-k with k = min(5, classes) ("top-3"); `within`: the best size within
-    a speed budget; `speed_batch`: the batch of the measured images/s (fixres.throughput)."""
+def several_crops(rows: list[dict]) -> bool:
+    """Whether the sweep's rows hold more than one crop_pct (a crop_pct sweep)."""
+    return len({r["crop_pct"] for r in rows}) > 1
+
+
+def row_key(row: dict, several: bool) -> str:
+    """A row's key in sweep.json's per_class and activations: its size ("80"), or with several
+    crop_pcts its pair ("80@0.95")."""
+    return f"{row['size']}@{row['crop_pct']}" if several else str(row["size"])
+
+
+def sweep_table(rows: list[dict], *, train_res: int, crop_pct: float, predicted: int, best: dict,
+                top5_label: str = "top-5", within: dict | None = None, speed_batch: int | None = None) -> Table:
+    """One line per (size, crop_pct) pair; the reference is (train_res, `crop_pct`), and
+    `predicted` the predicted best size at that crop_pct; `best` is the best row; `top5_label`:
+    top-k with k = min(5, classes) ("top-3"); `within`: the best row within a speed budget;
+    `speed_batch`: the batch of the measured images/s (fixres.throughput)."""
     table = Table(title="fixres sweep")
-    for column in ("size", "resize", "top-1", f"vs {train_res} px (95% CI)", "gained", "lost", top5_label, "loss",
-                   "images", "forward img/s", f"img/s b{speed_batch or '-'}", "ms b1", ""):
+    versus = f"vs {train_res} px" + (f" at {crop_pct:g}" if several_crops(rows) else "") + " (95% CI)"
+    for column in ("size", "crop_pct", "resize", "top-1", versus, "gained", "lost", top5_label, "loss", "images",
+                   "forward img/s", f"img/s b{speed_batch or '-'}", "ms b1", ""):
         table.add_column(column, justify="right" if column else "left")
     for r in rows:
+        own = r["crop_pct"] == crop_pct
         # a budget's best: "best in budget", or "best (in budget)" when the best overall meets it
-        notes = [name for name, size in (("trained", train_res), ("predicted", predicted),
-                                         ("best (in budget)" if within == best else "best", best),
-                                         ("best in budget", within if within != best else None)) if size == r["size"]]
-        difference = ("reference" if r["size"] == train_res
+        notes = [name for name, hit in (("trained", own and r["size"] == train_res),
+                                        ("predicted", own and r["size"] == predicted),
+                                        ("best (in budget)" if within is best else "best", r is best),
+                                        ("best in budget", r is within and within is not best)) if hit]
+        difference = ("reference" if own and r["size"] == train_res
                       else difference_cell(r["diff_vs_train"], r["diff_low"], r["diff_high"]))
-        table.add_row(str(r["size"]), str(r["resize"]), f"{100 * r['top1']:.2f}%", difference, str(r["gained"]),
-                      str(r["lost"]), f"{100 * r['top5']:.2f}%", f"{r['loss']:.4f}", str(r["count"]),
+        table.add_row(str(r["size"]), f"{r['crop_pct']:g}", str(r["resize"]), f"{100 * r['top1']:.2f}%", difference,
+                      str(r["gained"]), str(r["lost"]), f"{100 * r['top5']:.2f}%", f"{r['loss']:.4f}", str(r["count"]),
                       f"{r['images_per_s']:.1f}", _speed_cell(r.get("images_per_s_batch")),
                       _speed_cell(r.get("latency_ms")), ", ".join(notes))
+    return table
+
+
+def crop_grid(rows: list[dict], *, train_res: int, crop_pct: float, best: dict) -> Table:
+    """A crop_pct sweep's top-1 at a glance: a line per size, a column per crop_pct; the best
+    pair and the reference (train_res, `crop_pct`) marked."""
+    crops = sorted({r["crop_pct"] for r in rows})
+    table = Table(title="top-1 by test size and crop_pct", caption="best: the highest top-1, then the lower "
+                  "loss, then the first in order (smaller size, then smaller crop_pct)")
+    for column in ("size", *(f"crop_pct {c:g}" for c in crops)):
+        table.add_column(column, justify="right")
+    cells = {(r["size"], r["crop_pct"]): r for r in rows}
+    for size in dict.fromkeys(r["size"] for r in rows):
+        marks = lambda r: (" best" if r is best else "") + (  # noqa: E731
+            " ref" if (r["size"], r["crop_pct"]) == (train_res, crop_pct) else "")
+        table.add_row(str(size), *(f"{100 * cells[size, c]['top1']:.2f}%{marks(cells[size, c])}" for c in crops))
     return table
 
 
@@ -151,30 +183,33 @@ def finetune_table(stages: list[tuple[str, dict]], differences: dict, title: str
 
 def activation_table(rows: list[dict]) -> Table:
     table = Table(title="pooled features before the classifier")
-    for column in ("size", "zeros", "mean", "std"):
+    for column in ("size", "crop_pct", "zeros", "mean", "std"):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(str(r["size"]), f"{100 * r['act_zero_frac']:.2f}%", f"{r['act_mean']:.4f}", f"{r['act_std']:.4f}")
+        table.add_row(str(r["size"]), f"{r['crop_pct']:g}", f"{100 * r['act_zero_frac']:.2f}%", f"{r['act_mean']:.4f}",
+                      f"{r['act_std']:.4f}")
     return table
 
 
-CSV_COLUMNS = ("size", "resize", "top1", "top5", "loss", "correct", "correct5", "count", "diff_vs_train", "diff_low", "diff_high",
-               "gained", "lost", "forward_seconds", "images_per_s", "images_per_s_batch", "latency_ms", "act_zero_frac",
-               "act_mean", "act_std")
+CSV_COLUMNS = ("size", "crop_pct", "resize", "top1", "top5", "loss", "correct", "correct5", "count", "diff_vs_train",
+               "diff_low", "diff_high", "gained", "lost", "forward_seconds", "images_per_s", "images_per_s_batch",
+               "latency_ms", "act_zero_frac", "act_mean", "act_std")
 
 
 def per_class_accuracy(rows: list[dict], labels: list[int], classes: list[str]) -> dict:
     """{size: {class: {"top1", "correct", "count"}}} from each row's per-image results (the
-    validation images' order, `labels`): exact whatever the number of processes."""
+    validation images' order, `labels`): exact whatever the number of processes. With several
+    crop_pcts, keyed by pair ("80@0.95", row_key)."""
     labels = torch.tensor(labels)
+    several = several_crops(rows)
     table = {}
     for r in rows:
         correct = r["per_image_correct"]
-        table[str(r["size"])] = {}
+        table[row_key(r, several)] = classes_of = {}
         for index, name in enumerate(classes):
             mine = labels == index
             n, right = int(mine.sum()), int(correct[mine].sum())
-            table[str(r["size"])][name] = {"top1": right / n if n else None, "correct": right, "count": n}
+            classes_of[name] = {"top1": right / n if n else None, "correct": right, "count": n}
     return table
 
 
@@ -187,18 +222,22 @@ def write_sweep_tables(out: Path, rows: list[dict], summary: dict, *, act_edges:
     atomic_write(out / "sweep.csv", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     record = {"meta": summary, "rows": table, **({"per_class": per_class} if per_class else {})}
     if "act_hist" in rows[0]:
-        record["activations"] = {"edges": act_edges, "hist": {str(r["size"]): r["act_hist"] for r in rows}}
+        several = several_crops(rows)
+        record["activations"] = {"edges": act_edges, "hist": {row_key(r, several): r["act_hist"] for r in rows}}
     write_json_atomic(out / "sweep.json", record)
 
 
-def print_sweep(console: Console, rows: list[dict], *, train_res: int, predicted: int, best: int, top5_label: str,
-                processes: int, within: int | None = None, speed_batch: int | None = None) -> None:
-    """The sweep's table and the lines that say what its columns mean, then the best size."""
-    console.print(sweep_table(rows, train_res=train_res, predicted=predicted, best=best, top5_label=top5_label,
-                              within=within, speed_batch=speed_batch))
-    console.print(f"vs {train_res} px: the difference in top-1 from the training size, in points, on the same "
-                  f"{rows[0]['count']} validation images; {STATS_METHOD}; gained / lost: images right only at that "
-                  f"size / only at {train_res} px")
+def print_sweep(console: Console, rows: list[dict], *, train_res: int, crop_pct: float, predicted: int, best: dict,
+                top5_label: str, processes: int, within: dict | None = None, speed_batch: int | None = None) -> None:
+    """The sweep's table and the lines that say what its columns mean; with several crop_pcts
+    a grid of top-1 by size and crop_pct; then the best pair."""
+    several = several_crops(rows)
+    console.print(sweep_table(rows, train_res=train_res, crop_pct=crop_pct, predicted=predicted, best=best,
+                              top5_label=top5_label, within=within, speed_batch=speed_batch))
+    at, header_at = (f" at crop_pct {crop_pct:g}", f" at {crop_pct:g}") if several else ("", "")
+    console.print(f"vs {train_res} px{header_at}: the difference in top-1 from the training size{at}, in points, "
+                  f"on the same {rows[0]['count']} validation images; {STATS_METHOD}; gained / lost: images right only "
+                  f"at that {'pair' if several else 'size'} / only at {train_res} px{at}")
     console.print(f"forward img/s: forward passes only, all {processes} process(es); decoding and "
                   f"resizing (shared by all sizes) kept the model waiting {rows[0]['loader_seconds']:.1f} s "
                   f"of the sweep's {rows[0]['seconds']:.1f} s")
@@ -208,6 +247,8 @@ def print_sweep(console: Console, rows: list[dict], *, train_res: int, predicted
                       f"the sweep")
     if "act_zero_frac" in rows[0]:
         console.print(activation_table(rows))
-    top = next(r for r in rows if r["size"] == best)
-    console.print(f"best: {best} px (top-1 {100 * top['top1']:.1f}%), trained at {train_res} px, "
+    if several:
+        console.print(crop_grid(rows, train_res=train_res, crop_pct=crop_pct, best=best))
+    best_at = f" at crop_pct {best['crop_pct']:g}" if several else ""
+    console.print(f"best: {best['size']} px{best_at} (top-1 {100 * best['top1']:.1f}%), trained at {train_res} px{at}, "
                   f"predicted {predicted} px")

@@ -4,6 +4,7 @@
     paired_difference(gained=60, lost=20, n=3000)   # diff 0.0133, 95% interval about [0.0076, 0.0190]
     paired_difference_of(correct_at_80px, correct_at_64px)   # the same from per-image correctness
     add_differences(sweep_rows, train_res=64)                # each row against the 64 px row
+    add_differences(sweep_rows, 64, crop_pct=0.875)          # a crop_pct sweep: against (64 px, 0.875)
     best_of(rows)                                            # the one rule for "best"
 
 Two evaluations of the same n images (one model at two test sizes, or before and after
@@ -52,11 +53,13 @@ def paired_difference_of(correct, reference) -> dict:
     return paired_difference(int((correct & ~reference).sum()), int((reference & ~correct).sum()), len(correct))
 
 
-def add_differences(rows: list[dict], train_res: int) -> list[dict]:
+def add_differences(rows: list[dict], train_res: int, crop_pct: float | None = None) -> list[dict]:
     """Give every row its paired difference in top-1 against the training size's row (the
     same images): diff_vs_train with its 95% interval diff_low..diff_high, and the counts
-    behind it, gained / lost (images right only at this size / only at the training size)."""
-    reference = next(r for r in rows if r["size"] == train_res)["per_image_correct"]
+    behind it, gained / lost (images right only at this size / only at the training size).
+    `crop_pct`: with rows at several crop ratios (a crop_pct sweep), the reference row's."""
+    reference = next(r for r in rows if r["size"] == train_res
+                     and (crop_pct is None or r["crop_pct"] == crop_pct))["per_image_correct"]
     for r in rows:
         d = paired_difference_of(r["per_image_correct"], reference)
         r.update(diff_vs_train=d["diff"], diff_low=d["low"], diff_high=d["high"], gained=d["gained"], lost=d["lost"])
@@ -66,6 +69,6 @@ def add_differences(rows: list[dict], train_res: int) -> list[dict]:
 def best_of(items: list[dict], *, top1: str = "top1", loss: str = "loss") -> dict:
     """The one rule for "best" wherever fixres chooses (a test size, an epoch, a benchmark's
     reference): the highest top-1; among equal top-1, the lowest loss, which still orders
-    models that get every image right; among exact equals, the first (the smaller size, the
-    earlier epoch)."""
+    models that get every image right; among exact equals, the first (the smaller size, then
+    the smaller crop_pct, in a sweep's rows; the earlier epoch)."""
     return max(items, key=lambda item: (item[top1], -item[loss]))

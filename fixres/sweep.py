@@ -2,17 +2,21 @@
 
     accelerate launch sweep.py --checkpoint runs/<name>            # a ladder of sizes around train_res
     python sweep.py --checkpoint runs/<name> --sizes 64 128 224 384 480 --crop-pct 0.8 --activations
+    python sweep.py --checkpoint runs/<name> --crop-pcts 0.875 0.95 1.0   # every (size, crop_pct) pair
 
     from fixres.sweep import run_sweep                               # in-memory model (finetune --res auto)
     rows = run_sweep(model, meta, split, [64, 80, 96], 0.875, accelerator)
+    rows = run_sweep(model, meta, split, [64, 80], 0.875, accelerator, crop_pcts=[0.95, 1.0])  # 6 pairs
 
 Each size is evaluated as train.py evaluates: Resize(int(size / crop_pct)) + CenterCrop(size).
-Decode once: every validation image is decoded once per sweep and resized to every size
-from that decode. Sharding: batch b of the validation split goes to process b mod N, so each
-image is counted once at every size (no padding) and a batch holds the same images whatever
-N is. Counts, histograms and which images were right (`per_image_correct`) are summed
-across processes exactly; only the loss sum's last float bits can depend on N. Every size is
-compared with the training size, always swept, on the same images (fixres.stats.add_differences).
+Decode once: every validation image is decoded once per sweep and resized to every size (every
+(size, crop_pct) pair) from that decode. Sharding: batch b of the validation split goes to
+process b mod N, so each image is counted once at every size (no padding) and a batch holds
+the same images whatever N is. Counts, histograms and which images were right
+(`per_image_correct`) are summed across processes exactly; only the loss sum's last float bits
+can depend on N. Every size is
+compared with the training size (at the reference crop_pct: --crop-pct, else the run's), always
+swept, on the same images (fixres.stats.add_differences).
 sweep() times every size first (fixres.throughput: images/s, ms at batch 1; a speed budget's best).
 """
 from __future__ import annotations
@@ -49,16 +53,23 @@ _POS_EDGES = torch.logspace(-4, 4, 201, dtype=torch.float64)
 ACT_EDGES = torch.cat([-_POS_EDGES.flip(0), _POS_EDGES])
 
 
-def sweep_loader(samples, sizes, crop_pct: float, interpolation: str, accelerator, *, batch_size: int,
-                 workers: int, decode: str):
-    """(a loader of this process's batches, each image at every size as uint8, their indices in `samples`)."""
+def sweep_pairs(sizes, crop_pct: float, crop_pcts=None) -> list[tuple[int, float]]:
+    """Every (size, crop_pct) pair a sweep evaluates: each size in its order, and for each size
+    `crop_pct` and `crop_pcts` (duplicates once) from the smallest crop_pct up."""
+    crops = sorted({float(crop_pct), *map(float, crop_pcts or ())})
+    return [(size, crop) for size in sizes for crop in crops]
+
+
+def sweep_loader(samples, pairs, interpolation: str, accelerator, *, batch_size: int, workers: int, decode: str):
+    """(a loader of this process's batches, each image at every (size, crop_pct) pair as uint8,
+    all from one decode; their indices in `samples`)."""
     if decode == "gpu":
-        dataset = ImageDataset(samples, ReadForDevice(ResizeSpec(tuple(sizes), crop_pct, interpolation)))
+        sizes, crops = (tuple(column) for column in zip(*pairs))
+        dataset = ImageDataset(samples, ReadForDevice(ResizeSpec(sizes, crops[0], interpolation, crop_pcts=crops)))
         collate = collate_skipping
     else:
-        per_size = [eval_transform(size=s, crop_pct=crop_pct, interpolation=interpolation, normalize=False)
-                    for s in sizes]
-        dataset, collate = MultiSizeDataset(samples, per_size), None
+        per_pair = [eval_transform(size=s, crop_pct=c, interpolation=interpolation, normalize=False) for s, c in pairs]
+        dataset, collate = MultiSizeDataset(samples, per_pair), None
     mine = shard_indices(len(dataset), batch_size, accelerator.process_index, accelerator.num_processes)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
                                          pin_memory=accelerator.device.type == "cuda", collate_fn=collate,
@@ -67,14 +78,14 @@ def sweep_loader(samples, sizes, crop_pct: float, interpolation: str, accelerato
 
 
 class SizeTally:
-    """This process's sums per size; each image is on one process only, so the sum over
-    processes puts every image's result in place."""
+    """This process's sums per (size, crop_pct) pair; each image is on one process only, so the
+    sum over processes puts every image's result in place."""
 
-    def __init__(self, sizes: int, images: int, device: torch.device):
-        # per size: correct, count, loss sum | zeros, sum, sum of squares, count of features | top-5 correct | histogram
-        self.stats = torch.zeros(sizes, 8 + len(ACT_EDGES) + 1, dtype=torch.float64, device=device)
-        self.per_image_correct = torch.zeros(sizes, images, dtype=torch.int32, device=device)
-        self.forward_s = [0.0] * sizes
+    def __init__(self, pairs: int, images: int, device: torch.device):
+        # per pair: correct, count, loss sum | zeros, sum, sum of squares, count of features | top-5 correct | histogram
+        self.stats = torch.zeros(pairs, 8 + len(ACT_EDGES) + 1, dtype=torch.float64, device=device)
+        self.per_image_correct = torch.zeros(pairs, images, dtype=torch.int32, device=device)
+        self.forward_s = [0.0] * pairs
         self.edges = ACT_EDGES.to(device)
 
     def add(self, k: int, logits, labels, indices, features=None) -> None:
@@ -96,7 +107,7 @@ class SizeTally:
 
 def score_batches(net, loader, mine: list[int], to_float, tally: SizeTally, accelerator, *, decode: str,
                   captured: list, progress=None) -> float:
-    """Every batch of `loader` at every size into `tally`; returns the seconds spent waiting for the loader."""
+    """Every batch of `loader` at every pair into `tally`; returns the seconds spent waiting for the loader."""
     device = accelerator.device
     mine_on_device = torch.tensor(mine, dtype=torch.long, device=device)
     done, loader_s = 0, 0.0
@@ -114,7 +125,7 @@ def score_batches(net, loader, mine: list[int], to_float, tally: SizeTally, acce
             with accelerator.autocast():
                 logits = net(images).float()
             if device.type == "cuda":
-                torch.cuda.synchronize(device)  # so that the time is this size's forward pass
+                torch.cuda.synchronize(device)  # so that the time is this pair's forward pass
             tally.forward_s[k] += time.perf_counter() - t0
             features = torch.cat(captured) if captured else None
             captured.clear()
@@ -125,32 +136,35 @@ def score_batches(net, loader, mine: list[int], to_float, tally: SizeTally, acce
     return loader_s
 
 
-def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, batch_size: int = 64,
+def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, crop_pcts=None, batch_size: int = 64,
               workers: int = 0, activations: bool = False, progress=None, samples=None,
               decode: str = "cpu") -> list[dict]:
-    """Evaluate `model` on split.val (or on `samples`, (path, label) pairs) at every size;
-    one row per size, equal on every process. `decode` "gpu": the workers read the files, and
-    each batch is decoded once on the device and resized there to every size (fixres.device_decode).
+    """Evaluate `model` on split.val (or on `samples`, (path, label) pairs) at every size, at
+    `crop_pct` and every one of `crop_pcts`: one row per (size, crop_pct) pair (sweep_pairs: by
+    size, then crop_pct), equal on every process; every image is decoded once for all of them.
+    `decode` "gpu": the workers read the files, and each batch is decoded once on the device
+    and resized there to every pair (fixres.device_decode).
 
     `meta` gives the preprocessing (interpolation, mean, std; fixres weights metadata).
     The model is unwrapped (no DDP: ranks run different numbers of batches), moved to the
     device in channels_last (outside inference mode, so it can still be trained after) and put
     in eval mode; its train/eval modes are restored after.
-    Rows: size, resize, top1, top5 (top-k, k = min(5, classes)), loss, correct, correct5, count, per_image_correct (a bool tensor in the
-    images' order, for paired comparisons), forward_seconds (slowest process),
-    images_per_s (forward pass only, all processes), loader_seconds and seconds (whole sweep,
-    slowest process, shared by all rows); with `activations`, act_zero_frac, act_mean,
-    act_std and act_hist (counts in the bins cut by ACT_EDGES)."""
-    sizes = list(sizes)
-    check_sizes(sizes, crop_pct)
+    Rows: size, crop_pct, resize, top1, top5 (top-k, k = min(5, classes)), loss, correct, correct5, count,
+    per_image_correct (a bool tensor in the images' order, for paired comparisons),
+    forward_seconds (slowest process), images_per_s (forward pass only, all processes),
+    loader_seconds and seconds (whole sweep, slowest process, shared by all rows); with
+    `activations`, act_zero_frac, act_mean, act_std and act_hist (counts in the bins cut by ACT_EDGES)."""
+    pairs = sweep_pairs(list(sizes), crop_pct, crop_pcts)
+    for crop in {c for _, c in pairs}:
+        check_sizes(list(sizes), crop)
     net = accelerator.unwrap_model(model)
     modes = {m: m.training for m in net.modules()}
     net.to(accelerator.device, memory_format=torch.channels_last).eval()
     samples = split.val if samples is None else samples
-    loader, mine = sweep_loader(samples, sizes, crop_pct, meta.get("interpolation", "bilinear"), accelerator,
+    loader, mine = sweep_loader(samples, pairs, meta.get("interpolation", "bilinear"), accelerator,
                                 batch_size=batch_size, workers=workers, decode=decode)
     to_float = float_normalize(mean=meta.get("mean", IMAGENET_MEAN), std=meta.get("std", IMAGENET_STD))
-    tally = SizeTally(len(sizes), len(samples), accelerator.device)
+    tally = SizeTally(len(pairs), len(samples), accelerator.device)
     captured = []  # with `activations`, the input of every classifier (a distilled DeiT: two) at every forward pass
     hooks = [net.get_submodule(head).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
              for head in (classifier_names(net) if activations else [])]
@@ -164,24 +178,24 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
             hook.remove()
         for module, training in modes.items():
             module.train(training)
-    return sweep_rows(tally, sizes, crop_pct, accelerator, activations=activations, loader_s=loader_s, start=start)
+    return sweep_rows(tally, pairs, accelerator, activations=activations, loader_s=loader_s, start=start)
 
 
-def sweep_rows(tally: SizeTally, sizes: list[int], crop_pct: float, accelerator, *, activations: bool,
+def sweep_rows(tally: SizeTally, pairs: list[tuple[int, float]], accelerator, *, activations: bool,
                loader_s: float, start: float) -> list[dict]:
     """run_sweep's rows from every process's tally (summed) and times (the slowest process's)."""
-    n = len(sizes)
+    n = len(pairs)
     stats = accelerator.reduce(tally.stats, "sum").cpu()
     per_image_correct = accelerator.reduce(tally.per_image_correct, "sum").cpu().bool()
     times = torch.tensor(tally.forward_s + [loader_s, time.perf_counter() - start], dtype=torch.float64,
                          device=accelerator.device)
     times = accelerator.gather(times[None]).view(-1, n + 2).amax(0).tolist()
     rows = []
-    for k, size in enumerate(sizes):
+    for k, (size, crop_pct) in enumerate(pairs):
         correct, count, loss_sum, zeros, total, squares, values, correct5 = stats[k, :8].tolist()
-        row = {"size": size, "resize": resize_size(size, crop_pct), "top1": correct / count, "top5": correct5 / count,
-               "loss": loss_sum / count, "correct": int(correct), "correct5": int(correct5), "count": int(count),
-               "per_image_correct": per_image_correct[k],
+        row = {"size": size, "crop_pct": crop_pct, "resize": resize_size(size, crop_pct), "top1": correct / count,
+               "top5": correct5 / count, "loss": loss_sum / count, "correct": int(correct), "correct5": int(correct5),
+               "count": int(count), "per_image_correct": per_image_correct[k],
                "forward_seconds": times[k],
                "images_per_s": count / max(times[k], 1e-9), "loader_seconds": times[n], "seconds": times[n + 1]}
         if activations:
@@ -231,7 +245,7 @@ def load_for_sweep(cfg: SweepConfig, accelerator):
 
 
 def sweep(cfg: SweepConfig, command: str = "") -> dict:
-    """The job sweep.py runs: load, evaluate every size, print, write the files."""
+    """The job sweep.py runs: load, evaluate every (size, crop_pct) pair, print, write the files."""
     accelerator = make_accelerator(cfg)
     console = make_console(accelerator.is_main_process)
     decode = resolve_decode(cfg.decode, accelerator.device)  # before any work
@@ -239,7 +253,8 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
         cfg = dataclasses.replace(cfg, checkpoint=str(newest_run(Path(RUNS))))
         console.print(f"--checkpoint not given: using the newest run {cfg.checkpoint}")
     model, meta, split, run_dir, run_cfg = load_for_sweep(cfg, accelerator)
-    crop_pct = cfg.crop_pct or meta.get("crop_pct") or 0.875
+    crop_pct = cfg.crop_pct or meta.get("crop_pct") or 0.875  # the reference's: (train_res, crop_pct)
+    crop_pcts = sorted({crop_pct, *(cfg.crop_pcts or ())})
     train_res = int(meta["train_res"])
     min_scale = cfg.min_scale or trained_min_scale(meta, run_cfg)
     predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct, scale=(min_scale, 1.0))
@@ -249,11 +264,13 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
         console.print(dropped)
     out = Path(cfg.output or run_dir or Path(meta["weights_path"]).parent)
     workers = worker_count(cfg.workers)
+    crops = (str(crop_pct) if len(crop_pcts) == 1 else " ".join(map(str, crop_pcts))
+             + f" (the reference: {crop_pct}" + (", the run's)" if cfg.crop_pct is None else ", --crop-pct)"))
     console.print(config_table({
         "weights": meta["weights_path"], "model": meta["model"], "dataset": split.source,
         "val images": len(split.val), "classes": len(split.classes), "sizes": " ".join(map(str, sizes))
         + ("" if not cfg.sizes or train_res in cfg.sizes else f" (with {train_res}, the training size: the reference)"),
-        "crop_pct": crop_pct, "trained at": train_res, "predicted best": f"{predicted} (RRC min scale {min_scale})",
+        "crop_pct": crops, "trained at": train_res, "predicted best": f"{predicted} (RRC min scale {min_scale})",
         "processes": accelerator.num_processes, "device": accelerator.device,
         "mixed precision": accelerator.mixed_precision, "workers": workers, "decoding on": decode, "output": out},
         title="fixres sweep: resolved config"))
@@ -261,40 +278,43 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
     if cfg.speed:  # before any evaluation: a budget that no size meets is refused here
         speeds, _, speed_s = timed_sizes(model, sizes, budget=budget, batch_size=cfg.batch_size, accelerator=accelerator,
                                          console=console, repeats=cfg.speed_repeats)
-    with EpochProgress(console, f"sweep ({len(sizes)} sizes)", len(split.val)) as bar:
-        rows = run_sweep(model, meta, split, sizes, crop_pct, accelerator, batch_size=cfg.batch_size,
-                         workers=workers, activations=cfg.activations, progress=bar, decode=decode)
-    add_speeds(add_differences(rows, train_res), speeds)
-    best = best_of(rows)
+    pairs = f"{len(sizes)} sizes" + (f" x {len(crop_pcts)} crop_pcts" if len(crop_pcts) > 1 else "")
+    with EpochProgress(console, f"sweep ({pairs})", len(split.val)) as bar:
+        rows = run_sweep(model, meta, split, sizes, crop_pct, accelerator, crop_pcts=crop_pcts,
+                         batch_size=cfg.batch_size, workers=workers, activations=cfg.activations, progress=bar,
+                         decode=decode)
+    add_speeds(add_differences(rows, train_res, crop_pct), speeds)
+    best = best_of(rows)  # the rows by size, then crop_pct: a tie goes to the smaller size, then crop_pct
     chosen = best_within(rows, speeds, budget) if budget else best
     k = top5_k(len(split.classes))
-    print_sweep(console, rows, train_res=train_res, predicted=predicted, best=best["size"], top5_label=f"top-{k}",
-                processes=accelerator.num_processes, within=chosen["size"] if budget else None,
+    print_sweep(console, rows, train_res=train_res, crop_pct=crop_pct, predicted=predicted, best=best,
+                top5_label=f"top-{k}", processes=accelerator.num_processes, within=chosen if budget else None,
                 speed_batch=cfg.batch_size if speeds else None)
     if budget:
-        console.print(budget_line(chosen, best, budget, batch_size=cfg.batch_size))
+        console.print(budget_line(chosen, best, budget, batch_size=cfg.batch_size, crops=len(crop_pcts) > 1))
     summary = {"train_res": train_res, "predicted_best": predicted, "measured_best": best["size"],
-               "measured_best_top1": best["top1"], "crop_pct": crop_pct, "min_scale": min_scale,
-               "weights": meta["weights_path"], "model": meta["model"], "data": split.source,
-               "val_images": len(split.val), "difference_vs_train": STATS_METHOD,
-               "processes": accelerator.num_processes, "device": str(accelerator.device),
-               "mixed_precision": accelerator.mixed_precision, "loader_seconds": rows[0]["loader_seconds"],
-               "seconds": rows[0]["seconds"], "top5_k": k, "command": command, "config": cfg.to_dict(),
+               "measured_best_crop_pct": best["crop_pct"], "measured_best_top1": best["top1"], "crop_pct": crop_pct,
+               "crop_pcts": crop_pcts, "min_scale": min_scale, "weights": meta["weights_path"],
+               "model": meta["model"], "data": split.source, "val_images": len(split.val),
+               "difference_vs_train": STATS_METHOD, "processes": accelerator.num_processes,
+               "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
+               "loader_seconds": rows[0]["loader_seconds"], "seconds": rows[0]["seconds"], "top5_k": k,
+               "command": command, "config": cfg.to_dict(),
                **speed_record(measured=bool(speeds), budget=budget, chosen=chosen, batch_size=cfg.batch_size,
                               repeats=cfg.speed_repeats, device=accelerator.device, seconds=speed_s)}
     per_class = per_class_accuracy(rows, [label for _, label in split.val], split.classes)
     if accelerator.is_main_process:
         write_sweep_tables(out, rows, summary, act_edges=ACT_EDGES.tolist(), per_class=per_class)
-        if cfg.activations:
-            plots.plot_sweep_activations(rows, ACT_EDGES.tolist(), out / "activations.png", train_res=train_res)
-        plots.plot_sweep(rows, out / "sweep.png", train_res=train_res, predicted=predicted, best=best["size"],
-                         title=f"{meta['model']} trained at {train_res} px, crop_pct {crop_pct}")
-        if speeds:
-            plots.plot_speed(rows, out / "sweep_speed.png", batch_size=cfg.batch_size, budget=budget, best=chosen["size"],
+        written = plots.plot_sweep_figures(rows, out, train_res=train_res, crop_pct=crop_pct, predicted=predicted,
+                                           best=best, act_edges=ACT_EDGES.tolist() if cfg.activations else None,
+                                           title=f"{meta['model']} trained at {train_res} px")
+        if speeds:  # one point per size: the chosen row's crop_pct
+            plots.plot_speed([r for r in rows if r["crop_pct"] == chosen["crop_pct"]], out / "sweep_speed.png",
+                             batch_size=cfg.batch_size, budget=budget, best=chosen["size"],
                              title=f"{meta['model']} on {summary['speed']['device']}")
-        console.print(f"wrote {out}/sweep.csv, sweep.json, sweep.png" + (", sweep_speed.png" if speeds else "")
-                      + (", activations.png" if cfg.activations else ""))
+            written.append("sweep_speed.png")
+        console.print(f"wrote {out}/sweep.csv, sweep.json, " + ", ".join(written))
         if cfg.write_best:  # within the budget, when one is given
-            write_best_size(Path(meta["weights_path"]), run_dir, chosen["size"], crop_pct, console)
+            write_best_size(Path(meta["weights_path"]), run_dir, chosen["size"], chosen["crop_pct"], console)
     accelerator.wait_for_everyone()
     return {"rows": rows, "meta": summary, "output": str(out)}

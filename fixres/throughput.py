@@ -179,11 +179,13 @@ def add_speeds(rows: list[dict], speeds: dict[int, dict] | None) -> list[dict]:
     return rows
 
 
-def budget_line(chosen: dict, best: dict, budget: dict, *, batch_size: int) -> str:
-    """"best within --max-latency-ms 5: 80 px (top-1 91.2%, 4.2 ms at batch 1, ...); best overall: 96 px"."""
-    return (f"best within {budget_text(budget)}: {chosen['size']} px (top-1 {100 * chosen['top1']:.1f}%, "
+def budget_line(chosen: dict, best: dict, budget: dict, *, batch_size: int, crops: bool = False) -> str:
+    """"best within --max-latency-ms 5: 80 px (top-1 91.2%, 4.2 ms at batch 1, ...); best overall: 96 px";
+    with `crops` (a crop_pct sweep) each size with its crop_pct."""
+    at = (lambda row: f" at crop_pct {row['crop_pct']:g}") if crops else (lambda row: "")  # noqa: E731
+    return (f"best within {budget_text(budget)}: {chosen['size']} px{at(chosen)} (top-1 {100 * chosen['top1']:.1f}%, "
             f"{_number(chosen['latency_ms'])} ms at batch 1, {_number(chosen['images_per_s_batch'])} images/s at "
-            f"batch {batch_size}); best overall: {best['size']} px")
+            f"batch {batch_size}); best overall: {best['size']} px{at(best)}")
 
 
 def speed_record(*, measured: bool, budget: dict, chosen: dict, batch_size: int, repeats: int, device,
@@ -192,4 +194,5 @@ def speed_record(*, measured: bool, budget: dict, chosen: dict, batch_size: int,
     how = {"device": device_name(device), "batch_size": batch_size, "warmup": WARMUP, "repeats": repeats,
            "statistic": "median", "input": "synthetic, channels_last; forward pass only", "seconds": seconds}
     return {"speed": how if measured else None, "budget": budget or None,
-            "best_within_budget": chosen["size"] if budget else None}
+            "best_within_budget": chosen["size"] if budget else None,
+            "best_within_budget_crop_pct": chosen["crop_pct"] if budget else None}

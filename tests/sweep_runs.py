@@ -6,7 +6,9 @@ new interpreters importing torch, timm and accelerate: most of a 2-process sweep
     python -m torch.distributed.run --nproc_per_node 2 tests/sweep_runs.py ARGS1 -- ARGS2 -- ...
 
 Exits as sweep.py does (run_main: `error: <line>` and status 2 for a user error). After each
-sweep, every rank prints "rank R: speeds {size: [images/s, ms], ...}", the speeds it holds.
+sweep, every rank prints "rank R: speeds {size: [images/s, ms], ...}", the speeds it holds, and
+writes which images every row got right, <output>/per_image_correct.<rank>.json
+({"size@crop_pct": [0 or 1 per validation image]}), for tests that compare sweeps image for image.
 """
 import json
 import os
@@ -29,11 +31,18 @@ def argument_lists(argv: list[str]) -> list[list[str]]:
     return [args for args in lists if args]
 
 
+def save_per_image(result: dict) -> None:
+    rows = {f"{r['size']}@{r['crop_pct']}": r["per_image_correct"].int().tolist() for r in result["rows"]}
+    rank = os.environ.get("RANK", "0")  # every process holds every row: each writes its own
+    (Path(result["output"]) / f"per_image_correct.{rank}.json").write_text(json.dumps(rows))
+
+
 def main(argv: list[str]) -> None:
     for args in argument_lists(argv):
-        rows = sweep.main(args)["rows"]  # run_main ends the process group once, after the last
+        result = sweep.main(args)  # run_main ends the process group once, after the last
+        save_per_image(result)
         # what this rank holds (sweep.json is the main process's): the same numbers on every rank
-        speeds = {row["size"]: [row.get("images_per_s_batch"), row.get("latency_ms")] for row in rows}
+        speeds = {row["size"]: [row.get("images_per_s_batch"), row.get("latency_ms")] for row in result["rows"]}
         print(f"rank {os.environ.get('RANK', '0')}: speeds {json.dumps(speeds)}", flush=True)
 
 

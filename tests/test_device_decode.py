@@ -165,6 +165,23 @@ def test_device_evaluation_resize_is_pillows_for_every_interpolation(noise_pngs,
         assert_close_to_pillow(images, expected, interpolation, size)
 
 
+def test_device_evaluation_of_size_and_crop_pct_pairs_from_one_decode(noise_pngs):
+    """A crop_pct sweep's ResizeSpec: every (size, crop_pct) pair from one decode is what that
+    pair alone gives on the device, pixel for pixel, and Pillow's within the tolerance."""
+    pairs = [(24, 0.8), (24, 1.0), (40, 0.875), (40, 1.0)]
+    sizes, crops = zip(*pairs)
+    samples = [(p, 0) for p in noise_pngs]
+    batch, _, _ = batch_of(ImageDataset(samples, ReadForDevice(ResizeSpec(sizes, 0.875, crop_pcts=crops))), range(3))
+    outputs, _ = batch.decode(CPU)
+    assert len(outputs) == len(pairs)
+    for (size, crop_pct), images in zip(pairs, outputs):
+        alone, _, _ = batch_of(ImageDataset(samples, ReadForDevice(ResizeSpec((size,), crop_pct))), range(3))
+        assert torch.equal(images, alone.decode(CPU)[0][0]), (size, crop_pct)
+        expected = torch.stack([eval_transform(size=size, crop_pct=crop_pct, normalize=False)(open_image(p))
+                                for p in noise_pngs])
+        assert_close_to_pillow(images, expected, "bilinear", (size, crop_pct))
+
+
 @pytest.mark.parametrize("interpolation", INTERPOLATIONS)
 def test_device_training_crop_is_pillows_for_every_interpolation(noise_pngs, interpolation):
     """The device's crops, and the CPU path's (DecodeRandomResizedCrop), against Pillow's own

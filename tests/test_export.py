@@ -106,24 +106,35 @@ def test_export_evaluates_in_timm_as_in_our_sweep_to_the_image(pretrained_run):
     assert f"timm export: {export} (test size 32 px" in result.stdout
     assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors"]
 
-    summary = sweep_lib.sweep(SweepConfig(checkpoint=str(run), sizes=[24, 40, 48], write_best=True,
-                                                    workers=0, cpu=True))
+    summary = sweep_lib.sweep(SweepConfig(checkpoint=str(run), sizes=[24, 40, 48], crop_pcts=[0.875, 1.0],
+                                          write_best=True, workers=0, cpu=True))
     best = best_of(summary["rows"])
+    assert (summary["meta"]["measured_best"], summary["meta"]["measured_best_crop_pct"]) == (best["size"],
+                                                                                         best["crop_pct"])
     _, meta = load_weights(run / "best.safetensors")
     assert meta["test_res"] == best["size"] and meta["train_res"] == 32
+    assert meta["test_crop_pct"] == best["crop_pct"] and meta["crop_pct"] == 0.95  # the run's own stays
 
     model = timm.create_model(f"local-dir:{export}", pretrained=True)
     assert model.pretrained_cfg["label_names"] == ["blue", "green", "red"]
     split = load_split(json.loads((run / "config.json").read_text())["data"], None, classes=meta["classes"])
     right, config = timm_correct(model, split.val)
     assert config["input_size"] == (3, best["size"], best["size"])  # no flags: timm picks the FixRes size
-    assert (tuple(config["mean"]), tuple(config["std"]), config["crop_pct"]) == ((0.5,) * 3, (0.5,) * 3, 0.95)
-    assert right == best["per_image_correct"].tolist() and 0 < sum(right) < len(right)  # some right, some wrong
+    assert (tuple(config["mean"]), tuple(config["std"]), config["crop_pct"]) == ((0.5,) * 3, (0.5,) * 3,
+                                                                                best["crop_pct"])
+    assert right == best["per_image_correct"].tolist()
+    # the best pair's pixels (a best pair may get every image right: the pixels say more)
+    ours = eval_transform(size=best["size"], crop_pct=best["crop_pct"], interpolation="bilinear", mean=[0.5] * 3,
+                          std=[0.5] * 3)
+    theirs = timm.data.create_transform(**config, is_training=False)
+    with Image.open(split.val[0][0]) as img:  # 48 x 40: not square
+        torch.testing.assert_close(theirs(img.convert("RGB")), ours(img.convert("RGB")), rtol=0, atol=1e-6)
     # and at the training size, what timm's default (not use_test_size) gives, as our sweep there
     right32, config = timm_correct(model, split.val, use_test_size=False)
     assert config["input_size"] == (3, 32, 32)
-    at32 = next(r for r in summary["rows"] if r["size"] == 32)
-    assert right32 == at32["per_image_correct"].tolist()
+    assert config["crop_pct"] == 0.95
+    at32 = next(r for r in summary["rows"] if (r["size"], r["crop_pct"]) == (32, 0.95))
+    assert right32 == at32["per_image_correct"].tolist() and 0 < sum(right32) < len(right32)  # some right, some wrong
 
 
 def test_an_export_that_timm_builds_otherwise_is_refused(tmp_path):
@@ -172,20 +183,26 @@ def test_timm_crops_non_square_images_as_fixres_for_a_squashing_architecture(tmp
             "std": [0.25] * 3}
     save_weights(weights, create_model(SQUASHING, 3).state_dict(), meta)
     assert write_run_export(tmp_path, make_console(True)) is not None
-    write_best_size(weights, tmp_path, 40, 0.875, make_console(True))  # sweep.py --write-best: test at 40 px
+    write_best_size(weights, tmp_path, 40, 1.0, make_console(True))  # sweep.py --write-best: test at 40 px, crop 1.0
     assert "timm export: none" not in capsys.readouterr().out
+    _, meta = load_weights(weights)
+    assert (meta["test_res"], meta["test_crop_pct"], meta["crop_pct"]) == (40, 1.0, 0.875)  # the training size's stays
     ours_model, _ = load_run_model(weights)
     images = non_square_images()
     exported = timm.create_model(f"local-dir:{tmp_path / EXPORT_DIR}", pretrained=True).eval()
+    assert exported.pretrained_cfg["test_crop_pct"] == 1.0 and exported.pretrained_cfg["crop_pct"] == 0.875
     overlaid = timm.create_model(SQUASHING, num_classes=3, pretrained=True,
                                  pretrained_cfg_overlay=timm_overlay(weights)).eval()
-    for model, use_test_size, size in ((exported, True, 40), (exported, False, 32), (overlaid, True, 40),
-                                       (overlaid, False, 32)):
-        # fixres's preprocessing at the size this model is trained (32) or tested (40) at
-        ours = eval_transform(size=size, crop_pct=0.875, interpolation="bilinear", mean=[0.5] * 3, std=[0.25] * 3)
+    for model, use_test_size, size, crop_pct in ((exported, True, 40, 1.0), (exported, False, 32, 0.875),
+                                                 (overlaid, True, 40, 1.0), (overlaid, False, 32, 0.875)):
+        # fixres's preprocessing at the size (and crop) this model is trained (32) or tested (40) at
+        ours = eval_transform(size=size, crop_pct=crop_pct, interpolation="bilinear", mean=[0.5] * 3, std=[0.25] * 3)
         want = torch.stack([ours(img) for img in images])
         got, config = timm_pixels(model, images, use_test_size)
         assert config["input_size"] == (3, size, size), (model is overlaid, use_test_size)
+        assert config["crop_pct"] == crop_pct, (model is overlaid, use_test_size)
+        resize = [t for t in timm.data.create_transform(**config).transforms if type(t).__name__ == "Resize"]
+        assert [t.size for t in resize] == [int(size / crop_pct)]  # the shorter side, as the crop_pct says
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6,
                                    msg=lambda m: f"{config} (overlay: {model is overlaid}): {m}")
         with torch.inference_mode():

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 
 from fixres import data as data_lib
+from fixres import device_decode
 from fixres.checkpoint import save_weights
 from fixres.cli import run_main
 from fixres.config import ConfigError, SweepConfig
@@ -21,8 +23,9 @@ from fixres.data import ImageDataset, collate_skipping, load_split, shard_indice
 from fixres.engine import evaluate
 from fixres.models import create_model, load_run_model
 from fixres.resolution import default_sizes
-from fixres.stats import add_differences
-from fixres.sweep import run_sweep
+from fixres.report import crop_grid, sweep_table
+from fixres.stats import add_differences, best_of
+from fixres.sweep import run_sweep, sweep_pairs
 from fixres.transforms import eval_transform
 from tests.conftest import finish, run_in_process, run_script, script_main, start_script
 
@@ -74,13 +77,13 @@ def tv_run(data_csv, tmp_path_factory) -> Path:
 
 
 def table_rows(stdout: str) -> list[list[str]]:
-    """The sweep table's cells (size, resize, top-1, vs trained, gained, lost, top-5, loss,
-    images, notes), without the timing columns (forward img/s, img/s at the batch, ms at batch 1)."""
+    """The sweep table's cells (size, crop_pct, resize, top-1, vs trained, gained, lost, top-5,
+    loss, images, notes), without the timing columns (forward img/s, img/s at the batch, ms at batch 1)."""
     rows = []
     for line in stdout.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]
-        if cells and cells[0].isdigit() and len(cells) == 13:
-            rows.append(cells[:9] + cells[12:])
+        if cells and cells[0].isdigit() and len(cells) == 14:
+            rows.append(cells[:10] + cells[13:])
     return rows
 
 
@@ -106,12 +109,36 @@ def test_default_sizes_ladder():
 @pytest.mark.parametrize("kwargs,named", [
     (dict(sizes=[0, 32]), "--sizes"), (dict(sizes=[-8]), "--sizes"), (dict(sizes=[4096]), "--sizes"),
     (dict(crop_pct=0.0), "--crop-pct"), (dict(crop_pct=1.5), "--crop-pct"), (dict(batch_size=0), "--batch-size"),
+    (dict(crop_pcts=[0.9, 0.0]), "--crop-pcts"), (dict(crop_pcts=[1.01]), "--crop-pcts"),
+    (dict(crop_pcts=[float("nan")]), "--crop-pcts"), (dict(crop_pcts=[]), "--crop-pcts"),
     (dict(weights="w.pth"), "--checkpoint"),
     (dict(checkpoint=None, weights="w.pth"), "--model"),
 ])
 def test_config_refuses(kwargs, named):
     with pytest.raises(ConfigError, match=re.escape(named)):
         SweepConfig(**{"checkpoint": "runs/x", **kwargs})
+
+
+def test_crop_pcts_once_each_in_order():
+    assert SweepConfig(checkpoint="runs/x", crop_pcts=[1.0, 0.875, 1.0, 0.95]).crop_pcts == [0.875, 0.95, 1.0]
+    assert sweep_pairs([48, 32], 0.875, [1.0, 0.875]) == [(48, 0.875), (48, 1.0), (32, 0.875), (32, 1.0)]
+    assert sweep_pairs([32], 0.875) == [(32, 0.875)]
+
+
+def test_best_pair_tie_goes_to_the_first_row_in_size_then_crop_order():
+    """Two pairs equal in top-1 and loss: best_of keeps the first, the smaller crop_pct at the
+    smaller size, and the grid and the table mark that one only."""
+    rows = [{"size": s, "crop_pct": c, "resize": int(s / c), "top1": top1, "loss": 0.5, "top5": 1.0, "count": 10,
+             "gained": 0, "lost": 0, "diff_vs_train": 0.0, "diff_low": 0.0, "diff_high": 0.0, "images_per_s": 1.0}
+            for (s, c), top1 in zip(sweep_pairs([32, 40], 0.875, [1.0]), (0.5, 0.5, 0.7, 0.7))]
+    best = best_of(rows)
+    assert (best["size"], best["crop_pct"]) == (40, 0.875)
+    console = Console(record=True, width=200)
+    console.print(crop_grid(rows, train_res=32, crop_pct=0.875, best=best))
+    console.print(sweep_table(rows, train_res=32, crop_pct=0.875, predicted=40, best=best))
+    text = console.export_text()
+    assert re.search(r"│ +40 │ +70\.00% best │ +70\.00% │", text) and text.count("% best") == 1
+    assert re.search(r"│ +40 │ +0\.875 │ +45 │ .*│ predicted, best +│", text) and text.count(", best") == 1
 
 
 # ---- in-process sweeps ------------------------------------------------------------------------
@@ -146,6 +173,47 @@ def test_decode_once_and_same_numbers_as_train_evaluation(tiny_run, monkeypatch)
         assert row["per_image_correct"].shape == (N_VAL,) and int(row["per_image_correct"].sum()) == row["correct"]
     model.train()
     model(torch.randn(2, 3, 32, 32)).sum().backward()  # no inference tensors: finetune can still train it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_crop_pct_sweep_equals_single_pair_sweeps_image_for_image(tiny_run, monkeypatch, decode):
+    """3 sizes x 3 crop_pcts from one decode of each image; each pair scores what a sweep of
+    that pair alone scores (which decodes again), image for image. gpu: the device path
+    (fixres.device_decode), here on the CPU through torchcodec."""
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=True)
+    model, meta = load_run_model(tiny_run)
+    split = load_split(json.loads((tiny_run / "config.json").read_text())["data"], classes=meta["classes"])
+    decoded = []
+    if decode == "cpu":
+        real_open = data_lib.open_image
+        monkeypatch.setattr(data_lib, "open_image", lambda path: decoded.append(path) or real_open(path))
+    else:
+        real_decode = device_decode.torchcodec_decode_jpeg()
+        if real_decode is None:
+            pytest.skip("torchcodec is not installed")
+        counting = lambda sources, **kw: decoded.extend(sources) or real_decode(sources, **kw)  # noqa: E731
+        monkeypatch.setattr(device_decode, "torchcodec_decode_jpeg", lambda: counting)
+    rows = run_sweep(model, meta, split, [24, 32, 40], 0.875, accelerator, crop_pcts=[1.0, 0.8], batch_size=4,
+                     decode=decode)
+    assert len(decoded) == len(split.val)  # once each, for all 9 pairs
+    if decode == "cpu":
+        assert sorted(decoded) == sorted(p for p, _ in split.val)
+    assert [(r["size"], r["crop_pct"]) for r in rows] == [(s, c) for s in (24, 32, 40) for c in (0.8, 0.875, 1.0)]
+    for row in rows:
+        [alone] = run_sweep(model, meta, split, [row["size"]], row["crop_pct"], accelerator, batch_size=4,
+                            decode=decode)
+        assert row["resize"] == alone["resize"] == int(row["size"] / row["crop_pct"])
+        assert torch.equal(row["per_image_correct"], alone["per_image_correct"]), (row["size"], row["crop_pct"])
+        assert (row["correct"], row["correct5"], row["count"]) == (alone["correct"], alone["correct5"], alone["count"])
+        assert row["loss"] == pytest.approx(alone["loss"], rel=1e-6, abs=1e-6)
+    assert len({r["correct"] for r in rows}) > 1  # the pairs differ: the pairing of outputs to pairs is tested
+    add_differences(rows, 32, 0.875)
+    reference = next(r for r in rows if (r["size"], r["crop_pct"]) == (32, 0.875))
+    for row in rows:
+        right, ref = row["per_image_correct"], reference["per_image_correct"]
+        assert (row["gained"], row["lost"]) == (int((right & ~ref).sum()), int((ref & ~right).sum()))
 
 
 def reference_eval(path: str, *, size: int, crop_pct: float, resample) -> np.ndarray:
@@ -204,8 +272,9 @@ def test_torchvision_model_and_plots(tv_run, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "32 48 (with 32, the training size: the reference)" in stdout
     rows = table_rows(stdout)
-    assert [r[0] for r in rows] == ["32", "48"] and rows[0][3:6] == ["reference", "0", "0"]
-    assert re.fullmatch(r"[+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", rows[1][3])
+    assert [r[0] for r in rows] == ["32", "48"] and rows[0][4:7] == ["reference", "0", "0"]
+    assert [r[1] for r in rows] == ["0.875", "0.875"]
+    assert re.fullmatch(r"[+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", rows[1][4])
     assert (f"vs 32 px: the difference in top-1 from the training size, in points, on the same {N_VAL} validation "
             "images; 95% interval: paired bootstrap over the images (10000 resamples, seed 0)") in stdout
     assert re.search(r"best: \d+ px \(top-1 [\d.]+%\), trained at 32 px, predicted 40 px", stdout)
@@ -225,7 +294,7 @@ def test_plain_pretrained_weights(tv_run, data_csv, tmp_path, capsys):
     assert run_main(SWEEP_MAIN, argv) == 0
     assert "trained at 32 px, predicted 40 px" in capsys.readouterr().out
     assert (tmp_path / "sweep.csv").read_text().startswith(
-        "size,resize,top1,top5,loss,correct,correct5,count,diff_vs_train,diff_low,diff_high,gained,lost,")
+        "size,crop_pct,resize,top1,top5,loss,correct,correct5,count,diff_vs_train,diff_low,diff_high,gained,lost,")
 
 
 def test_without_checkpoint_the_newest_run_under_runs(tv_run, tmp_path, monkeypatch, capsys):
@@ -273,6 +342,7 @@ def _bad_cases(tiny_run, data_csv, tmp: Path):
         (run + ["--sizes", "32", "100000"], "--sizes"),
         (run + ["--crop-pct", "0"], "--crop-pct"),
         (run + ["--crop-pct", "1.2"], "--crop-pct"),
+        (run + ["--crop-pcts", "0.9", "1.2"], "--crop-pcts"),
     ]
 
 
@@ -300,32 +370,52 @@ def test_script_error_is_one_line(tmp_path, capsys):
 
 # ---- the real script: 1 process vs 2 -----------------------------------------------------------
 
-def _one_and_two_processes(run: Path, out: Path, workers_of_one: int) -> tuple[str, str]:
+def _one_and_two_processes(run: Path, out: Path, workers_of_one: int, *, crop_pcts=()) -> tuple[str, str]:
     """sweep.py's output with 1 process and with 2 (--cpu, under torchrun, no loader workers), run
-    at once (two slow cores: the imports overlap)."""
+    at once (two slow cores: the imports overlap); with `crop_pcts`, each launch also sweeps
+    them (tests/sweep_runs.py: one launch, two sweeps) into <out>/one-crop and <out>/two-crop."""
     # 16 px: the 1-epoch model changes its answer on one image there (the others: on none)
     common = ["--checkpoint", run, "--sizes", "16", "24", "32", "40", "--batch-size", "4", "--activations"]
-    started = [start_script("sweep.py", *common, "--output", out / "one", "--workers", workers_of_one),
-               # sweep.py's main under torchrun, each rank printing the speeds it holds (tests/sweep_runs.py)
-               start_script("tests/sweep_runs.py", *common, "--output", out / "two", "--cpu", "--workers", "0",
-                            processes=2)]
+    runs = {"one": ["--workers", workers_of_one], "two": ["--cpu", "--workers", "0"]}
+    argv = {name: [*common, "--output", out / name, *extra] for name, extra in runs.items()}
+    if crop_pcts:
+        for name, extra in runs.items():
+            argv[name] += ["--", *common, "--crop-pcts", *crop_pcts, "--output", out / f"{name}-crop", *extra]
+    started = [start_script("tests/sweep_runs.py", *argv["one"]),
+               start_script("tests/sweep_runs.py", *argv["two"], processes=2)]
     results = [finish(process, timeout=300) for process in started]
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
     return results[0].stdout, results[1].stdout
 
 
+@pytest.fixture(scope="module")
+def one_and_two(tiny_run, tmp_path_factory) -> tuple[Path, str, str]:
+    """tiny_run swept with 1 and 2 processes, at its own crop_pct and with --crop-pcts 0.8 1.0:
+    (the folder of the four outputs, what 1 process printed, what 2 printed)."""
+    out = tmp_path_factory.mktemp("one-and-two")
+    one, two = _one_and_two_processes(tiny_run, out, workers_of_one=1, crop_pcts=("0.8", "1.0"))  # a loader worker
+    return out, one, two
+
+
+def sweeps_printed(stdout: str) -> list[str]:
+    """What each sweep of a launch printed (each begins with its resolved config)."""
+    return ["fixres sweep: resolved config" + part for part in stdout.split("fixres sweep: resolved config")[1:]]
+
+
 @pytest.mark.slow
-def test_same_table_with_one_and_two_processes(tiny_run, tmp_path):
-    one, two = _one_and_two_processes(tiny_run, tmp_path, workers_of_one=1)  # a loader worker process
+def test_same_table_with_one_and_two_processes(one_and_two):
+    tmp_path, one, two = one_and_two
+    one, two = sweeps_printed(one)[0], sweeps_printed(two)[0]
     assert re.search(r"processes\s+2\b", two) and re.search(r"processes\s+1\b", one)
     ranks = dict(re.findall(r"^rank (\d): speeds (.*)$", two, re.M))
     assert sorted(ranks) == ["0", "1"] and ranks["0"] == ranks["1"]  # measured on rank 0 and broadcast
     assert sorted(json.loads(ranks["0"])) == ["16", "24", "32", "40"]
     rows_one, rows_two = table_rows(one), table_rows(two)
     assert [r[0] for r in rows_one] == ["16", "24", "32", "40"]
-    assert all(r[8] == str(N_VAL) for r in rows_one)
-    assert rows_one == rows_two  # size, resize, top-1, vs trained, gained, lost, top-5, loss (4 decimals), images, notes
+    assert all(r[9] == str(N_VAL) for r in rows_one)
+    # size, crop_pct, resize, top-1, vs trained, gained, lost, top-5, loss (4 decimals), images, notes
+    assert rows_one == rows_two
     assert re.search(r"best: \d+ px .*trained at 32 px, predicted 40 px", one)
     a, b = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("one", "two"))
     assert a["meta"]["processes"] == 1 and b["meta"]["processes"] == 2
@@ -350,7 +440,55 @@ def test_same_table_with_one_and_two_processes(tiny_run, tmp_path):
             assert (tmp_path / d / name).is_file()
         assert (tmp_path / d / "sweep.png").read_bytes().startswith(PNG_SIGNATURE)
         csv_lines = (tmp_path / d / "sweep.csv").read_text().splitlines()
-        assert len(csv_lines) == 5 and csv_lines[0].startswith("size,resize,top1,top5,loss")
+        assert len(csv_lines) == 5 and csv_lines[0].startswith("size,crop_pct,resize,top1,top5,loss")
+        assert not (tmp_path / d / "sweep_crop.png").exists()  # one crop_pct: no heat map
+
+
+@pytest.mark.slow
+def test_crop_pct_sweep_same_with_one_and_two_processes(one_and_two):
+    """--crop-pcts 0.8 1.0 beside the run's 0.875: every (size, crop_pct) pair, the same image for
+    image with 1 and 2 processes and on both ranks; its 0.875 rows are the plain sweep's; the
+    best pair is best_of's; the reference is (32 px, 0.875)."""
+    out, one, two = one_and_two
+    pairs = [(s, c) for s in (16, 24, 32, 40) for c in (0.8, 0.875, 1.0)]
+    printed = {"one": sweeps_printed(one)[1], "two": sweeps_printed(two)[1]}
+    rows_one = table_rows(printed["one"])
+    assert [(int(r[0]), float(r[1])) for r in rows_one] == pairs and rows_one == table_rows(printed["two"])
+    assert "vs 32 px at 0.875 (95% CI)" in printed["one"] and "top-1 by test size and crop_pct" in printed["one"]
+    assert re.search(r"crop_pct\s+0\.8 0\.875 1\.0 \(the reference: 0\.875, the run's\)", printed["one"])
+    record = {d: json.loads((out / d / "sweep.json").read_text()) for d in ("one", "two", "one-crop", "two-crop")}
+    images = {d: [json.loads((out / d / f"per_image_correct.{rank}.json").read_text()) for rank in ranks]
+              for d, ranks in (("one", "0"), ("two", "01"), ("one-crop", "0"), ("two-crop", "01"))}
+    # image for image, every pair: 1 process, and each of the 2 processes
+    assert images["one-crop"][0] == images["two-crop"][0] == images["two-crop"][1]
+    assert images["one"][0] == images["two"][0] == images["two"][1]
+    assert list(images["one-crop"][0]) == [f"{s}@{c}" for s, c in pairs]
+    for size in (16, 24, 32, 40):  # the run's own crop_pct: as the sweep without --crop-pcts
+        assert images["one-crop"][0][f"{size}@0.875"] == images["one"][0][f"{size}@0.875"]
+    plain = {r["size"]: r for r in record["one"]["rows"]}
+    exact = ("resize", "correct", "correct5", "count", "diff_vs_train", "diff_low", "diff_high", "gained", "lost")
+    for a, b in zip(record["one-crop"]["rows"], record["two-crop"]["rows"], strict=True):
+        assert {k: a[k] for k in ("size", "crop_pct", *exact)} == {k: b[k] for k in ("size", "crop_pct", *exact)}
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["diff_vs_train"] == (a["gained"] - a["lost"]) / N_VAL
+        if a["crop_pct"] == 0.875:
+            assert {k: a[k] for k in exact} == {k: plain[a["size"]][k] for k in exact}
+    assert any(a["correct"] != plain[a["size"]]["correct"] for a in record["one-crop"]["rows"])  # crops differ
+    reference = next(r for r in record["one-crop"]["rows"] if (r["size"], r["crop_pct"]) == (32, 0.875))
+    assert reference["gained"] == reference["lost"] == 0
+    for d in ("one-crop", "two-crop"):
+        meta, best = record[d]["meta"], best_of(record[d]["rows"])
+        assert (meta["crop_pct"], meta["crop_pcts"]) == (0.875, [0.8, 0.875, 1.0])
+        assert (meta["measured_best"], meta["measured_best_crop_pct"]) == (best["size"], best["crop_pct"])
+        assert sorted(record[d]["per_class"]) == sorted(f"{s}@{c}" for s, c in pairs)
+        assert sorted(record[d]["activations"]["hist"]) == sorted(record[d]["per_class"])
+        assert (out / d / "sweep_crop.png").read_bytes().startswith(PNG_SIGNATURE)
+        csv_lines = (out / d / "sweep.csv").read_text().splitlines()
+        assert len(csv_lines) == 13 and csv_lines[1].startswith("16,0.8,20,")
+    assert record["one-crop"]["per_class"] == record["two-crop"]["per_class"]
+    best_at = f"{meta['measured_best']} px at crop_pct {meta['measured_best_crop_pct']:g}"
+    assert re.search(rf"best: {best_at} \(top-1 [\d.]+%\), trained at 32 px at crop_pct 0\.875, predicted 40 px",
+                     printed["one"])
 
 
 @pytest.fixture(scope="module")
