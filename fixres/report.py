@@ -117,11 +117,13 @@ def row_key(row: dict, several: bool) -> str:
 
 
 def sweep_table(rows: list[dict], *, train_res: int, crop_pct: float, predicted: int, best: dict,
-                top5_label: str = "top-5", within: dict | None = None, speed_batch: int | None = None) -> Table:
+                top5_label: str = "top-5", within: dict | None = None, speed_batch: int | None = None,
+                target: int | None = None) -> Table:
     """One line per (size, crop_pct) pair; the reference is (train_res, `crop_pct`), and
     `predicted` the predicted best size at that crop_pct; `best` is the best row; `top5_label`:
     top-k with k = min(5, classes) ("top-3"); `within`: the best row within a speed budget;
-    `speed_batch`: the batch of the measured images/s (fixres.throughput)."""
+    `speed_batch`: the batch of the measured images/s (fixres.throughput); `target`: the test
+    size the run was trained for (train.py --for-test-res)."""
     table = Table(title="fixres sweep")
     versus = f"vs {train_res} px" + (f" at {crop_pct:g}" if several_crops(rows) else "") + " (95% CI)"
     for column in ("size", "crop_pct", "resize", "top-1", versus, "gained", "lost", top5_label, "loss", "images",
@@ -132,6 +134,7 @@ def sweep_table(rows: list[dict], *, train_res: int, crop_pct: float, predicted:
         # a budget's best: "best in budget", or "best (in budget)" when the best overall meets it
         notes = [name for name, hit in (("trained", own and r["size"] == train_res),
                                         ("predicted", own and r["size"] == predicted),
+                                        ("target", own and r["size"] == target),
                                         ("best (in budget)" if within is best else "best", r is best),
                                         ("best in budget", r is within and within is not best)) if hit]
         difference = ("reference" if own and r["size"] == train_res
@@ -228,12 +231,13 @@ def write_sweep_tables(out: Path, rows: list[dict], summary: dict, *, act_edges:
 
 
 def print_sweep(console: Console, rows: list[dict], *, train_res: int, crop_pct: float, predicted: int, best: dict,
-                top5_label: str, processes: int, within: dict | None = None, speed_batch: int | None = None) -> None:
+                top5_label: str, processes: int, within: dict | None = None, speed_batch: int | None = None,
+                target: int | None = None) -> None:
     """The sweep's table and the lines that say what its columns mean; with several crop_pcts
     a grid of top-1 by size and crop_pct; then the best pair."""
     several = several_crops(rows)
     console.print(sweep_table(rows, train_res=train_res, crop_pct=crop_pct, predicted=predicted, best=best,
-                              top5_label=top5_label, within=within, speed_batch=speed_batch))
+                              top5_label=top5_label, within=within, speed_batch=speed_batch, target=target))
     at, header_at = (f" at crop_pct {crop_pct:g}", f" at {crop_pct:g}") if several else ("", "")
     console.print(f"vs {train_res} px{header_at}: the difference in top-1 from the training size{at}, in points, "
                   f"on the same {rows[0]['count']} validation images; {STATS_METHOD}; gained / lost: images right only "
@@ -252,3 +256,7 @@ def print_sweep(console: Console, rows: list[dict], *, train_res: int, crop_pct:
     best_at = f" at crop_pct {best['crop_pct']:g}" if several else ""
     console.print(f"best: {best['size']} px{best_at} (top-1 {100 * best['top1']:.1f}%), trained at {train_res} px{at}, "
                   f"predicted {predicted} px")
+    if target:  # the size a deployment fixed: its row against the training size's, whatever was best
+        row = next(r for r in rows if r["size"] == target and r["crop_pct"] == crop_pct)
+        console.print(f"target: {target} px (train.py --for-test-res {target}), top-1 {100 * row['top1']:.2f}%, vs "
+                      f"{train_res} px {difference_cell(row['diff_vs_train'], row['diff_low'], row['diff_high'])}")

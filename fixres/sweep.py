@@ -258,7 +258,8 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
     train_res = int(meta["train_res"])
     min_scale = cfg.min_scale or trained_min_scale(meta, run_cfg)
     predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct, scale=(min_scale, 1.0))
-    sizes = sorted(set(cfg.sizes or default_sizes(train_res, predicted)) | {train_res})  # the reference
+    target = run_cfg.get("for_test_res")  # train.py --for-test-res: the test size the run was trained for
+    sizes = sorted(set(cfg.sizes or default_sizes(train_res, predicted)) | {train_res, *([target] if target else [])})
     sizes, dropped = sizes_it_takes(model, meta["model"], sizes)  # a ViT: multiples of its patch
     if dropped:
         console.print(dropped)
@@ -289,12 +290,13 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
     k = top5_k(len(split.classes))
     print_sweep(console, rows, train_res=train_res, crop_pct=crop_pct, predicted=predicted, best=best,
                 top5_label=f"top-{k}", processes=accelerator.num_processes, within=chosen if budget else None,
+                target=target,
                 speed_batch=cfg.batch_size if speeds else None)
     if budget:
         console.print(budget_line(chosen, best, budget, batch_size=cfg.batch_size, crops=len(crop_pcts) > 1))
     summary = {"train_res": train_res, "predicted_best": predicted, "measured_best": best["size"],
                "measured_best_crop_pct": best["crop_pct"], "measured_best_top1": best["top1"], "crop_pct": crop_pct,
-               "crop_pcts": crop_pcts, "min_scale": min_scale, "weights": meta["weights_path"],
+               "crop_pcts": crop_pcts, "target_test_res": target, "min_scale": min_scale, "weights": meta["weights_path"],
                "model": meta["model"], "data": split.source, "val_images": len(split.val),
                "difference_vs_train": STATS_METHOD, "processes": accelerator.num_processes,
                "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,

@@ -44,6 +44,12 @@ def test_train_for_a_test_size_then_finetune_there(tmp_path, tiny_csv, capsys):
     assert "(n=25) " in trained.stdout.split("epoch   1")[1]  # validated (at 40 px: the weights say so)
     assert read_metadata(run / "best.safetensors")["test_res"] == 40
 
+    swept = run_script("sweep.py", "--checkpoint", run, "--sizes", "24", "--no-speed", "--workers", "0")
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    summary = json.loads((run / "sweep.json").read_text())
+    assert [r["size"] for r in summary["rows"]] == [24, 32, 40] and summary["meta"]["target_test_res"] == 40
+    assert "target: 40 px (train.py --for-test-res 40), top-1 " in swept.stdout
+
     # a budget the size trained for cannot meet is refused in one line, before any fine-tuning
     over = run_in_process("finetune.py", "--checkpoint", run, "--max-latency-ms", "1e-6", "--name", "over",
                           capsys=capsys)
