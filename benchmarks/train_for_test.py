@@ -64,6 +64,9 @@ def main(argv=None) -> None:
         which = "best" if summary.exists() else "last"
         model, meta, split, _, _ = load_for_sweep(SweepConfig(checkpoint=str(run), which=which), accelerator)
         samples = [s for s in split.val if s[0] not in held_out]
+        if results and samples != first_samples:  # a paired difference needs the same images in the same order
+            sys.exit(f"{run}: its reported images differ from {args.runs[0][1]}'s (another data seed?)")
+        first_samples = samples
         row = run_sweep(model, meta, split, [size], meta["crop_pct"], accelerator, workers=1, samples=samples)[0]
         rows[label] = row
         results[label] = {"run": str(run), "weights": which, "size": size, "train_res": meta["train_res"],

@@ -35,7 +35,7 @@ def compare(source: Path, finetuned: Path, data: str | None, accelerator) -> str
         sys.exit(f"{finetuned}: not a fine-tune of {source} on its validation images ({len(choice)} of its "
                  f"{len(held_out)} held-out images found; source {summary['source']})")
     crop_pct = sweep["meta"]["crop_pct"]
-    sizes = [row["size"] for row in sweep["rows"]]
+    sizes = sorted({row["size"] for row in sweep["rows"]})  # a crop_pct sweep has a row per pair
     best = best_of(run_sweep(model, meta, split, sizes, crop_pct, accelerator, workers=1, samples=choice))["size"]
     train_res = int(meta["train_res"])
     on_reported = {row["size"]: row for row in run_sweep(model, meta, split, sorted({train_res, best}), crop_pct,

@@ -132,7 +132,7 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     elif cfg.res == "auto" and source_cfg.get("for_test_res"):  # the size a deployment fixed: no choice to make
         res, choice_rows = source_cfg["for_test_res"], []
         why = (f"--res auto: {res} px, the test size the source run was trained for (train.py --for-test-res {res}); "
-               f"--res N fine-tunes at another")
+               f"--res N fine-tunes at another" + ("; --sizes, the candidates of a choice, not used" if cfg.sizes else ""))
         console.print(why)
     elif cfg.res == "auto":
         res, why, choice_rows = choose_res(cfg, model, eval_meta, split, accelerator, console, sweep,

@@ -36,7 +36,8 @@ from fixres.transforms import BatchMix
 
 # Options that define what a run is: a resumed run must keep them (a fine-tune's held-out
 # validation images are drawn from --choice-images and --seed).
-IDENTITY_KEYS = ("model", "model_kwargs", "data", "images", "choice_images", "seed")
+IDENTITY_KEYS = ("model", "model_kwargs", "data", "images", "choice_images", "seed",
+                 "for_test_res", "max_latency_ms", "min_images_per_s")  # what the sizes were chosen for
 
 
 @dataclass

@@ -81,6 +81,7 @@ def sizes_for_test_res(cfg: TrainConfig, console) -> TrainConfig:
     """--for-test-res N: the training size whose objects look as large as a test at N shows them
     (fixres.resolution.training_res_for, with the run's crop_pct and min_scale), the nearest one
     the model takes (a ViT: a multiple of its patch); validation at N. Said in one line."""
+    check_model_sizes(cfg.model, cfg.model_kwargs, {"--for-test-res": cfg.for_test_res})  # named as given
     ideal = training_res_for(test_res=cfg.for_test_res, crop_pct=cfg.crop_pct, scale=(cfg.min_scale, 1.0))
     train_res = nearest_size_it_takes(cfg.model, cfg.model_kwargs, ideal)
     console.print(f"--for-test-res {cfg.for_test_res}: training at {train_res} px"

@@ -6,9 +6,10 @@ sweep.py and finetune.py then know.
 import json
 
 import pytest
+import torch
 
-from fixres.checkpoint import read_metadata
-from fixres.models import nearest_size_it_takes
+from fixres.checkpoint import read_metadata, save_weights
+from fixres.models import create_model, nearest_size_it_takes
 from fixres.resolution import recommended_test_res
 from tests.conftest import error_line, run_in_process, run_script
 
@@ -21,6 +22,27 @@ def test_for_test_res_with_a_size_is_refused(tmp_path, tiny_csv, capsys, given):
                             "--output", tmp_path, capsys=capsys)
     assert "--for-test-res N chooses the training size and tests at N" in error_line(result)
     assert not any(tmp_path.iterdir())  # refused before a run folder was started
+
+
+def test_a_size_the_model_cannot_take_is_refused_under_its_own_option(tmp_path, tiny_csv, capsys):
+    result = run_in_process("train.py", "--data", tiny_csv, *TINY, "--model", "vit_tiny_patch16_224",
+                            "--for-test-res", "50", "--output", tmp_path, capsys=capsys)
+    assert error_line(result) == ("error: --for-test-res 50: vit_tiny_patch16_224 takes multiples of its 16 px patch "
+                                  "(nearest: 48, 64)")
+
+
+def test_the_training_size_uses_the_crop_pct_of_the_weights_started_from(tmp_path, tiny_csv, capsys):
+    """--weights whose metadata says crop_pct 1.0: Resize(40) + CenterCrop(40) at test, so 28 px
+    (0.708 x 40), not the 32 px of the default 0.875 (crop_pct is resolved before the size)."""
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_weights(weights, create_model("test_resnet", 3).state_dict(), {"model": "test_resnet", "crop_pct": 1.0})
+    result = run_in_process("train.py", "--data", tiny_csv, *TINY, "--weights", weights, "--for-test-res", "40",
+                            "--output", tmp_path / "runs", "--name", "run", capsys=capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--for-test-res 40: training at 28 px" in result.stdout and "crop_pct 1," in result.stdout
+    config = json.loads((tmp_path / "runs" / "run" / "config.json").read_text())
+    assert (config["train_res"], config["test_res"], config["crop_pct"]) == (28, 40, 1.0)
 
 
 def test_a_vit_trains_at_the_nearest_multiple_of_its_patch():
@@ -49,6 +71,10 @@ def test_train_for_a_test_size_then_finetune_there(tmp_path, tiny_csv, capsys):
     summary = json.loads((run / "sweep.json").read_text())
     assert [r["size"] for r in summary["rows"]] == [24, 32, 40] and summary["meta"]["target_test_res"] == 40
     assert "target: 40 px (train.py --for-test-res 40), top-1 " in swept.stdout
+
+    # what the sizes were chosen for cannot change on --resume (the run would say 64, trained for 40)
+    moved = run_in_process("train.py", "--resume", run, "--for-test-res", "64", capsys=capsys)
+    assert "the run was trained with --for-test-res 40, not 64" in error_line(moved)
 
     # a budget the size trained for cannot meet is refused in one line, before any fine-tuning
     over = run_in_process("finetune.py", "--checkpoint", run, "--max-latency-ms", "1e-6", "--name", "over",

@@ -288,6 +288,37 @@ def test_torchvision_model_and_plots(tv_run, tmp_path, capsys):
     assert len(record["activations"]["edges"]) + 1 == len(record["activations"]["hist"]["32"])
 
 
+def framed_colour_csv(root: Path, n: int = 27) -> Path:
+    """Validation images whose centre has the label's colour and whose frame another's: a crop
+    that keeps more frame turns the tiny run's answer (it learned colours), so crops differ."""
+    rng, names = np.random.default_rng(3), list(COLOURS)
+    (root / "images").mkdir(parents=True)
+    rows = ["image_id,label,is_val"]
+    for i in range(n):
+        label, frame = names[i % 3], names[(i + 1 + (i // 3) % 2) % 3]
+        pixels = rng.normal(COLOURS[frame], 60, size=(40, 48, 3))
+        inner = 6 + i % 7  # the centre's half-side varies: each crop turns some images
+        pixels[20 - inner:20 + inner, 24 - inner:24 + inner] = rng.normal(COLOURS[label], 60, size=(2 * inner, 2 * inner, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / "images" / f"{i:03d}.jpg", quality=90)
+        rows.append(f"{i:03d}.jpg,{label},{i >= 3}")  # three training images: a split needs some
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+def test_crop_pct_sweep_compares_every_pair_with_the_training_pair(tiny_run, tmp_path):
+    """sweep.py's paired differences are against (train_res, the run's crop_pct), not another
+    crop of the training size, on images where the crop changes the answer."""
+    result = SWEEP_MAIN(["--checkpoint", str(tiny_run), "--data", str(framed_colour_csv(tmp_path / "framed")),
+                         "--sizes", "32", "--crop-pcts", "0.5", "1.0", "--cpu", "--workers", "0", "--no-speed",
+                         "--output", str(tmp_path / "out")])
+    rows = {(r["size"], r["crop_pct"]): r for r in result["rows"]}
+    reference = rows[32, 0.875]["per_image_correct"]
+    assert not torch.equal(rows[32, 0.5]["per_image_correct"], reference)  # a wrong reference would show
+    for row in rows.values():
+        right = row["per_image_correct"]
+        assert (row["gained"], row["lost"]) == (int((right & ~reference).sum()), int((reference & ~right).sum()))
+
+
 def test_plain_pretrained_weights(tv_run, data_csv, tmp_path, capsys):
     argv = ["--model", "tv:resnet18", "--weights", str(tv_run / "plain.pth"), "--data", str(data_csv),
             "--train-res", "32", "--sizes", "32", "--cpu", "--workers", "0", "--output", str(tmp_path)]
@@ -476,6 +507,12 @@ def test_crop_pct_sweep_same_with_one_and_two_processes(one_and_two):
     assert any(a["correct"] != plain[a["size"]]["correct"] for a in record["one-crop"]["rows"])  # crops differ
     reference = next(r for r in record["one-crop"]["rows"] if (r["size"], r["crop_pct"]) == (32, 0.875))
     assert reference["gained"] == reference["lost"] == 0
+    # every pair against the reference pair, not against another crop of the training size
+    by_pair, ref_images = images["one-crop"][0], images["one-crop"][0]["32@0.875"]
+    for row in record["one-crop"]["rows"]:
+        right = by_pair[f"{row['size']}@{row['crop_pct']}"]
+        assert (row["gained"], row["lost"]) == (sum(a > b for a, b in zip(right, ref_images)),
+                                                sum(b > a for a, b in zip(right, ref_images)))
     for d in ("one-crop", "two-crop"):
         meta, best = record[d]["meta"], best_of(record[d]["rows"])
         assert (meta["crop_pct"], meta["crop_pcts"]) == (0.875, [0.8, 0.875, 1.0])

@@ -157,6 +157,24 @@ def test_sweep_chooses_the_best_within_the_budget(untrained_run, tmp_path, monke
     assert json.loads((tmp_path / "all" / "sweep.json").read_text())["meta"]["best_within_budget"] is None
 
 
+def test_a_budget_chooses_among_every_crop_pct_of_the_sizes_within_it(untrained_run, tmp_path, monkeypatch, capsys):
+    common = ["--checkpoint", str(untrained_run), "--sizes", *map(str, SIZES), "--crop-pcts", "0.5", "1.0", "--cpu",
+              "--workers", "0"]
+    inject(monkeypatch, {s: 1.0 for s in SIZES})
+    overall = best_of(SWEEP_MAIN(common + ["--output", str(tmp_path / "all")])["rows"])
+    inject(monkeypatch, {s: 10.0 if s == overall["size"] else 1.0 for s in SIZES})  # the best overall's size: too slow
+    written = []
+    monkeypatch.setattr(sweep_lib, "write_best_size", lambda weights, run, size, crop, console: written.append((size, crop)))
+    capsys.readouterr()
+    rows = SWEEP_MAIN(common + ["--output", str(tmp_path / "budget"), "--max-latency-ms", "5", "--write-best"])["rows"]
+    chosen = best_of([r for r in rows if r["size"] != overall["size"]])  # every crop_pct of the other sizes
+    assert chosen["crop_pct"] != 0.875  # here another crop wins: a budget applied to the run's crop alone would show
+    assert written == [(chosen["size"], chosen["crop_pct"])]
+    assert f"best within --max-latency-ms 5: {chosen['size']} px at crop_pct {chosen['crop_pct']:g} (" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "budget" / "sweep.json").read_text())["meta"]
+    assert (meta["best_within_budget"], meta["best_within_budget_crop_pct"]) == (chosen["size"], chosen["crop_pct"])
+
+
 def test_sweep_refuses_a_budget_no_size_meets_before_any_evaluation(untrained_run, tmp_path, monkeypatch, capsys):
     inject(monkeypatch, {s: 2.0 + s / 100 for s in SIZES})
     result = run_in_process("sweep.py", "--checkpoint", untrained_run, "--sizes", *SIZES, "--cpu", "--workers", 0,
