@@ -10,14 +10,17 @@
 
 The numbers are the model's forward pass alone on synthetic input (no decoding, no
 resizing), as the sweep runs it: channels_last, the accelerator's autocast, inference mode,
-on the device of the main process. Each size is timed `repeats` times after `warmup`
-forwards, and the median is kept: images/s at batch `batch_size`, milliseconds at batch 1.
+on the device of the main process. After `warmup` forwards of each, every (size, batch) is
+timed once a round for `repeats` rounds, taking turns so that drift in the machine's speed
+falls on all sizes alike, and the median is kept: images/s at batch `batch_size`,
+milliseconds at batch 1 (a pass shorter than 50 ms repeated within its timing).
 A budget is {"max_latency_ms": ..., "min_images_per_s": ...} (either or both); a size meets
 it when it meets every limit given. A budget no size meets is refused in one line before
 any evaluation.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -29,7 +32,7 @@ from fixres.config import ConfigError
 from fixres.stats import best_of
 
 WARMUP = 1   # untimed forward passes per size and batch: the first allocates and picks kernels
-REPEATS = 5  # timed ones, the median kept: 8 s for the built-in data's 10 sizes on 1 CPU core, a tenth of its sweep
+REPEATS = 5  # timed rounds, the median kept: 7-10 s for the built-in data's 10 sizes on 2 CPU cores (its sweep: 37 s)
 
 # (budget key, the option that sets it, the speed it limits, "at most" or "at least")
 LIMITS = (("max_latency_ms", "--max-latency-ms", "latency_ms", min),
@@ -41,19 +44,38 @@ def input_channels(model: nn.Module) -> int:
     return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
 
 
-def median_seconds(forward, x, *, warmup: int, repeats: int, device: torch.device) -> float:
-    """The median time of `repeats` forward passes of `x`, after `warmup` untimed ones."""
+MIN_TIMING_S = 0.05  # a timing shorter than this is mostly timer and scheduler noise: repeat the forward within it
+
+
+def seconds_per_pass(forward, x, passes: int, device: torch.device) -> float:
+    """The mean time of `passes` forward passes of `x`, the kernels finished (CUDA)."""
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the kernels have finished, not only been queued
-    synchronize()  # `x` itself is made
-    times = []
-    for _ in range(warmup + repeats):
-        start = time.perf_counter()
+    synchronize()  # `x` itself is made, earlier work is done
+    start = time.perf_counter()
+    for _ in range(passes):
         forward(x)
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[warmup:])
+    synchronize()
+    return (time.perf_counter() - start) / passes
+
+
+def median_seconds(forward, inputs: dict, *, warmup: int, repeats: int, device: torch.device) -> dict:
+    """{key: the median time of one forward pass of inputs[key]} over `repeats` rounds, after
+    `warmup` untimed passes of each. Every round times every input once, in turn, so that the
+    machine's drift (a shared VM's neighbours, clock changes) falls on all of them alike rather
+    than on whichever was timed in a slow moment. A pass shorter than MIN_TIMING_S (batch 1 of
+    a small model: a few ms) is repeated within each timing, as timeit's autorange does."""
+    passes = {}
+    for key, x in inputs.items():
+        for _ in range(warmup):
+            seconds_per_pass(forward, x, 1, device)
+        passes[key] = max(1, math.ceil(MIN_TIMING_S / max(seconds_per_pass(forward, x, 1, device), 1e-6)))
+    times = {key: [] for key in inputs}
+    for _ in range(repeats):
+        for key, x in inputs.items():
+            times[key].append(seconds_per_pass(forward, x, passes[key], device))
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def measure_speed(model: nn.Module, sizes, *, batch_size: int, accelerator, warmup: int = WARMUP,
@@ -75,13 +97,11 @@ def measure_speed(model: nn.Module, sizes, *, batch_size: int, accelerator, warm
                 return net(x)
         try:
             with torch.inference_mode():
-                speeds = {}
-                for size in sizes:
-                    batch, one = (torch.randn(n, channels, size, size, device=device)
-                                  .contiguous(memory_format=torch.channels_last) for n in (batch_size, 1))
-                    timing = dict(warmup=warmup, repeats=repeats, device=device)
-                    speeds[size] = {"images_per_s": batch_size / median_seconds(forward, batch, **timing),
-                                    "latency_ms": 1000 * median_seconds(forward, one, **timing)}
+                inputs = {(size, n): torch.randn(n, channels, size, size, device=device)
+                          .contiguous(memory_format=torch.channels_last) for size in sizes for n in (batch_size, 1)}
+                seconds = median_seconds(forward, inputs, warmup=warmup, repeats=repeats, device=device)
+                speeds = {size: {"images_per_s": batch_size / seconds[size, batch_size],
+                                 "latency_ms": 1000 * seconds[size, 1]} for size in sizes}
         finally:
             for module, training in modes.items():
                 module.train(training)
