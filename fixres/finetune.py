@@ -78,6 +78,37 @@ from fixres.training import fit
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
+def refuse_fixed_res(cfg: FinetuneConfig, model, name: str, source_cfg: dict, accelerator) -> None:
+    """Before any work: a --res N the model cannot take, and a fixed size (--res N, or the one
+    the source run was trained for) outside a speed budget, refused in one line (refused, not
+    warned: the budget was asked for)."""
+    if cfg.res != "auto" and (why_not := size_refusal(model, name, cfg.res)):
+        raise ConfigError(f"--res {cfg.res}: {why_not}")
+    fixed_res = cfg.res if cfg.res != "auto" else source_cfg.get("for_test_res")
+    if fixed_res and (budget := budget_of(cfg)):
+        refuse_over_budget(copy.deepcopy(model), fixed_res, budget, batch_size=cfg.batch_size, accelerator=accelerator,
+                           target=cfg.res == "auto")
+
+
+def fine_tuning_res(cfg: FinetuneConfig, source_cfg: dict, resume, console, *, choose) -> tuple[int, str, list]:
+    """(the size to fine-tune at, why, the rows of its choice): a resumed run's own (a requeue
+    repeats --res auto), the size the source run was trained for (train.py --for-test-res: no
+    choice to make), --res auto's choice (`choose()`), or --res N."""
+    if resume and "res_choice" in resume.meta:
+        return resume.meta["finetune_res"], resume.meta["res_choice"], resume.meta["choice_sweep"]
+    if cfg.res != "auto":
+        return cfg.res, f"--res {cfg.res}", []
+    if target := source_cfg.get("for_test_res"):
+        why = (f"--res auto: {target} px, the test size the source run was trained for (train.py --for-test-res "
+               f"{target}); --res N fine-tunes at another" + ("; --sizes, the candidates of a choice, not used"
+                                                              if cfg.sizes else ""))
+        res, rows = target, []
+    else:
+        res, why, rows = choose()
+    console.print(why)
+    return res, why, rows
+
+
 def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     """Load the source run, choose the resolution (--res auto), evaluate before, apply the
     method, evaluate after, write the run folder, finetune.json and activations.png."""
@@ -88,12 +119,8 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     if resume:  # the resumed run's own --decode
         decode = resolve_decode(cfg.decode, accelerator.device)
     model, meta, split, source_folder, source_cfg = load_source(cfg, accelerator)
-    if cfg.res != "auto" and (why_not := size_refusal(model, meta["model"], cfg.res)):
-        raise ConfigError(f"--res {cfg.res}: {why_not}")
-    fixed_res = cfg.res if cfg.res != "auto" else source_cfg.get("for_test_res")  # given, or the size trained for
-    if fixed_res and (budget := budget_of(cfg)) and not resume:  # refused, not warned: the budget was asked for
-        refuse_over_budget(copy.deepcopy(model), fixed_res, budget, batch_size=cfg.batch_size, accelerator=accelerator,
-                           target=cfg.res == "auto")
+    if not resume:
+        refuse_fixed_res(cfg, model, meta["model"], source_cfg, accelerator)
     if "data" in source_cfg and source_cfg["data"] is None and not resume:  # the built-in data: its preset
         cfg = dataclasses.replace(cfg, **{k: v for k, v in FINETUNE_SHAPES_PRESET.items() if k not in explicit})
     output = cfg.output or str(beside_source(Path(meta["weights_path"])))
@@ -127,19 +154,10 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     if cfg.method == "parametric":
         refuse_negative_features(cfg, model, split, accelerator, sweep["workers"], adapted["classifiers"])
     predicted = recommended_test_res(train_res=train_res, crop_pct=cfg.crop_pct, scale=(cfg.min_scale, 1.0))
-    if resume and "res_choice" in resume.meta:  # the size its first start chose, and how (a requeue repeats --res auto)
-        res, why, choice_rows = resume.meta["finetune_res"], resume.meta["res_choice"], resume.meta["choice_sweep"]
-    elif cfg.res == "auto" and source_cfg.get("for_test_res"):  # the size a deployment fixed: no choice to make
-        res, choice_rows = source_cfg["for_test_res"], []
-        why = (f"--res auto: {res} px, the test size the source run was trained for (train.py --for-test-res {res}); "
-               f"--res N fine-tunes at another" + ("; --sizes, the candidates of a choice, not used" if cfg.sizes else ""))
-        console.print(why)
-    elif cfg.res == "auto":
-        res, why, choice_rows = choose_res(cfg, model, eval_meta, split, accelerator, console, sweep,
-                                           predicted=predicted, last_bn=last_bn, choice=held_out)
-        console.print(why)
-    else:
-        res, why, choice_rows = cfg.res, f"--res {cfg.res}", []
+    res, why, choice_rows = fine_tuning_res(
+        cfg, source_cfg, resume, console,
+        choose=lambda: choose_res(cfg, model, eval_meta, split, accelerator, console, sweep, predicted=predicted,
+                                  last_bn=last_bn, choice=held_out))
     choices = ["the size"] * bool(choice_rows) + ["the epoch that ships"] * (cfg.method == "finetune")
     chosen_on = f"{', '.join(choices)}: {len(held_out)} held-out validation images" if choices else None
     # before: the training resolution and the new one, on the images no choice sees

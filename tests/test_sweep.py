@@ -437,11 +437,13 @@ def sweeps_printed(stdout: str) -> list[str]:
 @pytest.mark.slow
 def test_same_table_with_one_and_two_processes(one_and_two):
     tmp_path, one, two = one_and_two
+    ranks = {}  # each rank's speeds line after each of the launch's sweeps (their lines interleave in stdout)
+    for rank, speeds in re.findall(r"^rank (\d): speeds (.*)$", two, re.M):
+        ranks.setdefault(rank, []).append(speeds)
+    assert sorted(ranks) == ["0", "1"] and ranks["0"] == ranks["1"]  # measured on rank 0 and broadcast
+    assert len(ranks["0"]) == 2 and sorted(json.loads(ranks["0"][0])) == ["16", "24", "32", "40"]
     one, two = sweeps_printed(one)[0], sweeps_printed(two)[0]
     assert re.search(r"processes\s+2\b", two) and re.search(r"processes\s+1\b", one)
-    ranks = dict(re.findall(r"^rank (\d): speeds (.*)$", two, re.M))
-    assert sorted(ranks) == ["0", "1"] and ranks["0"] == ranks["1"]  # measured on rank 0 and broadcast
-    assert sorted(json.loads(ranks["0"])) == ["16", "24", "32", "40"]
     rows_one, rows_two = table_rows(one), table_rows(two)
     assert [r[0] for r in rows_one] == ["16", "24", "32", "40"]
     assert all(r[9] == str(N_VAL) for r in rows_one)
