@@ -542,7 +542,7 @@ class SweepConfig:
                                    "export (test_input_size, test_crop_pct), which is written again")
     # speed per size: the forward pass alone on synthetic input, before the sweep (fixres/throughput.py)
     speed: bool = _opt(True, "measure each size's images/s at --batch-size and milliseconds at batch 1 on this "
-                             "device before the sweep (on a CPU, 7-10 s for the built-in data's 10 sizes beside its 37 s sweep); "
+                             "device before the sweep (on a CPU, 4-5 s for the built-in data's 10 sizes beside its 37 s sweep); "
                              "--no-speed skips it")
     speed_repeats: int = _opt(5, "timed forward passes per size and batch (after one warm-up); the median is kept")
     max_latency_ms: float | None = _budget_opt("max_latency_ms")

@@ -13,7 +13,7 @@ resizing), as the sweep runs it: channels_last, the accelerator's autocast, infe
 on the device of the main process. After `warmup` forwards of each, every (size, batch) is
 timed once a round for `repeats` rounds, taking turns so that drift in the machine's speed
 falls on all sizes alike, and the median is kept: images/s at batch `batch_size`,
-milliseconds at batch 1 (a pass shorter than 50 ms repeated within its timing).
+milliseconds at batch 1 (a pass shorter than 20 ms repeated within its timing).
 A budget is {"max_latency_ms": ..., "min_images_per_s": ...} (either or both); a size meets
 it when it meets every limit given. A budget no size meets is refused in one line before
 any evaluation.
@@ -32,7 +32,7 @@ from fixres.config import ConfigError
 from fixres.stats import best_of
 
 WARMUP = 1   # untimed forward passes per size and batch: the first allocates and picks kernels
-REPEATS = 5  # timed rounds, the median kept: 7-10 s for the built-in data's 10 sizes on 2 CPU cores (its sweep: 37 s)
+REPEATS = 5  # timed rounds, the median kept: 4-5 s for the built-in data's 10 sizes on 2 CPU cores (its sweep: 37 s)
 
 # (budget key, the option that sets it, the speed it limits, "at most" or "at least")
 LIMITS = (("max_latency_ms", "--max-latency-ms", "latency_ms", min),
@@ -44,7 +44,7 @@ def input_channels(model: nn.Module) -> int:
     return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
 
 
-MIN_TIMING_S = 0.05  # a timing shorter than this is mostly timer and scheduler noise: repeat the forward within it
+MIN_TIMING_S = 0.02  # a timing shorter than this is mostly timer and scheduler noise: repeat the forward within it
 
 
 def seconds_per_pass(forward, x, passes: int, device: torch.device) -> float:
