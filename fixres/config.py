@@ -438,8 +438,8 @@ class FinetuneConfig(TrainConfig):
     checkpoint: str | None = _opt(None, "run folder, checkpoint folder or .safetensors file written by train.py "
                                         f"(default: the newest train.py run under --output, else under {RUNS}/)")
     res: str | int = _opt("auto", "resolution to fine-tune and test at, or 'auto': the best size on the held-out "
-                          "validation images, a last BN re-estimated at each on --choice-images training images; a run trained with "
-                          "--for-test-res N: N")
+                          "validation images, a last BN re-estimated at each on --choice-images training images; "
+                          "a run trained with --for-test-res N: N")
     choice_images: int = _opt(1000, "validation images held out for the choices (--res auto's size, the epoch that "
                                     "ships), drawn with --seed, at most half; the rest report before and after")
     method: str = _opt("finetune", "finetune: train the classifier with the last norm (a BN in train mode, a "
@@ -536,14 +536,13 @@ class SweepConfig:
     cpu: bool = _runtime_opt("cpu")
     collective_timeout: float = _runtime_opt("collective_timeout")
     output: str | None = _opt(None, "folder for sweep.csv, sweep.json and the plots (default: the run folder)")
-    write_best: bool = _opt(False, "record the best size (within the budget, when one is given) and its crop_pct as the "
-                                   "run's test size and test crop ratio: "
-                                   "in the swept weights' metadata (test_res, test_crop_pct) and in the run's timm "
+    write_best: bool = _opt(False, "record the best size (within the budget, when one is given) and its crop_pct "
+                                   "as the run's test size and test crop ratio: in the swept weights' metadata (test_res, test_crop_pct) and in the run's timm "
                                    "export (test_input_size, test_crop_pct), which is written again")
     # speed per size: the forward pass alone on synthetic input, before the sweep (fixres/throughput.py)
     speed: bool = _opt(True, "measure each size's images/s at --batch-size and milliseconds at batch 1 on this "
-                             "device before the sweep (on a CPU, 4-5 s for the built-in data's 10 sizes beside its 37 s sweep); "
-                             "--no-speed skips it")
+                             "device before the sweep (on a CPU, 4-5 s for the built-in data's 10 sizes beside "
+                             "its 37 s sweep); --no-speed skips it")
     speed_repeats: int = _opt(5, "timed forward passes per size and batch (after one warm-up); the median is kept")
     max_latency_ms: float | None = _budget_opt("max_latency_ms")
     min_images_per_s: float | None = _budget_opt("min_images_per_s")

@@ -98,16 +98,10 @@ class CropSpec:
 
 @dataclass(frozen=True)
 class ResizeSpec:
-    """Evaluation: Resize(int(size / crop_pct)) + CenterCrop(size), for every size from one decode;
-    `crop_pcts`, when given, one crop_pct per size instead (a crop_pct sweep's (size, crop_pct) pairs)."""
-    sizes: tuple
-    crop_pct: float = 0.875
+    """Evaluation: Resize(int(size / crop_pct)) + CenterCrop(size) for every (size, crop_pct)
+    of `outputs`, all from one decode (one pair for a run's evaluation; a sweep's every pair)."""
+    outputs: tuple  # ((size, crop_pct), ...), in the order of the batch's outputs
     interpolation: str = "bilinear"
-    crop_pcts: tuple = ()
-
-    def outputs(self) -> list[tuple[int, float]]:
-        """(size, crop_pct) of every output, in order."""
-        return list(zip(self.sizes, self.crop_pcts or (self.crop_pct,) * len(self.sizes), strict=True))
 
 
 @dataclass
@@ -211,7 +205,7 @@ class DeviceBatch:
             flips = torch.tensor([self.flips[i] for i in kept], dtype=torch.bool).to(device).view(-1, 1, 1, 1)
             return [torch.where(flips, batch.flip(-1), batch)], kept
         outputs = []
-        for size, crop_pct in self.spec.outputs():
+        for size, crop_pct in self.spec.outputs:
             shorter = resize_size(size, crop_pct)
             resized = (_resize(images[i], _shorter_side_to(images[i].shape[-2:], shorter), self.spec.interpolation)
                        for i in kept)
@@ -313,5 +307,5 @@ def device_readers(*, train_size: int, eval_size: int, min_scale: float, crop_pc
                    skip_bad: bool = False) -> tuple[ReadForDevice, ReadForDevice]:
     """train.py's (training, evaluation) transforms for --decode gpu."""
     return (ReadForDevice(CropSpec(train_size, interpolation), min_scale=min_scale, skip_bad=skip_bad),
-            ReadForDevice(ResizeSpec((eval_size,), crop_pct, interpolation), skip_bad=skip_bad))
+            ReadForDevice(ResizeSpec(((eval_size, crop_pct),), interpolation), skip_bad=skip_bad))
 

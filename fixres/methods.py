@@ -48,7 +48,8 @@ def choose_res(cfg, model, eval_meta, split, accelerator, console, sweep, *, pre
     if dropped:
         console.print(dropped)
     candidates, speeds, budget = sizes, None, budget_of(cfg)
-    if budget:  # timed before any scoring: a budget no size meets is refused here; the training size stays the reference
+    # timed before any scoring (a budget no size meets is refused here); the training size stays the reference
+    if budget:
         speeds, candidates, _ = timed_sizes(copy.deepcopy(model), sizes, budget=budget, batch_size=cfg.batch_size,
                                             accelerator=accelerator, console=console)
         sizes = sorted(set(candidates) | {train_res})

@@ -14,10 +14,11 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter
 
 from fixres.checkpoint import atomic_write
+from fixres.report import several_crops
 from fixres.throughput import meets
 
 
@@ -105,7 +106,7 @@ def plot_sweep_figures(rows: list[dict], out: Path, *, train_res: int, crop_pct:
                        act_edges: list[float] | None, title: str) -> list[str]:
     """sweep.py's figures in `out`: sweep.png; sweep_crop.png with several crop_pcts;
     activations.png with `act_edges` (the rows carry histograms). Returns the names written."""
-    several = len({r["crop_pct"] for r in rows}) > 1
+    several = several_crops(rows)
     plot_sweep(rows, out / "sweep.png", train_res=train_res, predicted=predicted, best=best, crop_pct=crop_pct,
                title=title + ("" if several else f", crop_pct {crop_pct}"))
     written = ["sweep.png"]

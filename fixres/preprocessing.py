@@ -93,7 +93,7 @@ def validation_transform(cfg, size: int, decode: str):
     """Resize and centre crop at `size` with the run's crop_pct, interpolation and normalisation;
     with decode "gpu" the workers read bytes and the device decodes (uint8, normalised later)."""
     if decode == "gpu":
-        return ReadForDevice(ResizeSpec((size,), cfg.crop_pct, cfg.interpolation), skip_bad=cfg.skip_bad_images)
+        return ReadForDevice(ResizeSpec(((size, cfg.crop_pct),), cfg.interpolation), skip_bad=cfg.skip_bad_images)
     return eval_transform(size=size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, mean=cfg.mean,
                           std=cfg.std)
 

@@ -155,9 +155,9 @@ def crop_grid(rows: list[dict], *, train_res: int, crop_pct: float, best: dict) 
     for column in ("size", *(f"crop_pct {c:g}" for c in crops)):
         table.add_column(column, justify="right")
     cells = {(r["size"], r["crop_pct"]): r for r in rows}
+    marks = lambda r: (" best" if r is best else "") + (  # noqa: E731
+        " ref" if (r["size"], r["crop_pct"]) == (train_res, crop_pct) else "")
     for size in dict.fromkeys(r["size"] for r in rows):
-        marks = lambda r: (" best" if r is best else "") + (  # noqa: E731
-            " ref" if (r["size"], r["crop_pct"]) == (train_res, crop_pct) else "")
         table.add_row(str(size), *(f"{100 * cells[size, c]['top1']:.2f}%{marks(cells[size, c])}" for c in crops))
     return table
 

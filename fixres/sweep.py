@@ -64,8 +64,7 @@ def sweep_loader(samples, pairs, interpolation: str, accelerator, *, batch_size:
     """(a loader of this process's batches, each image at every (size, crop_pct) pair as uint8,
     all from one decode; their indices in `samples`)."""
     if decode == "gpu":
-        sizes, crops = (tuple(column) for column in zip(*pairs))
-        dataset = ImageDataset(samples, ReadForDevice(ResizeSpec(sizes, crops[0], interpolation, crop_pcts=crops)))
+        dataset = ImageDataset(samples, ReadForDevice(ResizeSpec(tuple(pairs), interpolation)))
         collate = collate_skipping
     else:
         per_pair = [eval_transform(size=s, crop_pct=c, interpolation=interpolation, normalize=False) for s, c in pairs]
@@ -277,8 +276,8 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
         title="fixres sweep: resolved config"))
     budget, speeds, speed_s = budget_of(cfg), None, 0.0
     if cfg.speed:  # before any evaluation: a budget that no size meets is refused here
-        speeds, _, speed_s = timed_sizes(model, sizes, budget=budget, batch_size=cfg.batch_size, accelerator=accelerator,
-                                         console=console, repeats=cfg.speed_repeats)
+        speeds, _, speed_s = timed_sizes(model, sizes, budget=budget, batch_size=cfg.batch_size,
+                                         accelerator=accelerator, console=console, repeats=cfg.speed_repeats)
     pairs = f"{len(sizes)} sizes" + (f" x {len(crop_pcts)} crop_pcts" if len(crop_pcts) > 1 else "")
     with EpochProgress(console, f"sweep ({pairs})", len(split.val)) as bar:
         rows = run_sweep(model, meta, split, sizes, crop_pct, accelerator, crop_pcts=crop_pcts,
@@ -290,14 +289,13 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
     k = top5_k(len(split.classes))
     print_sweep(console, rows, train_res=train_res, crop_pct=crop_pct, predicted=predicted, best=best,
                 top5_label=f"top-{k}", processes=accelerator.num_processes, within=chosen if budget else None,
-                target=target,
-                speed_batch=cfg.batch_size if speeds else None)
+                target=target, speed_batch=cfg.batch_size if speeds else None)
     if budget:
         console.print(budget_line(chosen, best, budget, batch_size=cfg.batch_size, crops=len(crop_pcts) > 1))
     summary = {"train_res": train_res, "predicted_best": predicted, "measured_best": best["size"],
                "measured_best_crop_pct": best["crop_pct"], "measured_best_top1": best["top1"], "crop_pct": crop_pct,
-               "crop_pcts": crop_pcts, "target_test_res": target, "min_scale": min_scale, "weights": meta["weights_path"],
-               "model": meta["model"], "data": split.source, "val_images": len(split.val),
+               "crop_pcts": crop_pcts, "target_test_res": target, "min_scale": min_scale,
+               "weights": meta["weights_path"], "model": meta["model"], "data": split.source, "val_images": len(split.val),
                "difference_vs_train": STATS_METHOD, "processes": accelerator.num_processes,
                "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
                "loader_seconds": rows[0]["loader_seconds"], "seconds": rows[0]["seconds"], "top5_k": k,

@@ -98,7 +98,7 @@ def test_auto_decodes_on_cuda_only_where_torchcodec_decodes_there(fresh_probe, m
     assert resolve_decode("auto", cuda) == "gpu"
     cfg = TrainConfig(train_res=40, test_res=56)
     assert isinstance(default_train_transform(cfg, cuda), ReadForDevice)
-    assert default_eval_transform(cfg, cuda).spec == ResizeSpec((56,), 0.875, "bilinear")
+    assert default_eval_transform(cfg, cuda).spec == ResizeSpec(((56, 0.875),), "bilinear")
     assert isinstance(default_train_transform(cfg, CPU), DecodeRandomResizedCrop)
 
 
@@ -156,7 +156,8 @@ def test_every_interpolation_choice_is_known_to_both_paths():
 def test_device_evaluation_resize_is_pillows_for_every_interpolation(noise_pngs, interpolation):
     sizes = (24, 40, 96)  # down, about the same, up
     samples = [(p, 0) for p in noise_pngs]
-    batch, _, _ = batch_of(ImageDataset(samples, ReadForDevice(ResizeSpec(sizes, 0.8, interpolation))), range(3))
+    spec = ResizeSpec(tuple((s, 0.8) for s in sizes), interpolation)
+    batch, _, _ = batch_of(ImageDataset(samples, ReadForDevice(spec)), range(3))
     assert sorted(batch.pixels) == [0, 1, 2]  # decoded in the worker: only the resize runs on the device
     outputs, _ = batch.decode(CPU)
     for size, images in zip(sizes, outputs):
@@ -171,11 +172,11 @@ def test_device_evaluation_of_size_and_crop_pct_pairs_from_one_decode(noise_pngs
     pairs = [(24, 0.8), (24, 1.0), (40, 0.875), (40, 1.0)]
     sizes, crops = zip(*pairs)
     samples = [(p, 0) for p in noise_pngs]
-    batch, _, _ = batch_of(ImageDataset(samples, ReadForDevice(ResizeSpec(sizes, 0.875, crop_pcts=crops))), range(3))
+    batch, _, _ = batch_of(ImageDataset(samples, ReadForDevice(ResizeSpec(tuple(zip(sizes, crops))))), range(3))
     outputs, _ = batch.decode(CPU)
     assert len(outputs) == len(pairs)
     for (size, crop_pct), images in zip(pairs, outputs):
-        alone, _, _ = batch_of(ImageDataset(samples, ReadForDevice(ResizeSpec((size,), crop_pct))), range(3))
+        alone, _, _ = batch_of(ImageDataset(samples, ReadForDevice(ResizeSpec(((size, crop_pct),)))), range(3))
         assert torch.equal(images, alone.decode(CPU)[0][0]), (size, crop_pct)
         expected = torch.stack([eval_transform(size=size, crop_pct=crop_pct, normalize=False)(open_image(p))
                                 for p in noise_pngs])
@@ -210,8 +211,8 @@ def test_device_training_crop_is_pillows_for_every_interpolation(noise_pngs, int
 def test_evaluation_sizes_from_one_decode_match_pillow(photos, interpolation):
     sizes = (48, 80)
     samples = [(p, 0) for p in photos]
-    batch, _, _ = batch_of(ImageDataset(samples, ReadForDevice(ResizeSpec(sizes, 0.875, interpolation))),
-                           range(len(samples)))
+    spec = ResizeSpec(tuple((s, 0.875) for s in sizes), interpolation)
+    batch, _, _ = batch_of(ImageDataset(samples, ReadForDevice(spec)), range(len(samples)))
     outputs, kept = batch.decode(CPU)
     assert kept == list(range(len(samples)))
     for size, images in zip(sizes, outputs):
@@ -258,7 +259,7 @@ def test_a_batch_the_decoder_refuses_is_decoded_image_by_image(photos, monkeypat
         return real(source, **kw)
     monkeypatch.setattr(device_decode, "torchcodec_decode_jpeg", lambda: refuses_batches)
     samples = [(p, 0) for p in photos[:3]]
-    batch, _, _ = batch_of(ImageDataset(samples, ReadForDevice(ResizeSpec((32,)))), range(3))
+    batch, _, _ = batch_of(ImageDataset(samples, ReadForDevice(ResizeSpec(((32, 0.875),)))), range(3))
     [images], kept = batch.decode(CPU)
     assert calls == [list, torch.Tensor, torch.Tensor, torch.Tensor] and kept == [0, 1, 2]
     expected = torch.stack([eval_transform(size=32)(open_image(p)) for p, _ in samples])
