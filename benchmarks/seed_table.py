@@ -24,14 +24,20 @@ def interval(d: dict) -> str:
 
 def column(source: Path, finetuned: Path) -> dict[str, str]:
     _, meta = load_weights(source / "best.safetensors")
+    config = json.loads((source / "config.json").read_text())
     sweep = json.loads((source / "sweep.json").read_text())
-    rows = {row["size"]: row for row in sweep["rows"]}
-    best = rows[sweep["meta"]["measured_best"]]
+    # the best pair's row (a crop_pct sweep has several rows a size)
+    best = next(row for row in sweep["rows"] if row["size"] == sweep["meta"]["measured_best"]
+                and row.get("crop_pct", sweep["meta"]["crop_pct"]) == sweep["meta"].get("measured_best_crop_pct",
+                                                                                      sweep["meta"]["crop_pct"]))
     tuned = json.loads((finetuned / "finetune.json").read_text())
+    if Path(tuned["source"]).resolve().parent != source.resolve():
+        sys.exit(f"{finetuned}: a fine-tune of {tuned['source']}, not of {source}")
     train_res, res, diffs = tuned["train_res"], tuned["res"], tuned["differences"]
     n_sweep, n_reported = best["count"], tuned["val_images"]
     return {
-        f"train.py: val top-1 at {meta['test_res']} px (the best epoch, {n_sweep} images)":
+        # the size train.py validated at (the weights' test_res is sweep.py --write-best's, once it has run)
+        f"train.py: val top-1 at {config['test_res'] or config['train_res']} px (the best epoch, {n_sweep} images)":
             f"{100 * meta['val_acc']:.2f}% (epoch {meta['epoch']})",
         f"sweep.py's highest size, vs {train_res} px ({n_sweep} images, which also chose it: optimistic)":
             f"{best['size']} px: {100 * best['top1']:.2f}%, " + interval(

@@ -10,7 +10,8 @@ the --reported-by fine-tune did not hold out for its choices (every fine-tune gi
 have held out the same ones: the same --seed and --choice-images), so no number below was
 chosen on the images it is measured on. A train.py run is evaluated with its last weights (its
 best.safetensors was chosen on every validation image); a finetune.py run with the weights it
-ships (chosen on the held-out images). Each --compare X-Y prints X's top-1 minus Y's on the
+ships (chosen on the held-out images), which must have started from its source's
+last.safetensors (refused otherwise: a best.safetensors was chosen on the reported images). Each --compare X-Y prints X's top-1 minus Y's on the
 same images with its 95% interval (fixres.stats: paired bootstrap). The cost of each: the
 seconds its epochs took (metrics.jsonl: training and validation), a fine-tune's plus its
 source run's.
@@ -61,6 +62,10 @@ def main(argv=None) -> None:
         summary = run / "finetune.json"
         if summary.exists() and set(json.loads(summary.read_text())["held_out"]) != held_out:
             sys.exit(f"{run}: held out other images than {args.reported_by}")
+        source = Path(json.loads(summary.read_text())["source"]) if summary.exists() else None
+        if source and source.name == "best.safetensors" and not (source.parent / "finetune.json").exists():
+            sys.exit(f"{run}: fine-tuned from {source}, the epoch train.py chose on every validation image, the "
+                     f"reported ones among them: fine-tune from {source.parent / 'last.safetensors'}")
         which = "best" if summary.exists() else "last"
         model, meta, split, _, _ = load_for_sweep(SweepConfig(checkpoint=str(run), which=which), accelerator)
         samples = [s for s in split.val if s[0] not in held_out]

@@ -139,6 +139,10 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
         mean=list(meta.get("mean", IMAGENET_MEAN)), std=list(meta.get("std", IMAGENET_STD)),
         # the built-in data's CSV as the source's sweep found it (its images depend on the source's seed)
         data=cfg.data or source_cfg.get("data") or split.source, images=cfg.images or source_cfg.get("images"))
+    if meta.get("test_crop_pct") not in (None, cfg.crop_pct) and "crop_pct" not in explicit:  # sweep.py --write-best's
+        console.print(f"crop_pct {cfg.crop_pct:g}, the source's: every size is evaluated and fine-tuned at it, not at "
+                      f"the test_crop_pct {meta['test_crop_pct']:g} its weights record (sweep.py --write-best); "
+                      f"--crop-pct {meta['test_crop_pct']:g} fine-tunes at that one")
     eval_meta = {**meta, "interpolation": cfg.interpolation}
     held_out, reported = held_out_split(split.val, cfg.choice_images, cfg.seed)
     norm = find_last_norm(model, input_size=train_res)

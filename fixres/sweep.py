@@ -315,6 +315,9 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
             written.append("sweep_speed.png")
         console.print(f"wrote {out}/sweep.csv, sweep.json, " + ", ".join(written))
         if cfg.write_best:  # within the budget, when one is given
+            if target and chosen["size"] != target:
+                console.print(f"--write-best: the run was trained for a test at {target} px (--for-test-res), which "
+                              f"finetune.py --res auto keeps; its weights' test size becomes {chosen['size']} px")
             write_best_size(Path(meta["weights_path"]), run_dir, chosen["size"], chosen["crop_pct"], console)
     accelerator.wait_for_everyone()
     return {"rows": rows, "meta": summary, "output": str(out)}

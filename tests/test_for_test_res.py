@@ -7,8 +7,10 @@ import json
 
 import pytest
 import torch
+from rich.console import Console
 
 from fixres.checkpoint import read_metadata, save_weights
+from fixres.export import write_best_size
 from fixres.models import create_model, nearest_size_it_takes
 from fixres.resolution import recommended_test_res
 from tests.conftest import error_line, run_in_process, run_script
@@ -82,8 +84,12 @@ def test_train_for_a_test_size_then_finetune_there(tmp_path, tiny_csv, capsys):
     assert error_line(over).startswith("error: --res auto: 40 px, the test size the source run was trained for")
     assert not (tmp_path / "over").exists()
 
+    # a test crop recorded by sweep.py --write-best is not what finetune.py uses: it says so
+    write_best_size(run / "best.safetensors", run, 40, 1.0, Console(quiet=True))
     tuned = run_script("finetune.py", "--checkpoint", run, "--epochs", "1", "--batch-size", "16", "--workers", "0",
                        "--choice-images", "10", "--name", "ft")
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert "--res auto: 40 px, the test size the source run was trained for" in tuned.stdout
+    assert "crop_pct 0.875, the source's: every size is evaluated and fine-tuned at it, not at the test_crop_pct 1 " \
+        in " ".join(tuned.stdout.split())
     assert json.loads((tmp_path / "ft" / "finetune.json").read_text())["res"] == 40

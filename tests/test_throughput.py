@@ -56,6 +56,24 @@ SPEEDS = {16: {"images_per_s": 4000.0, "latency_ms": 1.0}, 24: {"images_per_s": 
           32: {"images_per_s": 1000.0, "latency_ms": 4.0}, 40: {"images_per_s": 500.0, "latency_ms": 8.0}}
 
 
+def test_each_size_and_batch_gets_its_own_timing(monkeypatch):
+    """measure_speed's wiring, on a clock that charges a pass by its pixels: images/s from the
+    batch's own time at its own size, ms from batch 1's (not another size's, not the batch's)."""
+    timed = []
+
+    def fake_seconds(forward, x, passes, device):
+        timed.append(tuple(x.shape))
+        return x.numel() * 1e-9
+    monkeypatch.setattr(throughput, "seconds_per_pass", fake_seconds)
+    model = timm.create_model("test_resnet", num_classes=3)
+    speeds = throughput.measure_speed(model, [16, 32], batch_size=8, accelerator=Accelerator(cpu=True), repeats=3)
+    for size in (16, 32):
+        assert speeds[size]["latency_ms"] == pytest.approx(1000 * 3 * size * size * 1e-9)
+        assert speeds[size]["images_per_s"] == pytest.approx(8 / (8 * 3 * size * size * 1e-9))
+    # one warm-up and one calibrating pass each, then 3 rounds taking turns over every (size, batch)
+    assert timed[4 * 2:] == [(n, 3, s, s) for s in (16, 32) for n in (8, 1)] * 3
+
+
 def test_a_size_meets_a_budget_when_it_meets_every_limit_given():
     assert sizes_within(SPEEDS, {"max_latency_ms": 2.0}, batch_size=64, device="cpu") == [16, 24]  # at most: 2.0 too
     assert sizes_within(SPEEDS, {"min_images_per_s": 1000.0}, batch_size=64, device="cpu") == [16, 24, 32]
