@@ -390,7 +390,7 @@ def worker_count(requested: int | None = None) -> int:
 def build_loaders(split, cfg, *, train_tf, eval_tf, workers: int, pin_memory: bool,
                   persistent: bool = True, prefetch: int = PREFETCH_BATCHES):
     """The training and validation loaders. Their workers stay from epoch to epoch
-    (`persistent`; benchmarks/speed.py --parts epochs measures it against re-created ones):
+    (`persistent`; benchmarks/speed/speed.py --parts epochs measures it against re-created ones):
     the training epoch reaches them with each index (EpochSampler)."""
     common = dict(collate_fn=collate_skipping, pin_memory=pin_memory,
                   **loader_options(workers, persistent=persistent, prefetch=prefetch))

@@ -165,7 +165,7 @@ class DecodeRandomResizedCrop:
     """A file path -> RandomResizedCrop(size, scale=(min_scale, 1)) + horizontal flip, as a
     uint8 CHW tensor; `normalize_batch` finishes the job on the device (an `augment` with random
     erasing hands over the crop normalised, as float). The same
-    augmentation as train_transform, cheaper (benchmarks/speed.py measures both):
+    augmentation as train_transform, cheaper (benchmarks/speed/speed.py measures both):
 
     - the crop box is drawn from the header's size before anything is decoded, and a JPEG
       whose box is at least twice the target is decoded at 1/2, 1/4 or 1/8 scale

@@ -1,7 +1,7 @@
 """The fast paths against the plain ones: the reduced-scale decode, uint8 cropping with
 normalisation on the device, channels_last, torch.compile and --batch-size auto; and the
 data-wait share that tells a user the loader is what limits them.
-No timings here; benchmarks/speed.py measures the speed."""
+No timings here; benchmarks/speed/speed.py measures the speed."""
 from __future__ import annotations
 
 import json
@@ -231,12 +231,12 @@ def test_a_slow_loader_shows_as_data_wait():
     assert 0.5 < result.data_wait_frac <= 1.0 and result.data_wait_seconds <= result.seconds
 
 
-BENCHMARKS = sorted(path.name for path in (ROOT / "benchmarks").glob("*.py"))
+BENCHMARKS = sorted(path.relative_to(ROOT / "benchmarks").as_posix() for path in (ROOT / "benchmarks").glob("*/*.py"))
 
 
 @pytest.fixture(scope="module")
 def benchmark_help():
-    """`python benchmarks/<script> --help` of every script, started together, each in a new
+    """`python benchmarks/<folder>/<script> --help` of every script, started together, each in a new
     interpreter: a fork of the test's server would hide a script that cannot import fixres."""
     started = Started()
     for name in BENCHMARKS:
@@ -249,4 +249,4 @@ def benchmark_help():
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_every_benchmark_answers_help(benchmark_help, name):
     result = benchmark_help[name]
-    assert result.returncode == 0 and result.stdout.startswith(f"usage: {name}"), result.stdout + result.stderr[-2000:]
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: {name.split('/')[-1]}"), result.stdout + result.stderr[-2000:]

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 2, 3 and 4 in one short run: train.py (ResNet-50, 224, bf16,
+# The GPU checks of the three scripts in one short run: train.py (ResNet-50, 224, bf16,
 # Accelerate) on the built-in data, sweep.py of the result, finetune.py at 384.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh          # small: SMOKE=1 for a CPU dry run
+#   OUT=/tmp/gpu bash benchmarks/gpu/gpu_check.sh          # small: SMOKE=1 for a CPU dry run
 #
 # Run folders go to $RUNS (default /tmp/fixres-gpu-runs; ResNet-50 checkpoints are large);
 # logs, metrics and tables to $OUT/gpu_check/, packed into $OUT/gpu_check.tar.gz as well
 # (the device tool returns only a few files).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT_ROOT=${OUT:?set OUT to a folder for the logs}
 OUT=$OUT_ROOT/gpu_check
 RUNS=${RUNS:-/tmp/fixres-gpu-runs}

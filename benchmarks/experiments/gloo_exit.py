@@ -2,7 +2,7 @@
 called without an active exception") when it leaves its gloo process group alive, against when
 it destroys the group first, as fixres.cli.run_main does on every exit.
 
-    python benchmarks/gloo_exit.py --trials 20      # about 3 minutes on 2 CPU cores
+    python benchmarks/experiments/gloo_exit.py --trials 20      # about 3 minutes on 2 CPU cores
 
 Each trial is one `torchrun --nproc_per_node 2` of this file as a worker: a few all_reduce and
 all_gather calls over gloo (what a training step's loss check and an evaluation do), then rank 1

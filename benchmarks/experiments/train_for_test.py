@@ -1,9 +1,9 @@
 """Runs trained and fine-tuned for one test size, compared on the same images: is training at the
 high size better than training low and fine-tuning high, for what each costs?
 
-    python benchmarks/train_for_test.py --reported-by runs/ft64to96-s0 \
+    python benchmarks/experiments/train_for_test.py --reported-by runs/ft64to96-s0 \
         a=runs/t45-s0@64 b=runs/t64-s0@64 c=runs/ft45to64-s0@64 d1=runs/t96-s0@96 d2=runs/ft64to96-s0@96 \
-        --compare a-b c-b c-a d2-d1 --json results/train_for_test-s0.json
+        --compare a-b c-b c-a d2-d1 --json benchmarks/experiments/results/train_for_test-s0.json
 
 Each LABEL=RUN@SIZE is evaluated at SIZE (its run's crop_pct) on the validation images that
 the --reported-by fine-tune did not hold out for its choices (every fine-tune given here must
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from fixres.config import SweepConfig
 from fixres.stats import METHOD as STATS_METHOD
 from fixres.stats import paired_difference_of

@@ -1,8 +1,8 @@
 """Which BatchNorm to adapt where the last block sums two branches that each end in one: the
 shortcut's (what fixres adapts today), the main branch's, both or neither, measured.
 
-    python benchmarks/twin_bn.py runs/s0                               # the quick start's run, 96 and 128 px
-    python benchmarks/twin_bn.py runs/s0 runs/s1 runs/s2 --sizes 96 128 160
+    python benchmarks/experiments/twin_bn.py runs/s0                               # the quick start's run, 96 and 128 px
+    python benchmarks/experiments/twin_bn.py runs/s0 runs/s1 runs/s2 --sizes 96 128 160
 
 The runs are train.py's quick start (no --data: test_resnet, --output-stride 8, the built-in
 data). Its last stage is one BasicBlock whose output is relu(bn2(main) + downsample.2(shortcut));
@@ -24,7 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fixres.adapt import find_last_norm, is_batchnorm  # noqa: E402
 from fixres.cli import run_main  # noqa: E402

@@ -1,9 +1,9 @@
 """A sweep's images/s per test size for a ViT and CNNs of similar cost, side by side in one run:
 a ViT's cost grows with the square of its token count, a CNN's with the pixels.
 
-    python benchmarks/family_speed.py                                    # this machine, the default ladder
-    OMP_NUM_THREADS=1 python benchmarks/family_speed.py --repeats 1 --sizes 64 96   # a quick check
-    python benchmarks/family_speed.py --device cuda --batches 20 --repeats 7        # a GPU
+    python benchmarks/speed/family_speed.py                                    # this machine, the default ladder
+    OMP_NUM_THREADS=1 python benchmarks/speed/family_speed.py --repeats 1 --sizes 64 96   # a quick check
+    python benchmarks/speed/family_speed.py --device cuda --batches 20 --repeats 7        # a GPU
 
 The models, built by fixres.models.create_model as train.py builds them for the built-in data
 (6 classes, trained at --train-res 64):
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixres.config import RECIPES, SHAPES_PRESET  # noqa: E402

@@ -1,6 +1,6 @@
 """The README's per-seed results table for trained runs, each with its sweep and its fine-tune.
 
-    python benchmarks/seed_table.py runs/cnx-s0:runs/cnx-s0-ft runs/cnx-s1:runs/cnx-s1-ft ...
+    python benchmarks/analysis/seed_table.py runs/cnx-s0:runs/cnx-s0-ft runs/cnx-s1:runs/cnx-s1-ft ...
 
 Each argument is SOURCE:FINETUNED: a train.py run folder that sweep.py has swept, and a
 finetune.py run of it. Nothing is evaluated here: every number is read from the files the
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from fixres.checkpoint import load_weights
 
 

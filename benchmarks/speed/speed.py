@@ -1,12 +1,12 @@
 """Speed of fixres in one run, side by side: the model alone, the input pipeline alone,
 train.py's loop end to end, and a plain loop like the Cassava blog post's as the baseline.
 
-    python benchmarks/speed.py                     # this CPU: resnet18 at 64 px, pipeline at 224 and 128
-    python benchmarks/speed.py --model resnet50 --res 224 --batch-size 256 --eval-res 384 \\
+    python benchmarks/speed/speed.py                     # this CPU: resnet18 at 64 px, pipeline at 224 and 128
+    python benchmarks/speed/speed.py --model resnet50 --res 224 --batch-size 256 --eval-res 384 \\
         --precision bf16 --compile --images 4096    # a GPU (all CPU cores feed the pipeline)
 
-    python benchmarks/speed.py --parts epochs --images 640 --rounds 5   # persistent workers, prefetch depth
-    python benchmarks/speed.py --parts epochs --data ~/.cache/fixres/<shapes>/labels.csv --model test_resnet \
+    python benchmarks/speed/speed.py --parts epochs --images 640 --rounds 5   # persistent workers, prefetch depth
+    python benchmarks/speed/speed.py --parts epochs --data ~/.cache/fixres/<shapes>/labels.csv --model test_resnet \
         --output-stride 8 --res 64 --batch-size 32 --loop-workers 1    # the same on the quick start's data
 
 Parts (--parts, default model,pipeline,loop):
@@ -25,11 +25,11 @@ Parts (--parts, default model,pipeline,loop):
   loop      (c) train.py's loop (build_loaders, Accelerate, train_one_epoch) and (d) the plain
             loop, same model, data, batch and workers, taking turns for --rounds rounds
   epochs    (e) train.py's epoch loop (training, then evaluation on a quarter of the JPEGs held
-            out) for --epochs epochs, its loader workers re-created each epoch (as before issue
-            15) or kept (persistent), prefetch_factor 2 or 4, the variants taking turns; with
+            out) for --epochs epochs, its loader workers re-created each epoch (as train.py did
+            before persistent workers) or kept (persistent), prefetch_factor 2 or 4, the variants taking turns; with
             --data, on that dataset's training and validation splits instead
 
-Prints tables and writes benchmarks/results/speed-<cpu|cuda>.json.
+Prints tables and writes benchmarks/speed/results/speed-<cpu|cuda>.json.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixres.config import TrainConfig  # noqa: E402
@@ -257,7 +257,7 @@ def input_pipeline(a, samples) -> dict:
 # ---------------------------------------------------------------- (c), (d) whole training loops
 
 def plain_loop(a, samples, device) -> float:
-    """benchmarks/train_loop.py's blog-style loop, with fixres's precision for fairness."""
+    """benchmarks/speed/train_loop.py's blog-style loop, with fixres's precision for fairness."""
     args = argparse.Namespace(res=a.res, batch_size=a.batch_size, workers=a.loop_workers, model=a.model,
                               classes=a.classes)
     return blog_loop(samples, args, device=device, bf16=a.precision == "bf16")
@@ -313,7 +313,7 @@ def loops(a, samples, device) -> dict:
 
 
 LOADER_VARIANTS = {  # (persistent workers, prefetch_factor)
-    "workers re-created each epoch, prefetch 2": (False, 2),   # train.py before issue 15
+    "workers re-created each epoch, prefetch 2": (False, 2),   # train.py before persistent workers
     "persistent workers, prefetch 2": (True, 2),
     "persistent workers, prefetch 4": (True, 4),
 }
@@ -397,7 +397,7 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else "cpu")
     torch.set_flush_denormal(True)  # as make_accelerator does, for every part alike
     parts = set(a.parts.split(","))
-    report = {"command": " ".join(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])]),
+    report = {"command": " ".join(["python", "benchmarks/speed/speed.py", *(argv if argv is not None else sys.argv[1:])]),
               "hardware": hardware(device), "torch": torch.__version__, "args": vars(a)}
     print(f"{report['hardware']}, torch {torch.__version__}, {a.model}, batch {a.batch_size}, {a.precision}")
 

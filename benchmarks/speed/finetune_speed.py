@@ -1,7 +1,7 @@
 """Fine-tuning speed against full training: same model, same resolution, same loop.
 
-    python benchmarks/finetune_speed.py                          # resnet18 at 96 px, CPU
-    python benchmarks/finetune_speed.py --model resnet50 --res 224 --batch-size 64   # on a GPU
+    python benchmarks/speed/finetune_speed.py                          # resnet18 at 96 px, CPU
+    python benchmarks/speed/finetune_speed.py --model resnet50 --res 224 --batch-size 64   # on a GPU
 
 Both runs go through fixres.engine.train_one_epoch over the same in-memory batches (no
 decoding, so the numbers are the model's): "full" trains every parameter with the
@@ -9,7 +9,7 @@ model in train mode, as train.py does; "finetune" is finetune.py's setup (everyt
 frozen but the classifier, eval mode but the last BatchNorm, which is synced). The two
 alternate for --rounds rounds after one warm-up epoch each; the median images/s of each
 is printed, with their ratio and a forward-only (inference) figure for reference, and
-written to benchmarks/results/finetune_speed.json.
+written to benchmarks/speed/results/finetune_speed.json.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fixres.engine import train_one_epoch  # noqa: E402
 from fixres.adapt import prepare_for_finetuning, train_only  # noqa: E402

@@ -4,10 +4,10 @@ Same model, data, batch size, threads and worker count; the two loops take turns
 (A B A B ...) so that drift in the machine's speed hits both alike, and the median
 of the rounds is compared.
 
-    python benchmarks/train_loop.py                       # shapes data, resnet18 at 64 px
-    python benchmarks/train_loop.py --model resnet50 --res 64 --images 256 --rounds 3
+    python benchmarks/speed/train_loop.py                       # shapes data, resnet18 at 64 px
+    python benchmarks/speed/train_loop.py --model resnet50 --res 64 --images 256 --rounds 3
 
-Prints a table and writes benchmarks/results/train_loop.json.
+Prints a table and writes benchmarks/speed/results/train_loop.json.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fixres.config import TrainConfig  # noqa: E402
 from fixres.data import load_split  # noqa: E402
@@ -126,7 +126,7 @@ def main(argv=None):
     print(f"ratio fixres/plain: {ratio:.3f}")
     result = {"args": vars(args), "rates": rates, "median": median, "ratio": ratio,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor()
-              or platform.machine(), "command": " ".join(["python", "benchmarks/train_loop.py", *(argv or sys.argv[1:])])}
+              or platform.machine(), "command": " ".join(["python", "benchmarks/speed/train_loop.py", *(argv or sys.argv[1:])])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -1,10 +1,10 @@
 """A CSV dataset of ImageNet-size JPEGs for end-to-end speed runs, made in seconds.
 
-    python benchmarks/photo_dataset.py /tmp/photos --train 10240 --val 4096 --unique 1280
+    python benchmarks/gpu/photo_dataset.py /tmp/photos --train 10240 --val 4096 --unique 1280
     # -> /tmp/photos/labels.csv (printed): 10,240 training and 4,096 validation rows
 
 The built-in dataset's generator (fixres.shapes.generate, 500 x 375, quality 90, as
-benchmarks/speed.py uses) draws about 25 images per second per core, so `--unique` images
+benchmarks/speed/speed.py uses) draws about 25 images per second per core, so `--unique` images
 are drawn in parallel shards (one seed each) and the rows beyond them are hard links to
 those files under other names: every row is a real file that a loader opens and decodes,
 and a speed run needs the decoding work, not distinct pictures.
@@ -18,7 +18,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fixres.shapes import generate  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Benchmark: a decode-once sweep over 5 test sizes against 5 single-size evaluations.
 
-    python benchmarks/sweep_decode_once.py      # 300 val JPEGs of 800x600 (Cassava's size), test_resnet
-    python benchmarks/sweep_decode_once.py --workers 0 --width 500 --height 375   # everything on one core
+    python benchmarks/speed/sweep_decode_once.py      # 300 val JPEGs of 800x600 (Cassava's size), test_resnet
+    python benchmarks/speed/sweep_decode_once.py --workers 0 --width 500 --height 375   # everything on one core
 
 (a) `fixres.sweep.run_sweep` over all sizes: each image decoded once, resized to every size;
 (b) what one would do without it: train.py's evaluation (`ImageDataset` + `eval_transform` +
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from accelerate import Accelerator  # noqa: E402
 
@@ -97,7 +97,7 @@ def write_result(result: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    p = sweep_options(__doc__, n_val=300, width=800, height=600, json_path="benchmarks/results/sweep_decode_once.json")
+    p = sweep_options(__doc__, n_val=300, width=800, height=600, json_path="benchmarks/speed/results/sweep_decode_once.json")
     p.add_argument("--crop-pct", type=float, default=0.875)
     args = p.parse_args(argv)
     if args.threads:
@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
         "stored": f"{args.width}x{args.height}", "model": args.model, "batch_size": args.batch_size,
         "workers": args.workers, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-        "command": "python benchmarks/sweep_decode_once.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/speed/sweep_decode_once.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(f"{len(split.val)} val images stored at {args.width}x{args.height}, {args.model}, sizes {args.sizes}, "
           f"batch {args.batch_size}, workers {args.workers}, {result['threads']} thread(s), torch {torch.__version__}")

@@ -1,7 +1,7 @@
 """A fixres finetune.py run against its source at the source sweep's best size, paired on the
 images the fine-tuned run reports on (the README's "after vs the sweep's best" row).
 
-    python benchmarks/vs_sweep_best.py runs/<source> runs/<finetuned> [runs/<another finetuned> ...]
+    python benchmarks/analysis/vs_sweep_best.py runs/<source> runs/<finetuned> [runs/<another finetuned> ...]
 
 The source needs sweep.json (python sweep.py --checkpoint runs/<source>), for its sizes and
 crop. The sweep's best is chosen as finetune.py chooses: on the fine-tuned run's held-out
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from fixres.config import SweepConfig
 from fixres.stats import best_of, paired_difference_of
 from fixres.sweep import load_for_sweep, run_sweep

@@ -1,6 +1,6 @@
-"""The table of benchmarks/gpu_speed.sh's end-to-end runs: train.py and sweep.py as a user runs them.
+"""The table of benchmarks/gpu/gpu_speed.sh's end-to-end runs: train.py and sweep.py as a user runs them.
 
-    python benchmarks/e2e_summary.py /tmp/fixres-gpu-runs/e2e-* --out summary.json
+    python benchmarks/gpu/e2e_summary.py /tmp/fixres-gpu-runs/e2e-* --out summary.json
 
 For a train.py run folder: training images/s and the data-wait share (the training loop's
 time waiting for its loader) as medians over the epochs after the first (the first holds the

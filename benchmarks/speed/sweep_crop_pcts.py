@@ -1,6 +1,6 @@
 """Benchmark: a crop_pct sweep (every (size, crop_pct) pair from one decode) against separate runs.
 
-    python benchmarks/sweep_crop_pcts.py      # 200 val JPEGs of 500x375, 5 sizes x 3 crop_pcts, test_resnet
+    python benchmarks/speed/sweep_crop_pcts.py      # 200 val JPEGs of 500x375, 5 sizes x 3 crop_pcts, test_resnet
 
 (a) `run_sweep(..., crop_pcts=...)`: sweep.py --crop-pcts, each image decoded once for all 15 pairs;
 (b) `run_sweep` once per crop_pct: sweep.py --crop-pct X run 3 times, each image decoded 3 times;
@@ -8,7 +8,7 @@
 Decodes are counted in a first pass with no loader workers (fixres.data.open_image wrapped),
 which also checks that (a) equals (c) image for image at every pair; then the three are timed
 in turns, `--repeats` times, with the default one loader worker and one torch thread (the
-two cores of our CPU machine, as benchmarks/sweep_decode_once.py), and the medians compared.
+two cores of our CPU machine, as benchmarks/speed/sweep_decode_once.py), and the medians compared.
 Also times, once, a decode and a Resize + CenterCrop per pair, to say where the time goes.
 Prints a table and writes JSON (--json).
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from accelerate import Accelerator  # noqa: E402
 
@@ -33,7 +33,7 @@ from fixres.models import create_model  # noqa: E402
 from fixres.shapes import generate  # noqa: E402
 from fixres.sweep import run_sweep  # noqa: E402
 from fixres.transforms import eval_transform  # noqa: E402
-from sweep_decode_once import sweep_options, write_result  # noqa: E402  (a sibling: benchmarks/ is on the path)
+from sweep_decode_once import sweep_options, write_result  # noqa: E402  (a sibling: benchmarks/speed/ is on the path)
 
 
 def ways(model, split, sizes, crops, accelerator, *, batch_size, workers) -> dict:
@@ -77,7 +77,7 @@ def decode_and_resize_ms(split, sizes, crops) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = sweep_options(__doc__, n_val=200, width=500, height=375, json_path="benchmarks/results/sweep_crop_pcts.json")
+    p = sweep_options(__doc__, n_val=200, width=500, height=375, json_path="benchmarks/speed/results/sweep_crop_pcts.json")
     p.add_argument("--crop-pcts", type=float, nargs="+", default=[0.875, 0.95, 1.0])
     args = p.parse_args(argv)
     if args.threads:
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
         "batch_size": args.batch_size, "workers": args.workers, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "cores": len(os.sched_getaffinity(0)),
-        "command": "python benchmarks/sweep_crop_pcts.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/speed/sweep_crop_pcts.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(f"{len(split.val)} val images stored at {args.width}x{args.height}, {args.model}, sizes {args.sizes} x "
           f"crop_pcts {crops} ({pairs} pairs), batch {args.batch_size}, workers {args.workers}, "

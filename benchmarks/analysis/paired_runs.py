@@ -1,7 +1,7 @@
 """Two fine-tunes of one source run, compared on the same images: which choice of what to train
 (`--train-pos-embed` or not, one size or another) gives more.
 
-    python benchmarks/paired_runs.py runs/vit-s0-ft runs/vit-s0-ftpos
+    python benchmarks/analysis/paired_runs.py runs/vit-s0-ft runs/vit-s0-ftpos
 
 Both are finetune.py runs of the same source with the same held-out images (the same --seed and
 --choice-images). Each run's shipped weights (best.safetensors) are evaluated at its own size on
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from fixres.config import SweepConfig
 from fixres.stats import METHOD as STATS_METHOD
 from fixres.stats import paired_difference_of

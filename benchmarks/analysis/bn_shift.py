@@ -1,6 +1,6 @@
 """Is a fall in accuracy above the training size the body's BatchNorm statistics? A diagnostic.
 
-    python benchmarks/bn_shift.py runs/cnx-s0 --sizes 64 72 80 96 128
+    python benchmarks/analysis/bn_shift.py runs/cnx-s0 --sizes 64 72 80 96 128
 
 For each test size, a trained run's model is evaluated on its whole validation split three ways:
 as trained (the sweep's number), with its last BatchNorm's running statistics re-estimated at
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from fixres.adapt import find_last_norm, is_batchnorm  # noqa: E402
 from fixres.cli import run_main  # noqa: E402
 from fixres.config import FinetuneConfig, SweepConfig  # noqa: E402

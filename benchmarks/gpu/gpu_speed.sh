@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
 # The GPU speed figures in one prepared run.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_speed.sh                  # issue 15: train.py and sweep.py end to end
-#   OUT=/tmp/gpu PARTS="issue6 e2e" bash benchmarks/gpu_speed.sh   # also issue 6's model-bound and pipeline runs
-#   OUT=/tmp/gpu SMOKE=1 bash benchmarks/gpu_speed.sh          # the same commands on a CPU, tiny settings
+#   OUT=/tmp/gpu bash benchmarks/gpu/gpu_speed.sh                   # train.py and sweep.py end to end
+#   OUT=/tmp/gpu PARTS="suite e2e" bash benchmarks/gpu/gpu_speed.sh  # also the speed suite's model-bound and pipeline runs
+#   OUT=/tmp/gpu SMOKE=1 bash benchmarks/gpu/gpu_speed.sh           # the same commands on a CPU, tiny settings
 #
-# e2e (issue 15): ResNet-50, bf16, on ImageNet-size JPEGs (500 x 375, benchmarks/photo_dataset.py),
+# e2e: ResNet-50, bf16, on ImageNet-size JPEGs (500 x 375, benchmarks/gpu/photo_dataset.py),
 # each with --decode cpu and --decode gpu: train.py at 224 eager (evaluating at 384 each epoch),
 # at 224 compiled, at 128; then sweep.py over 5 sizes of the 224 run. Every epoch line prints
-# the data-wait share; benchmarks/e2e_summary.py tabulates the epochs after the first (steady
+# the data-wait share; benchmarks/gpu/e2e_summary.py tabulates the epochs after the first (steady
 # state: after worker start, cuDNN's search and compiling). The loader workers are train.py's
 # default (fixres.data.worker_count: the cores less one, at most 16).
-# issue6: benchmarks/speed.py for the model alone (eager and compiled; evaluation and
+# suite: benchmarks/speed/speed.py for the model alone (eager and compiled; evaluation and
 # fine-tuning at 384; peak memory per batch size), the input pipeline and the loops, then
 # `train.py --batch-size auto` for one epoch of the built-in data.
 #
 # Logs and JSON go to $OUT/gpu_speed/ and are packed into $OUT/gpu_speed.tar.gz.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT_ROOT=${OUT:?set OUT to a folder for the logs}
 OUT=$OUT_ROOT/gpu_speed
 RUNS=${RUNS:-/tmp/fixres-gpu-runs}
@@ -55,16 +55,16 @@ step() {  # name, timeout, command...: log to $OUT/name.log, time it, keep going
   grep -v '^\s*$' "$OUT/$name.log" | grep -E '^(epoch |error|wrote|forward img/s|best:|Traceback|[A-Za-z]*Error)' | tail -n 12
 }
 
-if [[ " $PARTS " == *" issue6 "* ]]; then
-  step model 240 python benchmarks/speed.py --parts model --compile $MODEL --out "$OUT/speed-model.json"
-  step pipeline-loop 200 python benchmarks/speed.py --parts pipeline,loop $MODEL $DATA --out "$OUT/speed-pipeline-loop.json"
+if [[ " $PARTS " == *" suite "* ]]; then
+  step model 240 python benchmarks/speed/speed.py --parts model --compile $MODEL --out "$OUT/speed-model.json"
+  step pipeline-loop 200 python benchmarks/speed/speed.py --parts pipeline,loop $MODEL $DATA --out "$OUT/speed-pipeline-loop.json"
   step batch-auto 120 python train.py $TRAIN --batch-size auto --epochs 1 --output "$RUNS" --name auto
   cp "$RUNS/auto/config.json" "$OUT/auto-config.json" 2>/dev/null
   cp "$RUNS/auto/metrics.jsonl" "$OUT/auto-metrics.jsonl" 2>/dev/null
 fi
 
 if [[ " $PARTS " == *" e2e "* ]]; then
-  step photos 300 python benchmarks/photo_dataset.py "$FIXRES_CACHE/photos-500x375" $PHOTOS
+  step photos 300 python benchmarks/gpu/photo_dataset.py "$FIXRES_CACHE/photos-500x375" $PHOTOS
   CSV=$FIXRES_CACHE/photos-500x375/labels.csv
   for DECODE in cpu gpu; do
     E="$E2E --data $CSV --decode $DECODE --output $RUNS"
@@ -75,7 +75,7 @@ if [[ " $PARTS " == *" e2e "* ]]; then
     step "sweep-$DECODE" 180 python sweep.py --checkpoint "$RUNS/e2e-$RES-$DECODE" --sizes $SIZES --batch-size $SWEEP_BATCH \
       --decode $DECODE $([ "${SMOKE:-0}" = 1 ] && echo --cpu) --output "$RUNS/e2e-sweep-$DECODE"
   done
-  python benchmarks/e2e_summary.py "$RUNS"/e2e-* --out "$OUT/e2e-summary.json" | tee "$OUT/e2e-summary.md"
+  python benchmarks/gpu/e2e_summary.py "$RUNS"/e2e-* --out "$OUT/e2e-summary.json" | tee "$OUT/e2e-summary.md"
   for run in "$RUNS"/e2e-*; do
     for f in metrics.jsonl config.json sweep.json; do
       [ -f "$run/$f" ] && cp "$run/$f" "$OUT/$(basename "$run")-$f"
