@@ -1,4 +1,4 @@
-"""The README's per-seed results table for trained runs, each with its sweep and its fine-tune.
+"""The per-seed results tables (docs/families.md) for trained runs, each with its sweep and its fine-tune.
 
     python benchmarks/analysis/seed_table.py runs/cnx-s0:runs/cnx-s0-ft runs/cnx-s1:runs/cnx-s1-ft ...
 
