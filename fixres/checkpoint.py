@@ -26,10 +26,11 @@
 
 Every file is written to a temporary name and renamed, and a checkpoint folder is
 built under a temporary name and renamed, so a crash at any moment leaves the
-previous complete checkpoint readable. `RunFolder` is the one owner of that layout:
+previous complete checkpoint readable (fixres/fileio.py writes the files). `RunFolder` is the one owner of that layout:
 its paths, whether a folder holds a run, and every write.
 
-    from fixres.checkpoint import RunFolder, load_weights
+    from fixres.checkpoint import RunFolder
+    from fixres.fileio import load_weights
     state_dict, meta = load_weights("runs/shapes-resnet18/best.safetensors")
     RunFolder.holding("runs/shapes-resnet18/checkpoints/epoch-0003-step-000120/model.safetensors")
 """
@@ -37,155 +38,23 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fixres.runtime import error_reason
+from fixres import fileio
+from fixres.fileio import CheckpointError, WriteError
 
-# mkstemp/mkdtemp create private files; a run folder should be as readable as any other output
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 BEST_SO_FAR_FILE = "best-so-far.safetensors"
-META_KEY = "fixres"
-
-
-class CheckpointError(ValueError):
-    """A run folder or checkpoint that cannot be used; the message names the path."""
-
-
-class WriteError(CheckpointError):
-    """A file that could not be written (no space, no permission, ...)."""
-
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"cannot write {path}: {reason}")
-        self.path, self.reason = path, reason
-
-
-def _reason(err: BaseException) -> str:
-    """The OS's words for a failed write ("No space left on device"), wherever a library put them."""
-    if getattr(err, "strerror", None):
-        return err.strerror
-    text = error_reason(err)
-    found = re.search(r"I/O error: (.+?) \(os error \d+\)", text)  # safetensors' wording
-    return found.group(1) if found else re.split(r"(?<=[a-z])\. ", text)[0]  # the first sentence
-
-
-class _KeepWriteError:
-    """A file that remembers why a write failed: torch.save reports a full disk as
-    "unexpected pos 704 vs 598", whether it writes to a path or to a file object."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def flush(self):
-        self.f.flush()
-
-
-def _torch_save(obj, path) -> None:
-    with open(path, "wb") as raw:
-        f = _KeepWriteError(raw)
-        try:
-            torch.save(obj, f)
-        except Exception:
-            if f.error is not None:
-                raise f.error from None
-            raise
-
-
-def atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise WriteError(path, _reason(err)) from None
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        # torch.save and safetensors report a full disk as RuntimeError or SafetensorError
-        if isinstance(err, Exception):
-            raise WriteError(path, _reason(err)) from None
-        raise
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def save_weights(path: Path, state_dict: dict, meta: dict) -> None:
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)}))
-
-
-def load_weights(path: Path) -> tuple[dict, dict]:
-    """(state_dict, preprocessing metadata) from a .safetensors file written by save_weights;
-    plain safetensors files without metadata give an empty dict."""
-    from safetensors import safe_open
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:
-        reason = "no such weights file" if not path.is_file() else f"unreadable weights ({error_reason(err)})"
-        raise CheckpointError(f"{path}: {reason}") from None
-    return state, meta
-
-
-def read_metadata(path: Path, *, strict: bool = False) -> dict:
-    """The fixres metadata of a weights file, without reading its tensors; {} for a file
-    without it (plain safetensors). A file that cannot be read (a .pth, a truncated file) gives
-    {} too, or with `strict` a one-line CheckpointError."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-    except Exception as err:
-        if strict:
-            raise CheckpointError(f"{path}: unreadable weights ({_reason(err)})") from None
-        return {}
-
-
-def update_metadata(path: Path, **changes) -> dict:
-    """Rewrite a weights file's metadata with `changes` (the tensors unchanged, the file
-    replaced atomically); returns the new metadata."""
-    state, meta = load_weights(path)
-    meta = {**meta, **changes}
-    save_weights(Path(path), state, meta)
-    return meta
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
     return f"epoch-{epoch:04d}-step-{step:06d}"
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)  # no copy: the file is replaced by rename, never written in place
-    except OSError:
-        shutil.copyfile(source, target)  # a file system without hard links
 
 
 def save_checkpoint(run_dir: Path, *, name: str, state_dict: dict, meta: dict,
@@ -199,12 +68,11 @@ def save_checkpoint(run_dir: Path, *, name: str, state_dict: dict, meta: dict,
     tmp = None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
-        save_weights(tmp / WEIGHTS_FILE, state_dict, meta)
-        atomic_write(tmp / STATE_FILE, lambda p: _torch_save(training_state, p))
+        tmp = fileio.temporary_folder(root, name)
+        fileio.save_weights(tmp / WEIGHTS_FILE, state_dict, meta)
+        fileio.atomic_write(tmp / STATE_FILE, lambda p: fileio.torch_save(training_state, p))
         for file_name, source in (kept_files or {}).items():
-            _link_or_copy(source, tmp / file_name)
-        os.chmod(tmp, 0o777 & ~_UMASK)
+            fileio.link_or_copy(source, tmp / file_name)
         if final.exists():  # the same step saved again (e.g. a signal right after an epoch end)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -214,7 +82,7 @@ def save_checkpoint(run_dir: Path, *, name: str, state_dict: dict, meta: dict,
         if not isinstance(err, (OSError, WriteError)):
             raise
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint"
-        raise WriteError(final, f"{getattr(err, 'reason', None) or _reason(err)}; {kept}") from None
+        raise WriteError(final, f"{getattr(err, 'reason', None) or fileio.failure_reason(err)}; {kept}") from None
     for old in list_checkpoints(run_dir)[:-keep]:
         # hidden first, so that a delete cut short leaves nothing that looks like a checkpoint
         trash = old.with_name(f".{old.name}.old.tmp")
@@ -280,7 +148,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     """Weights and training state of a checkpoint folder; a one-line CheckpointError naming
     the file when either cannot be read (truncated, corrupted, a refused pickle)."""
     path = Path(path)
-    weights, meta = load_weights(path / WEIGHTS_FILE)
+    weights, meta = fileio.load_weights(path / WEIGHTS_FILE)
     return Checkpoint(path, weights, meta, load_training_state(path))
 
 
@@ -358,17 +226,8 @@ def load_training_state(checkpoint: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        reason = refused_pickle(err) or f"unreadable training state ({_reason(err)})"
+        reason = fileio.refused_pickle(err) or f"unreadable training state ({fileio.failure_reason(err)})"
         raise CheckpointError(f"{path}: {reason}") from None
-
-
-def refused_pickle(err: Exception) -> str | None:
-    """What torch.load(weights_only=True) refused, in one line; None for other errors."""
-    if "Weights only load failed" not in str(err):
-        return None
-    found = re.search(r"GLOBAL (\S+)", str(err))
-    return (f"refused: it holds pickled Python objects{f' (it would call {found.group(1)})' if found else ''}, "
-            f"not only tensors and plain values; nothing was loaded or run")
 
 
 def find_weights(path: Path, which: str = "best") -> Path:
@@ -409,7 +268,7 @@ def classifier_metadata(path: Path) -> dict:
     """The fixres metadata of the weights a path names (find_weights), for a job that needs a
     fixres classifier; a one-line error when they cannot be read or are not one."""
     weights = find_weights(Path(path))
-    meta = read_metadata(weights, strict=True)
+    meta = fileio.read_metadata(weights, strict=True)
     if not (meta.get("model") and meta.get("classes") and meta.get("train_res")):
         raise CheckpointError(f"--checkpoint {weights}: not a classifier trained by fixres (its metadata names no "
                               f"model, classes and train_res); give a run folder written by train.py")
@@ -460,19 +319,19 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         remove_temporaries(self.path)
         self.write_config(config)
-        write_json_atomic(self.path / "classes.json", classes)
+        fileio.write_json_atomic(self.path / "classes.json", classes)
 
     def write_config(self, config: dict) -> None:
-        write_json_atomic(self.path / "config.json", config)
+        fileio.write_json_atomic(self.path / "config.json", config)
 
     def write_metrics(self, records: list[dict]) -> None:
         """metrics.jsonl: one record per epoch (rewritten whole: a resume drops what a crash left past its checkpoint)."""
         text = "".join(json.dumps(r) + "\n" for r in records)
-        atomic_write(self.path / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+        fileio.atomic_write(self.path / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
 
     def write_weights(self, files: dict[str, tuple[dict, dict]]) -> None:
         for name, (state_dict, meta) in files.items():
-            save_weights(self.path / name, state_dict, meta)
+            fileio.save_weights(self.path / name, state_dict, meta)
 
     def save(self, *, epoch: int, step: int, files: dict[str, tuple[dict, dict]], training_state: dict,
              records: list[dict]) -> Path:
@@ -495,19 +354,19 @@ class RunFolder:
         if epoch is None:  # a checkpoint from the middle of an epoch
             return
         for name, (state_dict, meta) in files.items():
-            if read_metadata(self.path / name).get("epoch") != epoch:  # None when missing or unreadable
-                save_weights(self.path / name, state_dict, meta)
+            if fileio.read_metadata(self.path / name).get("epoch") != epoch:  # None when missing or unreadable
+                fileio.save_weights(self.path / name, state_dict, meta)
 
     def restore_best(self, checkpoint: Path, epoch: int | None) -> None:
         """best.safetensors back to the weights of `epoch` (the best of the resumed records), as
         `checkpoint` kept them, when an epoch after the checkpoint replaced it: a resume that
         passed over a newer checkpoint trains that epoch again and may score lower."""
         best = self.path / "best.safetensors"
-        if epoch is None or read_metadata(best).get("epoch") == epoch:
+        if epoch is None or fileio.read_metadata(best).get("epoch") == epoch:
             return
         kept = Path(checkpoint) / BEST_SO_FAR_FILE
-        if read_metadata(kept).get("epoch") == epoch:
-            atomic_write(best, lambda tmp: shutil.copyfile(kept, tmp))
+        if fileio.read_metadata(kept).get("epoch") == epoch:
+            fileio.atomic_write(best, lambda tmp: shutil.copyfile(kept, tmp))
         else:  # a checkpoint written before fixres kept the best beside it
             print(f"warning: --resume: {best} does not hold epoch {epoch}, the best of the epochs resumed, and "
                   f"{checkpoint} keeps no copy of it; it stays as it is until an epoch scores higher",

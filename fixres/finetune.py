@@ -55,6 +55,7 @@ import torch
 
 from fixres import adapt
 from fixres import checkpoint as ckpt
+from fixres import fileio
 from fixres.adapt import (adapted_layers, classifiers_text, find_last_norm, finetune_layers, is_batchnorm,
                           required_position_embedding)
 from fixres.config import FINETUNE_SHAPES_PRESET, RUNS, ConfigError, FinetuneConfig, SweepConfig
@@ -341,7 +342,7 @@ def report(cfg, before: dict, after: dict, applied: dict, context: dict, acceler
                   f"{STATS_METHOD}")
     console.print(f"chosen on: {context['chosen_on'] or 'nothing chosen (--res given)'}; reported on: {reported_on}")
     if accelerator.is_main_process:
-        ckpt.write_json_atomic(folder.path / "finetune.json", summary)
+        fileio.write_json_atomic(folder.path / "finetune.json", summary)
         plot_activation_cdfs([(label, r["act_hist"]) for label, r in stages], ACT_EDGES.tolist(),
                              folder.path / "activations.png", title=f"{meta['model']}: pooled features before the classifier",
                              styles=[{"linestyle": s, "linewidth": 1.8} for s in ("-", "--", "-")])

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fixres.checkpoint import find_weights, load_weights, refused_pickle
+from fixres.checkpoint import find_weights
 from fixres.config import ConfigError
 from fixres.data import DataError
+from fixres.fileio import load_weights, refused_pickle
 from fixres.runtime import error_reason
 from fixres.transforms import INTERPOLATIONS
 

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from fixres import checkpoint as ckpt
+from fixres import fileio
 
 
 def test_weights_round_trip_with_metadata(tmp_path):
     state = {"w": torch.randn(3, 4).t(), "n": torch.tensor(5)}  # non-contiguous on purpose
-    ckpt.save_weights(tmp_path / "m.safetensors", state, {"model": "x", "test_res": 96})
-    loaded, meta = ckpt.load_weights(tmp_path / "m.safetensors")
+    fileio.save_weights(tmp_path / "m.safetensors", state, {"model": "x", "test_res": 96})
+    loaded, meta = fileio.load_weights(tmp_path / "m.safetensors")
     assert torch.equal(loaded["w"], state["w"]) and meta == {"model": "x", "test_res": 96}
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
@@ -38,16 +39,16 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "last.safetensors"
-    ckpt.save_weights(path, {"w": torch.zeros(2)}, {"v": 1})
+    fileio.save_weights(path, {"w": torch.zeros(2)}, {"v": 1})
 
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", no_space)
     with pytest.raises(ckpt.CheckpointError, match=f"cannot write {path}: No space left"):
-        ckpt.save_weights(path, {"w": torch.ones(2)}, {"v": 2})
+        fileio.save_weights(path, {"w": torch.ones(2)}, {"v": 2})
     monkeypatch.undo()
-    assert ckpt.load_weights(path)[1] == {"v": 1}
+    assert fileio.load_weights(path)[1] == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]
 
 
@@ -64,7 +65,7 @@ def test_corrupted_weights_file(tmp_path):
     path = tmp_path / "best.safetensors"
     path.write_bytes(b"\x00" * 100)
     with pytest.raises(ckpt.CheckpointError, match=f"{path}: unreadable weights"):
-        ckpt.load_weights(path)
+        fileio.load_weights(path)
 
 
 def test_the_run_folder_owns_its_layout(tmp_path):

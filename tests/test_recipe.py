@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from fixres import checkpoint as ckpt
+from fixres import fileio
 from fixres.config import SweepConfig, TrainConfig, parse_args, train_presets
 from fixres.ema import ModelEma
 from fixres.engine import to_device_batch, train_one_epoch
@@ -270,10 +271,10 @@ def test_ema_is_evaluated_beside_the_weights_and_saved(featured_run):
     candidates = [(r[f"{p}val_acc"], -r[f"{p}val_loss"], "ema" if p else "raw") for r in rows for p in ("", "ema_")]
     which = max(candidates, key=lambda c: c[:2])[2]  # the highest top-1, then the lowest loss
     assert "best.safetensors: epoch" in stdout and f"the {'EMA' if which == 'ema' else 'raw'} weights" in stdout
-    ema_weights, ema_meta = ckpt.load_weights(run / "ema.safetensors")
+    ema_weights, ema_meta = fileio.load_weights(run / "ema.safetensors")
     assert ema_meta["ema"] is True and ema_meta["val_acc"] == rows[-1]["ema_val_acc"] and ema_meta["epoch"] == 3
-    assert ckpt.load_weights(run / "best.safetensors")[1]["ema"] is (which == "ema")
-    assert ckpt.load_weights(run / "last.safetensors")[1]["ema"] is False
+    assert fileio.load_weights(run / "best.safetensors")[1]["ema"] is (which == "ema")
+    assert fileio.load_weights(run / "last.safetensors")[1]["ema"] is False
     saved = ckpt.load_training_state(ckpt.list_checkpoints(run)[-1])
     assert all(torch.equal(saved["ema"][k].cpu(), v) for k, v in ema_weights.items())
     # sweep.py --which ema evaluates the EMA that train.py evaluated
@@ -298,8 +299,8 @@ def test_recipe_features_resume_exactly_mid_epoch_and_at_an_epoch_end(featured_r
     assert ckpt.list_checkpoints(out / "run")[-1].name == "epoch-0002-step-000006"
     stdout_of(harness.start(featured_args(tiny_csv, out, "--resume", "auto"), events=tmp_path / "events-3.jsonl"))
     for name in ("last.safetensors", "ema.safetensors", "best.safetensors"):
-        expected, expected_meta = ckpt.load_weights(reference / name)
-        resumed, resumed_meta = ckpt.load_weights(out / "run" / name)
+        expected, expected_meta = fileio.load_weights(reference / name)
+        resumed, resumed_meta = fileio.load_weights(out / "run" / name)
         assert resumed_meta == expected_meta, name
         assert all(torch.equal(expected[k], resumed[k]) for k in expected), name
     # the evaluations; an epoch resumed in its middle reports the training loss of the batches after the resume

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from fixres import checkpoint as ckpt
+from fixres import fileio
 from fixres import cli
 from fixres.cli import run_main
 from fixres.config import TrainConfig, parse_args
@@ -63,7 +64,7 @@ def assert_ok(result):
 
 
 def weights(path: Path) -> dict:
-    return ckpt.load_weights(path)[0]
+    return fileio.load_weights(path)[0]
 
 
 def assert_same_weights(a: Path, b: Path):
@@ -84,7 +85,7 @@ def epoch_of(checkpoint: Path) -> int:
 def check_run_folder(run: Path) -> int:
     """Load everything a resume or a user reads; the epoch of the newest checkpoint (0: none)."""
     for checkpoint in ckpt.list_checkpoints(run):
-        state_dict, meta = ckpt.load_weights(checkpoint / ckpt.WEIGHTS_FILE)
+        state_dict, meta = fileio.load_weights(checkpoint / ckpt.WEIGHTS_FILE)
         assert all(torch.isfinite(t).all() for t in state_dict.values() if t.is_floating_point()), checkpoint
         saved = ckpt.load_training_state(checkpoint)
         epoch, step = map(int, re.match(r"epoch-(\d+)-step-(\d+)", checkpoint.name).groups())
@@ -92,7 +93,7 @@ def check_run_folder(run: Path) -> int:
         assert meta.get("epoch", epoch) == epoch
     for name in ("last.safetensors", "best.safetensors"):
         if (run / name).exists():
-            ckpt.load_weights(run / name)
+            fileio.load_weights(run / name)
     for name in ("config.json", "classes.json"):
         if (run / name).exists():
             json.loads((run / name).read_text())
@@ -584,13 +585,13 @@ def test_best_weights_stay_among_the_epochs_kept_after_a_fallback(tiny_csv, tmp_
     epoch_1 = shutil.copy(run / "best.safetensors", tmp_path / "epoch-1.safetensors")
     scores[:] = [0.5, 0.9]
     assert run_main(main, [*args, "--resume", str(run), "--stop-after", "2"]) == 0  # the two epochs left
-    assert ckpt.load_weights(run / "best.safetensors")[1]["epoch"] == 3  # the best so far
+    assert fileio.load_weights(run / "best.safetensors")[1]["epoch"] == 3  # the best so far
     state = ckpt.list_checkpoints(run)[-1] / ckpt.STATE_FILE
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     scores[:] = [0.4]
     assert run_main(main, [*args, "--resume", str(run)]) == 0
     assert [r["val_acc"] for r in metrics(run)] == [0.6, 0.5, 0.4]
-    best, meta = ckpt.load_weights(run / "best.safetensors")
+    best, meta = fileio.load_weights(run / "best.safetensors")
     assert (meta["epoch"], meta["val_acc"]) == (1, 0.6)
     assert_same_weights(epoch_1, run / "best.safetensors")
 

@@ -33,7 +33,8 @@ import pytest
 import torch
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 
-from fixres.checkpoint import list_checkpoints, load_weights, resolve_resume, save_checkpoint, save_weights, write_json_atomic
+from fixres.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
+from fixres.fileio import load_weights, save_weights, write_json_atomic
 from fixres.config import TrainConfig
 from fixres.preprocessing import weights_meta
 from tests.conftest import COLOURS, ROOT, TINY_TRAIN, make_csv_dataset

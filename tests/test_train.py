@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fixres import shapes
-from fixres.checkpoint import list_checkpoints, load_weights
+from fixres.checkpoint import list_checkpoints
+from fixres.fileio import load_weights
 from fixres.config import RECIPES, TrainConfig, parse_args, train_presets
 from tests.conftest import TINY_TRAIN, Started, error_line, make_image_folder, run_in_process, run_script
 
