@@ -154,7 +154,7 @@ def _drop_num_classes_arg(config_path: Path) -> None:
 
 def _replace_dir(new: Path, final: Path) -> None:
     """Put `new` at `final`; the previous folder is moved aside first and deleted after, so a
-    crash leaves either export whole (or a hidden .tmp that checkpoint.remove_temporaries clears)."""
+    crash leaves either export whole (or a hidden .tmp that RunFolder.remove_temporaries clears)."""
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old.tmp")
@@ -188,8 +188,8 @@ def timm_overlay(weights: str | Path) -> dict:
     from the architecture's default 1000) and the preprocessing the weights expect, every
     field of the export's (an overlay only replaces what it names: the architecture's
     test_input_size and crop_mode would stay)."""
-    path = ckpt.find_weights(Path(weights))
-    meta = ckpt.classifier_metadata(path)
+    path = ckpt.RunFolder.find_weights(Path(weights))
+    meta = ckpt.RunFolder.classifier_metadata(path)
     return {"file": str(path), "num_classes": len(meta["classes"]), **export_data_config(meta)}
 
 

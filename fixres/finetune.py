@@ -204,18 +204,18 @@ def resolve_source(cfg: FinetuneConfig, explicit: set[str], console) -> tuple[Fi
     """--checkpoint (default: the newest train.py run) and --resume, resolved; a resumed
     run's checkpoint is read here, once, and its config taken up."""
     if cfg.checkpoint is None and cfg.resume is None:  # right after train.py: its newest run, not a fine-tuned one
-        cfg = dataclasses.replace(cfg, checkpoint=str(ckpt.newest_run(Path(cfg.output or RUNS), trained_only=True)))
+        cfg = dataclasses.replace(cfg, checkpoint=str(ckpt.RunFolder.newest(Path(cfg.output or RUNS), trained_only=True)))
         console.print(f"--checkpoint not given: using the newest train.py run {cfg.checkpoint}")
     if not cfg.resume:
         return cfg, None
     if cfg.resume == "auto":  # a requeued SLURM job: the run of its --name, if it got as far as a checkpoint
-        output = Path(cfg.output) if cfg.output else beside_source(ckpt.find_weights(Path(cfg.checkpoint)))
-        resume = ckpt.resolve_resume("auto", output, name=cfg.name)
+        output = Path(cfg.output) if cfg.output else beside_source(ckpt.RunFolder.find_weights(Path(cfg.checkpoint)))
+        resume = ckpt.RunFolder.resolve_resume("auto", output, name=cfg.name)
         if resume is None:
             console.print(f"--resume auto: no checkpoint under {output / cfg.name}/, starting fresh")
             return dataclasses.replace(cfg, resume=None), None
     else:
-        resume = ckpt.resolve_resume(cfg.resume, Path(cfg.output or "."))
+        resume = ckpt.RunFolder.resolve_resume(cfg.resume, Path(cfg.output or "."))
     cfg = dataclasses.replace(resumed_config(resume, cfg, explicit), resume=str(resume.path))
     if cfg.checkpoint is None:
         raise ConfigError(f"--resume {cfg.resume}: not a finetune.py run (its config names no --checkpoint)")
@@ -224,7 +224,7 @@ def resolve_source(cfg: FinetuneConfig, explicit: set[str], console) -> tuple[Fi
 
 def load_source(cfg: FinetuneConfig, accelerator) -> tuple:
     """(model, its metadata, the data split, the source run folder or None, its config) of --checkpoint."""
-    ckpt.classifier_metadata(cfg.checkpoint)  # a one-line error for weights that are not a fixres classifier
+    ckpt.RunFolder.classifier_metadata(cfg.checkpoint)  # a one-line error for weights that are not a fixres classifier
     try:
         model, meta, split, source_folder, source_cfg = load_for_sweep(
             SweepConfig(checkpoint=cfg.checkpoint, data=cfg.data, images=cfg.images), accelerator)

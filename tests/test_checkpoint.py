@@ -19,22 +19,23 @@ def test_weights_round_trip_with_metadata(tmp_path):
 def test_checkpoints_rotate_and_newest_is_found(tmp_path):
     run = tmp_path / "runs" / "a"
     for epoch in (1, 2, 3):
-        ckpt.save_checkpoint(run, name=ckpt.checkpoint_name(epoch, 10 * epoch), state_dict={"w": torch.ones(1)},
-                             meta={}, training_state={"run": {"epoch": epoch}}, keep=2)
-    names = [p.name for p in ckpt.list_checkpoints(run)]
+        ckpt.RunFolder(run).save_checkpoint(name=ckpt.RunFolder.checkpoint_name(epoch, 10 * epoch),
+                                            state_dict={"w": torch.ones(1)}, meta={},
+                                            training_state={"run": {"epoch": epoch}}, keep=2)
+    names = [p.name for p in ckpt.RunFolder(run).checkpoints()]
     assert names == ["epoch-0002-step-000020", "epoch-0003-step-000030"]
-    assert ckpt.resolve_resume("auto", tmp_path / "runs").path.name == names[-1]
-    assert ckpt.resolve_resume(str(run), tmp_path).path.name == names[-1]
-    assert ckpt.load_training_state(ckpt.list_checkpoints(run)[-1])["run"]["epoch"] == 3
+    assert ckpt.RunFolder.resolve_resume("auto", tmp_path / "runs").path.name == names[-1]
+    assert ckpt.RunFolder.resolve_resume(str(run), tmp_path).path.name == names[-1]
+    assert ckpt.RunFolder.read_training_state(ckpt.RunFolder(run).checkpoints()[-1])["run"]["epoch"] == 3
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
     run = tmp_path / "a"
-    ckpt.save_checkpoint(run, name="epoch-0001-step-000001", state_dict={"w": torch.ones(1)}, meta={},
-                         training_state={})
+    ckpt.RunFolder(run).save_checkpoint(name="epoch-0001-step-000001", state_dict={"w": torch.ones(1)}, meta={},
+                                        training_state={})
     (run / "checkpoints" / ".epoch-0002-step-000002.x.tmp").mkdir()  # what a crash mid-write leaves
     (run / "checkpoints" / "epoch-0003-step-000003").mkdir()          # no state file
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["epoch-0001-step-000001"]
+    assert [p.name for p in ckpt.RunFolder(run).checkpoints()] == ["epoch-0001-step-000001"]
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -55,10 +56,10 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize("resume, message", [("auto", None), ("/nonexistent/run", "no such run folder")])
 def test_resume_lookup_errors(tmp_path, resume, message):
     if message is None:
-        assert ckpt.resolve_resume(resume, tmp_path / "empty") is None
+        assert ckpt.RunFolder.resolve_resume(resume, tmp_path / "empty") is None
     else:
         with pytest.raises(ckpt.CheckpointError, match=message):
-            ckpt.resolve_resume(resume, tmp_path)
+            ckpt.RunFolder.resolve_resume(resume, tmp_path)
 
 
 def test_corrupted_weights_file(tmp_path):
@@ -87,7 +88,7 @@ def test_the_run_folder_owns_its_layout(tmp_path):
     shipped.write_weights({"best.safetensors": ({"w": torch.ones(1)}, {})})
     with pytest.raises(ckpt.CheckpointError, match="already holds a run; choose another --name"):
         shipped.refuse_if_taken()
-    resumed = ckpt.resolve_resume(str(run.path), tmp_path)  # read once, handed over with its folder
+    resumed = ckpt.RunFolder.resolve_resume(str(run.path), tmp_path)  # read once, handed over with its folder
     assert resumed.run_folder.path == run.path and torch.equal(resumed.weights["w"], torch.ones(2))
     assert resumed.training_state["run"] == {"epoch": 1} and resumed.meta == {"epoch": 1}
 
@@ -98,17 +99,19 @@ def test_resume_auto_falls_back_inside_the_newest_run_only(tmp_path):
     out = tmp_path / "runs"
     # two jobs side by side: b's checkpoints before and after a's newest
     for t, (run, epoch) in enumerate([("a", 1), ("b", 1), ("a", 2), ("b", 2)]):
-        saved = ckpt.save_checkpoint(out / run, name=ckpt.checkpoint_name(epoch, epoch), state_dict={"w": torch.ones(1)},
-                                     meta={}, training_state={"run": {"epoch": epoch}})
+        saved = ckpt.RunFolder(out / run).save_checkpoint(name=ckpt.RunFolder.checkpoint_name(epoch, epoch),
+                                                          state_dict={"w": torch.ones(1)}, meta={},
+                                                          training_state={"run": {"epoch": epoch}})
         for f in saved.iterdir():  # written in this order, a second apart
             os.utime(f, (1_000_000 + t, 1_000_000 + t))
-    state = out / "b" / "checkpoints" / ckpt.checkpoint_name(2, 2) / ckpt.STATE_FILE
+    state = out / "b" / "checkpoints" / ckpt.RunFolder.checkpoint_name(2, 2) / ckpt.STATE_FILE
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    resumed = ckpt.resolve_resume("auto", out)
-    assert resumed.path == out / "b" / "checkpoints" / ckpt.checkpoint_name(1, 1)
+    resumed = ckpt.RunFolder.resolve_resume("auto", out)
+    assert resumed.path == out / "b" / "checkpoints" / ckpt.RunFolder.checkpoint_name(1, 1)
 
     # nothing in the chosen run reads: an error naming its newest checkpoint, not the other run
-    older = out / "b" / "checkpoints" / ckpt.checkpoint_name(1, 1) / ckpt.WEIGHTS_FILE
+    older = out / "b" / "checkpoints" / ckpt.RunFolder.checkpoint_name(1, 1) / ckpt.WEIGHTS_FILE
     older.write_bytes(b"\x00" * 10)
     with pytest.raises(ckpt.CheckpointError, match=f"^{state}: unreadable training state .*older checkpoint"):
-        ckpt.resolve_resume("auto", out)
+        ckpt.RunFolder.resolve_resume("auto", out)
+

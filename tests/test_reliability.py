@@ -84,10 +84,10 @@ def epoch_of(checkpoint: Path) -> int:
 
 def check_run_folder(run: Path) -> int:
     """Load everything a resume or a user reads; the epoch of the newest checkpoint (0: none)."""
-    for checkpoint in ckpt.list_checkpoints(run):
+    for checkpoint in ckpt.RunFolder(run).checkpoints():
         state_dict, meta = fileio.load_weights(checkpoint / ckpt.WEIGHTS_FILE)
         assert all(torch.isfinite(t).all() for t in state_dict.values() if t.is_floating_point()), checkpoint
-        saved = ckpt.load_training_state(checkpoint)
+        saved = ckpt.RunFolder.read_training_state(checkpoint)
         epoch, step = map(int, re.match(r"epoch-(\d+)-step-(\d+)", checkpoint.name).groups())
         assert (saved["run"]["epoch"], saved["run"]["step"]) == (epoch, step), checkpoint
         assert meta.get("epoch", epoch) == epoch
@@ -99,7 +99,7 @@ def check_run_folder(run: Path) -> int:
             json.loads((run / name).read_text())
     if (run / "metrics.jsonl").exists():
         [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    found = ckpt.list_checkpoints(run)
+    found = ckpt.RunFolder(run).checkpoints()
     return epoch_of(found[-1]) if found else 0
 
 
@@ -217,7 +217,7 @@ def test_ten_sigkills_then_resume_auto_equal_an_uninterrupted_run(reference, fau
     for name in ("last.safetensors", "best.safetensors"):
         assert_same_weights(reference["run"] / name, run / name)
     assert metrics(run) == metrics(reference["run"])
-    assert epoch_of(ckpt.list_checkpoints(run)[-1]) == EPOCHS
+    assert epoch_of(ckpt.RunFolder(run).checkpoints()[-1]) == EPOCHS
     assert temporaries(run) == []  # what the kills left was cleaned up on resume
     line = f"{len(survived)} of {len(points)} kills survived"
     print(line)
@@ -248,7 +248,7 @@ def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_from_it(reference, 
         assert f"stopped by {name}: checkpoint saved at {where}; continue with --resume {run}" in result.stdout
         if previous:
             assert f"resumed from {run / 'checkpoints' / previous[0]} at {previous[1]}" in result.stdout
-        assert ckpt.list_checkpoints(run)[-1].name == checkpoint
+        assert ckpt.RunFolder(run).checkpoints()[-1].name == checkpoint
         check_run_folder(run)
         record("graceful stop", f"{name} before optimizer step {point.split()[-1]}",
                f"exit {result.returncode}, checkpoint {checkpoint}; resumed at {where}",
@@ -392,7 +392,7 @@ class Evil:
 def faults(reference, tmp_path_factory):
     """Copies of the reference run, each damaged one way, resumed by train.py two at a time."""
     root = tmp_path_factory.mktemp("faults")
-    newest = lambda run: ckpt.list_checkpoints(run)[-1]  # noqa: E731
+    newest = lambda run: ckpt.RunFolder(run).checkpoints()[-1]  # noqa: E731
     cases, prepared = {}, {}
 
     def copy(name, base=root):
@@ -423,7 +423,7 @@ def faults(reference, tmp_path_factory):
             cases["read_only"] = [run, "--epochs", 4]
         # loading: a pickle that would run code, truncated files, a config file from elsewhere
         run = copy("evil_state")
-        for checkpoint in ckpt.list_checkpoints(run):  # all: one bad checkpoint alone is passed over
+        for checkpoint in ckpt.RunFolder(run).checkpoints():  # all: one bad checkpoint alone is passed over
             torch.save({"optimizer": Evil(root / "MARKER"), "run": {}}, checkpoint / ckpt.STATE_FILE)
         cases["evil_state"] = [run]
         run = copy("truncated_weights")
@@ -470,7 +470,7 @@ def result_of(faults, name) -> subprocess.CompletedProcess:
 def intact(faults, name):
     """The damaged run's newest checkpoint is byte for byte what it was, and loads."""
     info = faults["prepared"][name]
-    newest = ckpt.list_checkpoints(info["run"])[-1]
+    newest = ckpt.RunFolder(info["run"]).checkpoints()[-1]
     assert digest(newest) == info["before"]
     check_run_folder(info["run"])
     return newest
@@ -522,7 +522,7 @@ def test_a_read_only_checkpoint_folder_keeps_the_previous_checkpoint_and_names_t
 @pytest.mark.slow
 def test_a_malicious_pickle_in_a_checkpoint_is_refused_and_does_not_run(faults):
     line = error_line(result_of(faults, "evil_state"))
-    state = ckpt.list_checkpoints(faults["prepared"]["evil_state"]["run"])[-1] / ckpt.STATE_FILE
+    state = ckpt.RunFolder(faults["prepared"]["evil_state"]["run"]).checkpoints()[-1] / ckpt.STATE_FILE
     assert line.startswith(f"error: {state}: refused: it holds pickled Python objects (it would call exec), not "
                            f"only tensors and plain values; nothing was loaded or run"), line
     assert not faults["marker"].exists()
@@ -540,7 +540,7 @@ def test_a_truncated_newest_checkpoint_is_passed_over_for_the_one_before(faults,
     result = result_of(faults, case)
     assert result.returncode == 0, result.stderr[-3000:]
     run = faults["prepared"][case]["run"]
-    older, newest = ckpt.list_checkpoints(run)[-2:]  # the newest rewritten under its own name by the resumed run
+    older, newest = ckpt.RunFolder(run).checkpoints()[-2:]  # the newest rewritten under its own name by the resumed run
     warning = next(line for line in result.stderr.splitlines() if line.startswith("warning: --resume"))
     assert f"{newest}/{damaged}" in warning and warning.endswith(f"resuming from {older}"), warning
     check_run_folder(run)
@@ -558,7 +558,7 @@ def test_a_truncated_newest_checkpoint_is_passed_over_for_the_one_before(faults,
 def test_a_damaged_run_folder_is_refused_in_one_line(faults, case, message):
     run = faults["prepared"][case]["run"]
     line = error_line(result_of(faults, case))
-    assert line.startswith("error: " + message.format(newest=ckpt.list_checkpoints(run)[-1], run=run)), line
+    assert line.startswith("error: " + message.format(newest=ckpt.RunFolder(run).checkpoints()[-1], run=run)), line
     what, item = {"config_unknown_key": ("config: a run's config.json with an unknown key", 17),
                   "config_bad_type": ("config: a run's config.json with a value of the wrong type", None)}[case]
     record("bad input", what, "refused", message=line.removeprefix("error: "), item=item)
@@ -586,7 +586,7 @@ def test_best_weights_stay_among_the_epochs_kept_after_a_fallback(tiny_csv, tmp_
     scores[:] = [0.5, 0.9]
     assert run_main(main, [*args, "--resume", str(run), "--stop-after", "2"]) == 0  # the two epochs left
     assert fileio.load_weights(run / "best.safetensors")[1]["epoch"] == 3  # the best so far
-    state = ckpt.list_checkpoints(run)[-1] / ckpt.STATE_FILE
+    state = ckpt.RunFolder(run).checkpoints()[-1] / ckpt.STATE_FILE
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     scores[:] = [0.4]
     assert run_main(main, [*args, "--resume", str(run)]) == 0
