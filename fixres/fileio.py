@@ -6,27 +6,27 @@
     state_dict, meta = load_weights(path)
     meta = read_metadata(path)                                  # without reading the tensors
 
-A file is written under a hidden temporary name (".<name>.<random>.tmp", what
-RunFolder.remove_temporaries clears) in the target's folder and renamed. Failed writes raise
-WriteError with the OS's reason ("No space left on device").
+A temporary file or folder is created in the target's folder under a hidden name
+(".<name>.<random>.tmp", what RunFolder.remove_temporaries clears) with the mode of any other
+output: 0o666 for a file and 0o777 for a folder, less the process's umask, which the
+system applies; nothing here reads or sets the umask. Failed writes raise WriteError with
+the OS's reason ("No space left on device").
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from fixres.runtime import error_reason
 
-# mkstemp/mkdtemp create private files; a run folder should be as readable as any other output
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 META_KEY = "fixres"
+_NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # tempfile's
 
 
 class CheckpointError(ValueError):
@@ -50,11 +50,27 @@ def failure_reason(err: BaseException) -> str:
     return found.group(1) if found else re.split(r"(?<=[a-z])\. ", text)[0]  # the first sentence
 
 
+def _create_hidden(folder: Path, name: str, create) -> Path:
+    """`create(path)` on a new name ".<name>.<8 random characters>.tmp" in `folder`, as
+    tempfile names them; a name already taken is passed over."""
+    for _ in range(10000):
+        path = Path(folder) / f".{name}.{''.join(secrets.choice(_NAME_CHARS) for _ in range(8))}.tmp"
+        try:
+            create(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary name in {folder}")
+
+
+def temporary_file(folder: Path, name: str) -> Path:
+    """A new empty file beside `name`, as readable as any other output (0o666 less the umask)."""
+    return _create_hidden(folder, name, lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
+
+
 def temporary_folder(folder: Path, name: str) -> Path:
-    """A new empty folder ".<name>.<random>.tmp" in `folder`, as readable as any other output."""
-    path = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder))
-    os.chmod(path, 0o777 & ~_UMASK)
-    return path
+    """A new empty folder beside `name`, as readable as any other output (0o777 less the umask)."""
+    return _create_hidden(folder, name, lambda p: os.mkdir(p, 0o777))
 
 
 class _KeepWriteError:
@@ -93,18 +109,18 @@ def atomic_write(path: Path, write) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = temporary_file(path.parent, path.name)
+        mode = tmp.stat().st_mode & 0o777  # what the umask left; kept should `write` create the file anew
     except OSError as err:
         raise WriteError(path, failure_reason(err)) from None
-    os.close(fd)
     try:
-        write(tmp)
+        write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         # torch.save and safetensors report a full disk as RuntimeError or SafetensorError
         if isinstance(err, Exception):
             raise WriteError(path, failure_reason(err)) from None

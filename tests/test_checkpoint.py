@@ -1,11 +1,15 @@
 """The run-folder format: weights with their preprocessing, atomic checkpoints, resume lookup."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from fixres import checkpoint as ckpt
 from fixres import fileio
+from tests.conftest import ROOT
 
 
 def test_weights_round_trip_with_metadata(tmp_path):
@@ -115,3 +119,50 @@ def test_resume_auto_falls_back_inside_the_newest_run_only(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=f"^{state}: unreadable training state .*older checkpoint"):
         ckpt.RunFolder.resolve_resume("auto", out)
 
+
+@pytest.mark.parametrize("umask", [0o027, 0o002])
+def test_files_and_folders_are_as_readable_as_any_other_output(tmp_path, umask):
+    """Whatever the umask: a written file gets 0o666 and a checkpoint folder 0o777, less the
+    umask, as open() and mkdir() give, not the private 0o600/0o700 of tempfile's."""
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        (tmp_path / "plain").mkdir()
+        fileio.atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
+        fileio.write_json_atomic(tmp_path / "b.json", {"x": 1})
+        run = ckpt.RunFolder(tmp_path / "run")
+        run.start({"seed": 0}, ["a"])
+        saved = run.save(epoch=1, step=1, files={"last.safetensors": ({"w": torch.ones(1)}, {"epoch": 1})},
+                         training_state={"run": {"epoch": 1}}, records=[{"epoch": 1}])
+        folder = fileio.temporary_folder(tmp_path, "timm")  # what the timm export is built in
+    finally:
+        os.umask(previous)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "plain.txt") == 0o666 & ~umask and mode(tmp_path / "plain") == 0o777 & ~umask
+    files = [tmp_path / "a.txt", tmp_path / "b.json", run.path / "config.json", run.path / "classes.json",
+             run.path / "metrics.jsonl", run.path / "last.safetensors", saved / ckpt.WEIGHTS_FILE, saved / ckpt.STATE_FILE]
+    assert {str(f): mode(f) for f in files} == {str(f): 0o666 & ~umask for f in files}
+    assert {mode(saved), mode(saved.parent), mode(run.path), mode(folder)} == {0o777 & ~umask}
+
+
+def test_importing_leaves_the_umask_alone():
+    """Reading the umask means setting it (os.umask), for the whole process and its threads:
+    neither fixres.fileio nor fixres.checkpoint calls it when imported."""
+    code = ("import os, sys, torch, safetensors.torch\n"
+            "calls = []\n"
+            "real = os.umask\n"
+            "os.umask = lambda mask: calls.append(mask) or real(mask)\n"
+            "import fixres.fileio, fixres.checkpoint\n"
+            "print(calls)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_temporary_name_already_taken_is_passed_over(tmp_path, monkeypatch):
+    (tmp_path / ".x.aaaaaaaa.tmp").write_text("another writer's")
+    letters = iter("a" * 8 + "b" * 8)
+    monkeypatch.setattr(fileio.secrets, "choice", lambda chars: next(letters))
+    assert fileio.temporary_file(tmp_path, "x") == tmp_path / ".x.bbbbbbbb.tmp"
+    assert (tmp_path / ".x.aaaaaaaa.tmp").read_text() == "another writer's"
