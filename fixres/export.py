@@ -36,12 +36,12 @@ import inspect
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from fixres import checkpoint as ckpt
+from fixres import fileio
 from fixres.models import TV_PREFIX, ModelError, load_run_model
 from fixres.runtime import error_reason
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -81,7 +81,7 @@ def export_timm(weights: Path, out_dir: Path) -> Path:
     """Write `out_dir` (timm's Hub layout) from a fixres weights file; returns out_dir."""
     import timm
     from timm.models import save_for_hf
-    meta = ckpt.read_metadata(Path(weights))
+    meta = fileio.read_metadata(Path(weights))
     if str(meta.get("model", "")).startswith(TV_PREFIX):
         raise ExportError(f"{meta['model']} is a torchvision model; timm exports are for timm models")
     if meta.get("adaptation"):
@@ -99,7 +99,7 @@ def export_timm(weights: Path, out_dir: Path) -> Path:
                   **(meta.get("model_kwargs") or {})} or None
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = fileio.temporary_folder(out_dir.parent, out_dir.name)
     try:
         # tag and license describe the library's pretrained weights, not these
         save_for_hf(model, str(tmp), model_config={"label_names": list(meta["classes"]),
@@ -107,7 +107,6 @@ def export_timm(weights: Path, out_dir: Path) -> Path:
                     model_args=model_args, safe_serialization=True, data_config=data_config)
         _drop_num_classes_arg(tmp / "config.json")
         check_export(tmp, model, meta, data_config)
-        os.chmod(tmp, 0o777 & ~ckpt._UMASK)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -155,7 +154,7 @@ def _drop_num_classes_arg(config_path: Path) -> None:
 
 def _replace_dir(new: Path, final: Path) -> None:
     """Put `new` at `final`; the previous folder is moved aside first and deleted after, so a
-    crash leaves either export whole (or a hidden .tmp that checkpoint.remove_temporaries clears)."""
+    crash leaves either export whole (or a hidden .tmp that RunFolder.remove_temporaries clears)."""
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old.tmp")
@@ -177,7 +176,7 @@ def write_run_export(run_dir: Path, console, weights: Path | None = None) -> Pat
     except (ExportError, ckpt.CheckpointError, ModelError) as err:
         console.print(f"timm export: none ({err})")
         return None
-    sizes = export_data_config(ckpt.read_metadata(weights))
+    sizes = export_data_config(fileio.read_metadata(weights))
     console.print(f"timm export: {out} (test size {sizes['test_input_size'][1]} px; "
                   f"timm.create_model('local-dir:{out}', pretrained=True))")
     return out
@@ -189,8 +188,8 @@ def timm_overlay(weights: str | Path) -> dict:
     from the architecture's default 1000) and the preprocessing the weights expect, every
     field of the export's (an overlay only replaces what it names: the architecture's
     test_input_size and crop_mode would stay)."""
-    path = ckpt.find_weights(Path(weights))
-    meta = ckpt.classifier_metadata(path)
+    path = ckpt.RunFolder.find_weights(Path(weights))
+    meta = ckpt.RunFolder.classifier_metadata(path)
     return {"file": str(path), "num_classes": len(meta["classes"]), **export_data_config(meta)}
 
 
@@ -198,6 +197,6 @@ def write_best_size(weights: Path, run_dir: Path | None, size: int, crop_pct: fl
     """--write-best: the swept weights' metadata says test_res = `size` and test_crop_pct =
     `crop_pct` (the best pair's), and the run's timm export is written again from them. Its
     crop_pct stays the one the training size was evaluated at: the next sweep's reference."""
-    ckpt.update_metadata(weights, test_res=size, input_size=[3, size, size], test_crop_pct=crop_pct)
+    fileio.update_metadata(weights, test_res=size, input_size=[3, size, size], test_crop_pct=crop_pct)
     console.print(f"--write-best: {weights} now says test_res {size} px, test_crop_pct {crop_pct}")
     write_run_export(run_dir or weights.parent, console, weights=weights)

@@ -55,6 +55,7 @@ import torch
 
 from fixres import adapt
 from fixres import checkpoint as ckpt
+from fixres import fileio
 from fixres.adapt import (adapted_layers, classifiers_text, find_last_norm, finetune_layers, is_batchnorm,
                           required_position_embedding)
 from fixres.config import FINETUNE_SHAPES_PRESET, RUNS, ConfigError, FinetuneConfig, SweepConfig
@@ -203,18 +204,18 @@ def resolve_source(cfg: FinetuneConfig, explicit: set[str], console) -> tuple[Fi
     """--checkpoint (default: the newest train.py run) and --resume, resolved; a resumed
     run's checkpoint is read here, once, and its config taken up."""
     if cfg.checkpoint is None and cfg.resume is None:  # right after train.py: its newest run, not a fine-tuned one
-        cfg = dataclasses.replace(cfg, checkpoint=str(ckpt.newest_run(Path(cfg.output or RUNS), trained_only=True)))
+        cfg = dataclasses.replace(cfg, checkpoint=str(ckpt.RunFolder.newest(Path(cfg.output or RUNS), trained_only=True)))
         console.print(f"--checkpoint not given: using the newest train.py run {cfg.checkpoint}")
     if not cfg.resume:
         return cfg, None
     if cfg.resume == "auto":  # a requeued SLURM job: the run of its --name, if it got as far as a checkpoint
-        output = Path(cfg.output) if cfg.output else beside_source(ckpt.find_weights(Path(cfg.checkpoint)))
-        resume = ckpt.resolve_resume("auto", output, name=cfg.name)
+        output = Path(cfg.output) if cfg.output else beside_source(ckpt.RunFolder.find_weights(Path(cfg.checkpoint)))
+        resume = ckpt.RunFolder.resolve_resume("auto", output, name=cfg.name)
         if resume is None:
             console.print(f"--resume auto: no checkpoint under {output / cfg.name}/, starting fresh")
             return dataclasses.replace(cfg, resume=None), None
     else:
-        resume = ckpt.resolve_resume(cfg.resume, Path(cfg.output or "."))
+        resume = ckpt.RunFolder.resolve_resume(cfg.resume, Path(cfg.output or "."))
     cfg = dataclasses.replace(resumed_config(resume, cfg, explicit), resume=str(resume.path))
     if cfg.checkpoint is None:
         raise ConfigError(f"--resume {cfg.resume}: not a finetune.py run (its config names no --checkpoint)")
@@ -223,7 +224,7 @@ def resolve_source(cfg: FinetuneConfig, explicit: set[str], console) -> tuple[Fi
 
 def load_source(cfg: FinetuneConfig, accelerator) -> tuple:
     """(model, its metadata, the data split, the source run folder or None, its config) of --checkpoint."""
-    ckpt.classifier_metadata(cfg.checkpoint)  # a one-line error for weights that are not a fixres classifier
+    ckpt.RunFolder.classifier_metadata(cfg.checkpoint)  # a one-line error for weights that are not a fixres classifier
     try:
         model, meta, split, source_folder, source_cfg = load_for_sweep(
             SweepConfig(checkpoint=cfg.checkpoint, data=cfg.data, images=cfg.images), accelerator)
@@ -341,7 +342,7 @@ def report(cfg, before: dict, after: dict, applied: dict, context: dict, acceler
                   f"{STATS_METHOD}")
     console.print(f"chosen on: {context['chosen_on'] or 'nothing chosen (--res given)'}; reported on: {reported_on}")
     if accelerator.is_main_process:
-        ckpt.write_json_atomic(folder.path / "finetune.json", summary)
+        fileio.write_json_atomic(folder.path / "finetune.json", summary)
         plot_activation_cdfs([(label, r["act_hist"]) for label, r in stages], ACT_EDGES.tolist(),
                              folder.path / "activations.png", title=f"{meta['model']}: pooled features before the classifier",
                              styles=[{"linestyle": s, "linewidth": 1.8} for s in ("-", "--", "-")])

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fixres.checkpoint import find_weights, load_weights, refused_pickle
+from fixres.checkpoint import RunFolder
 from fixres.config import ConfigError
 from fixres.data import DataError
+from fixres.fileio import load_weights, refused_pickle
 from fixres.runtime import error_reason
 from fixres.transforms import INTERPOLATIONS
 
@@ -474,7 +475,7 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, di
     .safetensors file written by fixres, with the preprocessing metadata it carries, and
     the parametric adapter when the weights hold one (so it is evaluated as it was made)."""
     from fixres.adapt import attach_saved_adapter  # adapt imports this module
-    weights_path = find_weights(Path(path), which)
+    weights_path = RunFolder.find_weights(Path(path), which)
     state, meta = load_weights(weights_path)
     if not meta.get("model") or not meta.get("classes"):
         raise ModelError(f"{weights_path}: no fixres metadata (model name, classes); "

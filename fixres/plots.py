@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter
 
-from fixres.checkpoint import atomic_write
+from fixres.fileio import atomic_write
 from fixres.report import several_crops
 from fixres.throughput import meets
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fixres import checkpoint as ckpt
+from fixres import fileio
 from fixres.config import TrainConfig
 from fixres.device_decode import CropSpec, ReadForDevice, ResizeSpec, resolve_decode
 from fixres.models import PREPROCESSING_KEYS, pretrained_preprocessing
@@ -40,7 +40,7 @@ def resolve_preprocessing(cfg: TrainConfig, explicit: set[str], *, resumed: bool
     if resumed:
         source = "the run's config"
     elif cfg.pretrained or cfg.weights:
-        own = {k: v for k, v in ckpt.read_metadata(Path(cfg.weights)).items() if k in PREPROCESSING_KEYS} \
+        own = {k: v for k, v in fileio.read_metadata(Path(cfg.weights)).items() if k in PREPROCESSING_KEYS} \
             if cfg.weights else {}
         source = f"the metadata of {cfg.weights}"
         if not own:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fixres.checkpoint import atomic_write, write_json_atomic
+from fixres.fileio import atomic_write, write_json_atomic
 from fixres.stats import METHOD as STATS_METHOD
 
 LOG_WIDTH = 160  # columns of a table printed to a file or pipe (rich's own default there is 80)

@@ -192,5 +192,5 @@ def _resumed_files(meta: dict, weights: dict, ema: ModelEma | None, saved_meta: 
     if record is None:
         return {}
     best = best_epoch(records)  # as the run chose
-    return ckpt.epoch_weights_files(meta, weights, ema.state_dict() if ema is not None else None, record,
-                                    best["which"] if best["epoch"] == record["epoch"] else None)
+    return ckpt.RunFolder.epoch_weights_files(meta, weights, ema.state_dict() if ema is not None else None, record,
+                                              best["which"] if best["epoch"] == record["epoch"] else None)

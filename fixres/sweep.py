@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fixres import plots
-from fixres.checkpoint import RunFolder, newest_run
+from fixres.checkpoint import RunFolder
 from fixres.config import RUNS, ConfigError, SweepConfig, check_sizes
 from fixres.data import (ImageDataset, MultiSizeDataset, built_in_dataset, collate_skipping, load_split, loader_options,
                          shard_indices, worker_count)
@@ -249,7 +249,7 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
     console = make_console(accelerator.is_main_process)
     decode = resolve_decode(cfg.decode, accelerator.device)  # before any work
     if cfg.checkpoint is None and cfg.weights is None:
-        cfg = dataclasses.replace(cfg, checkpoint=str(newest_run(Path(RUNS))))
+        cfg = dataclasses.replace(cfg, checkpoint=str(RunFolder.newest(Path(RUNS))))
         console.print(f"--checkpoint not given: using the newest run {cfg.checkpoint}")
     model, meta, split, run_dir, run_cfg = load_for_sweep(cfg, accelerator)
     crop_pct = cfg.crop_pct or meta.get("crop_pct") or 0.875  # the reference's: (train_res, crop_pct)

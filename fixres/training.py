@@ -49,7 +49,7 @@ def prepare_run(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
     console = make_console(accelerator.is_main_process)
     resume = None
     if cfg.resume:
-        resume = ckpt.resolve_resume(cfg.resume, Path(cfg.output), name=cfg.name)
+        resume = ckpt.RunFolder.resolve_resume(cfg.resume, Path(cfg.output), name=cfg.name)
         if resume is None:
             where = Path(cfg.output) / cfg.name if cfg.name else Path(cfg.output)
             console.print(f"--resume auto: no checkpoint under {where}/, starting fresh")
@@ -218,7 +218,7 @@ def _save(run: Run, *, record: dict | None = None, best: str | None = None) -> N
         ema_weights = run.ema.state_dict()
     if run.accelerator.is_main_process:
         run.folder.save(epoch=run.state.epoch, step=run.state.step,
-                        files=ckpt.epoch_weights_files(run.meta, weights, ema_weights, record, best),
+                        files=ckpt.RunFolder.epoch_weights_files(run.meta, weights, ema_weights, record, best),
                         training_state={"optimizer": optimizer_state, "run": vars(run.state),
                                         **({"ema": ema_weights} if ema_weights is not None else {})},
                         records=run.state.records)

@@ -82,10 +82,10 @@ def relative(path) -> str:
 
 
 def install(events: Events) -> None:
-    import fixres.checkpoint as ckpt
+    import fixres.fileio as fileio
     import fixres.training as training
 
-    original_write = ckpt.atomic_write
+    original_write = fileio.atomic_write
 
     def atomic_write(path, write):
         def write_then_announce(tmp):
@@ -94,7 +94,7 @@ def install(events: Events) -> None:
             events.emit("write", f"write {name}" + ("" if name.startswith("checkpoints/") else events.after()))
         original_write(path, write_then_announce)
 
-    ckpt.atomic_write = atomic_write
+    fileio.atomic_write = atomic_write
 
     original_replace = os.replace
 

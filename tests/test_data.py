@@ -9,10 +9,10 @@ import timm
 import torch
 from PIL import Image
 
-from fixres.checkpoint import save_weights
 from fixres.config import TrainConfig
 from fixres.data import (BadImageError, DataError, EpochSampler, ImageDataset, collate_skipping, load_split,
                          open_image, worker_count)
+from fixres.fileio import save_weights
 from fixres.preprocessing import weights_meta
 from fixres.shapes import CLASS_NAMES, generate
 from tests.conftest import error_line, make_csv_dataset, run_in_process

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 from fixres import finetune as finetune_lib
 from fixres import sweep as sweep_lib
-from fixres.checkpoint import load_weights, save_weights
 from fixres.config import FinetuneConfig, SweepConfig, TrainConfig
+from fixres.fileio import load_weights, save_weights
 from fixres.stats import best_of
 from fixres.data import load_split
 from fixres.engine import top5_hits

@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fixres.checkpoint import load_weights
 from fixres.data import load_split
+from fixres.fileio import load_weights
 from tests.conftest import error_line, finish, make_csv_dataset, run_in_process, script_main, start_script
 from tests.test_families import DEIT, DEIT_KWARGS, library_logits
 from tests.test_vit_sizes import ok, tv_vit_at

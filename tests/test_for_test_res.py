@@ -9,8 +9,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from fixres.checkpoint import read_metadata, save_weights
 from fixres.export import write_best_size
+from fixres.fileio import read_metadata, save_weights
 from fixres.models import create_model, nearest_size_it_takes
 from fixres.resolution import recommended_test_res
 from tests.conftest import error_line, run_in_process, run_script

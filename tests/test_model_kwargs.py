@@ -13,8 +13,8 @@ import timm
 import torch
 from torch import nn
 
-from fixres.checkpoint import load_weights
 from fixres.config import ConfigError, TrainConfig, parse_args
+from fixres.fileio import load_weights
 from fixres.models import create_model, load_run_model
 from tests.conftest import TINY_TRAIN, error_line, run_in_process
 
@@ -101,8 +101,8 @@ def test_a_vit_made_for_another_size_and_patch_is_exported_as_timm_builds_it(tmp
     """timm's test_vit is built for 224 px in patches of 16 (strict: other sizes stop it): with
     img_size and patch_size it runs at 32 px on 4x4 patches of 8, and timm rebuilds that from the
     export (the tuple comes back from JSON as a list, which timm takes alike)."""
-    from fixres.checkpoint import save_weights
     from fixres.export import export_timm
+    from fixres.fileio import save_weights
     from fixres.preprocessing import weights_meta
 
     cfg = TrainConfig(model="test_vit", train_res=32, model_kwargs={"patch_size": 8, "img_size": (32, 32)})

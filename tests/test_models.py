@@ -95,8 +95,8 @@ def test_output_stride_refused_where_it_does_not_exist(name, message):
 
 def test_a_run_with_output_stride_is_rebuilt_with_it(tmp_path):
     """sweep.py and finetune.py rebuild a run's network from its weights' metadata alone."""
-    from fixres.checkpoint import save_weights
     from fixres.config import TrainConfig
+    from fixres.fileio import save_weights
     from fixres.models import load_run_model
     from fixres.preprocessing import weights_meta
 

@@ -17,9 +17,9 @@ import torch
 from fixres import finetune as finetune_lib
 from fixres import run as run_lib
 from fixres.adapt import find_position_embedding, prepare_for_finetuning
-from fixres.checkpoint import load_weights
 from fixres.config import FinetuneConfig
 from fixres.data import load_split
+from fixres.fileio import load_weights
 from fixres.models import create_model, resize_model
 from tests.conftest import error_line, run_in_process
 from tests.test_families import CLASSES, DEIT, DEIT_KWARGS, timm_losses, write_source_run

@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from fixres.checkpoint import load_weights
+from fixres.fileio import load_weights
 from tests.conftest import finish, start_script
 
 NO_BN = ["--model", "test_convnext", "--train-res", "32", "--workers", "0", "--epochs", "2", "--cpu"]  # LayerNorm

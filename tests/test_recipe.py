@@ -14,12 +14,12 @@ from PIL import Image
 from torch import nn
 
 from fixres import checkpoint as ckpt
+from fixres import fileio
 from fixres.config import SweepConfig, TrainConfig, parse_args, train_presets
 from fixres.ema import ModelEma
 from fixres.engine import to_device_batch, train_one_epoch
 from fixres.resolution import resize_size
 from fixres.sweep import sweep
-from fixres.checkpoint import epoch_weights_files
 from fixres.ema import epoch_score
 from fixres.preprocessing import default_train_transform
 from fixres.runtime import make_accelerator
@@ -170,11 +170,11 @@ def test_best_is_the_ema_when_it_scores_higher_and_says_so():
     assert epoch_score({**record, "ema_val_acc": 0.5})["which"] == "raw"
     assert epoch_score({**record, "ema_val_acc": 0.5, "ema_val_loss": 0.8})["which"] == "ema"
     assert epoch_score({**record, "ema_val_acc": 0.5, "ema_val_loss": 0.9})["which"] == "raw"
-    files = epoch_weights_files({"model": "m"}, raw, averaged, record, best="ema")
+    files = ckpt.RunFolder.epoch_weights_files({"model": "m"}, raw, averaged, record, best="ema")
     assert files["best.safetensors"] == files["ema.safetensors"]
     assert files["best.safetensors"][1] == {"model": "m", "epoch": 3, "val_acc": 0.75, "ema": True}
     assert files["last.safetensors"][1] == {"model": "m", "epoch": 3, "val_acc": 0.5, "ema": False}
-    assert "best.safetensors" not in epoch_weights_files({}, raw, averaged, record, best=None)
+    assert "best.safetensors" not in ckpt.RunFolder.epoch_weights_files({}, raw, averaged, record, best=None)
 
 
 # ----------------------------------------------------------------------------- the --recipe preset
@@ -270,11 +270,11 @@ def test_ema_is_evaluated_beside_the_weights_and_saved(featured_run):
     candidates = [(r[f"{p}val_acc"], -r[f"{p}val_loss"], "ema" if p else "raw") for r in rows for p in ("", "ema_")]
     which = max(candidates, key=lambda c: c[:2])[2]  # the highest top-1, then the lowest loss
     assert "best.safetensors: epoch" in stdout and f"the {'EMA' if which == 'ema' else 'raw'} weights" in stdout
-    ema_weights, ema_meta = ckpt.load_weights(run / "ema.safetensors")
+    ema_weights, ema_meta = fileio.load_weights(run / "ema.safetensors")
     assert ema_meta["ema"] is True and ema_meta["val_acc"] == rows[-1]["ema_val_acc"] and ema_meta["epoch"] == 3
-    assert ckpt.load_weights(run / "best.safetensors")[1]["ema"] is (which == "ema")
-    assert ckpt.load_weights(run / "last.safetensors")[1]["ema"] is False
-    saved = ckpt.load_training_state(ckpt.list_checkpoints(run)[-1])
+    assert fileio.load_weights(run / "best.safetensors")[1]["ema"] is (which == "ema")
+    assert fileio.load_weights(run / "last.safetensors")[1]["ema"] is False
+    saved = ckpt.RunFolder.read_training_state(ckpt.RunFolder(run).checkpoints()[-1])
     assert all(torch.equal(saved["ema"][k].cpu(), v) for k, v in ema_weights.items())
     # sweep.py --which ema evaluates the EMA that train.py evaluated
     sweep(SweepConfig(checkpoint=str(run), which="ema", sizes=[32], workers=0, output=str(run / "ema-sweep")))
@@ -295,11 +295,11 @@ def test_recipe_features_resume_exactly_mid_epoch_and_at_an_epoch_end(featured_r
     assert "checkpoint saved at epoch 2, batch 2" in stdout_of(process)
     assert "resumed from" in stdout_of(harness.start(featured_args(tiny_csv, out, "--resume", "auto", "--stop-after", 1),
                                                      events=tmp_path / "events-2.jsonl"))
-    assert ckpt.list_checkpoints(out / "run")[-1].name == "epoch-0002-step-000006"
+    assert ckpt.RunFolder(out / "run").checkpoints()[-1].name == "epoch-0002-step-000006"
     stdout_of(harness.start(featured_args(tiny_csv, out, "--resume", "auto"), events=tmp_path / "events-3.jsonl"))
     for name in ("last.safetensors", "ema.safetensors", "best.safetensors"):
-        expected, expected_meta = ckpt.load_weights(reference / name)
-        resumed, resumed_meta = ckpt.load_weights(out / "run" / name)
+        expected, expected_meta = fileio.load_weights(reference / name)
+        resumed, resumed_meta = fileio.load_weights(out / "run" / name)
         assert resumed_meta == expected_meta, name
         assert all(torch.equal(expected[k], resumed[k]) for k in expected), name
     # the evaluations; an epoch resumed in its middle reports the training loss of the batches after the resume
@@ -322,4 +322,4 @@ def test_two_processes_evaluate_and_save_the_same_ema(recipe_runs, tmp_path):
 def test_which_ema_of_a_run_without_it_is_refused(tmp_path):
     (tmp_path / "last.safetensors").write_bytes(b"")
     with pytest.raises(ckpt.CheckpointError, match="holds no ema.safetensors"):
-        ckpt.find_weights(tmp_path, "ema")
+        ckpt.RunFolder.find_weights(tmp_path, "ema")

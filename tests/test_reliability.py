@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from fixres import checkpoint as ckpt
+from fixres import fileio
 from fixres import cli
 from fixres.cli import run_main
 from fixres.config import TrainConfig, parse_args
@@ -63,7 +64,7 @@ def assert_ok(result):
 
 
 def weights(path: Path) -> dict:
-    return ckpt.load_weights(path)[0]
+    return fileio.load_weights(path)[0]
 
 
 def assert_same_weights(a: Path, b: Path):
@@ -83,22 +84,22 @@ def epoch_of(checkpoint: Path) -> int:
 
 def check_run_folder(run: Path) -> int:
     """Load everything a resume or a user reads; the epoch of the newest checkpoint (0: none)."""
-    for checkpoint in ckpt.list_checkpoints(run):
-        state_dict, meta = ckpt.load_weights(checkpoint / ckpt.WEIGHTS_FILE)
+    for checkpoint in ckpt.RunFolder(run).checkpoints():
+        state_dict, meta = fileio.load_weights(checkpoint / ckpt.WEIGHTS_FILE)
         assert all(torch.isfinite(t).all() for t in state_dict.values() if t.is_floating_point()), checkpoint
-        saved = ckpt.load_training_state(checkpoint)
+        saved = ckpt.RunFolder.read_training_state(checkpoint)
         epoch, step = map(int, re.match(r"epoch-(\d+)-step-(\d+)", checkpoint.name).groups())
         assert (saved["run"]["epoch"], saved["run"]["step"]) == (epoch, step), checkpoint
         assert meta.get("epoch", epoch) == epoch
     for name in ("last.safetensors", "best.safetensors"):
         if (run / name).exists():
-            ckpt.load_weights(run / name)
+            fileio.load_weights(run / name)
     for name in ("config.json", "classes.json"):
         if (run / name).exists():
             json.loads((run / name).read_text())
     if (run / "metrics.jsonl").exists():
         [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    found = ckpt.list_checkpoints(run)
+    found = ckpt.RunFolder(run).checkpoints()
     return epoch_of(found[-1]) if found else 0
 
 
@@ -216,7 +217,7 @@ def test_ten_sigkills_then_resume_auto_equal_an_uninterrupted_run(reference, fau
     for name in ("last.safetensors", "best.safetensors"):
         assert_same_weights(reference["run"] / name, run / name)
     assert metrics(run) == metrics(reference["run"])
-    assert epoch_of(ckpt.list_checkpoints(run)[-1]) == EPOCHS
+    assert epoch_of(ckpt.RunFolder(run).checkpoints()[-1]) == EPOCHS
     assert temporaries(run) == []  # what the kills left was cleaned up on resume
     line = f"{len(survived)} of {len(points)} kills survived"
     print(line)
@@ -247,7 +248,7 @@ def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_from_it(reference, 
         assert f"stopped by {name}: checkpoint saved at {where}; continue with --resume {run}" in result.stdout
         if previous:
             assert f"resumed from {run / 'checkpoints' / previous[0]} at {previous[1]}" in result.stdout
-        assert ckpt.list_checkpoints(run)[-1].name == checkpoint
+        assert ckpt.RunFolder(run).checkpoints()[-1].name == checkpoint
         check_run_folder(run)
         record("graceful stop", f"{name} before optimizer step {point.split()[-1]}",
                f"exit {result.returncode}, checkpoint {checkpoint}; resumed at {where}",
@@ -391,7 +392,7 @@ class Evil:
 def faults(reference, tmp_path_factory):
     """Copies of the reference run, each damaged one way, resumed by train.py two at a time."""
     root = tmp_path_factory.mktemp("faults")
-    newest = lambda run: ckpt.list_checkpoints(run)[-1]  # noqa: E731
+    newest = lambda run: ckpt.RunFolder(run).checkpoints()[-1]  # noqa: E731
     cases, prepared = {}, {}
 
     def copy(name, base=root):
@@ -422,7 +423,7 @@ def faults(reference, tmp_path_factory):
             cases["read_only"] = [run, "--epochs", 4]
         # loading: a pickle that would run code, truncated files, a config file from elsewhere
         run = copy("evil_state")
-        for checkpoint in ckpt.list_checkpoints(run):  # all: one bad checkpoint alone is passed over
+        for checkpoint in ckpt.RunFolder(run).checkpoints():  # all: one bad checkpoint alone is passed over
             torch.save({"optimizer": Evil(root / "MARKER"), "run": {}}, checkpoint / ckpt.STATE_FILE)
         cases["evil_state"] = [run]
         run = copy("truncated_weights")
@@ -469,7 +470,7 @@ def result_of(faults, name) -> subprocess.CompletedProcess:
 def intact(faults, name):
     """The damaged run's newest checkpoint is byte for byte what it was, and loads."""
     info = faults["prepared"][name]
-    newest = ckpt.list_checkpoints(info["run"])[-1]
+    newest = ckpt.RunFolder(info["run"]).checkpoints()[-1]
     assert digest(newest) == info["before"]
     check_run_folder(info["run"])
     return newest
@@ -521,7 +522,7 @@ def test_a_read_only_checkpoint_folder_keeps_the_previous_checkpoint_and_names_t
 @pytest.mark.slow
 def test_a_malicious_pickle_in_a_checkpoint_is_refused_and_does_not_run(faults):
     line = error_line(result_of(faults, "evil_state"))
-    state = ckpt.list_checkpoints(faults["prepared"]["evil_state"]["run"])[-1] / ckpt.STATE_FILE
+    state = ckpt.RunFolder(faults["prepared"]["evil_state"]["run"]).checkpoints()[-1] / ckpt.STATE_FILE
     assert line.startswith(f"error: {state}: refused: it holds pickled Python objects (it would call exec), not "
                            f"only tensors and plain values; nothing was loaded or run"), line
     assert not faults["marker"].exists()
@@ -539,7 +540,7 @@ def test_a_truncated_newest_checkpoint_is_passed_over_for_the_one_before(faults,
     result = result_of(faults, case)
     assert result.returncode == 0, result.stderr[-3000:]
     run = faults["prepared"][case]["run"]
-    older, newest = ckpt.list_checkpoints(run)[-2:]  # the newest rewritten under its own name by the resumed run
+    older, newest = ckpt.RunFolder(run).checkpoints()[-2:]  # the newest rewritten under its own name by the resumed run
     warning = next(line for line in result.stderr.splitlines() if line.startswith("warning: --resume"))
     assert f"{newest}/{damaged}" in warning and warning.endswith(f"resuming from {older}"), warning
     check_run_folder(run)
@@ -557,7 +558,7 @@ def test_a_truncated_newest_checkpoint_is_passed_over_for_the_one_before(faults,
 def test_a_damaged_run_folder_is_refused_in_one_line(faults, case, message):
     run = faults["prepared"][case]["run"]
     line = error_line(result_of(faults, case))
-    assert line.startswith("error: " + message.format(newest=ckpt.list_checkpoints(run)[-1], run=run)), line
+    assert line.startswith("error: " + message.format(newest=ckpt.RunFolder(run).checkpoints()[-1], run=run)), line
     what, item = {"config_unknown_key": ("config: a run's config.json with an unknown key", 17),
                   "config_bad_type": ("config: a run's config.json with a value of the wrong type", None)}[case]
     record("bad input", what, "refused", message=line.removeprefix("error: "), item=item)
@@ -584,13 +585,13 @@ def test_best_weights_stay_among_the_epochs_kept_after_a_fallback(tiny_csv, tmp_
     epoch_1 = shutil.copy(run / "best.safetensors", tmp_path / "epoch-1.safetensors")
     scores[:] = [0.5, 0.9]
     assert run_main(main, [*args, "--resume", str(run), "--stop-after", "2"]) == 0  # the two epochs left
-    assert ckpt.load_weights(run / "best.safetensors")[1]["epoch"] == 3  # the best so far
-    state = ckpt.list_checkpoints(run)[-1] / ckpt.STATE_FILE
+    assert fileio.load_weights(run / "best.safetensors")[1]["epoch"] == 3  # the best so far
+    state = ckpt.RunFolder(run).checkpoints()[-1] / ckpt.STATE_FILE
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     scores[:] = [0.4]
     assert run_main(main, [*args, "--resume", str(run)]) == 0
     assert [r["val_acc"] for r in metrics(run)] == [0.6, 0.5, 0.4]
-    best, meta = ckpt.load_weights(run / "best.safetensors")
+    best, meta = fileio.load_weights(run / "best.safetensors")
     assert (meta["epoch"], meta["val_acc"]) == (1, 0.6)
     assert_same_weights(epoch_1, run / "best.safetensors")
 

@@ -33,8 +33,9 @@ import pytest
 import torch
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 
-from fixres.checkpoint import list_checkpoints, load_weights, resolve_resume, save_checkpoint, save_weights, write_json_atomic
+from fixres.checkpoint import RunFolder
 from fixres.config import TrainConfig
+from fixres.fileio import load_weights, save_weights, write_json_atomic
 from fixres.preprocessing import weights_meta
 from tests.conftest import COLOURS, ROOT, TINY_TRAIN, make_csv_dataset
 
@@ -102,11 +103,11 @@ def test_wrapper_usage_errors():
 def test_resume_auto_with_a_name_takes_that_run_or_nothing(tmp_path):
     """What a requeued job relies on: its own run (--name), never the newest of another job."""
     state = {"w": torch.zeros(1)}
-    save_checkpoint(tmp_path / "mine", name="epoch-0001-step-000003", state_dict=state, meta={}, training_state={})
-    save_checkpoint(tmp_path / "other", name="epoch-0002-step-000006", state_dict=state, meta={}, training_state={})
-    assert resolve_resume("auto", tmp_path, name="mine").path == tmp_path / "mine/checkpoints/epoch-0001-step-000003"
-    assert resolve_resume("auto", tmp_path, name="new") is None
-    assert resolve_resume("auto", tmp_path).run_folder.path == tmp_path / "other"  # without a name: the newest
+    RunFolder(tmp_path / "mine").save_checkpoint(name="epoch-0001-step-000003", state_dict=state, meta={}, training_state={})
+    RunFolder(tmp_path / "other").save_checkpoint(name="epoch-0002-step-000006", state_dict=state, meta={}, training_state={})
+    assert RunFolder.resolve_resume("auto", tmp_path, name="mine").path == tmp_path / "mine/checkpoints/epoch-0001-step-000003"
+    assert RunFolder.resolve_resume("auto", tmp_path, name="new") is None
+    assert RunFolder.resolve_resume("auto", tmp_path).run_folder.path == tmp_path / "other"  # without a name: the newest
 
 
 # ----------------------------------------------------------------------------- the local SLURM
@@ -289,7 +290,7 @@ def run_training_jobs(started, root: Path, data: Path, source: Path):
         deadline = time.monotonic() + 240
         while disturb:
             for name, command in list(disturb.items()):
-                if list_checkpoints(run_dirs[name]):   # epoch 1 done: training, handlers installed
+                if RunFolder(run_dirs[name]).checkpoints():   # epoch 1 done: training, handlers installed
                     subprocess.run(command, env=env, check=True, timeout=30)
                     del disturb[name]
             assert time.monotonic() < deadline, f"no checkpoint after 240 s: {list(runs.glob('*/*'))}"

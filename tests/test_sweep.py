@@ -16,11 +16,11 @@ from rich.console import Console
 
 from fixres import data as data_lib
 from fixres import device_decode
-from fixres.checkpoint import save_weights
 from fixres.cli import run_main
 from fixres.config import ConfigError, SweepConfig
 from fixres.data import ImageDataset, collate_skipping, load_split, shard_indices
 from fixres.engine import evaluate
+from fixres.fileio import save_weights
 from fixres.models import create_model, load_run_model
 from fixres.resolution import default_sizes
 from fixres.report import crop_grid, sweep_table

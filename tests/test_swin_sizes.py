@@ -15,8 +15,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from fixres.checkpoint import load_weights, save_weights
 from fixres.config import TrainConfig
+from fixres.fileio import load_weights, save_weights
 from fixres.models import create_model, load_run_model
 from fixres.preprocessing import weights_meta
 from tests.conftest import COLOURS, error_line, run_in_process

@@ -21,8 +21,8 @@ from fixres import finetune as finetune_lib
 from fixres import methods as methods_lib
 from fixres import sweep as sweep_lib
 from fixres import throughput
-from fixres.checkpoint import save_weights
 from fixres.config import ConfigError, FinetuneConfig, SweepConfig
+from fixres.fileio import save_weights
 from fixres.stats import best_of
 from fixres.throughput import best_within, budget_line, measure_speed, meets, sizes_within
 from tests.conftest import make_csv_dataset, run_in_process, script_main

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fixres import shapes
-from fixres.checkpoint import list_checkpoints, load_weights
+from fixres.checkpoint import RunFolder
 from fixres.config import RECIPES, TrainConfig, parse_args, train_presets
+from fixres.fileio import load_weights
 from tests.conftest import TINY_TRAIN, Started, error_line, make_image_folder, run_in_process, run_script
 
 
@@ -65,7 +66,7 @@ def test_two_epochs_write_the_run_folder(trained_run):
 
     _, meta = load_weights(run / "best.safetensors")
     assert meta["classes"] == ["blue", "green", "red"] and meta["test_res"] == 32 and meta["crop_pct"] == 0.875
-    assert len(list_checkpoints(run)) == 2
+    assert len(RunFolder(run).checkpoints()) == 2
     assert result.stdout.splitlines()[-2:] == [f"next: python sweep.py --checkpoint {run}",
                                                f"then: python finetune.py --checkpoint {run}"]
 
@@ -97,7 +98,7 @@ def test_resume_passes_over_an_unreadable_newest_checkpoint(tmp_path, trained_ru
     assert_ok(result)
     run = shutil.copytree(finished, tmp_path / "runs" / "run")
     expected, _ = load_weights(run / "last.safetensors")
-    older, newest = list_checkpoints(run)
+    older, newest = RunFolder(run).checkpoints()
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     resumed = run_script("train.py", "--resume", run)
@@ -107,12 +108,12 @@ def test_resume_passes_over_an_unreadable_newest_checkpoint(tmp_path, trained_ru
     again, meta = load_weights(run / "last.safetensors")
     assert meta["epoch"] == 2 and all(torch.equal(expected[k], again[k]) for k in expected)
 
-    for checkpoint in list_checkpoints(run):
+    for checkpoint in RunFolder(run).checkpoints():
         (checkpoint / "state.pt").write_bytes(b"not a checkpoint")
     refused = run_in_process("train.py", "--resume", run, capsys=capsys)
     assert refused.returncode != 0
     line = error_line(refused)
-    assert line.startswith(f"error: {list_checkpoints(run)[-1]}/state.pt: ") and line.endswith(
+    assert line.startswith(f"error: {RunFolder(run).checkpoints()[-1]}/state.pt: ") and line.endswith(
         "(the 1 older checkpoint(s) cannot be read either)"), line
 
 

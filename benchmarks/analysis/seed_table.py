@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from fixres.checkpoint import load_weights
+from fixres.fileio import load_weights
 
 
 def interval(d: dict) -> str:
