@@ -2,8 +2,8 @@
 
 The last normalisation layer before the classifier: `find_last_norm` finds it (a BatchNorm
 before the global pooling; ConvNeXt's and ViT's last LayerNorm; None in a norm-free net).
-"The classifier" is every one the model has (models.classifier_names): a distilled DeiT's head
-and head_dist both train, and timm's forward averages their logits in every evaluation.
+"The classifier" is every one the model has (classifiers.classifier_names): a distilled DeiT's
+head and head_dist both train, and timm's forward averages their logits in every evaluation.
 A BatchNorm is replaced by `SyncedBatchNorm2d` so that its statistics are the global batch's
 on any backend (gloo included, where torch.nn.SyncBatchNorm refuses to run);
 `finetune_layers` leaves it and the classifier as the only things that change during
@@ -37,7 +37,7 @@ lower end) below it, where F_test is 0: not foldable into the classifier because
 that floor. The adapter is a submodule (`fixres_adapter`) applied by a forward
 pre-hook of each classifier, so the model's other state-dict keys do not change; the
 weights file carries `fixres_adapter.*` and `meta["adaptation"]`, and
-`attach_saved_adapter` restores it (models.load_run_model calls it, so every fixres
+`attach_saved_adapter` restores it (trained_model.load_run_model calls it, so every fixres
 evaluation of a parametric run uses the adapted model). Loading those weights anywhere
 else fails on the extra keys, in timm's strict loading as in fixres's: a parametric
 run is for fixres evaluation only.
@@ -52,9 +52,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fixres.classifiers import ModelError, classifier_names
 from fixres.data import DataError
 from fixres.engine import to_device_batch
-from fixres.models import ModelError, classifier_names, patch_grid
+from fixres.model_sizes import patch_grid
 from fixres.runtime import error_reason
 
 XI = 0.3          # the paper's fixed Frechet shape
@@ -128,7 +129,7 @@ def is_batchnorm(module: nn.Module | None) -> bool:
 
 def find_position_embedding(model: nn.Module) -> str | None:
     """Dotted name of the model's absolute position embedding, else None: the parameter that holds
-    one vector per patch of the grid the model is built for (models.patch_grid), shape (1, tokens,
+    one vector per patch of the grid the model is built for (model_sizes.patch_grid), shape (1, tokens,
     width), plus one per prefix token the model embeds with them: timm's ViTs say how many
     (num_prefix_tokens: class, distillation and register tokens; none with no_embed_class),
     torchvision's ViT embeds its class token. timm's ViTs (pos_embed: DeiT, hybrid ViTs, EVA),

@@ -63,7 +63,8 @@ from fixres.device_decode import resolve_decode
 from fixres.engine import top5_k
 from fixres.export import write_run_export
 from fixres.methods import CHOICE_KEYS, bn_stats, choose_res, held_out_split, parametric, refuse_negative_features
-from fixres.models import load_run_model, recorded_size_keyword, resize_model, size_refusal
+from fixres.model_sizes import resize_model, size_refusal
+from fixres.models import recorded_size_keyword
 from fixres.plots import plot_activation_cdfs
 from fixres.preprocessing import describe_preprocessing, finetune_transforms, weights_meta
 from fixres.report import EpochProgress, finetune_table, make_console
@@ -74,6 +75,7 @@ from fixres.stats import METHOD as STATS_METHOD
 from fixres.stats import paired_difference_of
 from fixres.sweep import ACT_EDGES, load_for_sweep, run_sweep, trained_min_scale
 from fixres.throughput import budget_of, refuse_over_budget
+from fixres.trained_model import load_run_model
 from fixres.training import fit
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD
 

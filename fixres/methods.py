@@ -13,9 +13,10 @@ import copy
 import torch
 
 from fixres import adapt
+from fixres.classifiers import classifier_names
 from fixres.config import ConfigError
 from fixres.data import EpochSampler, ImageDataset, collate_skipping, round_batches
-from fixres.models import classifier_names, sizes_it_takes
+from fixres.model_sizes import sizes_it_takes
 from fixres.report import EpochProgress
 from fixres.runtime import use_channels_last
 from fixres.resolution import default_sizes

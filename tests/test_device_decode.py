@@ -22,9 +22,9 @@ from fixres.config import ConfigError, FinetuneConfig, TrainConfig, build_parser
 from fixres.data import BadImageError, ImageDataset, collate_skipping, load_split, open_image
 from fixres.device_decode import (CropSpec, DeviceBatch, ReadForDevice, ResizeSpec, decode_on_device,
                                   resolve_decode, torchcodec_decode_jpeg)
-from fixres.models import load_run_model
 from fixres.sweep import run_sweep
 from fixres.preprocessing import default_eval_transform, default_train_transform
+from fixres.trained_model import load_run_model
 from fixres.transforms import IMAGENET_STD, DecodeRandomResizedCrop, eval_transform, normalize_batch
 from test_speed import photo
 

@@ -21,11 +21,12 @@ from fixres.cli import run_main
 from fixres.config import ConfigError, SweepConfig
 from fixres.data import ImageDataset, collate_skipping, load_split, shard_indices
 from fixres.engine import evaluate
-from fixres.models import create_model, load_run_model
+from fixres.models import create_model
 from fixres.resolution import default_sizes
 from fixres.report import crop_grid, sweep_table
 from fixres.stats import add_differences, best_of
 from fixres.sweep import run_sweep, sweep_pairs
+from fixres.trained_model import load_run_model
 from fixres.transforms import eval_transform
 from tests.conftest import finish, run_in_process, run_script, script_main, start_script
 
