@@ -4,7 +4,7 @@
     classifier_names(model)   # every classifier: ["head", "head_dist"] for a distilled DeiT
 
 ModelError is the one error of every module that builds, sizes, adapts or loads a model
-(fixres.models, fixres.trained_model, fixres.adapt): it lives here, with
+(fixres.models, fixres.trained_model, fixres.adapt, fixres.adapter): it lives here, with
 nothing of fixres imported, so that each of them can import it without a cycle.
 """
 from __future__ import annotations

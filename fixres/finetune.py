@@ -53,10 +53,10 @@ from pathlib import Path
 
 import torch
 
-from fixres import adapt
 from fixres import checkpoint as ckpt
 from fixres.adapt import (adapted_layers, classifiers_text, find_last_norm, finetune_layers, is_batchnorm,
                           required_position_embedding)
+from fixres.adapter import ADAPTER
 from fixres.config import FINETUNE_SHAPES_PRESET, RUNS, ConfigError, FinetuneConfig, SweepConfig
 from fixres.data import DataError, worker_count
 from fixres.device_decode import resolve_decode
@@ -234,7 +234,7 @@ def load_source(cfg: FinetuneConfig, accelerator) -> tuple:
             raise ConfigError(f"finetune.py measures before and after on the validation split, and there is none "
                               f"({err})") from None
         raise
-    if cfg.method == "parametric" and hasattr(model, adapt.ADAPTER):
+    if cfg.method == "parametric" and hasattr(model, ADAPTER):
         raise ConfigError(f"--method parametric: {meta['weights_path']} carries a parametric adapter already; "
                           f"adapt the run it came from ({meta.get('finetuned_from', 'its source')})")
     return model, meta, split, source_folder, source_cfg

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fixres.adapt import ADAPTER
+from fixres.adapter import ADAPTER
 from fixres.checkpoint import refused_pickle
 from fixres.classifiers import ModelError, classifier_name, classifier_names
 from fixres.config import ConfigError

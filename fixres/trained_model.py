@@ -5,7 +5,7 @@
 
 sweep.py, finetune.py and export read models through these: a run's model is the network it
 recorded (name, classes, --output-stride, --model-kwargs), built to run at any size, with the
-parametric adapter its weights carry (fixres/adapt.py).
+parametric adapter its weights carry (fixres/adapter.py).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from fixres.adapt import attach_saved_adapter
+from fixres.adapter import attach_saved_adapter
 from fixres.checkpoint import find_weights, load_weights
 from fixres.classifiers import ModelError, classifier_name
 from fixres.data import DataError

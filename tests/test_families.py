@@ -21,7 +21,8 @@ from torch import nn
 
 from fixres import finetune as finetune_lib
 from fixres import sweep as sweep_lib
-from fixres.adapt import FrechetAdapter, adapted_layers, attach_adapter, find_last_norm, prepare_for_finetuning
+from fixres.adapt import adapted_layers, find_last_norm, prepare_for_finetuning
+from fixres.adapter import FrechetAdapter, attach_adapter
 from fixres.checkpoint import load_weights, save_weights, write_json_atomic
 from fixres.classifiers import ModelError
 from fixres.config import FinetuneConfig, TrainConfig

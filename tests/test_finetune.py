@@ -20,8 +20,8 @@ from fixres import finetune as finetune_lib
 from fixres import methods as methods_lib
 from fixres import transforms as transforms_lib
 from fixres import sweep as sweep_lib
-from fixres.adapt import (ADAPTER, FrechetAdapter, attach_adapter, attach_saved_adapter, fit_gev, gev_cdf, gev_icdf,
-                          pooled_features, reestimate_bn_stats)
+from fixres.adapt import pooled_features, reestimate_bn_stats
+from fixres.adapter import ADAPTER, FrechetAdapter, attach_adapter, attach_saved_adapter, fit_gev, gev_cdf, gev_icdf
 from fixres.checkpoint import CheckpointError, load_weights, save_weights, write_json_atomic
 from fixres.classifiers import ModelError
 from fixres.cli import run_main
