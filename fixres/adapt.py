@@ -301,7 +301,7 @@ def reestimate_bn_stats(model: nn.Module, bn: nn.Module | Sequence[nn.Module], b
     for parallel branches (a block's main branch and its shortcut), not for a BN that feeds
     another (re-estimate those one call each, in the order they run).
 
-    In a process group, `batches` are this process's part of each round (fixres.data.round_batches:
+    In a process group, `batches` are this process's part of each round (fixres.loaders.round_batches:
     the same number of rounds everywhere, a part may be empty) and a round's statistics are
     those of all parts together, so N processes give what one gives with the round as its
     batch. Returns the images seen, all processes; with none (every image undecodable), a

@@ -58,10 +58,11 @@ from fixres.adapt import (adapted_layers, classifiers_text, find_last_norm, fine
                           required_position_embedding)
 from fixres.adapter import ADAPTER
 from fixres.config import FINETUNE_SHAPES_PRESET, RUNS, ConfigError, FinetuneConfig, SweepConfig
-from fixres.data import DataError, worker_count
+from fixres.data import DataError
 from fixres.device_decode import resolve_decode
 from fixres.engine import top5_k
 from fixres.export import write_run_export
+from fixres.loaders import worker_count
 from fixres.methods import CHOICE_KEYS, bn_stats, choose_res, held_out_split, parametric, refuse_negative_features
 from fixres.model_sizes import resize_model, size_refusal
 from fixres.models import recorded_size_keyword

@@ -17,7 +17,7 @@ from fixres import adapt
 from fixres.adapter import ADAPTER, XI, FrechetAdapter, attach_adapter, fit_gev
 from fixres.classifiers import classifier_names
 from fixres.config import ConfigError
-from fixres.data import EpochSampler, ImageDataset, collate_skipping, round_batches
+from fixres.loaders import EpochSampler, ImageDataset, collate_skipping, round_batches
 from fixres.model_sizes import sizes_it_takes
 from fixres.report import EpochProgress
 from fixres.runtime import use_channels_last

@@ -33,11 +33,11 @@ from fixres import plots
 from fixres.checkpoint import RunFolder, newest_run
 from fixres.classifiers import classifier_names
 from fixres.config import RUNS, ConfigError, SweepConfig, check_sizes
-from fixres.data import (ImageDataset, MultiSizeDataset, built_in_dataset, collate_skipping, load_split, loader_options,
-                         shard_indices, worker_count)
+from fixres.data import built_in_dataset, load_split
 from fixres.device_decode import ReadForDevice, ResizeSpec, resolve_decode
 from fixres.engine import to_device_batch, top5_hits, top5_k
 from fixres.export import write_best_size
+from fixres.loaders import ImageDataset, MultiSizeDataset, collate_skipping, loader_options, shard_indices, worker_count
 from fixres.model_sizes import sizes_it_takes
 from fixres.models import check_model_name, pretrained_preprocessing
 from fixres.report import EpochProgress, config_table, make_console, per_class_accuracy, print_sweep, write_sweep_tables

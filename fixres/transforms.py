@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from fixres.config import ConfigError
-from fixres.data import open_image
+from fixres.images import open_image
 from fixres.resolution import resize_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -26,10 +26,11 @@ from fixres.checkpoint import CheckpointError, load_weights, save_weights, write
 from fixres.classifiers import ModelError
 from fixres.cli import run_main
 from fixres.config import ConfigError, FinetuneConfig, SweepConfig, TrainConfig
-from fixres.data import DataError, load_split, open_image
+from fixres.data import DataError, load_split
 from fixres.export import EXPORT_DIR
 from fixres.adapt import SyncedBatchNorm2d, prepare_for_finetuning, train_only
 from fixres.export import timm_overlay
+from fixres.images import open_image
 from fixres.methods import seeded_subset
 from fixres.preprocessing import weights_meta
 from fixres.trained_model import load_run_model
