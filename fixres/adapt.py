@@ -2,8 +2,8 @@
 
 The last normalisation layer before the classifier: `find_last_norm` finds it (a BatchNorm
 before the global pooling; ConvNeXt's and ViT's last LayerNorm; None in a norm-free net).
-"The classifier" is every one the model has (models.classifier_names): a distilled DeiT's head
-and head_dist both train, and timm's forward averages their logits in every evaluation.
+"The classifier" is every one the model has (classifiers.classifier_names): a distilled DeiT's
+head and head_dist both train, and timm's forward averages their logits in every evaluation.
 A BatchNorm is replaced by `SyncedBatchNorm2d` so that its statistics are the global batch's
 on any backend (gloo included, where torch.nn.SyncBatchNorm refuses to run);
 `finetune_layers` leaves it and the classifier as the only things that change during
@@ -15,36 +15,18 @@ trains it; gradients then run back through every block (a slower step, the block
     name, bn = prepare_for_finetuning(model, input_size=224)   # "layer4.2.bn3" for ResNet-50
     prepare_for_finetuning(vit, input_size=384, train_pos_embed=True)  # norm, head and pos_embed train
 
-Then the two zero-training alternatives to fine-tuning.
+Then the passes over data of the two zero-training alternatives to fine-tuning.
 
-bn-stats: re-estimate the last BatchNorm's running statistics at the new resolution as
-an average over every training image, each batch weighted by its images (no gradients;
-seconds).
+bn-stats: `reestimate_bn_stats` re-estimates the last BatchNorm's running statistics at the
+new resolution as an average over every training image, each batch weighted by its images
+(no gradients; seconds).
 
-parametric (the paper's parametric adaptation): the pooled features that feed the
-classifier follow, roughly, a Frechet distribution (GEV with shape xi > 0; xi = 0.3
-as in the paper). Fit its location and scale at the training resolution and at the
-new one, then feed the classifier F_train^-1(F_test(x)) instead of x.
-
-    from fixres.adapt import fit_gev, FrechetAdapter, attach_adapter
-    loc_tr, scale_tr = fit_gev(features_at_train_res)           # one distribution for all
-    loc_te, scale_te = fit_gev(features_at_new_res)
-    attach_adapter(model, FrechetAdapter(loc_te, scale_te, loc_tr, scale_tr))
-
-With one xi for both distributions the map is affine on the new-resolution support,
-x -> loc_tr + scale_tr * (x - loc_te) / scale_te, and constant (the training support's
-lower end) below it, where F_test is 0: not foldable into the classifier because of
-that floor. The adapter is a submodule (`fixres_adapter`) applied by a forward
-pre-hook of each classifier, so the model's other state-dict keys do not change; the
-weights file carries `fixres_adapter.*` and `meta["adaptation"]`, and
-`attach_saved_adapter` restores it (models.load_run_model calls it, so every fixres
-evaluation of a parametric run uses the adapted model). Loading those weights anywhere
-else fails on the extra keys, in timm's strict loading as in fixres's: a parametric
-run is for fixres evaluation only.
+parametric: `pooled_features` reads the classifier's input for every image, at the training
+resolution and at the new one; the Frechet adapter fitted to them, and what restores it from a
+run's weights, are in fixres/adapter.py.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
@@ -52,13 +34,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fixres.classifiers import ModelError, classifier_names
 from fixres.data import DataError
 from fixres.engine import to_device_batch
-from fixres.models import ModelError, classifier_names, patch_grid
+from fixres.model_sizes import patch_grid
 from fixres.runtime import error_reason
-
-XI = 0.3          # the paper's fixed Frechet shape
-ADAPTER = "fixres_adapter"
 
 
 # what counts as a normalisation layer (timm's and torchvision's LayerNorm2d and GroupNorm1 subclass these)
@@ -128,7 +108,7 @@ def is_batchnorm(module: nn.Module | None) -> bool:
 
 def find_position_embedding(model: nn.Module) -> str | None:
     """Dotted name of the model's absolute position embedding, else None: the parameter that holds
-    one vector per patch of the grid the model is built for (models.patch_grid), shape (1, tokens,
+    one vector per patch of the grid the model is built for (model_sizes.patch_grid), shape (1, tokens,
     width), plus one per prefix token the model embeds with them: timm's ViTs say how many
     (num_prefix_tokens: class, distillation and register tokens; none with no_embed_class),
     torchvision's ViT embeds its class token. timm's ViTs (pos_embed: DeiT, hybrid ViTs, EVA),
@@ -287,80 +267,6 @@ def required_position_embedding(model: nn.Module, model_name: str) -> str:
     return name
 
 
-def gev_cdf(x: torch.Tensor, loc, scale, xi: float = XI) -> torch.Tensor:
-    """GEV CDF, xi > 0 (Frechet type): exp(-t^(-1/xi)) with t = 1 + xi (x - loc) / scale; 0 for t <= 0."""
-    t = 1 + xi * (x - loc) / scale
-    return torch.where(t > 0, torch.exp(-t.clamp_min(1e-30) ** (-1 / xi)), torch.zeros_like(t))
-
-
-def gev_icdf(p: torch.Tensor, loc, scale, xi: float = XI) -> torch.Tensor:
-    """Inverse of gev_cdf: loc + scale / xi * ((-log p)^(-xi) - 1)."""
-    return loc + scale / xi * ((-torch.log(p)) ** (-xi) - 1)
-
-
-def fit_gev(x: torch.Tensor, *, per_feature: bool = False, xi: float = XI) -> tuple[torch.Tensor, torch.Tensor]:
-    """(location, scale) of a GEV with the shape fixed at xi, by matching the first two
-    L-moments (unlike the variance, they exist and are stable for xi = 0.3's heavy tail).
-    x: (samples, features); one fit over all values, or one per feature (column)."""
-    x = x.detach().double()
-    x = x if per_feature else x.reshape(-1, 1)
-    n = x.shape[0]
-    if n < 2:
-        raise ValueError("fit_gev needs at least 2 samples")
-    ordered = x.sort(dim=0).values
-    rank_weight = torch.arange(n, dtype=torch.float64, device=x.device)[:, None] / (n - 1)
-    l1 = ordered.mean(0)
-    l2 = 2 * (rank_weight * ordered).mean(0) - l1
-    g = math.gamma(1 - xi)
-    scale = (l2 * xi / ((2 ** xi - 1) * g)).clamp_min(1e-12)
-    loc = l1 - scale * (g - 1) / xi
-    return loc.float(), scale.float()
-
-
-class FrechetAdapter(nn.Module):
-    """x -> F_train^-1(F_test(x)) per feature (or for all with shape (1,) parameters)."""
-
-    def __init__(self, test_loc, test_scale, train_loc, train_scale, xi: float = XI):
-        super().__init__()
-        for name, value in (("test_loc", test_loc), ("test_scale", test_scale),
-                            ("train_loc", train_loc), ("train_scale", train_scale)):
-            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32).reshape(-1).clone())
-        self.register_buffer("xi", torch.tensor(float(xi)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F_test(x) = exp(-t^(-1/xi)) and F_train^-1(exp(-u)) = loc + scale/xi (u^(-xi) - 1): composed, u^(-xi) = t
-        t = (1 + self.xi * (x.float() - self.test_loc) / self.test_scale).clamp_min(0)
-        return (self.train_loc + self.train_scale * (t - 1) / self.xi).to(x.dtype)
-
-    def pre_hook(self, module, args):
-        return (self(args[0]),) + tuple(args[1:])
-
-
-def attach_adapter(model: nn.Module, adapter: FrechetAdapter) -> nn.Module:
-    """Register the adapter as `model.fixres_adapter` and apply it to every classifier's input
-    (a distilled DeiT: the class token head reads and the distillation token head_dist reads)."""
-    if hasattr(model, ADAPTER):  # a second pre-hook would apply both maps, one after the other
-        raise ModelError(f"{type(model).__name__} carries a parametric adapter already")
-    model.add_module(ADAPTER, adapter)
-    for head in classifier_names(model):
-        model.get_submodule(head).register_forward_pre_hook(adapter.pre_hook)
-    return model
-
-
-def attach_saved_adapter(model: nn.Module, state: dict) -> nn.Module:
-    """If a state dict carries a parametric adapter (`fixres_adapter.*`), attach it to `model`.
-    The keys decide, not the metadata: a run fine-tuned from a parametric run keeps the adapter."""
-    names = ("test_loc", "test_scale", "train_loc", "train_scale", "xi")
-    if not any(k.startswith(ADAPTER + ".") for k in state):
-        return model
-    lacking = [f"{ADAPTER}.{k}" for k in names if f"{ADAPTER}.{k}" not in state]
-    if lacking:
-        raise ModelError(f"the weights hold a partial parametric adapter (no {lacking[0]})")
-    values = {k: state[f"{ADAPTER}.{k}"] for k in names}
-    return attach_adapter(model, FrechetAdapter(values["test_loc"], values["test_scale"], values["train_loc"],
-                                                values["train_scale"], xi=float(values["xi"])))
-
-
 @torch.no_grad()
 def pooled_features(model: nn.Module, loader, accelerator, *, channels_last: bool = True) -> torch.Tensor:
     """The classifier's input for every sample of a prepared loader, gathered from all
@@ -395,7 +301,7 @@ def reestimate_bn_stats(model: nn.Module, bn: nn.Module | Sequence[nn.Module], b
     for parallel branches (a block's main branch and its shortcut), not for a BN that feeds
     another (re-estimate those one call each, in the order they run).
 
-    In a process group, `batches` are this process's part of each round (fixres.data.round_batches:
+    In a process group, `batches` are this process's part of each round (fixres.loaders.round_batches:
     the same number of rounds everywhere, a part may be empty) and a round's statistics are
     those of all parts together, so N processes give what one gives with the round as its
     batch. Returns the images seen, all processes; with none (every image undecodable), a

@@ -8,10 +8,10 @@ import sys
 import torch.distributed as dist
 
 from fixres.checkpoint import CheckpointError
+from fixres.classifiers import ModelError
 from fixres.config import ConfigError
 from fixres.data import DataError
 from fixres.engine import NonFiniteLossError, ProcessGroupError
-from fixres.models import ModelError
 
 USER_ERRORS = (CheckpointError, ConfigError, DataError, ModelError, NonFiniteLossError, ProcessGroupError)
 

@@ -1,4 +1,4 @@
-"""Data: the two layouts users already have, and image loading that survives real files.
+"""Data: the two layouts users already have, read into the split a run trains and reports on.
 
 Layouts, detected from `--data`:
   1. CSV split (the Cassava blog post's): `image_id,label,is_val` rows, images in
@@ -10,22 +10,21 @@ Layouts, detected from `--data`:
 
 Every problem that can be known before training (missing column, missing image,
 unknown label, empty validation split, ...) raises `DataError` with one line
-naming the file and row. Images that fail to decode raise `BadImageError` with
-the path when they are read.
+naming the file and row. Without --data, a run uses the built-in dataset
+(fixres/shapes.py): `resolve_data` and `built_in_dataset` say which, and where its CSV is.
+
+Reading the images is fixres/images.py's (open_image; an undecodable one raises
+`BadImageError`, a DataError, with the path); the datasets and loaders that feed them
+to a model are fixres/loaders.py's.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-
-import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fixres.config import ConfigError
 from fixres.runtime import error_reason
@@ -33,15 +32,10 @@ from fixres.runtime import error_reason
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 TRUE_VALUES = {"true", "1", "yes", "t", "y"}
 FALSE_VALUES = {"false", "0", "no", "f", "n"}
-EXIF_ORIENTATION = 0x0112
 
 
 class DataError(ValueError):
     """Bad dataset layout or content; the message names the file and row."""
-
-
-class BadImageError(DataError):
-    """An image file that cannot be decoded; the message names the path."""
 
 
 @dataclass
@@ -197,210 +191,6 @@ def _check_not_empty(train, val, source) -> None:
 def _preview(classes: list[str], n: int = 8) -> str:
     shown = ", ".join(classes[:n])
     return f"known: {shown}{', ...' if len(classes) > n else ''}"
-
-
-def open_image(path: str, draft_size=None) -> Image.Image:
-    """Decode any common image file to an upright 8-bit RGB PIL image.
-
-    `draft_size`: JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) while the
-    result stays at least this large on its shorter side; decoding fewer pixels
-    is most of the speed-up when a 500 px photo is only needed at 128 px. It may be a
-    function of the upright (width, height), read from the header before anything is
-    decoded (DecodeRandomResizedCrop draws its crop there)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            if callable(draft_size):
-                width, height = img.size
-                if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotations by 90 degrees
-                    width, height = height, width
-                draft_size = draft_size(width, height)
-            if draft_size and img.format == "JPEG":
-                scale = min(img.size) / draft_size
-                if scale >= 2:
-                    img.draft("RGB", (int(img.size[0] / scale), int(img.size[1] / scale)))
-            img.load()
-            # read after load: a PNG's eXIf chunk may follow its pixels. exif_transpose copies
-            # even an upright image, a tenth of a JPEG decode, so it runs only when needed
-            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
-                img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
-            Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise BadImageError(f"cannot decode image {path}: {error_reason(err)}") from None
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping at 255
-        import numpy as np
-        arr = np.asarray(img, dtype=np.float32)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype("uint8")).convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "RGBa", "La"):
-        # transparent pixels become white, as a viewer would show them
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """(path, label) samples -> (tensor, label).
-
-    With `seed`, each sample's random augmentation is seeded from (seed, epoch, index),
-    so it does not depend on worker count, process count or where a run was resumed.
-    The epoch comes with the index: `dataset[(epoch, i)]`, as EpochSampler yields them, so
-    that workers kept from one epoch to the next (persistent_workers) seed each sample from
-    the epoch the main process hands them, not from a copy of the dataset made when they
-    started. A plain index means epoch 0. With `skip_bad`, an undecodable image yields None,
-    which `collate_skipping` drops and counts."""
-
-    def __init__(self, samples, transform, skip_bad: bool = False, seed: int | None = None):
-        self.samples = samples
-        self.transform = transform
-        self.skip_bad = skip_bad
-        self.seed = seed
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, key):
-        epoch, i = key if isinstance(key, tuple) else (0, key)
-        path, label = self.samples[i]
-        if self.seed is not None:
-            # only the CPU generator: torchvision's transforms and fixres's decoders draw from it
-            torch.random.default_generator.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
-        try:
-            if getattr(self.transform, "takes_path", False):  # decodes the file itself (DecodeRandomResizedCrop)
-                return self.transform(path), label
-            img = open_image(path)
-        except BadImageError:
-            if self.skip_bad:
-                return None
-            raise
-        return self.transform(img), label
-
-
-def collate_skipping(batch):
-    """Default collation over the decodable samples, plus how many were skipped. Samples of
-    a type with a `collate` (fixres.device_decode.DeviceSample: file bytes to decode on the
-    device) collate themselves."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good)
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
-    collate_own = getattr(type(good[0][0]), "collate", None)
-    if collate_own is not None:
-        return collate_own([image for image, _ in good]), torch.tensor([label for _, label in good]), skipped
-    images, labels = torch.utils.data.default_collate(good)
-    return images, labels, skipped
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A permutation that depends only on (seed, epoch): every rank draws the same one
-    (Accelerate then gives each rank its own batches), and a resumed run redraws it.
-    Yields (epoch, index) pairs for ImageDataset: the epoch travels with each index to the
-    loader workers, which may have started in an earlier epoch. `order()` is the bare
-    permutation."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.n
-
-    def order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def __iter__(self):
-        epoch = self.epoch
-        return ((epoch, i) for i in self.order())
-
-
-# Batches each loader worker keeps ready ahead of the training step (DataLoader's
-# prefetch_factor): PyTorch's default; docs/benchmarks.md compares 4
-PREFETCH_BATCHES = 2
-
-
-class MultiSizeDataset(torch.utils.data.Dataset):
-    """(path, label) samples -> ([one tensor per transform], label) from a single decode."""
-
-    def __init__(self, samples, transforms):
-        self.samples, self.transforms = samples, transforms
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        img = open_image(path)  # the only decode of this image in a sweep (tests count the calls)
-        return [transform(img) for transform in self.transforms], label
-
-
-def loader_options(workers: int, *, persistent: bool = True, prefetch: int = PREFETCH_BATCHES) -> dict:
-    """DataLoader keyword arguments for `workers` worker processes. `persistent`: the workers
-    stay from one pass over the loader to the next (each epoch's training and evaluation)
-    instead of being started again, which costs a process start and the first batches'
-    wait per pass; loaders read once (the sweep) gain nothing from it."""
-    if workers == 0:
-        return {"num_workers": 0}
-    return {"num_workers": workers, "persistent_workers": persistent, "prefetch_factor": prefetch}
-
-
-def round_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
-    """This process's batch of every round over range(n): round k is batches k*world .. k*world +
-    world - 1, and batch b goes to process b mod world. No index is repeated or dropped, so
-    the last round may leave a process a partial or an empty batch; every process has
-    ceil(n / (batch_size * world)) rounds, and a round holds the same images whatever `world`
-    is for the same batch_size * world."""
-    rounds = math.ceil(n / (batch_size * world))
-    starts = ((k * world + rank) * batch_size for k in range(rounds))
-    return [list(range(min(start, n), min(start + batch_size, n))) for start in starts]
-
-
-def shard_indices(n: int, batch_size: int, rank: int, world: int) -> list[int]:
-    """This process's samples: whole batches b = rank, rank + world, ... of range(n)."""
-    return [i for batch in round_batches(n, batch_size, rank, world) for i in batch]
-
-
-def worker_count(requested: int | None = None) -> int:
-    """Loader workers per process, the one rule of train.py, sweep.py and finetune.py:
-    `requested` (--workers) when given; else the cores this process may use, shared among the
-    processes of this node (torchrun and accelerate set LOCAL_WORLD_SIZE), less one
-    core for the process itself, at most 16 (docs/benchmarks.md: the fast decoder's rate up to 16)."""
-    if requested is not None:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(0, min(16, cores // max(1, local_processes) - 1))
-
-
-def build_loaders(split, cfg, *, train_tf, eval_tf, workers: int, pin_memory: bool,
-                  persistent: bool = True, prefetch: int = PREFETCH_BATCHES):
-    """The training and validation loaders. Their workers stay from epoch to epoch
-    (`persistent`; benchmarks/speed/speed.py --parts epochs measures it against re-created ones):
-    the training epoch reaches them with each index (EpochSampler)."""
-    common = dict(collate_fn=collate_skipping, pin_memory=pin_memory,
-                  **loader_options(workers, persistent=persistent, prefetch=prefetch))
-    train_loader = torch.utils.data.DataLoader(
-        ImageDataset(split.train, train_tf, cfg.skip_bad_images, seed=cfg.seed), batch_size=cfg.batch_size,
-        sampler=EpochSampler(len(split.train), cfg.seed), drop_last=True, **common)
-    val_loader = torch.utils.data.DataLoader(
-        ImageDataset(split.val, eval_tf, cfg.skip_bad_images), batch_size=2 * cfg.batch_size,
-        shuffle=False, **common)
-    return train_loader, val_loader
 
 
 def resolve_data(cfg, accelerator, resumed_from: Path | None = None) -> tuple:

@@ -22,7 +22,7 @@ path (normalize_batch).
 
 Per-image fallback to the CPU: files that are not baseline-decodable JPEGs for the device
 (another format, CMYK, an EXIF rotation, over Pillow's pixel limit) are decoded in the worker by
-fixres.data.open_image and travel as pixels; a JPEG the batched call refuses is decoded alone,
+fixres.images.open_image and travel as pixels; a JPEG the batched call refuses is decoded alone,
 then by Pillow; a file nothing can read raises BadImageError, or is skipped and counted with
 --skip-bad-images.
 """
@@ -38,7 +38,7 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from fixres.config import ConfigError
-from fixres.data import EXIF_ORIENTATION, BadImageError, open_image
+from fixres.images import EXIF_ORIENTATION, BadImageError, open_image
 from fixres.resolution import resize_size
 from fixres.runtime import error_reason
 from fixres.transforms import resize_nearest, sample_crop

@@ -42,8 +42,10 @@ import torch
 
 from fixres import checkpoint as ckpt
 from fixres import fileio
-from fixres.models import TV_PREFIX, ModelError, load_run_model
+from fixres.classifiers import ModelError
+from fixres.models import TV_PREFIX
 from fixres.runtime import error_reason
+from fixres.trained_model import load_run_model
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 EXPORT_DIR = "timm"  # runs/<name>/timm

@@ -53,18 +53,20 @@ from pathlib import Path
 
 import torch
 
-from fixres import adapt
 from fixres import checkpoint as ckpt
 from fixres import fileio
 from fixres.adapt import (adapted_layers, classifiers_text, find_last_norm, finetune_layers, is_batchnorm,
                           required_position_embedding)
+from fixres.adapter import ADAPTER
 from fixres.config import FINETUNE_SHAPES_PRESET, RUNS, ConfigError, FinetuneConfig, SweepConfig
-from fixres.data import DataError, worker_count
+from fixres.data import DataError
 from fixres.device_decode import resolve_decode
 from fixres.engine import top5_k
 from fixres.export import write_run_export
+from fixres.loaders import worker_count
 from fixres.methods import CHOICE_KEYS, bn_stats, choose_res, held_out_split, parametric, refuse_negative_features
-from fixres.models import load_run_model, recorded_size_keyword, resize_model, size_refusal
+from fixres.model_sizes import resize_model, size_refusal
+from fixres.models import recorded_size_keyword
 from fixres.plots import plot_activation_cdfs
 from fixres.preprocessing import describe_preprocessing, finetune_transforms, weights_meta
 from fixres.report import EpochProgress, finetune_table, make_console
@@ -75,6 +77,7 @@ from fixres.stats import METHOD as STATS_METHOD
 from fixres.stats import paired_difference_of
 from fixres.sweep import ACT_EDGES, load_for_sweep, run_sweep, trained_min_scale
 from fixres.throughput import budget_of, refuse_over_budget
+from fixres.trained_model import load_run_model
 from fixres.training import fit
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -233,7 +236,7 @@ def load_source(cfg: FinetuneConfig, accelerator) -> tuple:
             raise ConfigError(f"finetune.py measures before and after on the validation split, and there is none "
                               f"({err})") from None
         raise
-    if cfg.method == "parametric" and hasattr(model, adapt.ADAPTER):
+    if cfg.method == "parametric" and hasattr(model, ADAPTER):
         raise ConfigError(f"--method parametric: {meta['weights_path']} carries a parametric adapter already; "
                           f"adapt the run it came from ({meta.get('finetuned_from', 'its source')})")
     return model, meta, split, source_folder, source_cfg

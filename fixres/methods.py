@@ -4,7 +4,8 @@
     python finetune.py --checkpoint runs/<name> --method parametric --res 96  # parametric
     python finetune.py --checkpoint runs/<name>                               # choose_res, then fine-tune
 
-The pieces they are made of (BatchNorm re-estimation, the Frechet fit) are in fixres/adapt.py.
+The pieces they are made of are fixres/adapt.py's (BatchNorm re-estimation, the pooled features)
+and fixres/adapter.py's (the Frechet fit and map).
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import copy
 import torch
 
 from fixres import adapt
+from fixres.adapter import ADAPTER, XI, FrechetAdapter, attach_adapter, fit_gev
+from fixres.classifiers import classifier_names
 from fixres.config import ConfigError
-from fixres.data import EpochSampler, ImageDataset, collate_skipping, round_batches
-from fixres.models import classifier_names, sizes_it_takes
+from fixres.loaders import EpochSampler, ImageDataset, collate_skipping, round_batches
+from fixres.model_sizes import sizes_it_takes
 from fixres.report import EpochProgress
 from fixres.runtime import use_channels_last
 from fixres.resolution import default_sizes
@@ -156,9 +159,9 @@ def parametric(cfg, model, split, accelerator, console, workers) -> dict:
     for size in (cfg.train_res, cfg.res):
         with EpochProgress(console, f"pooled features at {size} px", len(subset)):
             features = pooled_at(cfg, model, subset, size, accelerator, workers)
-        fits[size] = adapt.fit_gev(features, per_feature=cfg.parametric_scope == "feature")
-    adapter = adapt.FrechetAdapter(*fits[cfg.res], *fits[cfg.train_res])
-    adapt.attach_adapter(model, adapter.to(accelerator.device))
-    return {"adaptation": {"kind": "frechet", "xi": adapt.XI, "scope": cfg.parametric_scope,
-                           "module": adapt.ADAPTER,  # pooled_features: a row per image and classifier
+        fits[size] = fit_gev(features, per_feature=cfg.parametric_scope == "feature")
+    adapter = FrechetAdapter(*fits[cfg.res], *fits[cfg.train_res])
+    attach_adapter(model, adapter.to(accelerator.device))
+    return {"adaptation": {"kind": "frechet", "xi": XI, "scope": cfg.parametric_scope,
+                           "module": ADAPTER,  # pooled_features: a row per image and classifier
                            "fit_images": len(features) // len(classifier_names(model))}}

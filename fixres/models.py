@@ -7,6 +7,14 @@
 
 timm's and torchvision's ResNets use the same parameter names (conv1, layer4,
 fc), so a state dict from either loads into both.
+
+Also here, by model name: the checks train.py makes before it reads any data (check_model_name,
+check_model_kwargs, check_model_sizes), the constructor keyword that builds a ViT or a Swin for
+one size and the --model-kwargs a run records with it (sized_model_kwargs, any_size_kwargs), the
+preprocessing of a library's pretrained weights; and reading a state dict and loading it into a
+built model (read_state_dict, load_weights_into). What a built model's size is and how it is
+resized: fixres/model_sizes.py; its classifiers and ModelError: fixres/classifiers.py; a trained
+run's model, rebuilt from its weights' metadata: fixres/trained_model.py.
 """
 from __future__ import annotations
 
@@ -17,16 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fixres.checkpoint import RunFolder
+from fixres.adapter import ADAPTER
+from fixres.classifiers import ModelError, classifier_name, classifier_names
 from fixres.config import ConfigError
-from fixres.data import DataError
-from fixres.fileio import load_weights, refused_pickle
+from fixres.fileio import refused_pickle
+from fixres.model_sizes import patch_size, serve_any_size, size_refusal, weight_at_model_size
 from fixres.runtime import error_reason
 from fixres.transforms import INTERPOLATIONS
-
-
-class ModelError(ValueError):
-    """Unknown model, unreachable pretrained weights, or weights that do not fit."""
 
 
 TV_PREFIX = "tv:"
@@ -167,119 +172,6 @@ def any_size_kwargs(name: str, model_kwargs: dict | None) -> dict | None:
     return {**model_kwargs, "dynamic_img_size": True}
 
 
-def patch_size(model: nn.Module) -> int | None:
-    """The patch a ViT's or a timm Swin's input sides must be multiples of (timm's PatchEmbed
-    asserts it unless built with dynamic_img_pad, torchvision's ViT always), else None: the
-    model takes any size (torchvision's Swin pads to its patch and windows). A hybrid ViT's
-    patches are cut from its CNN stem's maps: its patch in pixels is the stem's stride times
-    the patch (timm's HybridEmbed floors other sizes, dropping the border)."""
-    if _is_tv_vit(model):
-        return model.patch_size
-    embed = getattr(model, "patch_embed", None)
-    size = getattr(embed, "patch_size", None)
-    if size is None or getattr(embed, "dynamic_img_pad", False):
-        return None
-    stride = max(getattr(embed, "feature_ratio", None) or (1,))  # HybridEmbed: the stem's stride
-    return stride * (max(size) if isinstance(size, (tuple, list)) else int(size))
-
-
-def patch_grid(model: nn.Module) -> tuple[int, int] | None:
-    """The (rows, columns) of patches a ViT or a timm Swin cuts from an image of the size it is
-    built for (its tokens, less any class token), else None (CNNs)."""
-    if _is_tv_vit(model):
-        side = model.image_size // model.patch_size
-        return side, side
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    return (int(grid[0]), int(grid[1])) if grid is not None else None
-
-
-def size_refusal(model: nn.Module, name: str, size: int) -> str | None:
-    """Why `model` cannot run at `size` px (its patch does not divide it), else None."""
-    patch = patch_size(model)
-    if patch is None or size % patch == 0:
-        return None
-    below = max(patch, size // patch * patch)
-    return f"{name} takes multiples of its {patch} px patch (nearest: {below}, {below + patch})"
-
-
-def sizes_it_takes(model: nn.Module, name: str, sizes: list[int]) -> tuple[list[int], str | None]:
-    """(the sizes `model` can run at, one line naming the dropped ones and why, or None)."""
-    dropped = [s for s in sizes if size_refusal(model, name, s)]
-    if not dropped:
-        return list(sizes), None
-    kept = [s for s in sizes if s not in dropped]
-    return kept, (f"dropped {', '.join(map(str, dropped))} px: {name} takes multiples of its "
-                  f"{patch_size(model)} px patch")
-
-
-def resize_model(model: nn.Module, size: int | tuple[int, int]) -> bool:
-    """Make `model` (in place) the network its library builds for `size` px from these weights;
-    False for a model that has no such size (CNNs). A timm ViT: set_input_size, its position
-    embedding resampled once. A timm Swin: the windows its constructor gives at that size (its
-    window_size, cut to each stage's grid), the relative-position tables resized from these
-    as timm's checkpoint filter resizes them (set_input_size alone would scale the windows with
-    the grid: not the network create_model(img_size=size) builds). torchvision's ViT: image_size,
-    encoder.pos_embedding resampled by torchvision's interpolate_embeddings."""
-    height, width = (size, size) if isinstance(size, int) else size
-    if _is_tv_vit(model):
-        from torchvision.models.vision_transformer import interpolate_embeddings
-        old = model.encoder.pos_embedding
-        with torch.no_grad():
-            new = interpolate_embeddings(height, model.patch_size, {"encoder.pos_embedding": old})
-        model.encoder.pos_embedding = nn.Parameter(new["encoder.pos_embedding"], requires_grad=old.requires_grad)
-        model.image_size, model.seq_length = height, new["encoder.pos_embedding"].shape[1]
-        return True
-    if not hasattr(model, "set_input_size") or getattr(model, "patch_embed", None) is None:
-        return False
-    if _is_timm_swin(model):
-        model.set_input_size(img_size=(height, width), window_size=model._ref_window_sizes)
-    else:
-        model.set_input_size(img_size=(height, width))
-    return True
-
-
-def _is_tv_vit(model: nn.Module) -> bool:
-    return type(model).__name__ == "VisionTransformer" and hasattr(model, "conv_proj")  # timm's has patch_embed
-
-
-def _is_timm_swin(model: nn.Module) -> bool:
-    return type(model).__module__ == "timm.models.swin_transformer" and hasattr(model, "_ref_window_sizes")
-
-
-def serve_any_size(model: nn.Module) -> nn.Module:
-    """A torchvision ViT (built for one image_size) that runs at any size it can take: a forward
-    at another size runs the network torchvision builds at that size from these weights
-    (resize_model), made from the trained weights each time and undone after, so the parameters,
-    the state dict and the trained size stay as they are (one model serves every size of a sweep
-    batch; train.py trains it after --test-res evaluations). timm's ViT and Swin do this
-    themselves: dynamic_img_size (any_size_kwargs)."""
-    if _is_tv_vit(model):
-        model.register_forward_pre_hook(_at_input_size)
-        model.register_forward_hook(_back_at_built_size, always_call=True)
-    return model
-
-
-def _at_input_size(model: nn.Module, args) -> None:
-    size = tuple(args[0].shape[-2:])
-    if size == (model.image_size, model.image_size):
-        return
-    undo = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
-    resize_model(model, size)
-    model._fixres_undo = undo
-
-
-def _back_at_built_size(model: nn.Module, args, output) -> None:
-    """Every module's attributes, parameters and buffers as they were (resize_model only
-    reassigns them): not rebuilt, which inside inference mode would make inference tensors."""
-    for module, attributes, parameters, buffers in model.__dict__.pop("_fixres_undo", ()):
-        for key in set(module.__dict__) - set(attributes):
-            del module.__dict__[key]
-        module.__dict__.update(attributes)
-        for store, saved in ((module._parameters, parameters), (module._buffers, buffers)):
-            store.clear()
-            store.update(saved)
-
-
 def _build(name: str, num_classes: int, pretrained: bool, output_stride: int | None = None,
            model_kwargs: dict | None = None) -> nn.Module:
     check_model_name(name)
@@ -353,35 +245,6 @@ def pretrained_preprocessing(name: str) -> dict:
     return found
 
 
-def classifier_name(model: nn.Module) -> str:
-    """Dotted name of the final Linear layer (timm knows it; for others, the last Linear)."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    name = cfg.get("classifier")
-    if isinstance(name, str) and isinstance(_get(model, name), nn.Linear):
-        return name
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ModelError(f"{type(model).__name__} has no Linear classifier")
-    return linears[-1]
-
-
-def classifier_names(model: nn.Module) -> list[str]:
-    """Every classifier's dotted name: a distilled DeiT has two (timm's pretrained_cfg lists head
-    and head_dist; its forward averages their logits), other models the one classifier_name gives."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    names = cfg.get("classifier")
-    if isinstance(names, (tuple, list)) and names and all(isinstance(_get(model, n), nn.Linear) for n in names):
-        return list(names)
-    return [classifier_name(model)]
-
-
-def _get(model: nn.Module, dotted: str):
-    try:
-        return model.get_submodule(dotted)
-    except AttributeError:
-        return None
-
-
 def _resize_classifier(model: nn.Module, num_classes: int) -> nn.Module:
     name = classifier_name(model)
     old = model.get_submodule(name)
@@ -426,7 +289,7 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
         if key not in own:
             continue
         if own[key].shape != value.shape:
-            value = _resampled(model, key, value)  # weights made at another size
+            value = weight_at_model_size(model, key, value)  # weights made at another size
         if own[key].shape != value.shape:
             if replace_classifier and key.startswith(head):
                 skipped.append(key)
@@ -441,60 +304,8 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
         raise ModelError(f"{source}: does not match the model: {len(missing)} missing key(s), "
                          f"e.g. {missing[0]}" + (f"; unexpected e.g. {unexpected[0]}" if unexpected else ""))
     if unexpected:  # dropping them silently evaluates another model than the file's (a lost adapter)
-        from fixres.adapt import ADAPTER
         hint = (" (a parametric run's adapter: load the run with --checkpoint, which restores it)"
                 if unexpected[0].startswith(ADAPTER + ".") else "")
         raise ModelError(f"{source}: holds {len(unexpected)} key(s) the model lacks, e.g. {unexpected[0]}{hint}")
     model.load_state_dict(usable, strict=False)
     return skipped
-
-
-def _resampled(model: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
-    """A tensor of weights made at another size that the model holds at its own size, as its
-    library resamples it when it loads them: a timm ViT's pos_embed and a timm Swin's
-    relative_position_bias_table as timm's checkpoint filters do, torchvision's ViT's
-    encoder.pos_embedding as its interpolate_embeddings does. Anything else: unchanged."""
-    if key == "encoder.pos_embedding" and _is_tv_vit(model) and value.dim() == 3:
-        from torchvision.models.vision_transformer import interpolate_embeddings
-        return interpolate_embeddings(model.image_size, model.patch_size, {key: value})[key]
-    if key.endswith(".relative_position_bias_table") and _is_timm_swin(model):
-        from timm.layers import resize_rel_pos_bias_table
-        attn = model.get_submodule(key.rpartition(".")[0])
-        return resize_rel_pos_bias_table(value, new_window_size=attn.window_size,
-                                         new_bias_shape=attn.relative_position_bias_table.shape)
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if key != "pos_embed" or grid is None or value.dim() != 3:
-        return value
-    from timm.layers import resample_abs_pos_embed
-    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
-    return resample_abs_pos_embed(value, new_size=list(grid), num_prefix_tokens=prefix)
-
-
-def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, dict]:
-    """A classifier from a run folder (its `which` weights), a checkpoint folder or a
-    .safetensors file written by fixres, with the preprocessing metadata it carries, and
-    the parametric adapter when the weights hold one (so it is evaluated as it was made)."""
-    from fixres.adapt import attach_saved_adapter  # adapt imports this module
-    weights_path = RunFolder.find_weights(Path(path), which)
-    state, meta = load_weights(weights_path)
-    if not meta.get("model") or not meta.get("classes"):
-        raise ModelError(f"{weights_path}: no fixres metadata (model name, classes); "
-                         f"pass plain weights with --weights and --model instead")
-    # at any size: the recorded network, its position embedding resampled for the input's size
-    model = _build(meta["model"], len(meta["classes"]), pretrained=False, output_stride=meta.get("output_stride"),
-                   model_kwargs=any_size_kwargs(meta["model"], meta.get("model_kwargs")))
-    attach_saved_adapter(model, state)  # first: its keys are then the model's own
-    load_weights_into(model, state, source=str(weights_path), replace_classifier=False)
-    return model, {**meta, "weights_path": str(weights_path)}
-
-
-def load_plain_weights(name: str, path: str | Path, classes: list[str], *, data: str) -> nn.Module:
-    """Model `name` with a plain state dict (no fixres metadata) for the `classes` of `data`;
-    a classifier of another size is refused, not replaced (these weights are to be evaluated)."""
-    state = read_state_dict(path)
-    model = create_model(name, len(classes))
-    head = state.get(classifier_name(model) + ".weight")
-    if head is not None and head.shape[0] != len(classes):
-        raise DataError(f"{data}: {len(classes)} classes, but --weights {path} has a {head.shape[0]}-class classifier")
-    load_weights_into(model, state, source=str(path), replace_classifier=False)
-    return model

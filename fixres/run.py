@@ -23,11 +23,13 @@ from accelerate.utils import broadcast_object_list
 
 from fixres import checkpoint as ckpt
 from fixres.adapt import train_only
+from fixres.classifiers import classifier_names
 from fixres.config import TrainConfig
-from fixres.data import Split, build_loaders, worker_count
+from fixres.data import Split
 from fixres.ema import ModelEma, best_epoch
 from fixres.engine import cosine_lr
-from fixres.models import classifier_names, load_weights_into
+from fixres.loaders import build_loaders, worker_count
+from fixres.models import load_weights_into
 from fixres.optim import auto_batch_size, build_optimizer
 from fixres.preprocessing import weights_meta
 from fixres.report import config_table

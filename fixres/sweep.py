@@ -31,20 +31,22 @@ import torch.nn.functional as F
 
 from fixres import plots
 from fixres.checkpoint import RunFolder
+from fixres.classifiers import classifier_names
 from fixres.config import RUNS, ConfigError, SweepConfig, check_sizes
-from fixres.data import (ImageDataset, MultiSizeDataset, built_in_dataset, collate_skipping, load_split, loader_options,
-                         shard_indices, worker_count)
+from fixres.data import built_in_dataset, load_split
 from fixres.device_decode import ReadForDevice, ResizeSpec, resolve_decode
 from fixres.engine import to_device_batch, top5_hits, top5_k
 from fixres.export import write_best_size
-from fixres.models import (check_model_name, classifier_names, load_plain_weights, load_run_model, pretrained_preprocessing,
-                           sizes_it_takes)
+from fixres.loaders import ImageDataset, MultiSizeDataset, collate_skipping, loader_options, shard_indices, worker_count
+from fixres.model_sizes import sizes_it_takes
+from fixres.models import check_model_name, pretrained_preprocessing
 from fixres.report import EpochProgress, config_table, make_console, per_class_accuracy, print_sweep, write_sweep_tables
 from fixres.resolution import default_sizes, recommended_test_res, resize_size
 from fixres.runtime import make_accelerator
 from fixres.stats import METHOD as STATS_METHOD
 from fixres.stats import add_differences, best_of
 from fixres.throughput import add_speeds, best_within, budget_line, budget_of, speed_record, timed_sizes
+from fixres.trained_model import load_plain_weights, load_run_model
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, float_normalize
 
 # Pooled-activation histogram: log-spaced bins over +-[1e-4, 1e4] (25 per decade) plus the

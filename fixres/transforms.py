@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from fixres.config import ConfigError
-from fixres.data import open_image
+from fixres.images import open_image
 from fixres.resolution import resize_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -173,7 +173,7 @@ class DecodeRandomResizedCrop:
     - Pillow copies out only the crop, and the resize runs on uint8 tensors (torchvision's
       vectorised antialiased kernel);
     - no float conversion or normalisation per image in the loader workers.
-    Decoding goes through fixres.data.open_image: EXIF rotation, every image mode and the
+    Decoding goes through fixres.images.open_image: EXIF rotation, every image mode and the
     same BadImageError for a file that does not decode."""
 
     takes_path = True

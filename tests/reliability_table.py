@@ -94,9 +94,9 @@ class Recorder:
         self.messages: dict[str, list[str]] = {}
         self.current = None
         from fixres.checkpoint import CheckpointError
+        from fixres.classifiers import ModelError
         from fixres.config import ConfigError
         from fixres.data import DataError
-        from fixres.models import ModelError
         for cls in (CheckpointError, ConfigError, DataError, ModelError):
             self._listen(cls)
 

@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from fixres.config import TrainConfig
-from fixres.data import (BadImageError, DataError, EpochSampler, ImageDataset, collate_skipping, load_split,
-                         open_image, worker_count)
+from fixres.data import DataError, load_split
 from fixres.fileio import save_weights
+from fixres.images import BadImageError, open_image
+from fixres.loaders import EpochSampler, ImageDataset, collate_skipping, worker_count
 from fixres.preprocessing import weights_meta
 from fixres.shapes import CLASS_NAMES, generate
 from tests.conftest import error_line, make_csv_dataset, run_in_process
@@ -199,7 +200,7 @@ def test_persistent_workers_get_each_epoch_and_match_no_workers(tiny_csv):
     from accelerate import Accelerator
 
     from fixres.config import TrainConfig
-    from fixres.data import build_loaders
+    from fixres.loaders import build_loaders
     from fixres.transforms import DecodeRandomResizedCrop, eval_transform
 
     split = load_split(tiny_csv)

@@ -27,9 +27,10 @@ from fixres.data import load_split
 from fixres.engine import top5_hits
 from fixres.export import (EXPORT_DIR, ExportError, check_export, export_data_config, timm_overlay, write_best_size,
                            write_run_export)
-from fixres.models import create_model, load_run_model, pretrained_preprocessing
+from fixres.models import create_model, pretrained_preprocessing
 from fixres.report import make_console
 from fixres.preprocessing import resolve_preprocessing
+from fixres.trained_model import load_run_model
 from fixres.transforms import eval_transform
 from tests.conftest import TINY_TRAIN, finish, run_script, start_script
 

@@ -21,12 +21,15 @@ from torch import nn
 
 from fixres import finetune as finetune_lib
 from fixres import sweep as sweep_lib
-from fixres.adapt import FrechetAdapter, adapted_layers, attach_adapter, find_last_norm, prepare_for_finetuning
+from fixres.adapt import adapted_layers, find_last_norm, prepare_for_finetuning
+from fixres.adapter import FrechetAdapter, attach_adapter
+from fixres.classifiers import ModelError
 from fixres.config import FinetuneConfig, TrainConfig
 from fixres.data import load_split
 from fixres.fileio import load_weights, save_weights, write_json_atomic
-from fixres.models import ModelError, create_model, load_run_model
+from fixres.models import create_model
 from fixres.preprocessing import weights_meta
+from fixres.trained_model import load_run_model
 from tests.conftest import COLOURS, error_line, make_csv_dataset, run_in_process
 
 CLASSES = sorted(COLOURS)

@@ -20,19 +20,21 @@ from fixres import finetune as finetune_lib
 from fixres import methods as methods_lib
 from fixres import transforms as transforms_lib
 from fixres import sweep as sweep_lib
-from fixres.adapt import (ADAPTER, FrechetAdapter, attach_adapter, attach_saved_adapter, fit_gev, gev_cdf, gev_icdf,
-                          pooled_features, reestimate_bn_stats)
+from fixres.adapt import pooled_features, reestimate_bn_stats
+from fixres.adapter import ADAPTER, FrechetAdapter, attach_adapter, attach_saved_adapter, fit_gev, gev_cdf, gev_icdf
 from fixres.checkpoint import CheckpointError
+from fixres.classifiers import ModelError
 from fixres.cli import run_main
 from fixres.config import ConfigError, FinetuneConfig, SweepConfig, TrainConfig
-from fixres.data import DataError, load_split, open_image
+from fixres.data import DataError, load_split
 from fixres.export import EXPORT_DIR
 from fixres.adapt import SyncedBatchNorm2d, prepare_for_finetuning, train_only
 from fixres.export import timm_overlay
 from fixres.fileio import load_weights, save_weights, write_json_atomic
+from fixres.images import open_image
 from fixres.methods import seeded_subset
-from fixres.models import ModelError, load_run_model
 from fixres.preprocessing import weights_meta
+from fixres.trained_model import load_run_model
 from fixres.training import train
 from fixres.transforms import eval_transform, finetune_transform
 from tests.conftest import COLOURS, Started, error_line, run_in_process, run_script, script_main

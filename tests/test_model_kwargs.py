@@ -15,7 +15,8 @@ from torch import nn
 
 from fixres.config import ConfigError, TrainConfig, parse_args
 from fixres.fileio import load_weights
-from fixres.models import create_model, load_run_model
+from fixres.models import create_model
+from fixres.trained_model import load_run_model
 from tests.conftest import TINY_TRAIN, error_line, run_in_process
 
 PAIRS = ["patch_size=8", "drop_path_rate=0.1", "class_token=False", "norm=None", "img_size=(32, 32)",

@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fixres.models import ModelError, check_model_name, classifier_name, create_model, load_weights_into
+from fixres.classifiers import ModelError, classifier_name
+from fixres.fileio import save_weights
+from fixres.models import check_model_name, create_model, load_weights_into
 from tests.conftest import ROOT
 
 
@@ -96,9 +98,8 @@ def test_output_stride_refused_where_it_does_not_exist(name, message):
 def test_a_run_with_output_stride_is_rebuilt_with_it(tmp_path):
     """sweep.py and finetune.py rebuild a run's network from its weights' metadata alone."""
     from fixres.config import TrainConfig
-    from fixres.fileio import save_weights
-    from fixres.models import load_run_model
     from fixres.preprocessing import weights_meta
+    from fixres.trained_model import load_run_model
 
     cfg = TrainConfig(model="test_resnet", output_stride=16, train_res=64)
     trained = create_model(cfg.model, num_classes=3, output_stride=cfg.output_stride)

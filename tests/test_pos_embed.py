@@ -20,7 +20,8 @@ from fixres.adapt import find_position_embedding, prepare_for_finetuning
 from fixres.config import FinetuneConfig
 from fixres.data import load_split
 from fixres.fileio import load_weights
-from fixres.models import create_model, resize_model
+from fixres.model_sizes import resize_model
+from fixres.models import create_model
 from tests.conftest import error_line, run_in_process
 from tests.test_families import CLASSES, DEIT, DEIT_KWARGS, timm_losses, write_source_run
 from tests.test_swin_sizes import SMALL as SWIN_SMALL

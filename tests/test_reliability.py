@@ -36,7 +36,7 @@ from fixres import fileio
 from fixres import cli
 from fixres.cli import run_main
 from fixres.config import TrainConfig, parse_args
-from fixres.data import BadImageError, open_image
+from fixres.images import BadImageError, open_image
 from tests import kill_harness as harness
 from tests.conftest import TINY_TRAIN, error_line, finish, free_port, run_script, script_main, start_script
 

@@ -16,8 +16,9 @@ from PIL import Image
 
 from conftest import ROOT, TINY_TRAIN, Started, error_line, make_csv_dataset, run_in_process, run_script
 from fixres import transforms
-from fixres.data import BadImageError, ImageDataset, open_image
 from fixres.engine import train_one_epoch
+from fixres.images import BadImageError, open_image
+from fixres.loaders import ImageDataset
 from fixres.optim import largest_batch
 from fixres.transforms import DecodeRandomResizedCrop, normalize_batch, sample_crop
 

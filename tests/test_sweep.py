@@ -14,18 +14,20 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from fixres import data as data_lib
 from fixres import device_decode
+from fixres import loaders as loaders_lib
 from fixres.cli import run_main
 from fixres.config import ConfigError, SweepConfig
-from fixres.data import ImageDataset, collate_skipping, load_split, shard_indices
+from fixres.data import load_split
 from fixres.engine import evaluate
 from fixres.fileio import save_weights
-from fixres.models import create_model, load_run_model
+from fixres.loaders import ImageDataset, collate_skipping, shard_indices
+from fixres.models import create_model
 from fixres.resolution import default_sizes
 from fixres.report import crop_grid, sweep_table
 from fixres.stats import add_differences, best_of
 from fixres.sweep import run_sweep, sweep_pairs
+from fixres.trained_model import load_run_model
 from fixres.transforms import eval_transform
 from tests.conftest import finish, run_in_process, run_script, script_main, start_script
 
@@ -153,8 +155,8 @@ def test_decode_once_and_same_numbers_as_train_evaluation(tiny_run, monkeypatch)
     assert model.training
     split = load_split(json.loads((tiny_run / "config.json").read_text())["data"], classes=meta["classes"])
     decoded = []
-    real_open = data_lib.open_image
-    monkeypatch.setattr(data_lib, "open_image", lambda path: decoded.append(path) or real_open(path))
+    real_open = loaders_lib.open_image
+    monkeypatch.setattr(loaders_lib, "open_image", lambda path: decoded.append(path) or real_open(path))
     sizes = [24, 32, 40]
     rows = run_sweep(model, meta, split, sizes, 0.875, accelerator, batch_size=4, workers=0, activations=True)
     assert len(decoded) == len(split.val) == N_VAL
@@ -187,8 +189,8 @@ def test_crop_pct_sweep_equals_single_pair_sweeps_image_for_image(tiny_run, monk
     split = load_split(json.loads((tiny_run / "config.json").read_text())["data"], classes=meta["classes"])
     decoded = []
     if decode == "cpu":
-        real_open = data_lib.open_image
-        monkeypatch.setattr(data_lib, "open_image", lambda path: decoded.append(path) or real_open(path))
+        real_open = loaders_lib.open_image
+        monkeypatch.setattr(loaders_lib, "open_image", lambda path: decoded.append(path) or real_open(path))
     else:
         real_decode = device_decode.torchcodec_decode_jpeg()
         if real_decode is None:

@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 
 from fixres.config import TrainConfig
 from fixres.fileio import load_weights, save_weights
-from fixres.models import create_model, load_run_model
+from fixres.models import create_model
 from fixres.preprocessing import weights_meta
+from fixres.trained_model import load_run_model
 from tests.conftest import COLOURS, error_line, run_in_process
 from tests.test_vit_sizes import ok, real_images
 
@@ -40,7 +41,7 @@ def test_a_timm_swin_trained_at_32_px_is_swept_and_rebuilt_as_timm_does(tmp_path
     """Swept at other sizes: timm's own Swin built at 32 px with dynamic_img_size (its windows
     kept, padded to; the export's network). Rebuilt at 48 px (finetune.py --res 48): timm's
     create_model(img_size=48) from the same weights, its checkpoint filter resizing the tables."""
-    from fixres.models import resize_model
+    from fixres.model_sizes import resize_model
     torch.manual_seed(0)
     trained = create_model(SWIN, len(CLASSES), model_kwargs={**SMALL, "img_size": 32})
     state = {k: v.clone() for k, v in trained.state_dict().items()}

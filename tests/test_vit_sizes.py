@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 
 from fixres.config import TrainConfig
 from fixres.fileio import load_weights, save_weights
-from fixres.models import create_model, load_run_model
+from fixres.models import create_model
 from fixres.preprocessing import weights_meta
+from fixres.trained_model import load_run_model
 from tests.conftest import COLOURS, error_line, run_in_process
 
 VIT = "vit_tiny_patch16_224"
@@ -140,7 +141,7 @@ def real_images(csv, size: int, count: int = 6) -> torch.Tensor:
 def test_a_torchvision_vit_runs_at_other_sizes_as_torchvision_builds_it_there(tiny_csv):
     """One model at 32 px serves 48 and 64 px: each forward runs what torchvision builds at that
     size from the trained weights, and leaves the weights, its size and its training as they were."""
-    from fixres.models import serve_any_size
+    from fixres.model_sizes import serve_any_size
     torch.manual_seed(0)
     model = serve_any_size(tv_vit(32))
     trained = {k: v.clone() for k, v in model.state_dict().items()}
@@ -169,7 +170,7 @@ def test_torchvision_vit_weights_of_another_size_load_as_torchvision_resamples_t
 def test_a_hybrid_vits_sizes_are_multiples_of_its_stem_stride_times_its_patch():
     """A hybrid ViT (a CNN stem, then 2x2 patches of its stride-4 maps) takes the sizes where
     timm's HybridEmbed uses every pixel: 8 px multiples, not the 2 of its `patch_size`."""
-    from fixres.models import size_refusal, sizes_it_takes
+    from fixres.model_sizes import size_refusal, sizes_it_takes
     model = create_model("vit_tiny_r_s16_p8_224", 3, model_kwargs=dict(
         patch_size=2, embed_dim=32, depth=1, num_heads=2, img_size=32, dynamic_img_size=True))
     embed = model.patch_embed

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from fixres.adapt import find_last_norm, is_batchnorm  # noqa: E402
 from fixres.cli import run_main  # noqa: E402
 from fixres.config import FinetuneConfig, SweepConfig  # noqa: E402
-from fixres.data import worker_count  # noqa: E402
+from fixres.loaders import worker_count  # noqa: E402
 from fixres.methods import reestimate_last_bn  # noqa: E402
 from fixres.runtime import make_accelerator  # noqa: E402
 from fixres.stats import METHOD as STATS_METHOD  # noqa: E402

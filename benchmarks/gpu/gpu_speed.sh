@@ -10,7 +10,7 @@
 # at 224 compiled, at 128; then sweep.py over 5 sizes of the 224 run. Every epoch line prints
 # the data-wait share; benchmarks/gpu/e2e_summary.py tabulates the epochs after the first (steady
 # state: after worker start, cuDNN's search and compiling). The loader workers are train.py's
-# default (fixres.data.worker_count: the cores less one, at most 16).
+# default (fixres.loaders.worker_count: the cores less one, at most 16).
 # suite: benchmarks/speed/speed.py for the model alone (eager and compiled; evaluation and
 # fine-tuning at 384; peak memory per batch size), the input pipeline and the loops, then
 # `train.py --batch-size auto` for one epoch of the built-in data.

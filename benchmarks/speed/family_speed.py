@@ -13,7 +13,7 @@ The models, built by fixres.models.create_model as train.py builds them for the 
                    the position embedding resampled from the trained grid in each forward pass)
   shapes-convnext  --recipe shapes-convnext: test_convnext with its model_kwargs (BatchNorm, ReLU)
   test_resnet      the quick start's (SHAPES_PRESET): output_stride 8
-Each runs only at the sizes it takes (fixres.models.sizes_it_takes: the ViT at multiples of its
+Each runs only at the sizes it takes (fixres.model_sizes.sizes_it_takes: the ViT at multiples of its
 8 px patch); the others show "-". The table gives a ViT's tokens per image at each size.
 
 Measured: the forward pass alone, in eval mode under torch.inference_mode, on a batch of
@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixres.config import RECIPES, SHAPES_PRESET  # noqa: E402
 from fixres.engine import to_device_batch  # noqa: E402
-from fixres.models import any_size_kwargs, create_model, patch_size, sized_model_kwargs, sizes_it_takes  # noqa: E402
+from fixres.model_sizes import patch_size, sizes_it_takes  # noqa: E402
+from fixres.models import any_size_kwargs, create_model, sized_model_kwargs  # noqa: E402
 from fixres.shapes import CLASS_NAMES  # noqa: E402
 from speed import forward_flops, sync  # noqa: E402
 

@@ -50,13 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixres.config import TrainConfig  # noqa: E402
-from fixres.data import ImageDataset, collate_skipping, load_split  # noqa: E402
-from fixres.data import PREFETCH_BATCHES  # noqa: E402
+from fixres.data import load_split  # noqa: E402
 from fixres.engine import evaluate, train_one_epoch  # noqa: E402
 from fixres.adapt import prepare_for_finetuning, train_only  # noqa: E402
+from fixres.loaders import PREFETCH_BATCHES, ImageDataset, build_loaders, collate_skipping  # noqa: E402
 from fixres.models import create_model  # noqa: E402
 from fixres.shapes import generate  # noqa: E402
-from fixres.data import build_loaders  # noqa: E402
 from fixres.optim import build_optimizer  # noqa: E402
 from fixres.preprocessing import default_train_transform  # noqa: E402
 from fixres.runtime import make_accelerator  # noqa: E402
@@ -392,7 +391,7 @@ def main(argv=None) -> None:
     cores = len(os.sched_getaffinity(0))
     a.workers = a.workers if a.workers is not None else cores
     if a.loop_workers is None:
-        from fixres.data import worker_count
+        from fixres.loaders import worker_count
         a.loop_workers = worker_count()
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else "cpu")
     torch.set_flush_denormal(True)  # as make_accelerator does, for every part alike

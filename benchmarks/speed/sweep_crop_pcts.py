@@ -5,7 +5,7 @@
 (a) `run_sweep(..., crop_pcts=...)`: sweep.py --crop-pcts, each image decoded once for all 15 pairs;
 (b) `run_sweep` once per crop_pct: sweep.py --crop-pct X run 3 times, each image decoded 3 times;
 (c) `run_sweep` once per (size, crop_pct) pair: 15 separate runs, each image decoded 15 times.
-Decodes are counted in a first pass with no loader workers (fixres.data.open_image wrapped),
+Decodes are counted in a first pass with no loader workers (fixres.loaders.open_image wrapped),
 which also checks that (a) equals (c) image for image at every pair; then the three are timed
 in turns, `--repeats` times, with the default one loader worker and one torch thread (the
 two cores of our CPU machine, as benchmarks/speed/sweep_decode_once.py), and the medians compared.
@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from accelerate import Accelerator  # noqa: E402
 
-from fixres import data as data_lib  # noqa: E402
+from fixres import loaders as loaders_lib  # noqa: E402
 from fixres.data import load_split  # noqa: E402
+from fixres.images import open_image  # noqa: E402
 from fixres.models import create_model  # noqa: E402
 from fixres.shapes import generate  # noqa: E402
 from fixres.sweep import run_sweep  # noqa: E402
@@ -48,16 +49,16 @@ def ways(model, split, sizes, crops, accelerator, *, batch_size, workers) -> dic
 
 def count_decodes(run) -> tuple[int, list[dict]]:
     """(the images the run decoded, its rows); run in this process (no loader workers)."""
-    real, calls = data_lib.open_image, [0]
+    real, calls = loaders_lib.open_image, [0]  # the name the datasets look up
 
     def counting(path):
         calls[0] += 1
         return real(path)
-    data_lib.open_image = counting
+    loaders_lib.open_image = counting
     try:
         rows = run()
     finally:
-        data_lib.open_image = real
+        loaders_lib.open_image = real
     return calls[0], rows
 
 
@@ -65,7 +66,7 @@ def decode_and_resize_ms(split, sizes, crops) -> dict:
     """Milliseconds per image: one decode, and one Resize + CenterCrop per pair (this process)."""
     paths = [p for p, _ in split.val]
     t0 = time.perf_counter()
-    images = [data_lib.open_image(p) for p in paths]
+    images = [open_image(p) for p in paths]
     decode = time.perf_counter() - t0
     per_pair = [eval_transform(size=s, crop_pct=c, normalize=False) for s in sizes for c in crops]
     t0 = time.perf_counter()

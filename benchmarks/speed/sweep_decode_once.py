@@ -34,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from accelerate import Accelerator  # noqa: E402
 
-from fixres.data import ImageDataset, collate_skipping, load_split, open_image  # noqa: E402
+from fixres.data import load_split  # noqa: E402
 from fixres.engine import evaluate  # noqa: E402
+from fixres.images import open_image  # noqa: E402
+from fixres.loaders import ImageDataset, collate_skipping  # noqa: E402
 from fixres.models import create_model  # noqa: E402
 from fixres.shapes import generate  # noqa: E402
 from fixres.sweep import run_sweep  # noqa: E402

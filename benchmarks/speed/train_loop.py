@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from fixres.config import TrainConfig  # noqa: E402
 from fixres.data import load_split  # noqa: E402
 from fixres.engine import train_one_epoch  # noqa: E402
+from fixres.loaders import build_loaders  # noqa: E402
 from fixres.models import create_model  # noqa: E402
 from fixres.shapes import ensure_shapes  # noqa: E402
-from fixres.data import build_loaders  # noqa: E402
 from fixres.optim import build_optimizer  # noqa: E402
 from fixres.runtime import make_accelerator  # noqa: E402
 from fixres.transforms import eval_transform, train_transform  # noqa: E402
