@@ -24,8 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Issue 7's list of bad inputs, in its order.
-ISSUE_ITEMS = {
+# The checklist of bad inputs fixres must refuse or accept, in its order.
+CHECKLIST = {
     1: "truncated JPEG", 2: "empty file", 3: "a text file named .jpg", 4: "PNG with alpha", 5: "16-bit PNG",
     6: "CMYK JPEG", 7: "grayscale", 8: "an EXIF-rotated photo (rotated correctly)",
     9: "an image over Pillow's decompression-bomb limit", 10: "a CSV with a byte-order mark",
@@ -171,9 +171,9 @@ def main() -> int:
             handled.setdefault(r["item"], set()).add("refused")
     refused = sum(1 for r in rows if r[1] == "refused" and r[4] == "passed")
     accepted = sum(1 for r in rows if r[1] != "refused" and r[4] == "passed")
-    items_refused = sum(1 for i in ISSUE_ITEMS if handled.get(i) == {"refused"})
-    items_accepted = sum(1 for i in ISSUE_ITEMS if handled.get(i) == {"accepted"})
-    missing = [ISSUE_ITEMS[i] for i in ISSUE_ITEMS if i not in handled]
+    items_refused = sum(1 for i in CHECKLIST if handled.get(i) == {"refused"})
+    items_accepted = sum(1 for i in CHECKLIST if handled.get(i) == {"accepted"})
+    missing = [CHECKLIST[i] for i in CHECKLIST if i not in handled]
 
     kills = [r for r in records if r["section"] == "kills" and r["case"] != "summary"]
     summary = next(r for r in records if r["section"] == "kills" and r["case"] == "summary")
@@ -200,7 +200,7 @@ def main() -> int:
         "`best.safetensors` equal those of an uninterrupted run with the same seed, tensor for tensor, and "
         "`metrics.jsonl` has the same numbers.",
         f"- **{refused} bad inputs refused with one-line messages** naming the file, row or option, and "
-        f"**{accepted} unusual inputs accepted** and converted. Issue 7 lists {len(ISSUE_ITEMS)} kinds: "
+        f"**{accepted} unusual inputs accepted** and converted. The checklist of bad inputs has {len(CHECKLIST)} kinds: "
         f"{items_refused} refused, {items_accepted} accepted"
         + (f", not covered: {', '.join(missing)}" if missing else "") + ".",
         "",
