@@ -58,7 +58,7 @@ from fixres.models import create_model  # noqa: E402
 from fixres.shapes import generate  # noqa: E402
 from fixres.data import build_loaders  # noqa: E402
 from fixres.optim import build_optimizer  # noqa: E402
-from fixres.preprocessing import default_train_transform  # noqa: E402
+from fixres.preprocessing import create_transform  # noqa: E402
 from fixres.runtime import make_accelerator  # noqa: E402
 from fixres.transforms import (DecodeRandomResizedCrop, crop_augment, eval_transform, normalize_batch,  # noqa: E402
                                train_transform)
@@ -274,7 +274,7 @@ def fixres_loop(a, samples, fast_decode: bool = True, *, epochs: int = 1, val=()
                       mixed_precision="bf16" if a.precision == "bf16" else "no")
     accelerator = make_accelerator(cfg)
     device = accelerator.device
-    train_tf = default_train_transform(cfg, device)
+    train_tf = create_transform(cfg, "train", device=device)
     split = type("Split", (), {"train": samples, "val": list(val) or samples[:8]})
     train_loader, val_loader = build_loaders(split, cfg, workers=a.loop_workers, pin_memory=device.type == "cuda",
                                              train_tf=train_tf, eval_tf=eval_transform(size=a.res),

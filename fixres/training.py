@@ -35,7 +35,7 @@ from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError
 from fixres.export import write_run_export
 from fixres.models import (any_size_kwargs, check_model_kwargs, check_model_name, check_model_sizes, create_model,
                            nearest_size_it_takes, sized_model_kwargs)
-from fixres.preprocessing import default_eval_transform, default_train_transform, resolve_preprocessing
+from fixres.preprocessing import create_transform, resolve_preprocessing
 from fixres.report import EpochProgress, epoch_line, make_console, metrics_table
 from fixres.resolution import training_res_for
 from fixres.run import Run, RunState, announce, build_run, new_run_folder, resumed_config, training_accelerator
@@ -72,9 +72,9 @@ def prepare_run(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
     model = create_model(cfg.model, len(split.classes), pretrained=cfg.pretrained and not resume,
                          weights=None if resume else cfg.weights, output_stride=cfg.output_stride,
                          model_kwargs=any_size_kwargs(cfg.model, cfg.model_kwargs))  # --test-res: any
-    device = accelerator.device
     return build_run(cfg, accelerator, console, folder, split, model, resume=resume,
-                     transforms=(default_train_transform(cfg, device), default_eval_transform(cfg, device)))
+                     transforms=(create_transform(cfg, "train", decode=decode, device=accelerator.device),
+                                 create_transform(cfg, "eval", decode=decode)))
 
 
 def sizes_for_test_res(cfg: TrainConfig, console) -> TrainConfig:

@@ -198,13 +198,13 @@ def test_bad_batch_size_is_one_line(tmp_path, capsys):
 def test_fast_decode_is_the_default_and_old_runs_keep_their_choice():
     """With --decode cpu (auto on a CPU); tests/test_device_decode.py covers --decode gpu."""
     from fixres.config import TrainConfig
-    from fixres.preprocessing import default_train_transform
+    from fixres.preprocessing import create_transform
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert isinstance(default_train_transform(TrainConfig(), cpu), DecodeRandomResizedCrop)
-    assert isinstance(default_train_transform(TrainConfig(fast_decode=False, decode="cpu"), gpu), transforms.v2.Compose)
+    assert isinstance(create_transform(TrainConfig(), "train", device=cpu), DecodeRandomResizedCrop)
+    assert isinstance(create_transform(TrainConfig(fast_decode=False, decode="cpu"), "train", device=gpu), transforms.v2.Compose)
     # a run configured before the default changed stored null: the GPU-only choice it started with
-    assert isinstance(default_train_transform(TrainConfig(fast_decode=None), cpu), transforms.v2.Compose)
-    assert isinstance(default_train_transform(TrainConfig(fast_decode=None, decode="cpu"), gpu), DecodeRandomResizedCrop)
+    assert isinstance(create_transform(TrainConfig(fast_decode=None), "train", device=cpu), transforms.v2.Compose)
+    assert isinstance(create_transform(TrainConfig(fast_decode=None, decode="cpu"), "train", device=gpu), DecodeRandomResizedCrop)
 
 
 class SlowImages(torch.utils.data.Dataset):
