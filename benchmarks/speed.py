@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fixres.config import TrainConfig  # noqa: E402
 from fixres.data import ImageDataset, collate_skipping, load_split  # noqa: E402
 from fixres.data import PREFETCH_BATCHES  # noqa: E402
-from fixres.engine import evaluate, train_one_epoch  # noqa: E402
+from fixres.engine import TrainStep, evaluate, train_one_epoch  # noqa: E402
 from fixres.adapt import prepare_for_finetuning, train_only  # noqa: E402
 from fixres.models import create_model  # noqa: E402
 from fixres.shapes import generate  # noqa: E402
@@ -285,11 +285,11 @@ def fixres_loop(a, samples, fast_decode: bool = True, *, epochs: int = 1, val=()
     optimizer = build_optimizer(model.named_parameters(), cfg)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     rates, seconds, waits = [], [], []
+    setup = TrainStep(model, optimizer, accelerator, lr_at=lambda step: 1e-3, channels_last=channels_last)
     for epoch in range(epochs):
         start = time.perf_counter()
         train_loader.set_epoch(epoch)
-        result, _ = train_one_epoch(model, train_loader, optimizer, accelerator, lr_at=lambda step: 1e-3,
-                                    first_step=0, channels_last=channels_last)
+        result, _ = train_one_epoch(setup, train_loader, first_step=0)
         if val:
             evaluate(model, val_loader, accelerator, channels_last=channels_last)
         sync(device)

@@ -16,7 +16,7 @@ from torch import nn
 from fixres import checkpoint as ckpt
 from fixres.config import SweepConfig, TrainConfig, parse_args, train_presets
 from fixres.ema import ModelEma
-from fixres.engine import to_device_batch, train_one_epoch
+from fixres.engine import TrainStep, to_device_batch, train_one_epoch
 from fixres.resolution import resize_size
 from fixres.sweep import sweep
 from fixres.checkpoint import epoch_weights_files
@@ -129,7 +129,8 @@ def one_step(clip: float | None) -> float:
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     loader = [(torch.randn(4, 3, 2, 2) * 10, torch.tensor([0, 1, 2, 0]), 0)]
-    train_one_epoch(model, loader, optimizer, accelerator, lr_at=lambda step: 1.0, first_step=0, clip_grad_norm=clip)
+    train_one_epoch(TrainStep(model, optimizer, accelerator, lr_at=lambda step: 1.0, clip_grad_norm=clip), loader,
+                    first_step=0)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     return float((after - before).norm())
 

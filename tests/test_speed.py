@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import ROOT, TINY_TRAIN, Started, error_line, make_csv_dataset, run_in_process, run_script
 from fixres import transforms
 from fixres.data import BadImageError, ImageDataset, open_image
-from fixres.engine import train_one_epoch
+from fixres.engine import TrainStep, train_one_epoch
 from fixres.optim import largest_batch
 from fixres.transforms import DecodeRandomResizedCrop, normalize_batch, sample_crop
 
@@ -225,7 +225,7 @@ def test_a_slow_loader_shows_as_data_wait():
     loader = torch.utils.data.DataLoader(SlowImages(), batch_size=4,
                                          collate_fn=lambda b: (*torch.utils.data.default_collate(b), 0))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    result, _ = train_one_epoch(model, loader, optimizer, accelerator, lr_at=lambda step: 0.1, first_step=0)
+    result, _ = train_one_epoch(TrainStep(model, optimizer, accelerator, lr_at=lambda step: 0.1), loader, first_step=0)
     assert result.images == 16
     # 120 ms of loading per batch against a linear layer's step: nearly all of it is waiting
     assert 0.5 < result.data_wait_frac <= 1.0 and result.data_wait_seconds <= result.seconds
