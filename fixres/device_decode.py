@@ -302,10 +302,3 @@ def decode_on_device(images, labels, skipped, device: torch.device):
         skipped = skipped + len(images) - len(kept)
     return outputs[0], labels, skipped
 
-
-def device_readers(*, train_size: int, eval_size: int, min_scale: float, crop_pct: float, interpolation: str,
-                   skip_bad: bool = False) -> tuple[ReadForDevice, ReadForDevice]:
-    """train.py's (training, evaluation) transforms for --decode gpu."""
-    return (ReadForDevice(CropSpec(train_size, interpolation), min_scale=min_scale, skip_bad=skip_bad),
-            ReadForDevice(ResizeSpec(((eval_size, crop_pct),), interpolation), skip_bad=skip_bad))
-

@@ -1,6 +1,11 @@
 """One training epoch and one evaluation, as plain functions over Accelerate objects.
 
-Both are shared by train.py and finetune.py. `evaluate` counts every validation
+    setup = TrainStep(model, optimizer, accelerator, lr_at=schedule, clip_grad_norm=1.0)   # once per run
+    result, next_step = train_one_epoch(setup, loader, first_step=step, epoch=epoch)
+    metrics = evaluate(model, val_loader, accelerator, mean=cfg.mean, std=cfg.std)
+
+Both are shared by train.py and finetune.py (fixres.training.fit builds the TrainStep from
+its Run). `evaluate` counts every validation
 sample exactly once whatever the number of processes: Accelerate pads the last
 batches so that every rank has the same number, and `gather_for_metrics` drops
 the padding again.
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,23 +99,43 @@ def tallies(device: torch.device, *dtypes: torch.dtype) -> list[torch.Tensor]:
     return [torch.zeros((), device=device, dtype=dtype) for dtype in dtypes]
 
 
-def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step: int,
-                    label_smoothing: float = 0.0, channels_last: bool = False, progress=None,
-                    should_stop=lambda: False, set_modes=lambda m: m.train(), mix=None, first_batch: int = 0,
-                    clip_grad_norm: float | None = None, ema=None, mean=IMAGENET_MEAN,
-                    std=IMAGENET_STD) -> tuple[EpochResult, int]:
-    """Train over `loader`; `lr_at(optimizer_step)` sets the learning rate before each
-    optimizer step; `set_modes(model)` puts modules in train/eval mode (fine-tuning keeps
-    most of the network in eval mode). Returns the epoch's result and the next step index.
+@dataclass(frozen=True)
+class TrainStep:
+    """What a training step needs, fixed for a run (fixres.training builds it once from the
+    Run): the prepared model, optimizer and accelerator; `lr_at(optimizer_step)`, the learning
+    rate set before each optimizer step; `set_modes(model)`, which modules train (fine-tuning
+    keeps most of the network in eval mode; --freeze-epochs swaps in the head's). Options of the
+    recipes: `mix(images, labels, epoch=, batch=)` -> (images, soft targets) for Mixup/CutMix
+    (fixres.transforms.BatchMix); `clip_grad_norm` clips the gradients' global norm before each
+    optimizer step; `ema.update(model, step)` after it (fixres.ema.ModelEma); `mean` and `std`
+    normalise the uint8 batches of the fast decoder and of decoding on the device."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    accelerator: object
+    lr_at: Callable[[int], float]
+    label_smoothing: float = 0.0
+    channels_last: bool = False
+    set_modes: Callable = torch.nn.Module.train
+    mix: Callable | None = None
+    clip_grad_norm: float | None = None
+    ema: object | None = None   # fixres.ema.ModelEma
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
 
-    Options of the recipes: `mix(images, labels, batch=i)` -> (images, soft targets) for
-    Mixup/CutMix, `first_batch` being the index of the loader's first batch in the epoch (a
-    resumed epoch skips the ones done); `clip_grad_norm` clips the gradients' global norm
-    before each optimizer step; `ema.update(model, step)` after it (fixres.ema.ModelEma)."""
-    set_modes(model)
+
+def train_one_epoch(setup: TrainStep, loader, *, first_step: int, epoch: int = 0, first_batch: int = 0,
+                    progress=None, should_stop=lambda: False) -> tuple[EpochResult, int]:
+    """Train `setup.model` over `loader`, from optimizer step `first_step`, for epoch `epoch`
+    (which Mixup/CutMix draws from), `first_batch` being the index of the loader's first batch
+    in the epoch (a resumed epoch skips the ones done); `progress(images, loss)` after each
+    batch; `should_stop()` asked at each optimizer step. Returns the epoch's result and the
+    next step index."""
+    model, optimizer, accelerator, mix = setup.model, setup.optimizer, setup.accelerator, setup.mix
+    mean, std = setup.mean, setup.std
+    setup.set_modes(model)
     device = accelerator.device
     loss_sum, correct, seen, skipped = tallies(device, torch.float64, torch.long, torch.long, torch.long)
-    step, lr = first_step, lr_at(first_step)
+    step, lr = first_step, setup.lr_at(first_step)
     start = asked = time.perf_counter()
     data_wait = 0.0
     completed, batches = True, 0
@@ -121,25 +147,25 @@ def train_one_epoch(model, loader, optimizer, accelerator, *, lr_at, first_step:
         with accelerator.accumulate(model):
             targets = labels
             if mix is not None:  # on the normalised floats, before channels_last
-                images, targets = mix(normalize_batch(images, mean, std), labels, batch=batch)
-            images = to_device_batch(images, channels_last, mean, std)
+                images, targets = mix(normalize_batch(images, mean, std), labels, epoch=epoch, batch=batch)
+            images = to_device_batch(images, setup.channels_last, mean, std)
             with accelerator.autocast():
                 logits = model(images)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=setup.label_smoothing)
             stop_if_not_finite(loss, accelerator, step=step, lr=lr)
             if accelerator.sync_gradients:
-                lr = lr_at(step)
+                lr = setup.lr_at(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
             accelerator.backward(loss)
-            if clip_grad_norm is not None and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            if setup.clip_grad_norm is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), setup.clip_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 step += 1
-                if ema is not None:
-                    ema.update(accelerator.unwrap_model(model), step)
+                if setup.ema is not None:
+                    setup.ema.update(accelerator.unwrap_model(model), step)
         n = labels.numel()
         loss_sum += loss.detach().double() * n
         if mix is None:

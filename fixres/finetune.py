@@ -68,7 +68,7 @@ from fixres.methods import CHOICE_KEYS, bn_stats, choose_res, held_out_split, pa
 from fixres.model_sizes import resize_model, size_refusal
 from fixres.models import recorded_size_keyword
 from fixres.plots import plot_activation_cdfs
-from fixres.preprocessing import describe_preprocessing, finetune_transforms, weights_meta
+from fixres.preprocessing import create_transform, describe_preprocessing, weights_meta
 from fixres.report import EpochProgress, finetune_table, make_console
 from fixres.resolution import recommended_test_res
 from fixres.run import announce, build_run, new_run_folder, resumed_config, training_accelerator
@@ -257,8 +257,10 @@ def apply_method(cfg, model, split, extra, accelerator, console, resume, decode,
         pos_embed = extra["adapted"].get("pos_embed")  # --train-pos-embed: trained, not decayed
         set_modes = finetune_layers(model, extra["adapted"]["layer"], train_bn_affine=cfg.train_bn_affine,
                                     pos_embed=pos_embed)
+        transforms = (create_transform(cfg, "finetune-train", decode=decode),
+                      create_transform(cfg, "eval", size=cfg.res, decode=decode))
         result = fit(build_run(cfg, accelerator, console, folder, split, model, resume=resume,
-                               transforms=finetune_transforms(cfg, decode), meta=weights_meta(cfg, split.classes, **extra),
+                               transforms=transforms, meta=weights_meta(cfg, split.classes, **extra),
                                set_modes=set_modes, title="finetune", next_steps=False,
                                no_decay=(pos_embed,) if pos_embed else ()))
         if result["stopped"]:

@@ -19,13 +19,13 @@ from fixres.classifiers import classifier_names
 from fixres.config import ConfigError
 from fixres.loaders import EpochSampler, ImageDataset, collate_skipping, round_batches
 from fixres.model_sizes import sizes_it_takes
+from fixres.preprocessing import create_transform
 from fixres.report import EpochProgress
 from fixres.runtime import use_channels_last
 from fixres.resolution import default_sizes
 from fixres.stats import add_differences, best_of
 from fixres.sweep import run_sweep
 from fixres.throughput import add_speeds, budget_of, budget_text, over_budget, timed_sizes
-from fixres.transforms import eval_transform
 
 
 NEGATIVE_CHECK_IMAGES = 32  # parametric: training images whose pooled features must not go far negative
@@ -113,8 +113,7 @@ def reestimate_last_bn(model, samples, size, cfg, accelerator, workers, last_bn:
     a list of names: those BNs' in the same pass (parallel branches, as adapt.reestimate_bn_stats says).
     Every sample counts once: a shuffled order cut into rounds of --batch-size per process,
     the last round partial, not padded by Accelerate's repeats nor dropped. Returns the images seen."""
-    tf = eval_transform(size=size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, mean=cfg.mean,
-                        std=cfg.std)
+    tf = create_transform(cfg, "eval", size=size, decode="cpu")
     order = EpochSampler(len(samples), cfg.seed).order()
     rounds = [[order[i] for i in batch] for batch in
               round_batches(len(order), cfg.batch_size, accelerator.process_index, accelerator.num_processes)]
@@ -128,7 +127,7 @@ def reestimate_last_bn(model, samples, size, cfg, accelerator, workers, last_bn:
 
 def pooled_at(cfg, model, samples, size, accelerator, workers) -> torch.Tensor:
     """The classifier's input for `samples` at `size`, preprocessed as the run tests."""
-    tf = eval_transform(size=size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)
+    tf = create_transform(cfg, "eval", size=size, decode="cpu")
     loader = torch.utils.data.DataLoader(ImageDataset(samples, tf, cfg.skip_bad_images), batch_size=cfg.batch_size,
                                          collate_fn=collate_skipping, num_workers=workers)
     return adapt.pooled_features(model, accelerator.prepare(loader), accelerator,

@@ -34,12 +34,13 @@ from fixres.checkpoint import RunFolder
 from fixres.classifiers import classifier_names
 from fixres.config import RUNS, ConfigError, SweepConfig, check_sizes
 from fixres.data import built_in_dataset, load_split
-from fixres.device_decode import ReadForDevice, ResizeSpec, resolve_decode
+from fixres.device_decode import resolve_decode
 from fixres.engine import to_device_batch, top5_hits, top5_k
 from fixres.export import write_best_size
 from fixres.loaders import ImageDataset, MultiSizeDataset, collate_skipping, loader_options, shard_indices, worker_count
 from fixres.model_sizes import sizes_it_takes
 from fixres.models import check_model_name, pretrained_preprocessing
+from fixres.preprocessing import create_transform
 from fixres.report import EpochProgress, config_table, make_console, per_class_accuracy, print_sweep, write_sweep_tables
 from fixres.resolution import default_sizes, recommended_test_res, resize_size
 from fixres.runtime import make_accelerator
@@ -47,7 +48,6 @@ from fixres.stats import METHOD as STATS_METHOD
 from fixres.stats import add_differences, best_of
 from fixres.throughput import add_speeds, best_within, budget_line, budget_of, speed_record, timed_sizes
 from fixres.trained_model import load_plain_weights, load_run_model
-from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, float_normalize
 
 # Pooled-activation histogram: log-spaced bins over +-[1e-4, 1e4] (25 per decade) plus the
 # bins below, between and above, so no range has to be agreed between processes first.
@@ -62,15 +62,14 @@ def sweep_pairs(sizes, crop_pct: float, crop_pcts=None) -> list[tuple[int, float
     return [(size, crop) for size in sizes for crop in crops]
 
 
-def sweep_loader(samples, pairs, interpolation: str, accelerator, *, batch_size: int, workers: int, decode: str):
+def sweep_loader(samples, pairs, meta: dict, accelerator, *, batch_size: int, workers: int, decode: str):
     """(a loader of this process's batches, each image at every (size, crop_pct) pair as uint8,
-    all from one decode; their indices in `samples`)."""
+    all from one decode, with the interpolation of `meta`; their indices in `samples`)."""
+    transform = create_transform(meta, "sweep", pairs=pairs, decode=decode)
     if decode == "gpu":
-        dataset = ImageDataset(samples, ReadForDevice(ResizeSpec(tuple(pairs), interpolation)))
-        collate = collate_skipping
+        dataset, collate = ImageDataset(samples, transform), collate_skipping
     else:
-        per_pair = [eval_transform(size=s, crop_pct=c, interpolation=interpolation, normalize=False) for s, c in pairs]
-        dataset, collate = MultiSizeDataset(samples, per_pair), None
+        dataset, collate = MultiSizeDataset(samples, transform), None
     mine = shard_indices(len(dataset), batch_size, accelerator.process_index, accelerator.num_processes)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
                                          pin_memory=accelerator.device.type == "cuda", collate_fn=collate,
@@ -162,9 +161,9 @@ def run_sweep(model, meta: dict, split, sizes, crop_pct: float, accelerator, *, 
     modes = {m: m.training for m in net.modules()}
     net.to(accelerator.device, memory_format=torch.channels_last).eval()
     samples = split.val if samples is None else samples
-    loader, mine = sweep_loader(samples, pairs, meta.get("interpolation", "bilinear"), accelerator,
-                                batch_size=batch_size, workers=workers, decode=decode)
-    to_float = float_normalize(mean=meta.get("mean", IMAGENET_MEAN), std=meta.get("std", IMAGENET_STD))
+    loader, mine = sweep_loader(samples, pairs, meta, accelerator, batch_size=batch_size, workers=workers,
+                                decode=decode)
+    to_float = create_transform(meta, "normalize")
     tally = SizeTally(len(pairs), len(samples), accelerator.device)
     captured = []  # with `activations`, the input of every classifier (a distilled DeiT: two) at every forward pass
     hooks = [net.get_submodule(head).register_forward_pre_hook(lambda module, args: captured.append(args[0]))

@@ -7,6 +7,7 @@
 
     run = prepare_run(cfg, explicit)   # accelerator, model, optimizer, loaders, run folder, state
     result = fit(run)                  # the epochs, the stops, the saves, the report
+    setup = train_step(run)            # what each step needs (fixres.engine.TrainStep): fit builds it once
 
 finetune.py builds its own Run around the model it loaded (build_run) and calls the same fit.
 
@@ -30,12 +31,12 @@ from fixres.config import TrainConfig
 from fixres.data import load_split, resolve_data
 from fixres.device_decode import resolve_decode
 from fixres.ema import best_epoch
-from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError, evaluate, top5_k,
+from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError, TrainStep, evaluate, top5_k,
                            train_one_epoch)
 from fixres.export import write_run_export
 from fixres.models import (any_size_kwargs, check_model_kwargs, check_model_name, check_model_sizes, create_model,
                            nearest_size_it_takes, sized_model_kwargs)
-from fixres.preprocessing import default_eval_transform, default_train_transform, resolve_preprocessing
+from fixres.preprocessing import create_transform, resolve_preprocessing
 from fixres.report import EpochProgress, epoch_line, make_console, metrics_table
 from fixres.resolution import training_res_for
 from fixres.run import Run, RunState, announce, build_run, new_run_folder, resumed_config, training_accelerator
@@ -72,9 +73,9 @@ def prepare_run(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
     model = create_model(cfg.model, len(split.classes), pretrained=cfg.pretrained and not resume,
                          weights=None if resume else cfg.weights, output_stride=cfg.output_stride,
                          model_kwargs=any_size_kwargs(cfg.model, cfg.model_kwargs))  # --test-res: any
-    device = accelerator.device
     return build_run(cfg, accelerator, console, folder, split, model, resume=resume,
-                     transforms=(default_train_transform(cfg, device), default_eval_transform(cfg, device)))
+                     transforms=(create_transform(cfg, "train", decode=decode, device=accelerator.device),
+                                 create_transform(cfg, "eval", decode=decode)))
 
 
 def sizes_for_test_res(cfg: TrainConfig, console) -> TrainConfig:
@@ -97,10 +98,11 @@ def fit(run: Run) -> dict:
     rank, --stop-after after whole epochs. Then the timm export, the table, what comes next."""
     cfg = run.cfg
     stop = StopRequest(run.accelerator)
+    setup = train_step(run)
     epochs_this_run = 0
     try:
         while run.state.epoch < cfg.epochs:
-            result = _train_epoch(run, stop)
+            result = _train_epoch(run, setup, stop)
             if not result.completed:
                 run.state.batch_in_epoch += result.batches
                 _save(run)
@@ -132,27 +134,32 @@ def fit(run: Run) -> dict:
     return {"run_dir": str(run.folder), "records": state.records, "best_acc": state.best_acc, "stopped": False}
 
 
-def _train_epoch(run: Run, stop: StopRequest):
+def train_step(run: Run) -> TrainStep:
+    """What each training step of `run` needs, from the Run (fixres.engine.train_one_epoch)."""
+    cfg = run.cfg
+    return TrainStep(run.model, run.optimizer, run.accelerator, lr_at=run.lr_at, label_smoothing=cfg.label_smoothing,
+                     channels_last=run.channels_last, set_modes=run.set_modes, mix=run.mix,
+                     clip_grad_norm=cfg.clip_grad_norm, ema=run.ema, mean=cfg.mean, std=cfg.std)
+
+
+def _train_epoch(run: Run, setup: TrainStep, stop: StopRequest):
     cfg, accelerator, epoch = run.cfg, run.accelerator, run.state.epoch
     # Accelerate's loader re-sets the sampler's epoch from its own iteration count on every
     # pass, which restarts at 0 in a resumed run: set it (the sampler hands it to the workers)
     run.train_loader.set_epoch(epoch)
-    loader, set_modes = run.train_loader, run.set_modes
+    loader = run.train_loader
     if run.head_modes:  # --freeze-epochs: lr scale 0 outside the head (exact: no step, no decay), eval modes
         head_only = epoch < cfg.freeze_epochs
         for group in run.optimizer.param_groups:
             group["lr_scale"] = 0.0 if head_only and not group["head"] else 1.0
-        set_modes = run.head_modes if head_only else set_modes
+        if head_only:
+            setup = dataclasses.replace(setup, set_modes=run.head_modes)
     if run.state.batch_in_epoch:
         loader = accelerator.skip_first_batches(run.train_loader, run.state.batch_in_epoch)
     with EpochProgress(run.console, f"epoch {epoch + 1}/{cfg.epochs}",
                        len(run.train_loader) * cfg.batch_size * accelerator.num_processes) as bar:
-        result, run.state.step = train_one_epoch(
-            run.model, loader, run.optimizer, accelerator, lr_at=run.lr_at, first_step=run.state.step,
-            label_smoothing=cfg.label_smoothing, channels_last=run.channels_last, progress=bar, should_stop=stop,
-            set_modes=set_modes, mix=functools.partial(run.mix, epoch=epoch) if run.mix else None,
-            first_batch=run.state.batch_in_epoch, clip_grad_norm=cfg.clip_grad_norm, ema=run.ema, mean=cfg.mean,
-            std=cfg.std)
+        result, run.state.step = train_one_epoch(setup, loader, first_step=run.state.step, epoch=epoch,
+                                                 first_batch=run.state.batch_in_epoch, progress=bar, should_stop=stop)
     return result
 
 

@@ -1,4 +1,6 @@
-"""Preprocessing as pure functions of explicit keyword arguments.
+"""Preprocessing as pure functions of explicit keyword arguments: the builders underneath
+fixres.preprocessing.create_transform, which makes a run's transforms from its config (the
+one entry the jobs call); these take every choice as a keyword, to be tested alone.
 
     train_transform(size=224, min_scale=0.08)  # RandomResizedCrop + flip
     eval_transform(size=224, crop_pct=0.875)   # Resize(256) + CenterCrop(224)

@@ -107,13 +107,13 @@ def install(events: Events) -> None:
 
     original_train = training.train_one_epoch
 
-    def train_one_epoch(model, loader, *args, first_step: int, **kwargs):
+    def train_one_epoch(setup, loader, *args, first_step: int, **kwargs):
         def batches():
             for i, batch in enumerate(loader):
                 events.last_step = first_step + i  # grad_accum 1: one optimizer step per batch
                 events.emit("train", f"train step {events.last_step}")
                 yield batch
-        return original_train(model, batches(), *args, first_step=first_step, **kwargs)
+        return original_train(setup, batches(), *args, first_step=first_step, **kwargs)
 
     training.train_one_epoch = train_one_epoch
 

@@ -25,7 +25,7 @@ from fixres.device_decode import (CropSpec, DeviceBatch, ReadForDevice, ResizeSp
 from fixres.images import BadImageError, open_image
 from fixres.loaders import ImageDataset, collate_skipping
 from fixres.sweep import run_sweep
-from fixres.preprocessing import default_eval_transform, default_train_transform
+from fixres.preprocessing import create_transform
 from fixres.trained_model import load_run_model
 from fixres.transforms import IMAGENET_STD, DecodeRandomResizedCrop, eval_transform, normalize_batch
 from test_speed import photo
@@ -99,9 +99,9 @@ def test_auto_decodes_on_cuda_only_where_torchcodec_decodes_there(fresh_probe, m
     monkeypatch.setattr(device_decode, "decode_problem", lambda device: None)
     assert resolve_decode("auto", cuda) == "gpu"
     cfg = TrainConfig(train_res=40, test_res=56)
-    assert isinstance(default_train_transform(cfg, cuda), ReadForDevice)
-    assert default_eval_transform(cfg, cuda).spec == ResizeSpec(((56, 0.875),), "bilinear")
-    assert isinstance(default_train_transform(cfg, CPU), DecodeRandomResizedCrop)
+    assert isinstance(create_transform(cfg, "train", device=cuda), ReadForDevice)
+    assert create_transform(cfg, "eval", device=cuda).spec == ResizeSpec(((56, 0.875),), "bilinear")
+    assert isinstance(create_transform(cfg, "train", device=CPU), DecodeRandomResizedCrop)
 
 
 @pytest.mark.parametrize("script", ["train.py", "sweep.py", "finetune.py"])

@@ -17,11 +17,11 @@ from fixres import checkpoint as ckpt
 from fixres import fileio
 from fixres.config import SweepConfig, TrainConfig, parse_args, train_presets
 from fixres.ema import ModelEma
-from fixres.engine import to_device_batch, train_one_epoch
+from fixres.engine import TrainStep, to_device_batch, train_one_epoch
 from fixres.resolution import resize_size
 from fixres.sweep import sweep
 from fixres.ema import epoch_score
-from fixres.preprocessing import default_train_transform
+from fixres.preprocessing import create_transform
 from fixres.runtime import make_accelerator
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchMix, crop_augment
 from tests import kill_harness as harness
@@ -49,8 +49,8 @@ def photo(tmp_path_factory):
 @pytest.mark.parametrize("auto_augment", ["ta_wide", "ra"])
 def test_auto_augment_changes_the_crop_on_both_paths(photo, fast, auto_augment):
     cfg = dict(fast_decode=fast, train_res=32, min_scale=0.5)
-    plain = default_train_transform(TrainConfig(**cfg), torch.device("cpu"))
-    augmented = default_train_transform(TrainConfig(**cfg, auto_augment=auto_augment), torch.device("cpu"))
+    plain = create_transform(TrainConfig(**cfg), "train", device=torch.device("cpu"))
+    augmented = create_transform(TrainConfig(**cfg, auto_augment=auto_augment), "train", device=torch.device("cpu"))
     source = str(photo) if fast else Image.open(photo).convert("RGB")
     changed = 0
     for seed in range(8):
@@ -69,8 +69,8 @@ def test_random_erasing_is_zero_after_the_runs_own_normalisation(photo, fast, me
     cfg = dict(fast_decode=fast, train_res=48, min_scale=0.5, mean=mean, std=std)
     norm = dict(mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)
     source = str(photo) if fast else Image.open(photo).convert("RGB")
-    erasing = default_train_transform(TrainConfig(**cfg, random_erase=1.0), torch.device("cpu"))
-    plain = default_train_transform(TrainConfig(**cfg), torch.device("cpu"))
+    erasing = create_transform(TrainConfig(**cfg, random_erase=1.0), "train", device=torch.device("cpu"))
+    plain = create_transform(TrainConfig(**cfg), "train", device=torch.device("cpu"))
     seeds = range(4)
     erased = to_device_batch(torch.stack([seeded(erasing, source, s) for s in seeds]), False, **norm)
     kept = to_device_batch(torch.stack([seeded(plain, source, s) for s in seeds]), False, **norm)
@@ -129,7 +129,8 @@ def one_step(clip: float | None) -> float:
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     loader = [(torch.randn(4, 3, 2, 2) * 10, torch.tensor([0, 1, 2, 0]), 0)]
-    train_one_epoch(model, loader, optimizer, accelerator, lr_at=lambda step: 1.0, first_step=0, clip_grad_norm=clip)
+    train_one_epoch(TrainStep(model, optimizer, accelerator, lr_at=lambda step: 1.0, clip_grad_norm=clip), loader,
+                    first_step=0)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     return float((after - before).norm())
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import ROOT, TINY_TRAIN, Started, error_line, make_csv_dataset, run_in_process, run_script
 from fixres import transforms
-from fixres.engine import train_one_epoch
+from fixres.engine import TrainStep, train_one_epoch
 from fixres.images import BadImageError, open_image
 from fixres.loaders import ImageDataset
 from fixres.optim import largest_batch
@@ -199,13 +199,13 @@ def test_bad_batch_size_is_one_line(tmp_path, capsys):
 def test_fast_decode_is_the_default_and_old_runs_keep_their_choice():
     """With --decode cpu (auto on a CPU); tests/test_device_decode.py covers --decode gpu."""
     from fixres.config import TrainConfig
-    from fixres.preprocessing import default_train_transform
+    from fixres.preprocessing import create_transform
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert isinstance(default_train_transform(TrainConfig(), cpu), DecodeRandomResizedCrop)
-    assert isinstance(default_train_transform(TrainConfig(fast_decode=False, decode="cpu"), gpu), transforms.v2.Compose)
+    assert isinstance(create_transform(TrainConfig(), "train", device=cpu), DecodeRandomResizedCrop)
+    assert isinstance(create_transform(TrainConfig(fast_decode=False, decode="cpu"), "train", device=gpu), transforms.v2.Compose)
     # a run configured before the default changed stored null: the GPU-only choice it started with
-    assert isinstance(default_train_transform(TrainConfig(fast_decode=None), cpu), transforms.v2.Compose)
-    assert isinstance(default_train_transform(TrainConfig(fast_decode=None, decode="cpu"), gpu), DecodeRandomResizedCrop)
+    assert isinstance(create_transform(TrainConfig(fast_decode=None), "train", device=cpu), transforms.v2.Compose)
+    assert isinstance(create_transform(TrainConfig(fast_decode=None, decode="cpu"), "train", device=gpu), DecodeRandomResizedCrop)
 
 
 class SlowImages(torch.utils.data.Dataset):
@@ -226,7 +226,7 @@ def test_a_slow_loader_shows_as_data_wait():
     loader = torch.utils.data.DataLoader(SlowImages(), batch_size=4,
                                          collate_fn=lambda b: (*torch.utils.data.default_collate(b), 0))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    result, _ = train_one_epoch(model, loader, optimizer, accelerator, lr_at=lambda step: 0.1, first_step=0)
+    result, _ = train_one_epoch(TrainStep(model, optimizer, accelerator, lr_at=lambda step: 0.1), loader, first_step=0)
     assert result.images == 16
     # 120 ms of loading per batch against a linear layer's step: nearly all of it is waiting
     assert 0.5 < result.data_wait_frac <= 1.0 and result.data_wait_seconds <= result.seconds

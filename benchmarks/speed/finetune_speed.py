@@ -27,14 +27,15 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fixres.engine import train_one_epoch  # noqa: E402
+from fixres.engine import TrainStep, train_one_epoch  # noqa: E402
 from fixres.adapt import prepare_for_finetuning, train_only  # noqa: E402
 from fixres.models import create_model  # noqa: E402
 
 
 def epoch_images_per_s(model, batches, accelerator, optimizer, set_modes) -> float:
-    result, _ = train_one_epoch(model, batches, optimizer, accelerator, lr_at=lambda step: 1e-3, first_step=0,
-                                channels_last=accelerator.device.type == "cuda", set_modes=set_modes)
+    setup = TrainStep(model, optimizer, accelerator, lr_at=lambda step: 1e-3,
+                      channels_last=accelerator.device.type == "cuda", set_modes=set_modes)
+    result, _ = train_one_epoch(setup, batches, first_step=0)
     return result.images_per_s
 
 

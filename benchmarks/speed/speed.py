@@ -51,13 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixres.config import TrainConfig  # noqa: E402
 from fixres.data import load_split  # noqa: E402
-from fixres.engine import evaluate, train_one_epoch  # noqa: E402
+from fixres.engine import TrainStep, evaluate, train_one_epoch  # noqa: E402
 from fixres.adapt import prepare_for_finetuning, train_only  # noqa: E402
 from fixres.loaders import PREFETCH_BATCHES, ImageDataset, build_loaders, collate_skipping  # noqa: E402
 from fixres.models import create_model  # noqa: E402
 from fixres.shapes import generate  # noqa: E402
 from fixres.optim import build_optimizer  # noqa: E402
-from fixres.preprocessing import default_train_transform  # noqa: E402
+from fixres.preprocessing import create_transform  # noqa: E402
 from fixres.runtime import make_accelerator  # noqa: E402
 from fixres.transforms import (DecodeRandomResizedCrop, crop_augment, eval_transform, normalize_batch,  # noqa: E402
                                train_transform)
@@ -273,7 +273,7 @@ def fixres_loop(a, samples, fast_decode: bool = True, *, epochs: int = 1, val=()
                       mixed_precision="bf16" if a.precision == "bf16" else "no")
     accelerator = make_accelerator(cfg)
     device = accelerator.device
-    train_tf = default_train_transform(cfg, device)
+    train_tf = create_transform(cfg, "train", device=device)
     split = type("Split", (), {"train": samples, "val": list(val) or samples[:8]})
     train_loader, val_loader = build_loaders(split, cfg, workers=a.loop_workers, pin_memory=device.type == "cuda",
                                              train_tf=train_tf, eval_tf=eval_transform(size=a.res),
@@ -284,11 +284,11 @@ def fixres_loop(a, samples, fast_decode: bool = True, *, epochs: int = 1, val=()
     optimizer = build_optimizer(model.named_parameters(), cfg)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     rates, seconds, waits = [], [], []
+    setup = TrainStep(model, optimizer, accelerator, lr_at=lambda step: 1e-3, channels_last=channels_last)
     for epoch in range(epochs):
         start = time.perf_counter()
         train_loader.set_epoch(epoch)
-        result, _ = train_one_epoch(model, train_loader, optimizer, accelerator, lr_at=lambda step: 1e-3,
-                                    first_step=0, channels_last=channels_last)
+        result, _ = train_one_epoch(setup, train_loader, first_step=0)
         if val:
             evaluate(model, val_loader, accelerator, channels_last=channels_last)
         sync(device)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fixres.config import TrainConfig  # noqa: E402
 from fixres.data import load_split  # noqa: E402
-from fixres.engine import train_one_epoch  # noqa: E402
+from fixres.engine import TrainStep, train_one_epoch  # noqa: E402
 from fixres.loaders import build_loaders  # noqa: E402
 from fixres.models import create_model  # noqa: E402
 from fixres.shapes import ensure_shapes  # noqa: E402
@@ -90,8 +90,8 @@ def fixres_loop(samples, val, args) -> float:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model.named_parameters(), cfg)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    result, _ = train_one_epoch(model, train_loader, optimizer, accelerator, lr_at=lambda step: 1e-3,
-                                first_step=0, channels_last=cfg.channels_last)
+    setup = TrainStep(model, optimizer, accelerator, lr_at=lambda step: 1e-3, channels_last=cfg.channels_last)
+    result, _ = train_one_epoch(setup, train_loader, first_step=0)
     return result.images_per_s
 
 
