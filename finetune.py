@@ -27,13 +27,13 @@ parametric, whose adapter timm cannot load). `--help` lists every option.
 import sys
 
 from fixres.cli import run_main
-from fixres.config import FinetuneConfig, parse_args
+from fixres.config import FinetuneConfig
+from fixres.layers import parse_command_line
 from fixres.finetune import finetune
 
 
 def main(argv=None):
-    cfg, explicit = parse_args(FinetuneConfig, argv, __doc__.split("\n")[0])
-    return finetune(cfg, explicit)
+    return finetune(parse_command_line(FinetuneConfig, argv, __doc__.split("\n")[0]))
 
 
 if __name__ == "__main__":

@@ -52,14 +52,15 @@ import shlex
 import sys
 
 from fixres.cli import run_main
-from fixres.config import SweepConfig, parse_args
+from fixres.config import SweepConfig
+from fixres.layers import parse_command_line
 from fixres.sweep import sweep
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cfg, _ = parse_args(SweepConfig, argv, __doc__.split("\n")[0])
-    return sweep(cfg, command=shlex.join(["sweep.py", *argv]))
+    given = parse_command_line(SweepConfig, argv, __doc__.split("\n")[0])
+    return sweep(given, command=shlex.join(["sweep.py", *argv]))
 
 
 if __name__ == "__main__":

@@ -18,14 +18,17 @@ fixres/checkpoint.py). `--help` lists every option.
 import sys
 
 from fixres.cli import run_main
-from fixres.config import TrainConfig, parse_args, train_presets
+from fixres.config import TrainConfig
+from fixres.layers import parse_command_line
+from fixres.presets import train_preset
 from fixres.training import train
 
 
 def main(argv=None):
     # No --data: the built-in dataset, with defaults sized for a laptop CPU; --recipe: a published recipe's
-    cfg, explicit = parse_args(TrainConfig, argv, __doc__.split("\n")[0], train_presets)
-    return train(cfg, explicit)
+    # settings under what is given (fixres/presets.py)
+    given = parse_command_line(TrainConfig, argv, __doc__.split("\n")[0], preset=train_preset)
+    return train(given)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ from fixres import fileio
 from fixres.adapt import (adapted_layers, classifiers_text, find_last_norm, finetune_layers, is_batchnorm,
                           required_position_embedding)
 from fixres.adapter import ADAPTER
-from fixres.config import FINETUNE_SHAPES_PRESET, RUNS, ConfigError, FinetuneConfig, SweepConfig
+from fixres.config import RUNS, ConfigError, FinetuneConfig, SweepConfig
 from fixres.data import DataError
 from fixres.device_decode import resolve_decode
 from fixres.engine import top5_k
@@ -71,15 +71,15 @@ from fixres.plots import plot_activation_cdfs
 from fixres.preprocessing import create_transform, describe_preprocessing, weights_meta
 from fixres.report import EpochProgress, finetune_table, make_console
 from fixres.resolution import recommended_test_res
-from fixres.run import announce, build_run, new_run_folder, resumed_config, training_accelerator
+from fixres.layers import finetune_config, layered, resumed_layer
+from fixres.run import announce, build_run, new_run_folder, training_accelerator
 from fixres.runtime import use_channels_last
 from fixres.stats import METHOD as STATS_METHOD
 from fixres.stats import paired_difference_of
-from fixres.sweep import ACT_EDGES, load_for_sweep, run_sweep, trained_min_scale
+from fixres.sweep import ACT_EDGES, load_for_sweep, run_sweep
 from fixres.throughput import budget_of, refuse_over_budget
 from fixres.trained_model import load_run_model
 from fixres.training import fit
-from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def refuse_fixed_res(cfg: FinetuneConfig, model, name: str, source_cfg: dict, accelerator) -> None:
@@ -113,37 +113,30 @@ def fine_tuning_res(cfg: FinetuneConfig, source_cfg: dict, resume, console, *, c
     return res, why, rows
 
 
-def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
-    """Load the source run, choose the resolution (--res auto), evaluate before, apply the
-    method, evaluate after, write the run folder, finetune.json and activations.png."""
+def finetune(given: dict) -> dict:
+    """finetune.py's job, from the options given (fixres.layers.parse_command_line): load the
+    source run, choose the resolution (--res auto), evaluate before, apply the method, evaluate
+    after, write the run folder, finetune.json and activations.png."""
+    cfg = layered(FinetuneConfig, given)  # enough to find the source and the run to resume
     accelerator = training_accelerator(cfg)
     console = make_console(accelerator.is_main_process)
     decode = resolve_decode(cfg.decode, accelerator.device)  # --decode gpu without torchcodec: refused before any work
-    cfg, resume = resolve_source(cfg, explicit, console)
+    cfg, resume, resumed = resolve_source(cfg, given, console)
     if resume:  # the resumed run's own --decode
         decode = resolve_decode(cfg.decode, accelerator.device)
     model, meta, split, source_folder, source_cfg = load_source(cfg, accelerator)
     if not resume:
         refuse_fixed_res(cfg, model, meta["model"], source_cfg, accelerator)
-    if "data" in source_cfg and source_cfg["data"] is None and not resume:  # the built-in data: its preset
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in FINETUNE_SHAPES_PRESET.items() if k not in explicit})
-    output = cfg.output or str(beside_source(Path(meta["weights_path"])))
-    if cfg.name and not resume:  # before the sweep: refuse now, not minutes later
-        ckpt.RunFolder(Path(output) / cfg.name).refuse_if_taken()
-    train_res = int(meta["train_res"])
-    # the source's preprocessing and crop scale, unless given on this command line: --aug rrc
-    # crops as the source was trained, and the new run's weights and config say so
+    # the source's model, preprocessing and crop scale, unless given on this command line: --aug
+    # rrc crops as the source was trained, and the new run's weights and config say so
     cfg = dataclasses.replace(
-        cfg, model=meta["model"], output_stride=meta.get("output_stride"), model_kwargs=meta.get("model_kwargs"),
-        train_res=train_res, output=output,
-        crop_pct=cfg.crop_pct if "crop_pct" in explicit else meta.get("crop_pct", cfg.crop_pct),
-        interpolation=cfg.interpolation if "interpolation" in explicit else meta.get("interpolation", cfg.interpolation),
-        min_scale=cfg.min_scale if "min_scale" in explicit else trained_min_scale(meta, source_cfg),
-        # the source's normalisation, as its weights' metadata records it (runs before it did: ImageNet's)
-        mean=list(meta.get("mean", IMAGENET_MEAN)), std=list(meta.get("std", IMAGENET_STD)),
-        # the built-in data's CSV as the source's sweep found it (its images depend on the source's seed)
-        data=cfg.data or source_cfg.get("data") or split.source, images=cfg.images or source_cfg.get("images"))
-    if meta.get("test_crop_pct") not in (None, cfg.crop_pct) and "crop_pct" not in explicit:  # sweep.py --write-best's
+        finetune_config(given, meta, source_cfg, split.source, checkpoint=cfg.checkpoint, resumed=resumed,
+                        output=str(beside_source(Path(meta["weights_path"])))),
+        resume=str(resume.path) if resume else None)
+    if cfg.name and not resume:  # before the sweep: refuse now, not minutes later
+        ckpt.RunFolder(Path(cfg.output) / cfg.name).refuse_if_taken()
+    train_res = cfg.train_res
+    if meta.get("test_crop_pct") not in (None, cfg.crop_pct) and "crop_pct" not in given:  # sweep.py --write-best's
         console.print(f"crop_pct {cfg.crop_pct:g}, the source's: every size is evaluated and fine-tuned at it, not at "
                       f"the test_crop_pct {meta['test_crop_pct']:g} its weights record (sweep.py --write-best); "
                       f"--crop-pct {meta['test_crop_pct']:g} fine-tunes at that one")
@@ -203,26 +196,29 @@ def finetune(cfg: FinetuneConfig, explicit: set[str] = frozenset()) -> dict:
     return {**summary, "run_dir": str(applied["folder"]), "stopped": False}
 
 
-def resolve_source(cfg: FinetuneConfig, explicit: set[str], console) -> tuple[FinetuneConfig, ckpt.Checkpoint | None]:
+def resolve_source(cfg: FinetuneConfig, given: dict, console) -> tuple[FinetuneConfig, ckpt.Checkpoint | None,
+                                                                         dict | None]:
     """--checkpoint (default: the newest train.py run) and --resume, resolved; a resumed
-    run's checkpoint is read here, once, and its config taken up."""
+    run's checkpoint is read here, once, and its config taken up (and returned: a layer of
+    the config, fixres.layers)."""
     if cfg.checkpoint is None and cfg.resume is None:  # right after train.py: its newest run, not a fine-tuned one
         cfg = dataclasses.replace(cfg, checkpoint=str(ckpt.RunFolder.newest(Path(cfg.output or RUNS), trained_only=True)))
         console.print(f"--checkpoint not given: using the newest train.py run {cfg.checkpoint}")
     if not cfg.resume:
-        return cfg, None
+        return cfg, None, None
     if cfg.resume == "auto":  # a requeued SLURM job: the run of its --name, if it got as far as a checkpoint
         output = Path(cfg.output) if cfg.output else beside_source(ckpt.RunFolder.find_weights(Path(cfg.checkpoint)))
         resume = ckpt.RunFolder.resolve_resume("auto", output, name=cfg.name)
         if resume is None:
             console.print(f"--resume auto: no checkpoint under {output / cfg.name}/, starting fresh")
-            return dataclasses.replace(cfg, resume=None), None
+            return dataclasses.replace(cfg, resume=None), None, None
     else:
         resume = ckpt.RunFolder.resolve_resume(cfg.resume, Path(cfg.output or "."))
-    cfg = dataclasses.replace(resumed_config(resume, cfg, explicit), resume=str(resume.path))
+    resumed = resumed_layer(resume, FinetuneConfig, given)
+    cfg = dataclasses.replace(layered(FinetuneConfig, given, source=resumed), resume=str(resume.path))
     if cfg.checkpoint is None:
         raise ConfigError(f"--resume {cfg.resume}: not a finetune.py run (its config names no --checkpoint)")
-    return cfg, resume
+    return cfg, resume, resumed
 
 
 def load_source(cfg: FinetuneConfig, accelerator) -> tuple:

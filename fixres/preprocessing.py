@@ -2,7 +2,6 @@
 transforms of every stage (create_transform: the one entry to the input pipeline), and the
 metadata that tells later jobs (sweep.py, finetune.py, timm) how the weights expect to be fed.
 
-    cfg, where = resolve_preprocessing(cfg, explicit)      # mean/std/crop_pct/interpolation and their source
     train_tf = create_transform(cfg, "train", decode=decode, device=device)   # fast decoder, torchvision's, or the device's
     eval_tf = create_transform(cfg, "eval", decode=decode)                    # at cfg.eval_res
     tune_tf = create_transform(cfg, "finetune-train", decode=decode)          # finetune.py's --aug at cfg.res
@@ -16,15 +15,11 @@ every choice as a keyword; only this module calls them.
 """
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 
 import torch
 
-from fixres import fileio
 from fixres.config import TrainConfig
 from fixres.device_decode import CropSpec, ReadForDevice, ResizeSpec, resolve_decode
-from fixres.models import PREPROCESSING_KEYS, pretrained_preprocessing
 from fixres.transforms import (IMAGENET_MEAN, IMAGENET_STD, DecodeRandomResizedCrop, crop_augment, eval_transform,
                                finetune_transform, float_normalize, train_transform)
 
@@ -35,34 +30,6 @@ def weights_meta(cfg: TrainConfig, classes: list[str], **extra) -> dict:
             "test_res": cfg.eval_res, "input_size": [3, cfg.eval_res, cfg.eval_res], "crop_pct": cfg.crop_pct,
             "interpolation": cfg.interpolation, "min_scale": cfg.min_scale, "mean": list(cfg.mean or IMAGENET_MEAN),
             "std": list(cfg.std or IMAGENET_STD), **extra}
-
-
-def resolve_preprocessing(cfg: TrainConfig, explicit: set[str], *, resumed: bool = False) -> tuple[TrainConfig, str]:
-    """The normalisation (and crop_pct, interpolation) a run trains and evaluates with, and
-    where it came from, in words. Options given on the command line win; then, with
-    --pretrained or --weights, what those weights were made with: a fixres weights file's
-    metadata, else the library's pretrained config of the model (timm's pretrained_cfg,
-    torchvision's weights transforms); else ImageNet's mean and std and the option defaults.
-    A resumed run keeps its config; one saved before mean/std were options used ImageNet's."""
-    own, source = {}, "ImageNet's mean and std (training from scratch)"
-    if resumed:
-        source = "the run's config"
-    elif cfg.pretrained or cfg.weights:
-        own = {k: v for k, v in fileio.read_metadata(Path(cfg.weights)).items() if k in PREPROCESSING_KEYS} \
-            if cfg.weights else {}
-        source = f"the metadata of {cfg.weights}"
-        if not own:
-            own = pretrained_preprocessing(cfg.model)
-            library = "torchvision's weights transforms" if cfg.model.startswith("tv:") else "timm's pretrained_cfg"
-            taken = "--weights taken for its pretrained weights" if cfg.weights else "--pretrained"
-            source = f"{library} of {cfg.model} ({taken})"
-    keep = lambda key: key in explicit or key not in own  # noqa: E731
-    cfg = dataclasses.replace(
-        cfg, mean=list(cfg.mean or own.get("mean") or IMAGENET_MEAN), std=list(cfg.std or own.get("std") or IMAGENET_STD),
-        crop_pct=cfg.crop_pct if keep("crop_pct") else float(own["crop_pct"]),
-        interpolation=cfg.interpolation if keep("interpolation") else own["interpolation"])
-    given = [f"--{k.replace('_', '-')}" for k in ("mean", "std", "crop_pct", "interpolation") if k in explicit]
-    return cfg, describe_preprocessing(cfg, source) + (f"; given: {' '.join(given)}" if given else "")
 
 
 def describe_preprocessing(cfg, source: str) -> str:

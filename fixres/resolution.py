@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from fixres.config import MAX_SIZE
+from fixres.options import MAX_SIZE
 
 
 def _check_scale(scale) -> tuple[float, float]:

@@ -38,9 +38,6 @@ from fixres.transforms import BatchMix
 
 # Options that define what a run is: a resumed run must keep them (a fine-tune's held-out
 # validation images are drawn from --choice-images and --seed).
-IDENTITY_KEYS = ("model", "model_kwargs", "data", "images", "choice_images", "seed",
-                 "for_test_res", "max_latency_ms", "min_images_per_s")  # what the sizes were chosen for
-
 
 @dataclass
 class RunState:
@@ -86,19 +83,6 @@ def new_run_folder(cfg: TrainConfig, data_name: str, accelerator: Accelerator) -
                                  time.strftime("%Y%m%d-%H%M%S")])
     name = broadcast_object_list([name])[0] if accelerator.num_processes > 1 else name
     return ckpt.RunFolder(Path(cfg.output) / name).refuse_if_taken()
-
-
-def resumed_config(checkpoint: ckpt.Checkpoint, cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
-    """The run's saved config, with the options given on this command line on top."""
-    folder = checkpoint.run_folder
-    saved = type(cfg).from_dict(folder.read_config(), source=str(folder.path / "config.json")).to_dict()
-    for key in explicit:
-        value = getattr(cfg, key)
-        if key in IDENTITY_KEYS and value != saved[key]:
-            raise ckpt.CheckpointError(f"--resume {checkpoint.path}: the run was trained with "
-                                       f"--{key.replace('_', '-')} {saved[key]}, not {value}")
-        saved[key] = value
-    return type(cfg)(**saved)
 
 
 def announce(cfg, accelerator: Accelerator, console, folder: ckpt.RunFolder, split: Split, *, decode: str, title: str,

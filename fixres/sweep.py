@@ -37,6 +37,7 @@ from fixres.data import built_in_dataset, load_split
 from fixres.device_decode import resolve_decode
 from fixres.engine import to_device_batch, top5_hits, top5_k
 from fixres.export import write_best_size
+from fixres.layers import layered, sweep_config
 from fixres.loaders import ImageDataset, MultiSizeDataset, collate_skipping, loader_options, shard_indices, worker_count
 from fixres.model_sizes import sizes_it_takes
 from fixres.models import check_model_name, pretrained_preprocessing
@@ -207,12 +208,6 @@ def sweep_rows(tally: SizeTally, pairs: list[tuple[int, float]], accelerator, *,
     return rows
 
 
-def trained_min_scale(meta: dict, run_cfg: dict) -> float:
-    """The RandomResizedCrop min scale the weights were trained with: their metadata (the
-    weights alone suffice), else their run's config.json, else torchvision's 0.08."""
-    return meta.get("min_scale") or run_cfg.get("min_scale") or 0.08
-
-
 def load_for_sweep(cfg: SweepConfig, accelerator):
     """(model, meta, split, run folder or None, run config dict); every user error is raised
     here, before any evaluation work."""
@@ -244,8 +239,10 @@ def load_for_sweep(cfg: SweepConfig, accelerator):
     return model, meta, split, run_dir, run_cfg
 
 
-def sweep(cfg: SweepConfig, command: str = "") -> dict:
-    """The job sweep.py runs: load, evaluate every (size, crop_pct) pair, print, write the files."""
+def sweep(given: dict, command: str = "") -> dict:
+    """The job sweep.py runs, from the options given (fixres.layers.parse_command_line): load,
+    evaluate every (size, crop_pct) pair, print, write the files."""
+    cfg = layered(SweepConfig, given)
     accelerator = make_accelerator(cfg)
     console = make_console(accelerator.is_main_process)
     decode = resolve_decode(cfg.decode, accelerator.device)  # before any work
@@ -253,10 +250,10 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
         cfg = dataclasses.replace(cfg, checkpoint=str(RunFolder.newest(Path(RUNS))))
         console.print(f"--checkpoint not given: using the newest run {cfg.checkpoint}")
     model, meta, split, run_dir, run_cfg = load_for_sweep(cfg, accelerator)
-    crop_pct = cfg.crop_pct or meta.get("crop_pct") or 0.875  # the reference's: (train_res, crop_pct)
+    cfg = sweep_config(given, meta, run_cfg, checkpoint=cfg.checkpoint)  # the run's crop_pct and crop scale
+    crop_pct, min_scale = cfg.crop_pct, cfg.min_scale  # the reference's: (train_res, crop_pct)
     crop_pcts = sorted({crop_pct, *(cfg.crop_pcts or ())})
     train_res = int(meta["train_res"])
-    min_scale = cfg.min_scale or trained_min_scale(meta, run_cfg)
     predicted = recommended_test_res(train_res=train_res, crop_pct=crop_pct, scale=(min_scale, 1.0))
     target = run_cfg.get("for_test_res")  # train.py --for-test-res: the test size the run was trained for
     sizes = sorted(set(cfg.sizes or default_sizes(train_res, predicted)) | {train_res, *([target] if target else [])})
@@ -266,7 +263,7 @@ def sweep(cfg: SweepConfig, command: str = "") -> dict:
     out = Path(cfg.output or run_dir or Path(meta["weights_path"]).parent)
     workers = worker_count(cfg.workers)
     crops = (str(crop_pct) if len(crop_pcts) == 1 else " ".join(map(str, crop_pcts))
-             + f" (the reference: {crop_pct}" + (", the run's)" if cfg.crop_pct is None else ", --crop-pct)"))
+             + f" (the reference: {crop_pct}" + (", --crop-pct)" if "crop_pct" in given else ", the run's)"))
     console.print(config_table({
         "weights": meta["weights_path"], "model": meta["model"], "dataset": split.source,
         "val images": len(split.val), "classes": len(split.classes), "sizes": " ".join(map(str, sizes))

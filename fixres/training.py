@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 train.py --cpu       # two CPU processes over gloo
     python train.py --resume auto                    # continue the newest run under runs/
 
-    run = prepare_run(cfg, explicit)   # accelerator, model, optimizer, loaders, run folder, state
+    run = prepare_run(given)           # accelerator, model, optimizer, loaders, run folder, state
     result = fit(run)                  # the epochs, the stops, the saves, the report
     setup = train_step(run)            # what each step needs (fixres.engine.TrainStep): fit builds it once
 
@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import math
 import shlex
-from pathlib import Path
 
 import torch
 
@@ -34,31 +33,24 @@ from fixres.ema import best_epoch
 from fixres.engine import (NONFINITE_HINT, NonFiniteLossError, ProcessGroupError, TrainStep, evaluate, top5_k,
                            train_one_epoch)
 from fixres.export import write_run_export
-from fixres.models import (any_size_kwargs, check_model_kwargs, check_model_name, check_model_sizes, create_model,
+from fixres.layers import layered, train_config
+from fixres.models import (any_size_kwargs, check_model_sizes, create_model,
                            nearest_size_it_takes, sized_model_kwargs)
-from fixres.preprocessing import create_transform, resolve_preprocessing
+from fixres.presets import train_preset
+from fixres.preprocessing import create_transform
 from fixres.report import EpochProgress, epoch_line, make_console, metrics_table
 from fixres.resolution import training_res_for
-from fixres.run import Run, RunState, announce, build_run, new_run_folder, resumed_config, training_accelerator
+from fixres.run import Run, RunState, announce, build_run, new_run_folder, training_accelerator
 from fixres.stopping import StopRequest, collective_failed, collective_failure
 
 
-def prepare_run(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
-    """train.py's run: resume resolved (and its checkpoint read) once, preprocessing and data
+def prepare_run(given: dict) -> Run:
+    """train.py's run, from the options given (fixres.layers.parse_command_line): its config
+    (fixres.layers.train_config: the resumed run's checkpoint read there, once), the data
     resolved, the run folder started, a new model built with --seed, then build_run."""
-    accelerator = training_accelerator(cfg)
+    accelerator = training_accelerator(layered(TrainConfig, given, preset=train_preset(given)))
     console = make_console(accelerator.is_main_process)
-    resume = None
-    if cfg.resume:
-        resume = ckpt.RunFolder.resolve_resume(cfg.resume, Path(cfg.output), name=cfg.name)
-        if resume is None:
-            where = Path(cfg.output) / cfg.name if cfg.name else Path(cfg.output)
-            console.print(f"--resume auto: no checkpoint under {where}/, starting fresh")
-        else:
-            cfg = resumed_config(resume, cfg, explicit)
-    check_model_name(cfg.model)
-    check_model_kwargs(cfg.model, cfg.model_kwargs)
-    cfg, normalisation = resolve_preprocessing(cfg, explicit, resumed=resume is not None)
+    cfg, resume, normalisation = train_config(given, console)
     if cfg.for_test_res and resume is None:  # after crop_pct is resolved: a pretrained model's own changes the answer
         cfg = sizes_for_test_res(cfg, console)
     if resume is None:  # a ViT built for --train-res (a strict one refuses other sizes); config.json records it
@@ -232,6 +224,6 @@ def _save(run: Run, *, record: dict | None = None, best: str | None = None) -> N
     run.accelerator.wait_for_everyone()
 
 
-def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
-    """train.py's job."""
-    return fit(prepare_run(cfg, explicit))
+def train(given: dict) -> dict:
+    """train.py's job, from the options given."""
+    return fit(prepare_run(given))

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from fixres.cli import run_main
+from fixres.layers import layered, parse_command_line
 from tests.script_server import shared_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +135,13 @@ def run_in_process(script: str, *args, capsys) -> subprocess.CompletedProcess:
         status = exit_.code
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess([script, *map(str, args)], status, out, err)
+
+
+def parsed(cls, argv, preset=None):
+    """(config, options given): argv through a script's parser (`preset`: train.py's), stacked
+    as its job stacks them before the source or resumed run is read."""
+    given = parse_command_line(cls, [str(a) for a in argv], "test", preset=preset)
+    return layered(cls, given, preset=preset(given) if preset else None), given
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:

@@ -18,8 +18,9 @@ from PIL import Image
 
 from conftest import TINY_TRAIN, run_in_process, run_script
 from fixres import device_decode
-from fixres.config import ConfigError, FinetuneConfig, TrainConfig, build_parser
+from fixres.config import ConfigError, FinetuneConfig, TrainConfig
 from fixres.data import load_split
+from fixres.layers import build_parser
 from fixres.device_decode import (CropSpec, DeviceBatch, ReadForDevice, ResizeSpec, decode_on_device,
                                   resolve_decode, torchcodec_decode_jpeg)
 from fixres.images import BadImageError, open_image

@@ -20,7 +20,9 @@ from safetensors.torch import save_file
 
 from fixres import finetune as finetune_lib
 from fixres import sweep as sweep_lib
-from fixres.config import FinetuneConfig, SweepConfig, TrainConfig
+from fixres import layers
+from fixres.checkpoint import Checkpoint, RunFolder
+from fixres.config import TrainConfig
 from fixres.fileio import load_weights, save_weights
 from fixres.stats import best_of
 from fixres.data import load_split
@@ -29,7 +31,7 @@ from fixres.export import (EXPORT_DIR, ExportError, check_export, export_data_co
                            write_run_export)
 from fixres.models import create_model, pretrained_preprocessing
 from fixres.report import make_console
-from fixres.preprocessing import resolve_preprocessing
+from fixres.layers import train_config
 from fixres.trained_model import load_run_model
 from fixres.transforms import eval_transform
 from tests.conftest import TINY_TRAIN, finish, run_script, start_script
@@ -85,7 +87,7 @@ def test_weights_train_and_evaluate_with_the_models_own_normalisation(pretrained
     # the sweep preprocesses from the metadata: at the training size it sees what train.py's evaluation saw
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     best = max(records, key=lambda r: (r["val_acc"], -r["val_loss"]))  # the highest top-1, then the lowest loss
-    swept = sweep_lib.sweep(SweepConfig(checkpoint=str(run), sizes=[32], workers=0, cpu=True,
+    swept = sweep_lib.sweep(dict(checkpoint=str(run), sizes=[32], workers=0, cpu=True,
                                                   output=str(root / "sweep32")))["rows"][0]
     assert swept["correct"] == round(best["val_acc"] * 25) and swept["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     assert best["val_top5"] == 1.0  # three classes: "top-5" is top-3
@@ -107,7 +109,7 @@ def test_export_evaluates_in_timm_as_in_our_sweep_to_the_image(pretrained_run):
     assert f"timm export: {export} (test size 32 px" in result.stdout
     assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors"]
 
-    summary = sweep_lib.sweep(SweepConfig(checkpoint=str(run), sizes=[24, 40, 48], crop_pcts=[0.875, 1.0],
+    summary = sweep_lib.sweep(dict(checkpoint=str(run), sizes=[24, 40, 48], crop_pcts=[0.875, 1.0],
                                           write_best=True, workers=0, cpu=True))
     best = best_of(summary["rows"])
     assert (summary["meta"]["measured_best"], summary["meta"]["measured_best_crop_pct"]) == (best["size"],
@@ -232,7 +234,7 @@ def fixres_sizes(tmp_path_factory, trained_run):
     root = tmp_path_factory.mktemp("sizes")
     trained = root / "trained"
     shutil.copytree(ok(trained_run[0]) and trained_run[1], trained)
-    finetune_lib.finetune(FinetuneConfig(checkpoint=str(trained), res=40, epochs=1, batch_size=30, workers=0, cpu=True,
+    finetune_lib.finetune(dict(checkpoint=str(trained), res=40, epochs=1, batch_size=30, workers=0, cpu=True,
                                          output=str(root), name="ft40"))
     write_best_size(trained / "best.safetensors", trained, 40, 0.875, make_console(True))
     return {"train": (trained, 32, 40), "finetune": (root / "ft40", 40, 40)}
@@ -290,22 +292,33 @@ def test_pretrained_preprocessing_of_both_libraries():
     assert int(224 / tv["crop_pct"]) == 232
 
 
-def test_resolve_preprocessing_rules(tmp_path):
-    scratch, _ = resolve_preprocessing(TrainConfig(model="test_resnet"), set())
+def test_preprocessing_layers(tmp_path, monkeypatch):
+    """The command line over the weights' own preprocessing over the defaults (fixres.layers)."""
+    console = make_console(False)
+    scratch, _, _ = train_config({"model": "test_resnet", "data": "x.csv"}, console)
     assert (scratch.mean, scratch.std, scratch.crop_pct) == (*IMAGENET, 0.875)
-    given, _ = resolve_preprocessing(TrainConfig(model="test_resnet", pretrained=True, crop_pct=0.9,
-                                                 mean=[0.1, 0.2, 0.3]), {"crop_pct", "mean"})
+    given, _, why = train_config({"model": "test_resnet", "data": "x.csv", "pretrained": True, "crop_pct": 0.9,
+                                  "mean": [0.1, 0.2, 0.3]}, console)
     assert (given.mean, given.std, given.crop_pct) == ([0.1, 0.2, 0.3], [0.5] * 3, 0.9)
+    assert why.endswith("given: --mean --crop-pct")
     # a fixres weights file: its metadata says how it was made
     save_weights(tmp_path / "w.safetensors", {}, {"model": "test_resnet", "mean": [0.2] * 3, "std": [0.3] * 3,
                                                   "crop_pct": 0.8, "interpolation": "bicubic"})
-    from_file, why = resolve_preprocessing(TrainConfig(model="test_resnet", weights=str(tmp_path / "w.safetensors")),
-                                           set())
+    from_file, _, why = train_config({"model": "test_resnet", "data": "x.csv",
+                                      "weights": str(tmp_path / "w.safetensors")}, console)
     assert (from_file.mean, from_file.std, from_file.crop_pct, from_file.interpolation) == (
         [0.2] * 3, [0.3] * 3, 0.8, "bicubic")
     assert f"the metadata of {tmp_path / 'w.safetensors'}" in why
-    resumed, _ = resolve_preprocessing(TrainConfig(model="test_resnet", pretrained=True), set(), resumed=True)
-    assert resumed.mean == IMAGENET[0]  # a run saved before mean/std were options used ImageNet's
+    # a resumed run keeps its config: one saved before mean/std were options used ImageNet's
+    old = RunFolder(tmp_path / "old")
+    old.path.mkdir()
+    old.write_config({**TrainConfig(model="test_resnet", data="x.csv", pretrained=True).to_dict(), "mean": None,
+                      "std": None, "crop_pct": 0.95})
+    checkpoint = Checkpoint(old.path / "checkpoints" / "epoch-1", weights={}, meta={}, training_state={})
+    monkeypatch.setattr(layers.ckpt.RunFolder, "resolve_resume", lambda *args, **kwargs: checkpoint)
+    resumed, resume, why = train_config({"resume": str(old.path), "data": "x.csv"}, console)
+    assert resume is not None and (resumed.mean, resumed.crop_pct) == (IMAGENET[0], 0.95)
+    assert why.endswith("the run's config")
 
 
 def test_top5_is_top_k_over_at_most_five_classes():
@@ -336,7 +349,7 @@ def test_finetune_run_exports_at_its_new_size_with_the_sources_normalisation(pre
 def test_sweep_of_plain_weights_preprocesses_as_the_library_made_them(tmp_path, tiny_csv):
     torch.manual_seed(0)
     save_file(timm.create_model("test_resnet", num_classes=3).state_dict(), tmp_path / "plain.safetensors")
-    summary = sweep_lib.sweep(SweepConfig(model="test_resnet", weights=str(tmp_path / "plain.safetensors"),
+    summary = sweep_lib.sweep(dict(model="test_resnet", weights=str(tmp_path / "plain.safetensors"),
                                                     data=str(tiny_csv), train_res=32, sizes=[32], workers=0, cpu=True,
                                                     output=str(tmp_path)))
     assert summary["meta"]["crop_pct"] == 0.95 and summary["rows"][0]["resize"] == 33  # int(32 / 0.95)

@@ -24,7 +24,7 @@ from fixres import sweep as sweep_lib
 from fixres.adapt import adapted_layers, find_last_norm, prepare_for_finetuning
 from fixres.adapter import FrechetAdapter, attach_adapter
 from fixres.classifiers import ModelError
-from fixres.config import FinetuneConfig, TrainConfig
+from fixres.config import TrainConfig
 from fixres.data import load_split
 from fixres.fileio import load_weights, save_weights, write_json_atomic
 from fixres.models import create_model
@@ -57,7 +57,7 @@ FAMILIES = [("test_convnext", 40, "head.norm", "LayerNorm2d", "head.fc"),
 def test_finetune_trains_the_last_norm_and_the_classifier_only(tmp_path, tiny_csv, capsys, model_name, res, norm,
                                                                kind, classifier):
     source = write_source_run(tmp_path / "source", model_name, tiny_csv)
-    summary = finetune_lib.finetune(FinetuneConfig(checkpoint=str(source), res=res, epochs=1, batch_size=30,
+    summary = finetune_lib.finetune(dict(checkpoint=str(source), res=res, epochs=1, batch_size=30,
                                                    output=str(tmp_path / "out"), workers=0, cpu=True, name="ft"))
     before, _ = load_weights(source / "best.safetensors")
     after, meta = load_weights(tmp_path / "out" / "ft" / "last.safetensors")
@@ -81,7 +81,7 @@ def test_finetune_trains_the_last_norm_and_the_classifier_only(tmp_path, tiny_cs
 def test_res_auto_without_running_statistics_scores_the_model_as_it_stands(tmp_path, tiny_csv):
     """No BN to re-estimate at each candidate size: the choice sweep is the source model's own."""
     source = write_source_run(tmp_path / "source", "test_convnext", tiny_csv)
-    summary = finetune_lib.finetune(FinetuneConfig(checkpoint=str(source), sizes=[32, 40], epochs=1, batch_size=30,
+    summary = finetune_lib.finetune(dict(checkpoint=str(source), sizes=[32, 40], epochs=1, batch_size=30,
                                                    output=str(tmp_path / "out"), workers=0, cpu=True, name="auto"))
     assert "held-out validation images, the model as it stands (no running statistics to re-estimate)" in \
         summary["res_choice"]
@@ -96,7 +96,7 @@ def test_res_auto_without_running_statistics_scores_the_model_as_it_stands(tmp_p
 def test_parametric_takes_pooled_silu_features(tmp_path, tiny_csv, capsys):
     """NFNet pools SiLU outputs: a little below 0 (SiLU's floor is -0.28), a Frechet-like shape all the same."""
     source = write_source_run(tmp_path / "source", "test_nfnet", tiny_csv)
-    summary = finetune_lib.finetune(FinetuneConfig(checkpoint=str(source), res=40, method="parametric", fit_images=20,
+    summary = finetune_lib.finetune(dict(checkpoint=str(source), res=40, method="parametric", fit_images=20,
                                                    output=str(tmp_path / "out"), workers=0, cpu=True, name="p"))
     assert summary["adaptation"]["kind"] == "frechet" and summary["adapted"]["layer"] is None
     assert "adapts: the input of the classifier head.fc (a Frechet map fitted at 32 and 40 px)\n" in capsys.readouterr().out

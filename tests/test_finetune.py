@@ -25,7 +25,7 @@ from fixres.adapter import ADAPTER, FrechetAdapter, attach_adapter, attach_saved
 from fixres.checkpoint import CheckpointError
 from fixres.classifiers import ModelError
 from fixres.cli import run_main
-from fixres.config import ConfigError, FinetuneConfig, SweepConfig, TrainConfig
+from fixres.config import ConfigError, FinetuneConfig, TrainConfig
 from fixres.data import DataError, load_split
 from fixres.export import EXPORT_DIR
 from fixres.adapt import SyncedBatchNorm2d, prepare_for_finetuning, train_only
@@ -314,7 +314,7 @@ def test_res_auto_chooses_on_validation_images_that_never_report(tmp_path, tiny_
     monkeypatch.setattr(methods_lib, "run_sweep", spy("scored", methods_lib.run_sweep))
     monkeypatch.setattr(methods_lib, "reestimate_last_bn", spy("bn", methods_lib.reestimate_last_bn))
     monkeypatch.setattr(finetune_lib, "run_sweep", spy("reported", finetune_lib.run_sweep))
-    summary = finetune_lib.finetune(FinetuneConfig(checkpoint=str(source), data=str(tiny_csv), res="auto",
+    summary = finetune_lib.finetune(dict(checkpoint=str(source), data=str(tiny_csv), res="auto",
                                                    sizes=[24, 40], choice_images=20, method="bn-stats", workers=0,
                                                    cpu=True, output=str(tmp_path), name="auto"))
     split = load_split(tiny_csv)
@@ -334,17 +334,16 @@ def test_a_resumed_finetune_keeps_its_held_out_images_and_its_choice(tmp_path, t
     source = write_source_run(tmp_path / "source", "test_resnet", tiny_csv)
     common = dict(checkpoint=str(source), data=str(tiny_csv), res="auto", sizes=[24, 40], choice_images=20, epochs=2,
                   aug="test", batch_size=10, workers=0, cpu=True, output=str(tmp_path))
-    whole = finetune_lib.finetune(FinetuneConfig(**common, name="whole"))
-    assert finetune_lib.finetune(FinetuneConfig(**common, name="parts", stop_after=1))["unfinished"]
+    whole = finetune_lib.finetune(dict(**common, name="whole"))
+    assert finetune_lib.finetune(dict(**common, name="parts", stop_after=1))["unfinished"]
     assert not (tmp_path / "parts" / "finetune.json").exists()  # no "after" for a fine-tune half done
     with pytest.raises(CheckpointError, match="the run was trained with --choice-images 20, not 6"):
-        finetune_lib.finetune(FinetuneConfig(resume=str(tmp_path / "parts"), choice_images=6),
-                              explicit={"choice_images"})
+        finetune_lib.finetune(dict(resume=str(tmp_path / "parts"), choice_images=6))
     def no_second_choice(*args, **kwargs):
         raise AssertionError("a resumed fine-tune chose its size again")
     monkeypatch.setattr(finetune_lib, "choose_res", no_second_choice)
     # a requeued job repeats its command line: --res auto with --resume
-    parts = finetune_lib.finetune(FinetuneConfig(resume=str(tmp_path / "parts"), res="auto"), explicit={"res"})
+    parts = finetune_lib.finetune(dict(resume=str(tmp_path / "parts"), res="auto"))
     for key in ("held_out", "res", "res_choice", "chosen_on", "choice_sweep", "top1", "loss", "after_epoch"):
         assert parts[key] == whole[key], key
     assert parts["res_choice"].startswith("--res auto: ") and len(parts["choice_sweep"]) == 3
@@ -371,7 +370,7 @@ def test_a_finetuned_run_keeps_the_source_min_scale(tmp_path, tiny_csv, monkeypa
     real = transforms_lib.train_transform
     monkeypatch.setattr(transforms_lib, "train_transform", lambda **kw: crops.append(kw["min_scale"]) or real(**kw))
     common = dict(checkpoint=str(source), res=40, output=str(tmp_path / "out"), workers=0, cpu=True, batch_size=30)
-    finetune_lib.finetune(FinetuneConfig(**common, aug="rrc", epochs=1, name="rrc"))
+    finetune_lib.finetune(dict(**common, aug="rrc", epochs=1, name="rrc"))
     run = tmp_path / "out" / "rrc"
     assert crops == [0.25]
     assert json.loads((run / "config.json").read_text())["min_scale"] == 0.25
@@ -379,11 +378,11 @@ def test_a_finetuned_run_keeps_the_source_min_scale(tmp_path, tiny_csv, monkeypa
     alone = tmp_path / "alone"  # no config.json beside them
     alone.mkdir()
     shutil.copy(run / "best.safetensors", alone / "weights.safetensors")
-    swept = sweep_lib.sweep(SweepConfig(checkpoint=str(alone / "weights.safetensors"), data=str(tiny_csv),
+    swept = sweep_lib.sweep(dict(checkpoint=str(alone / "weights.safetensors"), data=str(tiny_csv),
                                         sizes=[32], cpu=True, workers=0))
     assert swept["meta"]["min_scale"] == 0.25
 
-    finetune_lib.finetune(FinetuneConfig(**common, method="bn-stats", min_scale=0.5, name="given"), {"min_scale"})
+    finetune_lib.finetune(dict(**common, method="bn-stats", min_scale=0.5, name="given"))
     assert json.loads((tmp_path / "out" / "given" / "config.json").read_text())["min_scale"] == 0.5
 
 
@@ -393,7 +392,7 @@ def unlearning(tmp_path_factory, tiny_csv):
     data with the training labels rotated: fine-tuning on them unlearns, so the last epoch
     scores below an earlier one."""
     root = tmp_path_factory.mktemp("unlearning")
-    train(TrainConfig(data=str(tiny_csv), model="test_resnet", train_res=32, batch_size=16, epochs=2, lr=2e-3,
+    train(dict(data=str(tiny_csv), model="test_resnet", train_res=32, batch_size=16, epochs=2, lr=2e-3,
                       workers=0, cpu=True, output=str(root), name="source"))
     rotate = dict(zip(CLASSES, CLASSES[1:] + CLASSES[:1]))
     header, *rows = tiny_csv.read_text().splitlines()
@@ -407,7 +406,7 @@ def unlearning(tmp_path_factory, tiny_csv):
 @pytest.mark.slow
 def test_finetune_json_describes_the_weights_it_ships(unlearning, tmp_path):
     source, rotated = unlearning
-    finetune_lib.finetune(FinetuneConfig(checkpoint=str(source), data=str(rotated), res=40, epochs=3, lr=3e-3,
+    finetune_lib.finetune(dict(checkpoint=str(source), data=str(rotated), res=40, epochs=3, lr=3e-3,
                                          aug="test", batch_size=10, workers=0, cpu=True, output=str(tmp_path),
                                          name="ft"))
     run = tmp_path / "ft"
@@ -426,7 +425,7 @@ def test_finetune_json_describes_the_weights_it_ships(unlearning, tmp_path):
     assert summary["after_epoch"] == load_weights(run / "best.safetensors")[1]["epoch"] == best["epoch"]
     # "after" and "last epoch" are those weights on the 13 reported images: sweep.py on all 25, cut to them
     for which, top1 in (("best", summary["top1"]["after"]), ("last", summary["last_epoch"]["top1"])):
-        rows = sweep_lib.sweep(SweepConfig(checkpoint=str(run), which=which, sizes=[40], cpu=True, workers=0,
+        rows = sweep_lib.sweep(dict(checkpoint=str(run), which=which, sizes=[40], cpu=True, workers=0,
                                            output=str(tmp_path / which)))["rows"]
         correct = next(row for row in rows if row["size"] == 40)["per_image_correct"]
         assert top1 == pytest.approx(sum(bool(correct[i]) for i in reported) / 13), which
@@ -728,7 +727,7 @@ def test_a_run_of_the_built_in_data_gets_the_built_in_fine_tuning_preset(tmp_pat
     run uses FINETUNE_SHAPES_PRESET for what the command line does not give; other runs keep
     the reference defaults."""
     from fixres import shapes
-    from fixres.config import FINETUNE_SHAPES_PRESET
+    from fixres.presets import FINETUNE_SHAPES_PRESET
     monkeypatch.setattr(shapes, "ensure_shapes", lambda **kw: tiny_csv)  # stands in for the generated images
     built_in = write_source_run(tmp_path / "built_in", "test_resnet", tiny_csv)
     config = json.loads((built_in / "config.json").read_text())
@@ -738,7 +737,7 @@ def test_a_run_of_the_built_in_data_gets_the_built_in_fine_tuning_preset(tmp_pat
     common = dict(res=40, output=str(tmp_path / "out"), workers=0, cpu=True, batch_size=30)
 
     def used(source, name, **given):
-        finetune_lib.finetune(FinetuneConfig(checkpoint=str(source), name=name, **common, **given), set(given))
+        finetune_lib.finetune(dict(checkpoint=str(source), name=name, **common, **given))
         run = json.loads((tmp_path / "out" / name / "config.json").read_text())
         return {k: run[k] for k in FINETUNE_SHAPES_PRESET}
 

@@ -13,11 +13,11 @@ import timm
 import torch
 from torch import nn
 
-from fixres.config import ConfigError, TrainConfig, parse_args
+from fixres.config import ConfigError, TrainConfig
 from fixres.fileio import load_weights
 from fixres.models import create_model
 from fixres.trained_model import load_run_model
-from tests.conftest import TINY_TRAIN, error_line, run_in_process
+from tests.conftest import TINY_TRAIN, error_line, parsed, run_in_process
 
 PAIRS = ["patch_size=8", "drop_path_rate=0.1", "class_token=False", "norm=None", "img_size=(32, 32)",
          "stem_type=deep", "act=gelu tanh", "expr=1=2", "layers=[1, 2]"]
@@ -28,7 +28,7 @@ def test_model_kwargs_are_parsed_as_timms_train_py_parses_them():
     timms = argparse.ArgumentParser()
     timms.add_argument("--model-kwargs", nargs="*", default={}, action=timm.utils.ParseKwargs)
     expected = timms.parse_args(["--model-kwargs", *PAIRS]).model_kwargs
-    cfg, given = parse_args(TrainConfig, ["--data", "x.csv", "--model-kwargs", *PAIRS], "test")
+    cfg, given = parsed(TrainConfig, ["--data", "x.csv", "--model-kwargs", *PAIRS])
     assert cfg.model_kwargs == expected and "model_kwargs" in given
     assert cfg.model_kwargs["stem_type"] == "deep" and cfg.model_kwargs["img_size"] == (32, 32)
 

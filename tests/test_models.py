@@ -120,7 +120,8 @@ def test_output_stride_option_is_checked():
 
 def test_the_built_in_preset_ends_on_a_feature_map_of_at_least_4x4():
     """Issue 12: a 1x1 or 2x2 last map turns the sweep into a saw-tooth of padding effects."""
-    from fixres.config import SHAPES_PRESET, TrainConfig
+    from fixres.config import TrainConfig
+    from fixres.presets import SHAPES_PRESET
     cfg = TrainConfig(**SHAPES_PRESET)
     model = create_model(cfg.model, num_classes=6, output_stride=cfg.output_stride)
     x = torch.zeros(1, 3, cfg.train_res, cfg.train_res)

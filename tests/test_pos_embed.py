@@ -17,7 +17,6 @@ import torch
 from fixres import finetune as finetune_lib
 from fixres import run as run_lib
 from fixres.adapt import find_position_embedding, prepare_for_finetuning
-from fixres.config import FinetuneConfig
 from fixres.data import load_split
 from fixres.fileio import load_weights
 from fixres.model_sizes import resize_model
@@ -80,7 +79,7 @@ def fine_tune(tmp_path, model_name, model_kwargs, tiny_csv, optimizer_decay, **o
     """A 1-epoch fine-tune at 48 px of an untrained source run at 32 px; (finetune.json, the weight
     decay the optimizer gave each trained parameter)."""
     source = write_source_run(tmp_path / "source", model_name, tiny_csv, model_kwargs=model_kwargs)
-    summary = finetune_lib.finetune(FinetuneConfig(checkpoint=str(source), res=48, epochs=1, batch_size=30,
+    summary = finetune_lib.finetune(dict(checkpoint=str(source), res=48, epochs=1, batch_size=30,
                                                    output=str(tmp_path / "out"), workers=0, cpu=True, name="ft",
                                                    **options))
     return summary, optimizer_decay
@@ -198,9 +197,9 @@ def test_a_resumed_fine_tune_trains_its_position_embedding_as_an_uninterrupted_o
     source = write_source_run(tmp_path / "source", DEIT, tiny_csv, model_kwargs={"img_size": 32, **DEIT_KWARGS})
     common = dict(checkpoint=str(source), res=48, epochs=2, batch_size=30, workers=0, cpu=True, output=str(tmp_path),
                   train_pos_embed=True)
-    whole = finetune_lib.finetune(FinetuneConfig(**common, name="whole"))
-    assert finetune_lib.finetune(FinetuneConfig(**common, name="parts", stop_after=1))["unfinished"]
-    parts = finetune_lib.finetune(FinetuneConfig(resume=str(tmp_path / "parts")))
+    whole = finetune_lib.finetune(dict(**common, name="whole"))
+    assert finetune_lib.finetune(dict(**common, name="parts", stop_after=1))["unfinished"]
+    parts = finetune_lib.finetune(dict(resume=str(tmp_path / "parts")))
     assert parts["adapted"]["pos_embed"] == "pos_embed" and parts["loss"] == whole["loss"]
     whole_weights, _ = load_weights(tmp_path / "whole" / "last.safetensors")
     parts_weights, _ = load_weights(tmp_path / "parts" / "last.safetensors")

@@ -15,7 +15,9 @@ from torch import nn
 
 from fixres import checkpoint as ckpt
 from fixres import fileio
-from fixres.config import SweepConfig, TrainConfig, parse_args, train_presets
+from fixres.config import TrainConfig
+from fixres.layers import parse_command_line
+from fixres.presets import train_preset
 from fixres.ema import ModelEma
 from fixres.engine import TrainStep, to_device_batch, train_one_epoch
 from fixres.resolution import resize_size
@@ -25,7 +27,7 @@ from fixres.preprocessing import create_transform
 from fixres.runtime import make_accelerator
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchMix, crop_augment
 from tests import kill_harness as harness
-from tests.conftest import TINY_TRAIN, Started, finish
+from tests.conftest import TINY_TRAIN, Started, finish, parsed
 
 
 def seeded(transform, source, seed: int = 0):
@@ -181,8 +183,7 @@ def test_best_is_the_ema_when_it_scores_higher_and_says_so():
 # ----------------------------------------------------------------------------- the --recipe preset
 
 def test_tv_resnet50_v2_recipe_resolves_to_torchvisions_values():
-    cfg, explicit = parse_args(TrainConfig, ["--data", "x.csv", "--recipe", "tv-resnet50-v2", "--epochs", "90"],
-                               "train", train_presets)
+    cfg, given = parsed(TrainConfig, ["--data", "x.csv", "--recipe", "tv-resnet50-v2", "--epochs", "90"], train_preset)
     # torchvision's blog post and references/classification README, with ours for what differs
     assert (cfg.model, cfg.train_res, cfg.test_res, resize_size(cfg.test_res, cfg.crop_pct)) == ("tv:resnet50", 176, 224, 232)
     assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.warmup_epochs) == ("sgd", 0.5, 0.9, 2e-5, 5)
@@ -190,9 +191,9 @@ def test_tv_resnet50_v2_recipe_resolves_to_torchvisions_values():
     assert (cfg.auto_augment, cfg.random_erase, cfg.mixup_alpha, cfg.cutmix_alpha) == ("ta_wide", 0.1, 0.2, 1.0)
     assert (cfg.model_ema, cfg.model_ema_steps) == (True, 32)
     assert cfg.model_ema_decay == pytest.approx(0.998908, abs=1e-6)  # torchvision's 0.99998 at 8 x 128 images per step
-    assert cfg.epochs == 90 and explicit == {"data", "recipe", "epochs"}  # what is given wins
-    assert parse_args(TrainConfig, ["--data", "x.csv", "--recipe", "tv-resnet50-v2"], "train", train_presets)[0].epochs == 600
-    plain = parse_args(TrainConfig, ["--data", "x.csv"], "train", train_presets)[0]
+    assert cfg.epochs == 90 and set(given) == {"data", "recipe", "epochs"}  # what is given wins
+    assert parsed(TrainConfig, ["--data", "x.csv", "--recipe", "tv-resnet50-v2"], train_preset)[0].epochs == 600
+    plain = parsed(TrainConfig, ["--data", "x.csv"], train_preset)[0]
     assert (plain.model_ema, plain.auto_augment, plain.mixup_alpha, plain.random_erase, plain.clip_grad_norm) == \
         (False, None, 0.0, 0.0, None)
 
@@ -208,7 +209,7 @@ def test_tv_resnet50_v2_recipe_resolves_to_torchvisions_values():
 ])
 def test_bad_recipe_options_are_refused(capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
-        parse_args(TrainConfig, ["--data", "x.csv", *args], "train", train_presets)
+        parse_command_line(TrainConfig, ["--data", "x.csv", *args], "train", preset=train_preset)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
@@ -278,7 +279,7 @@ def test_ema_is_evaluated_beside_the_weights_and_saved(featured_run):
     saved = ckpt.RunFolder.read_training_state(ckpt.RunFolder(run).checkpoints()[-1])
     assert all(torch.equal(saved["ema"][k].cpu(), v) for k, v in ema_weights.items())
     # sweep.py --which ema evaluates the EMA that train.py evaluated
-    sweep(SweepConfig(checkpoint=str(run), which="ema", sizes=[32], workers=0, output=str(run / "ema-sweep")))
+    sweep(dict(checkpoint=str(run), which="ema", sizes=[32], workers=0, output=str(run / "ema-sweep")))
     row = json.loads((run / "ema-sweep" / "sweep.json").read_text())["rows"][0]
     assert row["top1"] == rows[-1]["ema_val_acc"] and row["loss"] == pytest.approx(rows[-1]["ema_val_loss"], abs=1e-6)
 
@@ -315,7 +316,7 @@ def test_two_processes_evaluate_and_save_the_same_ema(recipe_runs, tmp_path):
     result, run = recipe_runs.run("ema_two_processes")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = records(run)[0]
-    sweep(SweepConfig(checkpoint=str(run), which="ema", sizes=[32], workers=0, output=str(tmp_path / "s")))
+    sweep(dict(checkpoint=str(run), which="ema", sizes=[32], workers=0, output=str(tmp_path / "s")))
     row = json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"][0]
     assert row["top1"] == record["ema_val_acc"] and row["loss"] == pytest.approx(record["ema_val_loss"], abs=1e-5)
 

@@ -35,8 +35,9 @@ from fixres import checkpoint as ckpt
 from fixres import fileio
 from fixres import cli
 from fixres.cli import run_main
-from fixres.config import TrainConfig, parse_args
+from fixres.config import TrainConfig
 from fixres.images import BadImageError, open_image
+from fixres.layers import parse_command_line
 from tests import kill_harness as harness
 from tests.conftest import TINY_TRAIN, error_line, finish, free_port, run_script, script_main, start_script
 
@@ -626,7 +627,7 @@ def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, side):
 ])
 def test_non_finite_and_non_positive_options_are_refused(capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
-        parse_args(TrainConfig, ["--data", "x.csv", *args], "train")
+        parse_command_line(TrainConfig, ["--data", "x.csv", *args], "train")
     assert exit_.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.endswith(f"error: {message}"), line

@@ -220,7 +220,7 @@ def test_finetune_res_auto_chooses_among_the_sizes_within_the_budget(tmp_path, m
     monkeypatch.setattr(methods_lib, "run_sweep", lambda *args, **kwargs: scored.extend(args[3]) or real(*args, **kwargs))
     common = dict(checkpoint=str(source), data=str(csv), sizes=[24, 40, 48], choice_images=6, method="bn-stats",
                   workers=0, cpu=True, output=str(tmp_path))
-    summary = finetune_lib.finetune(FinetuneConfig(**common, res="auto", max_latency_ms=5.0, name="auto"))
+    summary = finetune_lib.finetune(dict(**common, res="auto", max_latency_ms=5.0, name="auto"))
     assert asked == [[24, 32, 40, 48]]
     assert scored == [24, 32, 40]  # 48 px is outside; 32 px, the training size, is scored as the reference only
     assert summary["res"] in (24, 40)
@@ -232,7 +232,7 @@ def test_finetune_res_auto_chooses_among_the_sizes_within_the_budget(tmp_path, m
     assert choice[summary["res"]] == max((choice[24], choice[40]), key=lambda r: (r["top1"], -r["loss"]))
 
     with pytest.raises(ConfigError) as refused:  # --res N outside the budget: refused, not warned
-        finetune_lib.finetune(FinetuneConfig(**common, res=48, max_latency_ms=5.0, name="fixed"))
+        finetune_lib.finetune(dict(**common, res=48, max_latency_ms=5.0, name="fixed"))
     assert str(refused.value) == ("--res 48 takes 9 ms at batch 1 and does 7111 images/s at batch 64 on cpu: outside "
                                   "--max-latency-ms 5; use --res auto to choose within it, or drop the budget")
     assert not (tmp_path / "fixed").exists()

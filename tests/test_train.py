@@ -8,9 +8,10 @@ import torch
 
 from fixres import shapes
 from fixres.checkpoint import RunFolder
-from fixres.config import RECIPES, TrainConfig, parse_args, train_presets
+from fixres.config import TrainConfig
 from fixres.fileio import load_weights
-from tests.conftest import TINY_TRAIN, Started, error_line, make_image_folder, run_in_process, run_script
+from fixres.presets import RECIPES, train_preset
+from tests.conftest import TINY_TRAIN, Started, error_line, make_image_folder, parsed, run_in_process, run_script
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +224,7 @@ VIT_KWARGS = RECIPES["shapes-vit"]["model_kwargs"]
     (["--recipe", "shapes-vit", "--model", "test_vit", "--model-kwargs", "depth=2"], "test_vit", None, {"depth": 2}),
 ])
 def test_a_preset_or_recipes_model_options_go_with_its_model_only(args, model, output_stride, model_kwargs):
-    cfg, _ = parse_args(TrainConfig, args, "train", train_presets)
+    cfg, _ = parsed(TrainConfig, args, train_preset)
     assert (cfg.model, cfg.output_stride, cfg.model_kwargs) == (model, output_stride, model_kwargs)
 
 

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fixres.config import RECIPES, SHAPES_PRESET  # noqa: E402
+from fixres.presets import RECIPES, SHAPES_PRESET  # noqa: E402
 from fixres.engine import to_device_batch  # noqa: E402
 from fixres.model_sizes import patch_size, sizes_it_takes  # noqa: E402
 from fixres.models import any_size_kwargs, create_model, sized_model_kwargs  # noqa: E402
