@@ -113,6 +113,20 @@ def fine_tuning_res(cfg: FinetuneConfig, source_cfg: dict, resume, console, *, c
     return res, why, rows
 
 
+def other_test_crop_note(crop_pct: float, test_crop_pct: float) -> str:
+    """What finetune.py says when sweep.py --write-best recorded another crop than the source's."""
+    return (f"crop_pct {crop_pct:g}, the source's: every size is evaluated and fine-tuned at it, not at the "
+            f"test_crop_pct {test_crop_pct:g} its weights record (sweep.py --write-best); --crop-pct "
+            f"{test_crop_pct:g} fine-tunes at that one")
+
+
+def no_running_statistics(model_name: str, norm: str | None, adapted: dict) -> str:
+    """Why --method bn-stats cannot run on a model whose last norm is no BatchNorm."""
+    where = (f"'s last normalisation layer {norm} is a {adapted['kind']}, which keeps" if norm else
+             f" has no normalisation layer before its {classifiers_text(adapted['classifiers'])}, so")
+    return f"--method bn-stats: {model_name}{where} no running statistics to re-estimate; use --method finetune"
+
+
 def finetune(given: dict) -> dict:
     """finetune.py's job, from the options given (fixres.layers.parse_command_line): load the
     source run, choose the resolution (--res auto), evaluate before, apply the method, evaluate
@@ -137,9 +151,7 @@ def finetune(given: dict) -> dict:
         ckpt.RunFolder(Path(cfg.output) / cfg.name).refuse_if_taken()
     train_res = cfg.train_res
     if meta.get("test_crop_pct") not in (None, cfg.crop_pct) and "crop_pct" not in given:  # sweep.py --write-best's
-        console.print(f"crop_pct {cfg.crop_pct:g}, the source's: every size is evaluated and fine-tuned at it, not at "
-                      f"the test_crop_pct {meta['test_crop_pct']:g} its weights record (sweep.py --write-best); "
-                      f"--crop-pct {meta['test_crop_pct']:g} fine-tunes at that one")
+        console.print(other_test_crop_note(cfg.crop_pct, meta["test_crop_pct"]))
     eval_meta = {**meta, "interpolation": cfg.interpolation}
     held_out, reported = held_out_split(split.val, cfg.choice_images, cfg.seed)
     norm = find_last_norm(model, input_size=train_res)
@@ -148,10 +160,7 @@ def finetune(given: dict) -> dict:
     last_bn = norm if is_batchnorm(model.get_submodule(norm) if norm else None) else None  # running statistics
     sweep = dict(batch_size=cfg.batch_size, workers=worker_count(cfg.workers), activations=True, decode=decode)
     if cfg.method == "bn-stats" and last_bn is None:
-        where = (f"'s last normalisation layer {norm} is a {adapted['kind']}, which keeps" if norm else
-                 f" has no normalisation layer before its {classifiers_text(adapted['classifiers'])}, so")
-        raise ConfigError(f"--method bn-stats: {cfg.model}{where} no running statistics to re-estimate; "
-                          f"use --method finetune")
+        raise ConfigError(no_running_statistics(cfg.model, norm, adapted))
     if cfg.method == "parametric":
         refuse_negative_features(cfg, model, split, accelerator, sweep["workers"], adapted["classifiers"])
     predicted = recommended_test_res(train_res=train_res, crop_pct=cfg.crop_pct, scale=(cfg.min_scale, 1.0))
