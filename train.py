@@ -5,7 +5,7 @@
     accelerate launch --mixed_precision bf16 train.py --data /imagenet  # ImageFolder, all GPUs
     torchrun --nproc_per_node 2 train.py --cpu --epochs 1               # two CPU processes (gloo)
     python train.py --resume auto                      # continue the newest run under runs/
-    python train.py --data /imagenet --recipe tv-resnet50-v2   # torchvision's ResNet-50 V2 recipe (README)
+    python train.py --data /imagenet --recipe tv-resnet50-v2   # torchvision's ResNet-50 V2 recipe (docs/recipes.md)
     python train.py --data /imagenet --for-test-res 224   # a fixed test size: trains at 181 px, validates at 224
 
 Prints the resolved config, a progress bar and one line per epoch

@@ -171,7 +171,7 @@ class RecipeOptions:
     clip_grad_norm: float | None = option(None, "clip the gradients' global L2 norm to this before each optimizer step "
                                                 "(default: no clipping)")
     recipe: str | None = option(None, "a published recipe's settings as defaults (options given here still win): "
-                                      "tv-resnet50-v2 = torchvision's ResNet-50 IMAGENET1K_V2 (README); shapes-convnext, "
+                                      "tv-resnet50-v2 = torchvision's ResNet-50 IMAGENET1K_V2 (docs/recipes.md); shapes-convnext, "
                                       "shapes-vit = a ConvNeXt and a ViT on the built-in data", RECIPE_NAMES)
     auto_augment: str | None = option(None, "per-image automatic augmentation after the crop and flip: ta_wide = "
                                             "TrivialAugmentWide, ra = RandAugment (2 ops, magnitude 9)", ("ta_wide", "ra"))
@@ -180,7 +180,7 @@ class RecipeOptions:
                                      "--cutmix-alpha, one of the two per batch (0 = off; no training accuracy then)")
     cutmix_alpha: float = option(0.0, "CutMix on each training batch, its Beta(alpha, alpha) area (0 = off)")
     model_ema: bool = option(False, "keep an exponential moving average (EMA) of the weights, evaluated beside them "
-                                    "every epoch; best.safetensors is whichever did better (README: Model EMA)")
+                                    "every epoch; best.safetensors is whichever did better (docs/recipes.md: EMA)")
     model_ema_decay: float = option(0.999, "the EMA's weight on its past at each update: it averages over about "
                                            "--model-ema-steps / (1 - decay) optimizer steps")
     model_ema_steps: int = option(32, "optimizer steps between EMA updates (torchvision's 32)")

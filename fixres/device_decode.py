@@ -2,7 +2,7 @@
 
     python train.py --data train.csv --decode gpu      # nvJPEG through TorchCodec, crops on the GPU
     python sweep.py --checkpoint runs/<name> --decode gpu
-    pip install torchcodec                             # the optional dependency (README: GPU decoding)
+    pip install torchcodec                             # the optional dependency (docs/gpus.md: GPU decoding)
 
 --decode cpu: the loader workers decode and crop (fixres.transforms). gpu: the workers read
 each file and its header; the main process decodes the whole batch in one
@@ -44,7 +44,7 @@ from fixres.runtime import error_reason
 from fixres.transforms import resize_nearest, sample_crop
 
 DECODE_CHOICES = ("auto", "cpu", "gpu")
-INSTALL_HINT = "pip install torchcodec (>= 0.16; README: GPU decoding)"
+INSTALL_HINT = "pip install torchcodec (>= 0.16; docs/gpus.md: GPU decoding)"
 
 
 @functools.lru_cache(maxsize=1)

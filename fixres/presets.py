@@ -23,7 +23,7 @@ TV_RESNET50_V2 = dict(
     interpolation="bilinear",
     epochs=600,
     batch_size=128,            # per process, on 8 GPUs: 1024 images per optimizer step
-    optimizer="sgd",           # momentum 0.9 (theirs plain, ours Nesterov: README)
+    optimizer="sgd",           # momentum 0.9 (theirs plain, ours Nesterov: docs/recipes.md)
     momentum=0.9,
     lr=0.5,                    # for 1024 images per step
     warmup_epochs=5,           # linear, then cosine to 0
@@ -41,8 +41,8 @@ TV_RESNET50_V2 = dict(
     model_ema_decay=1 - (1 - 0.99998) * 8 * 128 * 32 / 600,
 )
 
-# The built-in data's recipes for the model families without BatchNorm by default (README,
-# "Model families"; docs/shapes-lab.md: what was tried). Stock LayerNorm test_convnext and
+# The built-in data's recipes for the model families without BatchNorm by default
+# (docs/families.md; docs/shapes-lab.md: what was tried). Stock LayerNorm test_convnext and
 # test_vit stay near chance here in 15-26 CPU epochs at any learning rate; these variants learn.
 # A ConvNeXt with BatchNorm, ReLU and an overlapping conv stem (timm's own options): its head is
 # still timm's NormMlpClassifierHead, a norm then the classifier, which finetune.py adapts.

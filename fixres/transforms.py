@@ -110,8 +110,8 @@ class HorizontalShiftCrop(nn.Module):
     """A size x size crop at the vertical centre and a random horizontal offset: the centre
     crop's framing, translated sideways (the FixRes v2 fine-tuning crop). The offset is
     uniform over the whole margin; the reference's `center_crop_new` draws centre +- a
-    uniform integer, the same range with the centre offset twice as likely (README says why
-    this one is kept)."""
+    uniform integer, the same range with the centre offset twice as likely (docs/finetune.md says
+    why this one is kept)."""
 
     def __init__(self, size: int):
         super().__init__()
