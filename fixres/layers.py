@@ -13,7 +13,7 @@ given is always the layer's below it, as timm's train.py feeds its YAML into
 
     given = parse_command_line(TrainConfig, argv, "Train ...", preset=train_preset)
     cfg, resume, normalisation = train_config(given, console)        # train.py
-    cfg = finetune_config(given, meta, source_cfg, split, checkpoint=..., resumed=...)  # finetune.py
+    cfg = finetune_config(given, meta, source_cfg, split.source, checkpoint=..., resumed=..., output=...)  # finetune.py
     cfg = sweep_config(given, meta, run_cfg, checkpoint=...)        # sweep.py
 """
 from __future__ import annotations
