@@ -37,7 +37,7 @@ from fixres.preprocessing import weights_meta
 from fixres.trained_model import load_run_model
 from fixres.training import train
 from fixres.transforms import eval_transform, finetune_transform
-from tests.conftest import COLOURS, Started, error_line, run_in_process, run_script, script_main
+from tests.conftest import COLOURS, Started, error_line, run_in_process, script_main
 
 CLASSES = sorted(COLOURS)
 
@@ -434,8 +434,8 @@ def test_finetune_json_describes_the_weights_it_ships(unlearning, tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_csv, bn_runs):
-    """The script runs of this file that need no other run, started together, bn_runs' first
-    (two slow cores: the imports overlap); each collected when a test first asks for it."""
+    """The script runs of this file that need no other run, bn_runs' first: the 2-process one
+    started together (new interpreters), the others done in this process when a test first asks."""
     root = tmp_path_factory.mktemp("finetune")
     source = write_source_run(root / "source", "test_resnet", tiny_csv)
     out = ["--output", root / "out", "--workers", "0", "--cpu"]
@@ -444,16 +444,16 @@ def runs(tmp_path_factory, tiny_csv, bn_runs):
     started = Started()
     # 60 training images: 2 x 5 and 1 x 10 make the same 6 global batches
     started.start("two", "finetune.py", *sync, "--batch-size", "5", "--name", "two", processes=2)
-    started.start("one", "finetune.py", *sync, "--batch-size", "10", "--name", "one")
+    started.start("one", "finetune.py", *sync, "--batch-size", "10", "--name", "one", in_process=True)
     started.start("auto", "finetune.py", "--checkpoint", source, "--res", "auto", "--sizes", "24", "40",
                   "--choice-images", "20", "--method", "parametric", "--parametric-scope", "feature", "--name", "auto",
-                  *out)
+                  *out, in_process=True)
     started.start("bn_stats", "finetune.py", "--checkpoint", source, "--res", "40", "--method", "bn-stats",
-                  "--batch-size", "8", "--name", "bn_stats", *out)
+                  "--batch-size", "8", "--name", "bn_stats", *out, in_process=True)
     # train.py --freeze-epochs (transfer learning): the first epoch trains only the classifier
     started.start("freeze", "train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", "32", "--workers",
                   "0", "--batch-size", "16", "--weights", source / "best.safetensors", "--freeze-epochs", "1",
-                  "--epochs", "2", "--stop-after", "1", "--output", root / "out", "--name", "freeze")
+                  "--epochs", "2", "--stop-after", "1", "--output", root / "out", "--name", "freeze", in_process=True)
     yield started, root / "out", source
     started.collect_all()
 
@@ -587,9 +587,9 @@ def bn_runs(tmp_path_factory, tiny_csv):
     common = ["--checkpoint", source, "--res", "40", "--method", "bn-stats", "--output", root / "out",
               "--workers", "0", "--cpu"]
     started = Started()
-    started.start("whole", "finetune.py", *common, "--batch-size", "100", "--name", "whole")
     started.start("two", "finetune.py", *common, "--batch-size", "8", "--name", "two", processes=2)
-    started.start("one", "finetune.py", *common, "--batch-size", "16", "--name", "one")
+    started.start("whole", "finetune.py", *common, "--batch-size", "100", "--name", "whole", in_process=True)
+    started.start("one", "finetune.py", *common, "--batch-size", "16", "--name", "one", in_process=True)
     yield started, root / "out", source
     started.collect_all()
 
@@ -671,9 +671,9 @@ def parametric_of_trained(tmp_path_factory, trained_run):
     """A parametric run of a tiny model trained by train.py (--epochs 2), then sweep.py of that run at its size."""
     root = tmp_path_factory.mktemp("parametric")
     shutil.copytree(ok(trained_run[0]) and trained_run[1], root / "trained")
-    ok(run_script("finetune.py", "--checkpoint", root / "trained", "--res", "40", "--method", "parametric",
-                  "--workers", "0", "--output", root, "--name", "parametric"))
-    ok(run_script("sweep.py", "--checkpoint", root / "parametric", "--sizes", "40", "--workers", "0"))
+    ok(run_in_process("finetune.py", "--checkpoint", root / "trained", "--res", "40", "--method", "parametric",
+                      "--workers", "0", "--output", root, "--name", "parametric"))
+    ok(run_in_process("sweep.py", "--checkpoint", root / "parametric", "--sizes", "40", "--workers", "0"))
     return root / "parametric"
 
 

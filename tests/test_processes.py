@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fixres.fileio import load_weights
-from tests.conftest import finish, start_script
+from tests.conftest import Started
 
 NO_BN = ["--model", "test_convnext", "--train-res", "32", "--workers", "0", "--epochs", "2", "--cpu"]  # LayerNorm
 
@@ -29,11 +29,12 @@ def epoch_lines(stdout: str) -> list[str]:
 @pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_csv):
     common = ["--data", tiny_csv, *NO_BN, "--output", tmp_path]
-    processes = {"one": start_script("train.py", *common, "--batch-size", "16", "--name", "one"),  # at once: 2 slow cores
-                 "two": start_script("train.py", *common, "--batch-size", "8", "--name", "two", processes=2)}
+    processes = Started()  # torchrun's two processes start first; the one runs in this process meanwhile
+    processes.start("two", "train.py", *common, "--batch-size", "8", "--name", "two", processes=2)
+    processes.start("one", "train.py", *common, "--batch-size", "16", "--name", "one", in_process=True)
     stdout = {}
-    for name, process in processes.items():
-        result = finish(process)
+    for name in ("one", "two"):
+        result = processes[name]
         assert result.returncode == 0, f"{name}: {result.stdout[-2000:]}{result.stderr[-3000:]}"
         stdout[name] = result.stdout
     assert re.search(r"processes\s+2\b", stdout["two"]) and re.search(r"processes\s+1\b", stdout["one"])
@@ -41,7 +42,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_
     assert epoch_lines(stdout["two"]) == epoch_lines(stdout["one"])
 
     records = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-               for name in processes}
+               for name in stdout}
     for a, b in zip(records["one"], records["two"], strict=True):
         assert (a["val_acc"], a["val_count"], a["train_images"]) == (b["val_acc"], b["val_count"], b["train_images"])
         assert abs(a["val_loss"] - b["val_loss"]) < 1e-5 and abs(a["train_loss"] - b["train_loss"]) < 1e-5

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from fixres.preprocessing import create_transform
 from fixres.runtime import make_accelerator
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchMix, crop_augment
 from tests import kill_harness as harness
-from tests.conftest import TINY_TRAIN, Started, finish, parsed
+from tests.conftest import TINY_TRAIN, Started, finish, parsed, run_in_process
 
 
 def seeded(transform, source, seed: int = 0):
@@ -225,24 +226,26 @@ def featured_args(data, out, *extra) -> list:
     return ["--data", data, *TINY_TRAIN, "--epochs", 3, "--output", out, "--name", "run", *FEATURES, *extra]
 
 
-def stdout_of(process) -> str:
-    """A run that finished or stopped with its checkpoint (exit status 75)."""
-    result = finish(process, timeout=300)
+def stdout_of(run) -> str:
+    """A run (a process, or a result of one in this process) that finished or stopped with its
+    checkpoint (exit status 75)."""
+    result = finish(run, timeout=300) if isinstance(run, subprocess.Popen) else run
     assert result.returncode in (0, 75), result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
 
 @pytest.fixture(scope="module")
 def recipe_runs(tmp_path_factory, tiny_csv):
-    """The train.py runs of this file that need no other run, started together when a test first asks."""
+    """The train.py runs of this file that need no other run: the 2-process one started in new
+    interpreters when a test first asks, the other done in this process when a test asks for it."""
     out = tmp_path_factory.mktemp("featured")
     started = Started()
-    started.start("featured", "train.py", *featured_args(tiny_csv, out), folder=out / "run")
     # 2 processes; each process's BatchNorm statistics follow its own batches
     started.start("ema_two_processes", "train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", 32,
                   "--batch-size", 8, "--workers", 0, "--epochs", 1, "--cpu", "--warmup-epochs", 0, "--model-ema",
                   "--model-ema-decay", 0.5, "--model-ema-steps", 1, "--output", out, "--name", "ema_two",
                   processes=2, folder=out / "ema_two")
+    started.start("featured", "train.py", *featured_args(tiny_csv, out), folder=out / "run", in_process=True)
     yield started
     started.collect_all()
 
@@ -295,10 +298,11 @@ def test_recipe_features_resume_exactly_mid_epoch_and_at_an_epoch_end(featured_r
     harness.wait_for(tmp_path / "events.jsonl", "paused", process, timeout=240)
     process.send_signal(signal.SIGTERM)
     assert "checkpoint saved at epoch 2, batch 2" in stdout_of(process)
-    assert "resumed from" in stdout_of(harness.start(featured_args(tiny_csv, out, "--resume", "auto", "--stop-after", 1),
-                                                     events=tmp_path / "events-2.jsonl"))
+    # the resumed runs have no moment to be stopped at: in this process
+    assert "resumed from" in stdout_of(run_in_process("train.py", *featured_args(tiny_csv, out, "--resume", "auto",
+                                                                                 "--stop-after", 1)))
     assert ckpt.RunFolder(out / "run").checkpoints()[-1].name == "epoch-0002-step-000006"
-    stdout_of(harness.start(featured_args(tiny_csv, out, "--resume", "auto"), events=tmp_path / "events-3.jsonl"))
+    stdout_of(run_in_process("train.py", *featured_args(tiny_csv, out, "--resume", "auto")))
     for name in ("last.safetensors", "ema.safetensors", "best.safetensors"):
         expected, expected_meta = fileio.load_weights(reference / name)
         resumed, resumed_meta = fileio.load_weights(out / "run" / name)

@@ -22,7 +22,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -39,7 +38,7 @@ from fixres.config import TrainConfig
 from fixres.images import BadImageError, open_image
 from fixres.layers import parse_command_line
 from tests import kill_harness as harness
-from tests.conftest import TINY_TRAIN, error_line, finish, free_port, run_script, script_main, start_script
+from tests.conftest import TINY_TRAIN, Started, error_line, finish, free_port, run_in_process, script_main
 
 # 60 training images in batches of 16: 3 optimizer steps an epoch, a checkpoint after each
 # epoch, and from the third on one pruned (two are kept)
@@ -125,10 +124,13 @@ def reference(tmp_path_factory, tiny_csv):
 
 # ----------------------------------------------------------------------------- SIGKILL at any moment
 
-def started_paused(args, events: Path, point: str, **kwargs) -> tuple[subprocess.Popen, dict]:
-    """A harness process (or torchrun and its workers) stopped at `point`; killed if it never gets there."""
+def started_paused(args, events: Path, point: str, meanwhile=None, **kwargs) -> tuple[subprocess.Popen, dict]:
+    """A harness process (or torchrun and its workers) stopped at `point`; killed if it never gets there.
+    `meanwhile()`: work of this process done while that one starts (its imports: seconds of a core)."""
     process = harness.start(args, events=events, pause_at=point, **kwargs)
     try:
+        if meanwhile:
+            meanwhile()
         return process, harness.wait_for(events, "paused", process, timeout=240,
                                          rank=str(kwargs["pause_rank"]) if "pause_rank" in kwargs else None)
     except BaseException:
@@ -214,7 +216,7 @@ def test_ten_sigkills_then_resume_auto_equal_an_uninterrupted_run(reference, fau
                          "finished_epochs": finished,
                          "temporaries_left": len(temporaries(run)) if run.exists() else 0})
 
-    final = assert_ok(finish(harness.start(args, events=tmp_path / "events-final.jsonl")))
+    final = assert_ok(run_in_process("train.py", *args))  # to the end: no event to wait for
     for name in ("last.safetensors", "best.safetensors"):
         assert_same_weights(reference["run"] / name, run / name)
     assert metrics(run) == metrics(reference["run"])
@@ -255,7 +257,7 @@ def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_from_it(reference, 
                f"exit {result.returncode}, checkpoint {checkpoint}; resumed at {where}",
                message=next(line for line in result.stdout.splitlines() if line.startswith("stopped by")))
         previous = (checkpoint, where)
-    final = assert_ok(finish(harness.start(args, events=tmp_path / "events-final.jsonl")))
+    final = assert_ok(run_in_process("train.py", *args))  # to the end: no event to wait for
     assert f"resumed from {run / 'checkpoints' / previous[0]} at {previous[1]}" in final.stdout
     assert_same_weights(reference["run"] / "last.safetensors", run / "last.safetensors")
     ours, theirs = metrics(run), metrics(reference["run"])
@@ -276,15 +278,16 @@ def test_a_stop_mid_epoch_with_skipped_images_resumes_after_the_batches_done(tin
         return ["--data", data / "labels.csv", *TINY_TRAIN, "--epochs", 2, "--seed", 0, "--output", out,
                 "--name", "run", "--skip-bad-images", *extra]
 
-    whole = start_script("train.py", *args(tmp_path / "whole"))  # beside the stopped one
+    whole = []  # the uninterrupted run, in this process while the stopped one starts
     run = tmp_path / "runs" / "run"
-    process, _ = started_paused(args(tmp_path / "runs", "--resume", "auto"), tmp_path / "events.jsonl", "train step 4")
+    process, _ = started_paused(args(tmp_path / "runs", "--resume", "auto"), tmp_path / "events.jsonl", "train step 4",
+                                meanwhile=lambda: whole.append(run_in_process("train.py", *args(tmp_path / "whole"))))
     process.send_signal(signal.SIGTERM)  # step 4 is epoch 2's second batch: it runs, then the run stops
     stopped = finish(process)
     assert f"checkpoint saved at epoch 2, batch 2; continue with --resume {run}" in stopped.stdout, stopped.stdout[-2000:]
-    resumed = assert_ok(run_script("train.py", *args(tmp_path / "runs", "--resume", "auto")))
+    resumed = assert_ok(run_in_process("train.py", *args(tmp_path / "runs", "--resume", "auto")))
     assert f"resumed from {run / 'checkpoints' / 'epoch-0001-step-000005'} at epoch 2, batch 2" in resumed.stdout
-    assert_ok(finish(whole))
+    assert_ok(whole[0])
     assert_same_weights(tmp_path / "whole" / "run" / "last.safetensors", run / "last.safetensors")
     ours, theirs = metrics(run), metrics(tmp_path / "whole" / "run")
     assert [(r["val_acc"], r["val_loss"]) for r in ours] == [(r["val_acc"], r["val_loss"]) for r in theirs]
@@ -391,7 +394,7 @@ class Evil:
 
 @pytest.fixture(scope="module")
 def faults(reference, tmp_path_factory):
-    """Copies of the reference run, each damaged one way, resumed by train.py two at a time."""
+    """Copies of the reference run, each damaged one way, resumed by train.py."""
     root = tmp_path_factory.mktemp("faults")
     newest = lambda run: ckpt.RunFolder(run).checkpoints()[-1]  # noqa: E731
     cases, prepared = {}, {}
@@ -446,24 +449,23 @@ def faults(reference, tmp_path_factory):
         preexec = {"read_only": _without_dac_override if os.geteuid() == 0 else None,
                    "disk_full": None if mounted else limit}
 
-        def run_all():  # one at a time, beside the tests that run meanwhile: the machine may have two cores
-            for name, (resume, *extra) in cases.items():
-                process = start_script("train.py", "--resume", resume, *extra, preexec_fn=preexec.get(name))
-                results[name] = finish(process, timeout=300)
-
-        results = {}
-        lane = threading.Thread(target=run_all, daemon=True)
-        lane.start()
-        faults = {"results": results, "prepared": prepared, "marker": root / "MARKER", "mounted": mounted,
-                  "read_only": read_only, "lane": lane}
+        # a run that needs a process of its own (a preexec_fn) starts now, beside the tests that run
+        # meanwhile; the others run in this process when a test first asks for them
+        started = Started()
+        for name, (resume, *extra) in cases.items():
+            if preexec.get(name):
+                started.start(name, "train.py", "--resume", resume, *extra, preexec_fn=preexec[name])
+            else:
+                started.start(name, "train.py", "--resume", resume, *extra, in_process=True)
+        faults = {"results": started, "prepared": prepared, "marker": root / "MARKER", "mounted": mounted,
+                  "read_only": read_only}
         yield faults
-        lane.join()
+        started.collect_all()
         if read_only:
             (prepared["read_only"]["run"] / "checkpoints").chmod(0o755)
 
 
 def result_of(faults, name) -> subprocess.CompletedProcess:
-    faults["lane"].join(timeout=900)
     assert name in faults["results"], f"{name}: no result"
     return faults["results"][name]
 

@@ -11,7 +11,7 @@ from fixres.checkpoint import RunFolder
 from fixres.config import TrainConfig
 from fixres.fileio import load_weights
 from fixres.presets import RECIPES, train_preset
-from tests.conftest import TINY_TRAIN, Started, error_line, make_image_folder, parsed, run_in_process, run_script
+from tests.conftest import TINY_TRAIN, Started, error_line, make_image_folder, parsed, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,9 @@ def runs(tmp_path_factory, tiny_csv, tiny_folder):
         # batch 12 divides the 60 training images, so no batch is dropped and the bad one is read
         ("skips", bad_data / "labels.csv", "skips", ["--epochs", 1, "--batch-size", 12, "--skip-bad-images"], 1),
     ]:
+        # torchrun in a new interpreter; one process: in this process, when a test asks
         started.start(key, "train.py", "--data", data, *TINY_TRAIN, "--output", root / key, "--name", name, *args,
-                      processes=processes, folder=root / key / name)
+                      processes=processes, in_process=processes == 1, folder=root / key / name)
     yield started
     started.collect_all()
 
@@ -80,7 +81,7 @@ def test_resume_is_exact(runs, trained_run):
     assert_ok(first)
     assert "next: " not in first.stdout  # not finished: the next step is --resume
     assert len((split_run / "metrics.jsonl").read_text().splitlines()) == 1
-    second = run_script("train.py", "--resume", split_run)
+    second = run_in_process("train.py", "--resume", split_run)
     assert_ok(second)
     assert "resumed from" in second.stdout and "at epoch 2" in second.stdout
 
@@ -102,7 +103,7 @@ def test_resume_passes_over_an_unreadable_newest_checkpoint(tmp_path, trained_ru
     older, newest = RunFolder(run).checkpoints()
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    resumed = run_script("train.py", "--resume", run)
+    resumed = run_in_process("train.py", "--resume", run)
     assert_ok(resumed)
     assert "passed over" in resumed.stderr and str(weights) in resumed.stderr and str(older) in resumed.stderr
     assert "at epoch 2" in resumed.stdout
