@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fixres.layers import layered, parse_command_line
@@ -14,6 +15,11 @@ from tests.script_runs import (ROOT, Started, finish, free_port, run_in_process,
                                script_command, script_main, start_script)
 
 COLOURS = ("red", "green", "blue")
+
+# The test process computes on one thread, as every run does (OMP_NUM_THREADS=1): on the 2-core test
+# machine its in-process runs take one core and the real runs in the background the other, and no
+# OpenMP thread spins waiting for a core that another process holds.
+torch.set_num_threads(1)
 
 
 def write_colour_image(path: Path, label: int, rng, size=(48, 40)) -> None:
