@@ -87,16 +87,17 @@ def early_runs(request, tiny_csv, tmp_path_factory):
     """Runs that several test files read, started as the session starts when a selected test
     needs them, so that they train beside the quick tests before them; a test module can start
     its own the same way (test_slurm.py's start_early: the SLURM jobs)."""
-    started = Started()
+    started = Started(at_once=2)  # beside this process's own work: the 2 cores are busy, memory is not filled
     fixtures = {name for item in request.session.items for name in item.fixturenames}
     if "trained_run" in fixtures:
         out = tmp_path_factory.mktemp("trained")
         started.start("trained_run", "train.py", "--data", tiny_csv, *TINY_TRAIN, "--epochs", "2", "--output", out,
                       "--name", "run", folder=out / "run")
-    # a test module's own shared work, started by its start_early(started, fixtures, tmp_path_factory)
+    # a test module's own work, started by its start_early(started, fixtures, tmp_path_factory, tiny_csv), in
+    # the order of the modules: the runs wait for their turn in that order, or start when a test asks for them
     for module in dict.fromkeys(getattr(item, "module", None) for item in request.session.items):
         if hasattr(module, "start_early"):
-            module.start_early(started, fixtures, tmp_path_factory)
+            module.start_early(started, fixtures, tmp_path_factory, tiny_csv)
     yield started
     started.collect_all()
 

@@ -252,31 +252,53 @@ def matplotlib_settings():
 class Started:
     """Script runs started together in the background, each collected when a test first asks
     for it (`started[name]`): the scripts run one thread each, so on a machine of few cores
-    runs side by side use the cores that this process leaves idle. A run started with
-    `in_process=True` is done in this process instead, when a test first asks for it (none:
-    never), while the real ones go on beside it. Waits that need no core of this process (jobs
-    of another program, a daemon starting) run in a thread (call)."""
+    runs side by side use the cores that this process leaves idle. With `at_once`, no more
+    real runs than that at a time, the others waiting in the order they were started, and a
+    run a test asks for starts at once. A run started with `in_process=True` is done in this
+    process instead, when a test first asks for it (none: never), while the real ones go on
+    beside it. Waits that need no core of this process (jobs of another program, a daemon
+    starting) run in a thread (call)."""
 
-    def __init__(self):
-        self.processes: dict[str, subprocess.Popen] = {}
+    def __init__(self, at_once: int | None = None):
+        self.at_once = at_once
         self.later: dict[str, tuple] = {}  # in-process runs not asked for yet: (script, args, env)
         self.results: dict[str, subprocess.CompletedProcess] = {}
         self.folders: dict[str, Path] = {}  # the run folder of each, where one was given
-        self.threads: dict[str, threading.Thread] = {}
+        self.threads: dict[str, threading.Thread] = {}  # a real run's, or a call's
         self.outcomes: dict[str, tuple[object, BaseException | None]] = {}  # (result, what it raised)
         self.at_end_calls: list = []
+        self._turns = threading.Condition()
+        self._waiting: list[str] = []  # real runs not started yet, in order
+        self._running = 0
+        self._asked: set[str] = set()
 
     def start(self, name: str, script, *args, folder: Path | None = None, in_process: bool = False,
               **kwargs) -> None:
-        """A real interpreter now (start_script's keywords), or `in_process` when a test asks for it."""
+        """A real interpreter (start_script's keywords), or `in_process` when a test asks for it."""
         if in_process:
             # a run that needs a process (several, a preexec_fn, ...) starts one
             assert kwargs.keys() <= {"env", "processes"} and kwargs.get("processes", 1) == 1, kwargs
             self.later[name] = (script, args, kwargs.get("env"))
         else:
-            self.processes[name] = start_script(script, *args, **kwargs)
+            with self._turns:
+                self._waiting.append(name)
+            self.call(name, self._real_run, name, script, args, kwargs)
         if folder:
             self.folders[name] = folder
+
+    def _real_run(self, name: str, script, args, kwargs) -> subprocess.CompletedProcess:
+        with self._turns:
+            self._turns.wait_for(lambda: name in self._asked or (
+                self.at_once is None or self._running < self.at_once) and self._waiting[0] == name)
+            self._waiting.remove(name)
+            self._running += 1
+            self._turns.notify_all()
+        try:
+            return finish(start_script(script, *args, **kwargs))
+        finally:
+            with self._turns:
+                self._running -= 1
+                self._turns.notify_all()
 
     def call(self, name: str, function, *args) -> None:
         """`function(*args)` in a thread started now; `started[name]` gives its result, or raises in
@@ -291,26 +313,34 @@ class Started:
 
     def outcome(self, name: str) -> tuple[object, BaseException | None]:
         """What call(name, ...) returned and what it raised, once it has ended."""
+        with self._turns:  # a real run still waiting for its turn: it is needed now
+            self._asked.add(name)
+            self._turns.notify_all()
         self.threads[name].join()
         return self.outcomes[name]
 
+    def when_done(self, name: str):
+        """What started[name] gives, for a thread that needs it: a real run waiting for its turn keeps it."""
+        self.threads[name].join()
+        result, error = self.outcomes[name]
+        if error is not None:
+            raise error
+        return result
+
     def __contains__(self, name: str) -> bool:
-        return name in self.processes or name in self.threads or name in self.later
+        return name in self.threads or name in self.later or name in self.results
 
     def __getitem__(self, name: str):
         """A run's CompletedProcess, or what a call returned."""
-        if name in self.threads:
-            result, error = self.outcome(name)
-            if error is not None:
-                raise error
-            return result
-        if name not in self.results:
-            if name in self.later:
-                script, args, env = self.later.pop(name)
-                self.results[name] = run_in_process(script, *args, env=env)
-            else:
-                self.results[name] = finish(self.processes[name])
-        return self.results[name]
+        if name in self.later:
+            script, args, env = self.later.pop(name)
+            self.results[name] = run_in_process(script, *args, env=env)
+        if name in self.results:
+            return self.results[name]
+        result, error = self.outcome(name)
+        if error is not None:
+            raise error
+        return result
 
     def run(self, name: str) -> tuple[subprocess.CompletedProcess, Path]:
         """Its result and its run folder."""
@@ -321,11 +351,9 @@ class Started:
         self.at_end_calls.append((function, args))
 
     def collect_all(self) -> None:
-        """Waits for the runs that no test asked for (a selection of the tests), leaving no process
-        behind; the in-process runs that none asked for are not done."""
-        for name in self.processes:
-            self[name]
+        """Waits for the real runs that no test asked for (a selection of the tests), leaving no
+        process behind; the in-process runs that none asked for are not done."""
         for function, args in self.at_end_calls:
             function(*args)
-        for thread in list(self.threads.values()):
-            thread.join()
+        for name in list(self.threads):
+            self.outcome(name)

@@ -113,11 +113,27 @@ def metrics(run: Path) -> list[dict]:
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+REFERENCE = "test_reliability.py: the uninterrupted run"
+
+
+def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
+    """conftest's early_runs calls this as the session starts: the uninterrupted run (tests/kill_harness.py,
+    recording its events) trains in the background, beside the test files before this one, and
+    the chain of kills after it (kill_ten_times) in a thread."""
+    if "reference" in fixtures:
+        root = tmp_path_factory.mktemp("reference")
+        started.start(REFERENCE, harness.__file__, *train_args(tiny_csv, root), folder=root,
+                      **harness.start_options(events=root / "events.jsonl"))
+    if "ten_sigkills" in fixtures:
+        root = tmp_path_factory.mktemp("sigkills")
+        started.call(SIGKILLS, kill_ten_times, started, tiny_csv, root)
+        started.folders[SIGKILLS] = root
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_csv):
+def reference(early_runs):
     """The uninterrupted run every interrupted one must equal, and its events: the moments to kill at."""
-    root = tmp_path_factory.mktemp("reference")
-    result = finish(harness.start(train_args(tiny_csv, root), events=root / "events.jsonl"))
+    result, root = early_runs.run(REFERENCE)
     assert_ok(result)
     return {"run": root / "run", "events": harness.read_events(root / "events.jsonl")}
 
@@ -191,10 +207,17 @@ def kill_points(events: list[dict], rng: random.Random) -> list[tuple[str, str]]
     raise AssertionError("no reachable set of kill points")
 
 
-@pytest.mark.slow
-def test_ten_sigkills_then_resume_auto_equal_an_uninterrupted_run(reference, faults, tiny_csv, tmp_path):
-    # `faults`: its runs start now, beside this test's
-    points = kill_points(reference["events"], random.Random(KILL_SEED))
+SIGKILLS = "test_reliability.py: ten SIGKILLs"
+
+
+def kill_ten_times(started, tiny_csv, tmp_path: Path) -> tuple[list, list]:
+    """The chain of ten kills, in a thread that start_early starts with the session (each kill a new
+    interpreter: seconds of a core this process leaves idle), once the reference run has ended: a
+    run resumed and SIGKILLed at each of ten moments of the reference run in turn, checked after
+    each; its assertions fail the test that asks for it. (the moments, what survived each kill)"""
+    result, root = started.when_done(REFERENCE), started.folders[REFERENCE]
+    assert_ok(result)
+    points = kill_points(harness.read_events(root / "events.jsonl"), random.Random(KILL_SEED))
     assert len(points) == 10
     out = tmp_path / "runs"
     run = out / "run"
@@ -215,7 +238,21 @@ def test_ten_sigkills_then_resume_auto_equal_an_uninterrupted_run(reference, fau
         survived.append({"kill": i + 1, "kind": kind, "moment": point, "newest_checkpoint_epoch": newest,
                          "finished_epochs": finished,
                          "temporaries_left": len(temporaries(run)) if run.exists() else 0})
+    return points, survived
 
+
+@pytest.fixture(scope="module")
+def ten_sigkills(early_runs) -> tuple[list, list, Path]:
+    """kill_ten_times' moments and survivals, and the folder its runs wrote into."""
+    return *early_runs[SIGKILLS], early_runs.folders[SIGKILLS]
+
+
+@pytest.mark.slow
+def test_ten_sigkills_then_resume_auto_equal_an_uninterrupted_run(reference, faults, ten_sigkills, tiny_csv):
+    points, survived, tmp_path = ten_sigkills  # the kills, in their thread: resumed here to the end
+    out = tmp_path / "runs"
+    run = out / "run"
+    args = train_args(tiny_csv, out, "--resume", "auto")
     final = assert_ok(run_in_process("train.py", *args))  # to the end: no event to wait for
     for name in ("last.safetensors", "best.safetensors"):
         assert_same_weights(reference["run"] / name, run / name)

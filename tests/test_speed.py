@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from conftest import ROOT, TINY_TRAIN, Started, error_line, make_csv_dataset, run_in_process
+from conftest import ROOT, TINY_TRAIN, error_line, make_csv_dataset, run_in_process
 from fixres import transforms
 from fixres.engine import TrainStep, train_one_epoch
 from fixres.images import BadImageError, open_image
@@ -235,15 +235,19 @@ def test_a_slow_loader_shows_as_data_wait():
 BENCHMARKS = sorted(path.relative_to(ROOT / "benchmarks").as_posix() for path in (ROOT / "benchmarks").glob("*/*.py"))
 
 
+def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
+    """conftest's early_runs calls this as the session starts: `python benchmarks/<folder>/<script>
+    --help` of every script, each in a new interpreter, as a user runs it (a script that cannot
+    import fixres from there fails), beside the test files before this one."""
+    if "benchmark_help" in fixtures:
+        for name in BENCHMARKS:
+            started.start(name, f"benchmarks/{name}", "--help")
+
+
 @pytest.fixture(scope="module")
-def benchmark_help():
-    """`python benchmarks/<folder>/<script> --help` of every script, started together, each in a new
-    interpreter, as a user runs it: a script that cannot import fixres from there fails."""
-    started = Started()
-    for name in BENCHMARKS:
-        started.start(name, f"benchmarks/{name}", "--help")
-    yield started
-    started.collect_all()
+def benchmark_help(early_runs):
+    """The --help runs (start_early), by script name."""
+    return early_runs
 
 
 @pytest.mark.slow  # eight new interpreters: about 30 s of CPU
