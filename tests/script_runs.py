@@ -271,6 +271,7 @@ class Started:
         self._waiting: list[str] = []  # real runs not started yet, in order
         self._running = 0
         self._asked: set[str] = set()
+        self._closing = False  # collect_all: a real run still waiting for its turn is not started
 
     def start(self, name: str, script, *args, folder: Path | None = None, in_process: bool = False,
               **kwargs) -> None:
@@ -288,11 +289,13 @@ class Started:
 
     def _real_run(self, name: str, script, args, kwargs) -> subprocess.CompletedProcess:
         with self._turns:
-            self._turns.wait_for(lambda: name in self._asked or (
+            self._turns.wait_for(lambda: name in self._asked or self._closing or (
                 self.at_once is None or self._running < self.at_once) and self._waiting[0] == name)
             self._waiting.remove(name)
-            self._running += 1
             self._turns.notify_all()
+            if name not in self._asked and self._closing:
+                return None  # the session ends (a test failed under -x, say) before any test asked for it
+            self._running += 1
         try:
             return finish(start_script(script, *args, **kwargs))
         finally:
@@ -352,8 +355,12 @@ class Started:
 
     def collect_all(self) -> None:
         """Waits for the real runs that no test asked for (a selection of the tests), leaving no
-        process behind; the in-process runs that none asked for are not done."""
+        process behind; those still waiting for their turn, and the in-process runs that none
+        asked for, are not done."""
+        with self._turns:
+            self._closing = True
+            self._turns.notify_all()
         for function, args in self.at_end_calls:
             function(*args)
         for name in list(self.threads):
-            self.outcome(name)
+            self.threads[name].join()
