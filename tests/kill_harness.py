@@ -157,16 +157,21 @@ def read_events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def start(args, *, events: Path, pause_at: str | None = None, pause_rank: int | None = None,
-          processes: int = 1, port: int | None = None, preexec_fn=None) -> subprocess.Popen:
-    """Start `python tests/kill_harness.py ARGS` (or under torchrun) with its event log, in a
-    session of its own (kill_all ends torchrun and its workers together)."""
-    # here, not at the top: this file also runs as a script, where tests/ is no package
-    from tests.conftest import start_script
+def start_options(events: Path, pause_at: str | None = None, pause_rank: int | None = None) -> dict:
+    """start_script's keywords for a run of this file: its event log and pause point, in a session
+    of its own (kill_all ends torchrun and its workers together)."""
     env = {"FIXRES_EVENTS": str(events), "FIXRES_PAUSE_AT": pause_at or "",
            "FIXRES_PAUSE_RANK": "" if pause_rank is None else str(pause_rank)}
-    return start_script(Path(__file__), *args, processes=processes, port=port, env=env, preexec_fn=preexec_fn,
-                        start_new_session=True)
+    return {"env": env, "start_new_session": True}
+
+
+def start(args, *, events: Path, pause_at: str | None = None, pause_rank: int | None = None,
+          processes: int = 1, port: int | None = None, preexec_fn=None) -> subprocess.Popen:
+    """Start `python tests/kill_harness.py ARGS` (or under torchrun) with its event log (start_options)."""
+    # here, not at the top: this file also runs as a script, where tests/ is no package
+    from tests.conftest import start_script
+    return start_script(Path(__file__), *args, processes=processes, port=port, preexec_fn=preexec_fn,
+                        **start_options(events, pause_at, pause_rank))
 
 
 def wait_for(events: Path, kind: str, process: subprocess.Popen, timeout: float = 300, rank: str | None = None):

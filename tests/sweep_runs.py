@@ -43,7 +43,10 @@ def main(argv: list[str]) -> None:
         save_per_image(result)
         # what this rank holds (sweep.json is the main process's): the same numbers on every rank
         speeds = {row["size"]: [row.get("images_per_s_batch"), row.get("latency_ms")] for row in result["rows"]}
-        print(f"rank {os.environ.get('RANK', '0')}: speeds {json.dumps(speeds)}", flush=True)
+        # one write, newline included: print makes two, and the ranks share torchrun's stdout (with
+        # PYTHONUNBUFFERED=1 each write goes out at once, and the other rank's line came between them)
+        sys.stdout.write(f"rank {os.environ.get('RANK', '0')}: speeds {json.dumps(speeds)}\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from conftest import TINY_TRAIN, run_in_process, run_script
+from conftest import TINY_TRAIN, run_in_process
 from fixres import device_decode
 from fixres.config import ConfigError, FinetuneConfig, TrainConfig
 from fixres.data import load_split
@@ -290,8 +290,8 @@ def test_a_corrupt_jpeg_stops_or_is_skipped_and_counted(photos, tmp_path):
 def gpu_decoded_run(tiny_csv, tmp_path_factory):
     """train.py --decode gpu on the CPU, 2 epochs with 2 loader workers that stay."""
     out = tmp_path_factory.mktemp("runs")
-    result = run_script("train.py", "--data", tiny_csv, *TINY_TRAIN, "--workers", "2", "--decode", "gpu", "--cpu",
-                        "--epochs", "2", "--output", out, "--name", "gpu")
+    result = run_in_process("train.py", "--data", tiny_csv, *TINY_TRAIN, "--workers", "2", "--decode", "gpu", "--cpu",
+                            "--epochs", "2", "--output", out, "--name", "gpu")
     return result, out / "gpu"
 
 
@@ -328,8 +328,8 @@ def test_the_sweep_gives_the_same_accuracy_through_both_decoders(gpu_decoded_run
 def test_finetune_py_decodes_on_the_device(gpu_decoded_run, tmp_path):
     """Its sweeps (before, after) and --aug rrc's training crops go through the device path."""
     _, run = gpu_decoded_run
-    result = run_script("finetune.py", "--checkpoint", run, "--res", "40", "--epochs", "1", "--aug", "rrc",
-                        "--decode", "gpu", "--cpu", "--workers", "0", "--output", tmp_path, "--name", "ft")
+    result = run_in_process("finetune.py", "--checkpoint", run, "--res", "40", "--epochs", "1", "--aug", "rrc",
+                            "--decode", "gpu", "--cpu", "--workers", "0", "--output", tmp_path, "--name", "ft")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "ft" / "finetune.json").read_text())
     assert summary["val_images"] == 13 and 0 <= summary["top1"]["after"] <= 1  # 25 less 12 held out

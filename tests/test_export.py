@@ -34,7 +34,7 @@ from fixres.report import make_console
 from fixres.layers import train_config
 from fixres.trained_model import load_run_model
 from fixres.transforms import eval_transform
-from tests.conftest import TINY_TRAIN, finish, run_script, start_script
+from tests.conftest import TINY_TRAIN, run_in_process
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
@@ -60,17 +60,16 @@ def timm_correct(model, samples, use_test_size=True) -> tuple[list[bool], dict]:
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory, tiny_csv):
     """A run of test_resnet at stride 16 started from a plain weights file of that model, and
-    beside it (started at the same time: the imports overlap) one epoch with ImageNet's --mean/--std."""
+    one epoch with ImageNet's --mean/--std."""
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     donor = timm.create_model("test_resnet")  # 1000 classes: the head is replaced
     save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, root / "test_resnet.safetensors")
     common = ["--data", tiny_csv, *TINY_TRAIN, "--weights", root / "test_resnet.safetensors", "--output-stride", "16",
               "--lr", "3e-3", "--output", root / "runs"]
-    own = start_script("train.py", *common, "--epochs", "2", "--name", "own")
-    imagenet = start_script("train.py", *common, "--epochs", "1", "--mean", *IMAGENET[0], "--std", *IMAGENET[1],
-                            "--name", "imagenet")
-    own, imagenet = finish(own), finish(imagenet)
+    own = run_in_process("train.py", *common, "--epochs", "2", "--name", "own")
+    imagenet = run_in_process("train.py", *common, "--epochs", "1", "--mean", *IMAGENET[0], "--std", *IMAGENET[1],
+                              "--name", "imagenet")
     return ok(own), root, imagenet
 
 
@@ -332,8 +331,8 @@ def test_finetune_run_exports_at_its_new_size_with_the_sources_normalisation(pre
     """finetune.py keeps the source's normalisation (its weights' metadata: 0.5) and its
     export makes timm test at the new size with no flags, with finetune.json's top-1."""
     _, root, _ = pretrained_run
-    result = ok(run_script("finetune.py", "--checkpoint", root / "runs" / "own", "--res", "44", "--epochs", "1",
-                           "--batch-size", "16", "--workers", "0", "--name", "ft44"))
+    result = ok(run_in_process("finetune.py", "--checkpoint", root / "runs" / "own", "--res", "44", "--epochs", "1",
+                               "--batch-size", "16", "--workers", "0", "--name", "ft44"))
     run = root / "runs" / "ft44"
     assert "normalisation: mean 0.5 0.5 0.5, std 0.5 0.5 0.5, crop_pct 0.95" in result.stdout
     summary = json.loads((run / "finetune.json").read_text())

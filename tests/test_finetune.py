@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from accelerate import Accelerator
@@ -37,7 +38,7 @@ from fixres.preprocessing import weights_meta
 from fixres.trained_model import load_run_model
 from fixres.training import train
 from fixres.transforms import eval_transform, finetune_transform
-from tests.conftest import COLOURS, Started, error_line, run_in_process, run_script, script_main
+from tests.conftest import COLOURS, Started, error_line, run_in_process, script_main
 
 CLASSES = sorted(COLOURS)
 
@@ -432,28 +433,58 @@ def test_finetune_json_describes_the_weights_it_ships(unlearning, tmp_path):
     assert summary["last_epoch"]["epoch"] == 3
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_csv, bn_runs):
-    """The script runs of this file that need no other run, started together, bn_runs' first
-    (two slow cores: the imports overlap); each collected when a test first asks for it."""
-    root = tmp_path_factory.mktemp("finetune")
+TWO = "test_finetune.py: finetune.py with 2 processes x 5"
+BN_STATS_TWO = "test_finetune.py: bn-stats with 2 processes x 8"
+
+
+def finetune_args(source: Path, root: Path) -> list:
+    """runs': 60 training images, so that 2 x 5 and 1 x 10 make the same 6 global batches."""
+    return ["--checkpoint", source, "--res", "48", "--epochs", "2", "--aug", "test", "--lr", "0.05",
+            "--train-bn-affine", "--output", root / "out", "--workers", "0", "--cpu"]
+
+
+def bn_stats_args(source: Path, root: Path) -> list:
+    return ["--checkpoint", source, "--res", "40", "--method", "bn-stats", "--output", root / "out", "--workers", "0",
+            "--cpu"]
+
+
+def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
+    """conftest's early_runs calls this as the session starts: the 2-process runs of runs and bn_runs
+    (torchrun and two new interpreters each) fine-tune in the background, beside the test files
+    before this one. (runs needs bn_runs: a test of either has bn_runs among its fixtures.)"""
+    if "bn_runs" not in fixtures:
+        return
+    root = tmp_path_factory.mktemp("bn_stats")
     source = write_source_run(root / "source", "test_resnet", tiny_csv)
+    started.start(BN_STATS_TWO, "finetune.py", *bn_stats_args(source, root), "--batch-size", "8", "--name", "two",
+                  processes=2, folder=root)
+    if "runs" in fixtures:
+        root = tmp_path_factory.mktemp("finetune")
+        source = write_source_run(root / "source", "test_resnet", tiny_csv)
+        started.start(TWO, "finetune.py", *finetune_args(source, root), "--batch-size", "5", "--name", "two",
+                      processes=2, folder=root)
+
+
+@pytest.fixture(scope="module")
+def runs(early_runs, tiny_csv, bn_runs):
+    """The script runs of this file that need no other run: the 2-process one started with the
+    session (start_early), the others done in this process when a test first asks."""
+    root = early_runs.folders[TWO]
+    source = root / "source"
     out = ["--output", root / "out", "--workers", "0", "--cpu"]
-    sync = ["--checkpoint", source, "--res", "48", "--epochs", "2", "--aug", "test", "--lr", "0.05",
-            "--train-bn-affine", *out]
     started = Started()
-    # 60 training images: 2 x 5 and 1 x 10 make the same 6 global batches
-    started.start("two", "finetune.py", *sync, "--batch-size", "5", "--name", "two", processes=2)
-    started.start("one", "finetune.py", *sync, "--batch-size", "10", "--name", "one")
+    started.call("two", early_runs.__getitem__, TWO)  # waited for in a thread: needed from here on
+    started.start("one", "finetune.py", *finetune_args(source, root), "--batch-size", "10", "--name", "one",
+                  in_process=True)
     started.start("auto", "finetune.py", "--checkpoint", source, "--res", "auto", "--sizes", "24", "40",
                   "--choice-images", "20", "--method", "parametric", "--parametric-scope", "feature", "--name", "auto",
-                  *out)
+                  *out, in_process=True)
     started.start("bn_stats", "finetune.py", "--checkpoint", source, "--res", "40", "--method", "bn-stats",
-                  "--batch-size", "8", "--name", "bn_stats", *out)
+                  "--batch-size", "8", "--name", "bn_stats", *out, in_process=True)
     # train.py --freeze-epochs (transfer learning): the first epoch trains only the classifier
     started.start("freeze", "train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", "32", "--workers",
                   "0", "--batch-size", "16", "--weights", source / "best.safetensors", "--freeze-epochs", "1",
-                  "--epochs", "2", "--stop-after", "1", "--output", root / "out", "--name", "freeze")
+                  "--epochs", "2", "--stop-after", "1", "--output", root / "out", "--name", "freeze", in_process=True)
     yield started, root / "out", source
     started.collect_all()
 
@@ -579,17 +610,18 @@ def test_bn_stats_run(runs):
 
 
 @pytest.fixture(scope="module")
-def bn_runs(tmp_path_factory, tiny_csv):
+def bn_runs(early_runs):
     """bn-stats where the batches do not divide the 60 training images: one batch larger than
-    all of them; 2 processes x 8 (a last round of 8 + 4) and 1 process x 16 (a last batch of 12)."""
-    root = tmp_path_factory.mktemp("bn_stats")
-    source = write_source_run(root / "source", "test_resnet", tiny_csv)
-    common = ["--checkpoint", source, "--res", "40", "--method", "bn-stats", "--output", root / "out",
-              "--workers", "0", "--cpu"]
+    all of them; 2 processes x 8 (a last round of 8 + 4; started with the session by start_early)
+    and 1 process x 16 (a last batch of 12), in this process."""
+    root = early_runs.folders[BN_STATS_TWO]
+    source = root / "source"
     started = Started()
-    started.start("whole", "finetune.py", *common, "--batch-size", "100", "--name", "whole")
-    started.start("two", "finetune.py", *common, "--batch-size", "8", "--name", "two", processes=2)
-    started.start("one", "finetune.py", *common, "--batch-size", "16", "--name", "one")
+    started.call("two", early_runs.__getitem__, BN_STATS_TWO)  # waited for in a thread: needed from here on
+    started.start("whole", "finetune.py", *bn_stats_args(source, root), "--batch-size", "100", "--name", "whole",
+                  in_process=True)
+    started.start("one", "finetune.py", *bn_stats_args(source, root), "--batch-size", "16", "--name", "one",
+                  in_process=True)
     yield started, root / "out", source
     started.collect_all()
 
@@ -671,9 +703,9 @@ def parametric_of_trained(tmp_path_factory, trained_run):
     """A parametric run of a tiny model trained by train.py (--epochs 2), then sweep.py of that run at its size."""
     root = tmp_path_factory.mktemp("parametric")
     shutil.copytree(ok(trained_run[0]) and trained_run[1], root / "trained")
-    ok(run_script("finetune.py", "--checkpoint", root / "trained", "--res", "40", "--method", "parametric",
-                  "--workers", "0", "--output", root, "--name", "parametric"))
-    ok(run_script("sweep.py", "--checkpoint", root / "parametric", "--sizes", "40", "--workers", "0"))
+    ok(run_in_process("finetune.py", "--checkpoint", root / "trained", "--res", "40", "--method", "parametric",
+                      "--workers", "0", "--output", root, "--name", "parametric"))
+    ok(run_in_process("sweep.py", "--checkpoint", root / "parametric", "--sizes", "40", "--workers", "0"))
     return root / "parametric"
 
 

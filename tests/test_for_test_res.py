@@ -13,7 +13,7 @@ from fixres.export import write_best_size
 from fixres.fileio import read_metadata, save_weights
 from fixres.models import create_model, nearest_size_it_takes
 from fixres.resolution import recommended_test_res
-from tests.conftest import error_line, run_in_process, run_script
+from tests.conftest import error_line, run_in_process
 
 TINY = ["--model", "test_resnet", "--batch-size", "16", "--workers", "0", "--epochs", "1"]
 
@@ -56,8 +56,8 @@ def test_a_vit_trains_at_the_nearest_multiple_of_its_patch():
 
 @pytest.mark.slow
 def test_train_for_a_test_size_then_finetune_there(tmp_path, tiny_csv, capsys):
-    trained = run_script("train.py", "--data", tiny_csv, *TINY, "--for-test-res", "40", "--output", tmp_path,
-                         "--name", "run")
+    trained = run_in_process("train.py", "--data", tiny_csv, *TINY, "--for-test-res", "40", "--output", tmp_path,
+                             "--name", "run")
     assert trained.returncode == 0, trained.stderr[-3000:]
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
@@ -68,7 +68,7 @@ def test_train_for_a_test_size_then_finetune_there(tmp_path, tiny_csv, capsys):
     assert "(n=25) " in trained.stdout.split("epoch   1")[1]  # validated (at 40 px: the weights say so)
     assert read_metadata(run / "best.safetensors")["test_res"] == 40
 
-    swept = run_script("sweep.py", "--checkpoint", run, "--sizes", "24", "--no-speed", "--workers", "0")
+    swept = run_in_process("sweep.py", "--checkpoint", run, "--sizes", "24", "--no-speed", "--workers", "0")
     assert swept.returncode == 0, swept.stderr[-3000:]
     summary = json.loads((run / "sweep.json").read_text())
     assert [r["size"] for r in summary["rows"]] == [24, 32, 40] and summary["meta"]["target_test_res"] == 40
@@ -86,8 +86,8 @@ def test_train_for_a_test_size_then_finetune_there(tmp_path, tiny_csv, capsys):
 
     # a test crop recorded by sweep.py --write-best is not what finetune.py uses: it says so
     write_best_size(run / "best.safetensors", run, 40, 1.0, Console(quiet=True))
-    tuned = run_script("finetune.py", "--checkpoint", run, "--epochs", "1", "--batch-size", "16", "--workers", "0",
-                       "--choice-images", "10", "--name", "ft")
+    tuned = run_in_process("finetune.py", "--checkpoint", run, "--epochs", "1", "--batch-size", "16", "--workers", "0",
+                           "--choice-images", "10", "--name", "ft")
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert "--res auto: 40 px, the test size the source run was trained for" in tuned.stdout
     assert "crop_pct 0.875, the source's: every size is evaluated and fine-tuned at it, not at the test_crop_pct 1 " \

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from fixres.preprocessing import create_transform
 from fixres.runtime import make_accelerator
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchMix, crop_augment
 from tests import kill_harness as harness
-from tests.conftest import TINY_TRAIN, Started, finish, parsed
+from tests.conftest import TINY_TRAIN, finish, parsed, run_in_process
 
 
 def seeded(transform, source, seed: int = 0):
@@ -225,31 +226,40 @@ def featured_args(data, out, *extra) -> list:
     return ["--data", data, *TINY_TRAIN, "--epochs", 3, "--output", out, "--name", "run", *FEATURES, *extra]
 
 
-def stdout_of(process) -> str:
-    """A run that finished or stopped with its checkpoint (exit status 75)."""
-    result = finish(process, timeout=300)
+def stdout_of(run) -> str:
+    """A run (a process, or a result of one in this process) that finished or stopped with its
+    checkpoint (exit status 75)."""
+    result = finish(run, timeout=300) if isinstance(run, subprocess.Popen) else run
     assert result.returncode in (0, 75), result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
 
+EMA_TWO = "test_recipe.py: EMA with 2 processes"
+
+
+def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
+    """conftest's early_runs calls this as the session starts: the 2-process run (torchrun and two
+    new interpreters) trains in the background, beside the test files before this one; each
+    process's BatchNorm statistics follow its own batches."""
+    if "ema_two_processes" in fixtures:
+        out = tmp_path_factory.mktemp("ema_two")
+        started.start(EMA_TWO, "train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", 32,
+                      "--batch-size", 8, "--workers", 0, "--epochs", 1, "--cpu", "--warmup-epochs", 0, "--model-ema",
+                      "--model-ema-decay", 0.5, "--model-ema-steps", 1, "--output", out, "--name", "ema_two",
+                      processes=2, folder=out / "ema_two")
+
+
+@pytest.fixture
+def ema_two_processes(early_runs):
+    """start_early's run: its result and run folder."""
+    return early_runs.run(EMA_TWO)
+
+
 @pytest.fixture(scope="module")
-def recipe_runs(tmp_path_factory, tiny_csv):
-    """The train.py runs of this file that need no other run, started together when a test first asks."""
+def featured_run(tmp_path_factory, tiny_csv):
+    """train.py with all the recipe features, in this process: its run folder and what it printed."""
     out = tmp_path_factory.mktemp("featured")
-    started = Started()
-    started.start("featured", "train.py", *featured_args(tiny_csv, out), folder=out / "run")
-    # 2 processes; each process's BatchNorm statistics follow its own batches
-    started.start("ema_two_processes", "train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", 32,
-                  "--batch-size", 8, "--workers", 0, "--epochs", 1, "--cpu", "--warmup-epochs", 0, "--model-ema",
-                  "--model-ema-decay", 0.5, "--model-ema-steps", 1, "--output", out, "--name", "ema_two",
-                  processes=2, folder=out / "ema_two")
-    yield started
-    started.collect_all()
-
-
-@pytest.fixture(scope="module")
-def featured_run(recipe_runs):
-    result, run = recipe_runs.run("featured")
+    result, run = run_in_process("train.py", *featured_args(tiny_csv, out)), out / "run"
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run, result.stdout
 
@@ -295,10 +305,11 @@ def test_recipe_features_resume_exactly_mid_epoch_and_at_an_epoch_end(featured_r
     harness.wait_for(tmp_path / "events.jsonl", "paused", process, timeout=240)
     process.send_signal(signal.SIGTERM)
     assert "checkpoint saved at epoch 2, batch 2" in stdout_of(process)
-    assert "resumed from" in stdout_of(harness.start(featured_args(tiny_csv, out, "--resume", "auto", "--stop-after", 1),
-                                                     events=tmp_path / "events-2.jsonl"))
+    # the resumed runs have no moment to be stopped at: in this process
+    assert "resumed from" in stdout_of(run_in_process("train.py", *featured_args(tiny_csv, out, "--resume", "auto",
+                                                                                 "--stop-after", 1)))
     assert ckpt.RunFolder(out / "run").checkpoints()[-1].name == "epoch-0002-step-000006"
-    stdout_of(harness.start(featured_args(tiny_csv, out, "--resume", "auto"), events=tmp_path / "events-3.jsonl"))
+    stdout_of(run_in_process("train.py", *featured_args(tiny_csv, out, "--resume", "auto")))
     for name in ("last.safetensors", "ema.safetensors", "best.safetensors"):
         expected, expected_meta = fileio.load_weights(reference / name)
         resumed, resumed_meta = fileio.load_weights(out / "run" / name)
@@ -310,10 +321,10 @@ def test_recipe_features_resume_exactly_mid_epoch_and_at_an_epoch_end(featured_r
 
 
 @pytest.mark.slow
-def test_two_processes_evaluate_and_save_the_same_ema(recipe_runs, tmp_path):
+def test_two_processes_evaluate_and_save_the_same_ema(ema_two_processes, tmp_path):
     """Each process's BatchNorm statistics follow its own batches; the EMA that two processes
     evaluate must be the one saved, which one process then evaluates alike."""
-    result, run = recipe_runs.run("ema_two_processes")
+    result, run = ema_two_processes
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = records(run)[0]
     sweep(dict(checkpoint=str(run), which="ema", sizes=[32], workers=0, output=str(tmp_path / "s")))

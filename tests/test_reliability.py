@@ -22,7 +22,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -39,7 +38,7 @@ from fixres.config import TrainConfig
 from fixres.images import BadImageError, open_image
 from fixres.layers import parse_command_line
 from tests import kill_harness as harness
-from tests.conftest import TINY_TRAIN, error_line, finish, free_port, run_script, script_main, start_script
+from tests.conftest import TINY_TRAIN, Started, error_line, finish, free_port, run_in_process, script_main
 
 # 60 training images in batches of 16: 3 optimizer steps an epoch, a checkpoint after each
 # epoch, and from the third on one pruned (two are kept)
@@ -114,21 +113,40 @@ def metrics(run: Path) -> list[dict]:
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+REFERENCE = "test_reliability.py: the uninterrupted run"
+
+
+def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
+    """conftest's early_runs calls this as the session starts: the uninterrupted run (tests/kill_harness.py,
+    recording its events) trains in the background, beside the test files before this one, and
+    the chain of kills after it (kill_ten_times) in a thread."""
+    if "reference" in fixtures:
+        root = tmp_path_factory.mktemp("reference")
+        started.start(REFERENCE, harness.__file__, *train_args(tiny_csv, root), folder=root,
+                      **harness.start_options(events=root / "events.jsonl"))
+    if "ten_sigkills" in fixtures:
+        root = tmp_path_factory.mktemp("sigkills")
+        started.call(SIGKILLS, kill_ten_times, started, tiny_csv, root)
+        started.folders[SIGKILLS] = root
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_csv):
+def reference(early_runs):
     """The uninterrupted run every interrupted one must equal, and its events: the moments to kill at."""
-    root = tmp_path_factory.mktemp("reference")
-    result = finish(harness.start(train_args(tiny_csv, root), events=root / "events.jsonl"))
+    result, root = early_runs.run(REFERENCE)
     assert_ok(result)
     return {"run": root / "run", "events": harness.read_events(root / "events.jsonl")}
 
 
 # ----------------------------------------------------------------------------- SIGKILL at any moment
 
-def started_paused(args, events: Path, point: str, **kwargs) -> tuple[subprocess.Popen, dict]:
-    """A harness process (or torchrun and its workers) stopped at `point`; killed if it never gets there."""
+def started_paused(args, events: Path, point: str, meanwhile=None, **kwargs) -> tuple[subprocess.Popen, dict]:
+    """A harness process (or torchrun and its workers) stopped at `point`; killed if it never gets there.
+    `meanwhile()`: work of this process done while that one starts (its imports: seconds of a core)."""
     process = harness.start(args, events=events, pause_at=point, **kwargs)
     try:
+        if meanwhile:
+            meanwhile()
         return process, harness.wait_for(events, "paused", process, timeout=240,
                                          rank=str(kwargs["pause_rank"]) if "pause_rank" in kwargs else None)
     except BaseException:
@@ -189,10 +207,17 @@ def kill_points(events: list[dict], rng: random.Random) -> list[tuple[str, str]]
     raise AssertionError("no reachable set of kill points")
 
 
-@pytest.mark.slow
-def test_ten_sigkills_then_resume_auto_equal_an_uninterrupted_run(reference, faults, tiny_csv, tmp_path):
-    # `faults`: its runs start now, beside this test's
-    points = kill_points(reference["events"], random.Random(KILL_SEED))
+SIGKILLS = "test_reliability.py: ten SIGKILLs"
+
+
+def kill_ten_times(started, tiny_csv, tmp_path: Path) -> tuple[list, list]:
+    """The chain of ten kills, in a thread that start_early starts with the session (each kill a new
+    interpreter: seconds of a core this process leaves idle), once the reference run has ended: a
+    run resumed and SIGKILLed at each of ten moments of the reference run in turn, checked after
+    each; its assertions fail the test that asks for it. (the moments, what survived each kill)"""
+    result, root = started.when_done(REFERENCE), started.folders[REFERENCE]
+    assert_ok(result)
+    points = kill_points(harness.read_events(root / "events.jsonl"), random.Random(KILL_SEED))
     assert len(points) == 10
     out = tmp_path / "runs"
     run = out / "run"
@@ -213,8 +238,22 @@ def test_ten_sigkills_then_resume_auto_equal_an_uninterrupted_run(reference, fau
         survived.append({"kill": i + 1, "kind": kind, "moment": point, "newest_checkpoint_epoch": newest,
                          "finished_epochs": finished,
                          "temporaries_left": len(temporaries(run)) if run.exists() else 0})
+    return points, survived
 
-    final = assert_ok(finish(harness.start(args, events=tmp_path / "events-final.jsonl")))
+
+@pytest.fixture(scope="module")
+def ten_sigkills(early_runs) -> tuple[list, list, Path]:
+    """kill_ten_times' moments and survivals, and the folder its runs wrote into."""
+    return *early_runs[SIGKILLS], early_runs.folders[SIGKILLS]
+
+
+@pytest.mark.slow
+def test_ten_sigkills_then_resume_auto_equal_an_uninterrupted_run(reference, faults, ten_sigkills, tiny_csv):
+    points, survived, tmp_path = ten_sigkills  # the kills, in their thread: resumed here to the end
+    out = tmp_path / "runs"
+    run = out / "run"
+    args = train_args(tiny_csv, out, "--resume", "auto")
+    final = assert_ok(run_in_process("train.py", *args))  # to the end: no event to wait for
     for name in ("last.safetensors", "best.safetensors"):
         assert_same_weights(reference["run"] / name, run / name)
     assert metrics(run) == metrics(reference["run"])
@@ -255,7 +294,7 @@ def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_from_it(reference, 
                f"exit {result.returncode}, checkpoint {checkpoint}; resumed at {where}",
                message=next(line for line in result.stdout.splitlines() if line.startswith("stopped by")))
         previous = (checkpoint, where)
-    final = assert_ok(finish(harness.start(args, events=tmp_path / "events-final.jsonl")))
+    final = assert_ok(run_in_process("train.py", *args))  # to the end: no event to wait for
     assert f"resumed from {run / 'checkpoints' / previous[0]} at {previous[1]}" in final.stdout
     assert_same_weights(reference["run"] / "last.safetensors", run / "last.safetensors")
     ours, theirs = metrics(run), metrics(reference["run"])
@@ -276,15 +315,16 @@ def test_a_stop_mid_epoch_with_skipped_images_resumes_after_the_batches_done(tin
         return ["--data", data / "labels.csv", *TINY_TRAIN, "--epochs", 2, "--seed", 0, "--output", out,
                 "--name", "run", "--skip-bad-images", *extra]
 
-    whole = start_script("train.py", *args(tmp_path / "whole"))  # beside the stopped one
+    whole = []  # the uninterrupted run, in this process while the stopped one starts
     run = tmp_path / "runs" / "run"
-    process, _ = started_paused(args(tmp_path / "runs", "--resume", "auto"), tmp_path / "events.jsonl", "train step 4")
+    process, _ = started_paused(args(tmp_path / "runs", "--resume", "auto"), tmp_path / "events.jsonl", "train step 4",
+                                meanwhile=lambda: whole.append(run_in_process("train.py", *args(tmp_path / "whole"))))
     process.send_signal(signal.SIGTERM)  # step 4 is epoch 2's second batch: it runs, then the run stops
     stopped = finish(process)
     assert f"checkpoint saved at epoch 2, batch 2; continue with --resume {run}" in stopped.stdout, stopped.stdout[-2000:]
-    resumed = assert_ok(run_script("train.py", *args(tmp_path / "runs", "--resume", "auto")))
+    resumed = assert_ok(run_in_process("train.py", *args(tmp_path / "runs", "--resume", "auto")))
     assert f"resumed from {run / 'checkpoints' / 'epoch-0001-step-000005'} at epoch 2, batch 2" in resumed.stdout
-    assert_ok(finish(whole))
+    assert_ok(whole[0])
     assert_same_weights(tmp_path / "whole" / "run" / "last.safetensors", run / "last.safetensors")
     ours, theirs = metrics(run), metrics(tmp_path / "whole" / "run")
     assert [(r["val_acc"], r["val_loss"]) for r in ours] == [(r["val_acc"], r["val_loss"]) for r in theirs]
@@ -391,7 +431,7 @@ class Evil:
 
 @pytest.fixture(scope="module")
 def faults(reference, tmp_path_factory):
-    """Copies of the reference run, each damaged one way, resumed by train.py two at a time."""
+    """Copies of the reference run, each damaged one way, resumed by train.py."""
     root = tmp_path_factory.mktemp("faults")
     newest = lambda run: ckpt.RunFolder(run).checkpoints()[-1]  # noqa: E731
     cases, prepared = {}, {}
@@ -446,24 +486,23 @@ def faults(reference, tmp_path_factory):
         preexec = {"read_only": _without_dac_override if os.geteuid() == 0 else None,
                    "disk_full": None if mounted else limit}
 
-        def run_all():  # one at a time, beside the tests that run meanwhile: the machine may have two cores
-            for name, (resume, *extra) in cases.items():
-                process = start_script("train.py", "--resume", resume, *extra, preexec_fn=preexec.get(name))
-                results[name] = finish(process, timeout=300)
-
-        results = {}
-        lane = threading.Thread(target=run_all, daemon=True)
-        lane.start()
-        faults = {"results": results, "prepared": prepared, "marker": root / "MARKER", "mounted": mounted,
-                  "read_only": read_only, "lane": lane}
+        # a run that needs a process of its own (a preexec_fn) starts now, beside the tests that run
+        # meanwhile; the others run in this process when a test first asks for them
+        started = Started()
+        for name, (resume, *extra) in cases.items():
+            if preexec.get(name):
+                started.start(name, "train.py", "--resume", resume, *extra, preexec_fn=preexec[name])
+            else:
+                started.start(name, "train.py", "--resume", resume, *extra, in_process=True)
+        faults = {"results": started, "prepared": prepared, "marker": root / "MARKER", "mounted": mounted,
+                  "read_only": read_only}
         yield faults
-        lane.join()
+        started.collect_all()
         if read_only:
             (prepared["read_only"]["run"] / "checkpoints").chmod(0o755)
 
 
 def result_of(faults, name) -> subprocess.CompletedProcess:
-    faults["lane"].join(timeout=900)
     assert name in faults["results"], f"{name}: no result"
     return faults["results"][name]
 

@@ -137,7 +137,7 @@ def start_cluster() -> tuple[str, list[str], bool]:
     return conf, nodes, started_here
 
 
-def start_early(started, fixtures: set[str], tmp_path_factory) -> None:
+def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
     """conftest's early_runs calls this as the session starts: where a selected test needs them, the
     cluster comes up and the training jobs run in threads (their CPU time is slurmd's) while the
     other test files run, and the tests here wait only for what is not done by then."""

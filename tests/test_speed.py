@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from conftest import ROOT, TINY_TRAIN, Started, error_line, make_csv_dataset, run_in_process, run_script
+from conftest import ROOT, TINY_TRAIN, error_line, make_csv_dataset, run_in_process
 from fixres import transforms
 from fixres.engine import TrainStep, train_one_epoch
 from fixres.images import BadImageError, open_image
@@ -180,8 +180,8 @@ def test_largest_batch_halves_until_it_fits():
 def test_batch_size_auto_and_fast_decode_train_on_cpu(tmp_path):
     out = tmp_path
     data = make_csv_dataset(out / "data", n_train=140)  # two batches of auto's 64 on a CPU
-    result = run_script("train.py", "--data", data, *TINY_TRAIN, "--epochs", "1", "--cpu", "--output", out,
-                        "--batch-size", "auto", "--fast-decode", "--name", "auto")
+    result = run_in_process("train.py", "--data", data, *TINY_TRAIN, "--epochs", "1", "--cpu", "--output", out,
+                            "--batch-size", "auto", "--fast-decode", "--name", "auto")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--batch-size auto: 64 on cpu" in result.stdout
     assert json.loads((out / "auto" / "config.json").read_text())["batch_size"] == 64
@@ -235,15 +235,19 @@ def test_a_slow_loader_shows_as_data_wait():
 BENCHMARKS = sorted(path.relative_to(ROOT / "benchmarks").as_posix() for path in (ROOT / "benchmarks").glob("*/*.py"))
 
 
+def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
+    """conftest's early_runs calls this as the session starts: `python benchmarks/<folder>/<script>
+    --help` of every script, each in a new interpreter, as a user runs it (a script that cannot
+    import fixres from there fails), beside the test files before this one."""
+    if "benchmark_help" in fixtures:
+        for name in BENCHMARKS:
+            started.start(name, f"benchmarks/{name}", "--help")
+
+
 @pytest.fixture(scope="module")
-def benchmark_help():
-    """`python benchmarks/<folder>/<script> --help` of every script, started together, each in a new
-    interpreter: a fork of the test's server would hide a script that cannot import fixres."""
-    started = Started()
-    for name in BENCHMARKS:
-        started.start(name, f"benchmarks/{name}", "--help", fresh=True)
-    yield started
-    started.collect_all()
+def benchmark_help(early_runs):
+    """The --help runs (start_early), by script name."""
+    return early_runs
 
 
 @pytest.mark.slow  # eight new interpreters: about 30 s of CPU

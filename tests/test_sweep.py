@@ -29,7 +29,7 @@ from fixres.stats import add_differences, best_of
 from fixres.sweep import run_sweep, sweep_pairs
 from fixres.trained_model import load_run_model
 from fixres.transforms import eval_transform
-from tests.conftest import finish, run_in_process, run_script, script_main, start_script
+from tests.conftest import finish, run_in_process, script_main, start_script
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 N_IMAGES, N_VAL = 60, 23      # 23 validation images: batches of 4 split 12 / 11 over 2 processes
@@ -58,8 +58,8 @@ def data_csv(tmp_path_factory) -> Path:
 def tiny_run(data_csv, tmp_path_factory) -> Path:
     """A test_resnet run folder written by train.py itself (one epoch at 32 px)."""
     out = tmp_path_factory.mktemp("runs")
-    result = run_script("train.py", "--data", data_csv, "--model", "test_resnet", "--train-res", "32", "--epochs", "1",
-                        "--batch-size", "16", "--workers", "0", "--output", out, "--name", "tiny")
+    result = run_in_process("train.py", "--data", data_csv, "--model", "test_resnet", "--train-res", "32", "--epochs", "1",
+                            "--batch-size", "16", "--workers", "0", "--output", out, "--name", "tiny")
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "tiny"
 
@@ -414,9 +414,8 @@ def _one_and_two_processes(run: Path, out: Path, workers_of_one: int, *, crop_pc
     if crop_pcts:
         for name, extra in runs.items():
             argv[name] += ["--", *common, "--crop-pcts", *crop_pcts, "--output", out / f"{name}-crop", *extra]
-    started = [start_script("tests/sweep_runs.py", *argv["one"]),
-               start_script("tests/sweep_runs.py", *argv["two"], processes=2)]
-    results = [finish(process, timeout=300) for process in started]
+    two = start_script("tests/sweep_runs.py", *argv["two"], processes=2)  # new interpreters; the one here meanwhile
+    results = [run_in_process("tests/sweep_runs.py", *argv["one"]), finish(two, timeout=300)]
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
     return results[0].stdout, results[1].stdout

@@ -11,28 +11,45 @@ from fixres.checkpoint import RunFolder
 from fixres.config import TrainConfig
 from fixres.fileio import load_weights
 from fixres.presets import RECIPES, train_preset
-from tests.conftest import TINY_TRAIN, Started, error_line, make_image_folder, parsed, run_in_process, run_script
+from tests.conftest import TINY_TRAIN, Started, error_line, make_image_folder, parsed, run_in_process
+
+
+TWO = "test_train.py: train.py with 2 processes"
+
+
+def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
+    """conftest's early_runs calls this as the session starts: the 2-process run (torchrun and two
+    new interpreters) trains in the background, beside the test files before this one."""
+    if "two_process_run" in fixtures:
+        out = tmp_path_factory.mktemp("train_two")
+        started.start(TWO, "train.py", "--data", tiny_csv, *TINY_TRAIN, "--output", out, "--name", "run", "--epochs",
+                      1, "--cpu", processes=2, folder=out / "run")
+
+
+@pytest.fixture
+def two_process_run(early_runs):
+    """start_early's run: its result and run folder."""
+    return early_runs.run(TWO)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_csv, tiny_folder):
-    """The runs of this file that need no other run, started together when the first test asks
-    (`runs.run(key)`: its result and run folder), each in a folder of its own."""
+    """The runs of this file that need no other run, each done in this process when a test first
+    asks (`runs.run(key)`: its result and run folder), each in a folder of its own."""
     root = tmp_path_factory.mktemp("train")
     bad_data = shutil.copytree(tiny_csv.parent, root / "bad_data")
     (bad_data / "images" / "0005.jpg").write_bytes(b"not a jpeg")
     started = Started()
-    for key, data, name, args, processes in [
-        ("split", tiny_csv, "split", ["--epochs", 2, "--stop-after", 1], 1),
-        ("workers", tiny_csv, "w2", ["--epochs", 2, "--workers", 2], 1),
-        ("fresh", tiny_csv, "run", ["--epochs", 1, "--resume", "auto"], 1),
-        ("two_processes", tiny_csv, "run", ["--epochs", 1, "--cpu"], 2),
-        ("image_folder", tiny_folder, "run", ["--epochs", 1, "--model", "tv:resnet18"], 1),
+    for key, data, name, args in [
+        ("split", tiny_csv, "split", ["--epochs", 2, "--stop-after", 1]),
+        ("workers", tiny_csv, "w2", ["--epochs", 2, "--workers", 2]),
+        ("fresh", tiny_csv, "run", ["--epochs", 1, "--resume", "auto"]),
+        ("image_folder", tiny_folder, "run", ["--epochs", 1, "--model", "tv:resnet18"]),
         # batch 12 divides the 60 training images, so no batch is dropped and the bad one is read
-        ("skips", bad_data / "labels.csv", "skips", ["--epochs", 1, "--batch-size", 12, "--skip-bad-images"], 1),
+        ("skips", bad_data / "labels.csv", "skips", ["--epochs", 1, "--batch-size", 12, "--skip-bad-images"]),
     ]:
         started.start(key, "train.py", "--data", data, *TINY_TRAIN, "--output", root / key, "--name", name, *args,
-                      processes=processes, folder=root / key / name)
+                      in_process=True, folder=root / key / name)
     yield started
     started.collect_all()
 
@@ -80,7 +97,7 @@ def test_resume_is_exact(runs, trained_run):
     assert_ok(first)
     assert "next: " not in first.stdout  # not finished: the next step is --resume
     assert len((split_run / "metrics.jsonl").read_text().splitlines()) == 1
-    second = run_script("train.py", "--resume", split_run)
+    second = run_in_process("train.py", "--resume", split_run)
     assert_ok(second)
     assert "resumed from" in second.stdout and "at epoch 2" in second.stdout
 
@@ -102,7 +119,7 @@ def test_resume_passes_over_an_unreadable_newest_checkpoint(tmp_path, trained_ru
     older, newest = RunFolder(run).checkpoints()
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    resumed = run_script("train.py", "--resume", run)
+    resumed = run_in_process("train.py", "--resume", run)
     assert_ok(resumed)
     assert "passed over" in resumed.stderr and str(weights) in resumed.stderr and str(older) in resumed.stderr
     assert "at epoch 2" in resumed.stdout
@@ -141,8 +158,8 @@ def test_resume_auto_with_nothing_to_resume_starts_fresh(runs):
 
 
 @pytest.mark.slow
-def test_two_processes_count_every_validation_image_once(runs):
-    result, run = runs.run("two_processes")  # --epochs 1 --cpu, under torchrun with 2 processes
+def test_two_processes_count_every_validation_image_once(two_process_run):
+    result, run = two_process_run  # --epochs 1 --cpu, under torchrun with 2 processes
     assert_ok(result)
     assert re.search(r"^processes\s+2\s*$", result.stdout, re.M)
     record = json.loads((run / "metrics.jsonl").read_text())

@@ -1,0 +1,204 @@
+"""The runners of tests/script_runs.py: a real interpreter reports what `python script` would,
+and a run in this process gives what one would and leaves nothing of itself behind."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, PartialState
+
+import fixres.training
+from tests.conftest import ROOT, TINY_TRAIN, error_line, run_in_process, run_script
+
+
+# ----------------------------------------------------------------------------- real interpreters
+
+@pytest.mark.parametrize("script", [
+    "tiny",  # a script that imports nothing: the runner's own doing
+    pytest.param("train.py", marks=pytest.mark.slow),  # what a user runs: `python train.py --help`
+])
+def test_a_crash_in_the_interpreters_teardown_fails_the_run(tmp_path, script):
+    """A library that aborts once the script is done (gloo's threads at exit, say) fails a real run,
+    as `python train.py` reports it: the script's own work finished normally."""
+    (tmp_path / "sitecustomize.py").write_text("import atexit, os\natexit.register(os.abort)\n")  # at startup
+    if script == "tiny":
+        script = tmp_path / "ends_well.py"
+        script.write_text("import sys\nprint('usage: ends_well.py')\nsys.exit(0)\n")
+    result = run_script(script, "--help", env={"PYTHONPATH": str(tmp_path)})
+    assert result.stdout.startswith(f"usage: {os.path.basename(script)}"), result.stdout
+    assert result.returncode == -signal.SIGABRT, (result.returncode, result.stderr[-2000:])
+
+
+def test_the_environment_read_when_the_interpreter_starts_reaches_a_real_run(tmp_path):
+    """What is read once, at startup or import: the hash seed, and OpenMP's thread count (libgomp
+    reads it when torch is imported: one thread a run, the test machine's cores being few)."""
+    script = tmp_path / "reads.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        import torch
+        print(sys.flags.hash_randomization, torch.get_num_threads(), os.environ["FIXRES_PROBE"])
+    """))
+    result = run_script(script, env={"PYTHONHASHSEED": "0", "FIXRES_PROBE": "given"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["0", "1", "given"]
+
+
+# ----------------------------------------------------------------------------- in this process
+
+PROBE = """
+import os, sys
+from fixres.config import ConfigError
+
+def main(argv):
+    print("argv", sys.argv[1:], "cwd", os.getcwd(), "probe", os.environ.get("FIXRES_PROBE"))
+    print("to stderr", file=sys.stderr)
+    action = argv[0]
+    if action == "message":
+        sys.exit("a message")
+    if action == "raise":
+        raise ValueError("raised")
+    if action == "refuse":
+        raise ConfigError("--option is refused")
+    if action == "exit":
+        sys.exit(int(argv[1]))
+    if action == "leave":  # everything a careless run could leave in the process that runs it
+        import logging, signal, threading, warnings
+        import matplotlib, torch, torch.distributed as dist
+        from accelerate import Accelerator
+        signal.signal(signal.SIGUSR1, lambda *_: None)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.environ["FIXRES_LEFT"] = "1"
+        os.chdir("/")
+        sys.argv.append("left")
+        torch.manual_seed(7)
+        torch.set_default_dtype(torch.float64)
+        torch.set_flush_denormal(True)
+        logging.basicConfig(level=logging.DEBUG)
+        warnings.simplefilter("error")
+        matplotlib.rcParams["lines.linewidth"] = 9
+        Accelerator(cpu=True)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{argv[1]}", rank=0, world_size=1)
+        threading.Thread(target=lambda: None).start()
+    return {"stopped": action == "stop"}
+"""
+
+
+@pytest.fixture
+def probe(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text(PROBE)
+    return path
+
+
+@pytest.mark.parametrize("args, status, last_line", [
+    (["finish"], 0, "to stderr"),
+    (["stop"], 75, "to stderr"),  # stopped by a signal, with its checkpoint: fixres.cli.STOPPED_EXIT
+    (["refuse"], 2, "error: --option is refused"),
+    (["exit", "3"], 3, "to stderr"),
+    (["message"], 1, "a message"),
+    (["raise"], 1, "ValueError: raised"),
+])
+def test_an_in_process_run_exits_and_prints_as_the_script_would(probe, capsys, args, status, last_line):
+    result = run_in_process(probe, *args, env={"FIXRES_PROBE": "given"})
+    assert result.returncode == status
+    assert result.stdout.splitlines()[0] == f"argv {args} cwd {ROOT} probe given"  # the repository, as a real run
+    assert result.stderr.splitlines()[-1] == last_line
+    assert capsys.readouterr() == ("", "")  # the run's output is the run's, not the test's
+
+
+def test_what_an_in_process_run_leaves_is_undone(probe, tmp_path, monkeypatch):
+    import matplotlib
+    from tests.script_runs import flushes_denormals, free_port
+    monkeypatch.chdir(tmp_path)
+    before = {**process_state(), "flush": flushes_denormals(), "warnings": warnings.filters[:],
+              "linewidth": matplotlib.rcParams["lines.linewidth"]}
+    result = run_in_process(probe, "leave", free_port())
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = {**process_state(), "flush": flushes_denormals(), "warnings": warnings.filters[:],
+             "linewidth": matplotlib.rcParams["lines.linewidth"]}
+    assert torch.equal(after.pop("rng"), before.pop("rng"))
+    assert after == before
+    assert (AcceleratorState._shared_state, PartialState._shared_state, GradientState._shared_state) == ({}, {}, {})
+    assert not dist.is_initialized()
+
+
+class Seen:
+    """The process as train.py saw it while it trained, recorded by a wrapper of its epoch loop."""
+
+    def __init__(self, monkeypatch, fail: bool):
+        self.state = None
+        real = fixres.training.train_one_epoch
+
+        def train_one_epoch(*args, **kwargs):
+            self.state = {"argv": sys.argv[:], "cwd": os.getcwd(), "env": dict(os.environ),
+                          "threads": torch.get_num_threads(), "sigterm": signal.getsignal(signal.SIGTERM),
+                          "accelerate": dict(AcceleratorState._shared_state)}
+            if fail:
+                raise RuntimeError("failed in the first epoch")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(fixres.training, "train_one_epoch", train_one_epoch)
+
+
+def process_state() -> dict:
+    return {"argv": sys.argv[:], "cwd": os.getcwd(), "env": dict(os.environ), "threads": torch.get_num_threads(),
+            "signals": {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)},
+            "rng": torch.get_rng_state(), "dtype": torch.get_default_dtype(),
+            "root handlers": logging.root.handlers[:], "root level": logging.root.level,
+            "cudnn.benchmark": torch.backends.cudnn.benchmark}
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["trains", "fails mid-epoch"])
+def test_an_in_process_run_leaves_the_process_as_it_found_it(tmp_path, tiny_csv, monkeypatch, fail):
+    """train.py in this process: while it runs, its signal handlers (fixres.stopping), Accelerate's
+    state, one thread, the repository as folder and its own argv; after it, whether it ended or
+    raised, this process's own, and no Accelerate state or process group left."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["the test's argv"])
+    monkeypatch.setenv("FIXRES_TEST_OWN", "1")
+    previous_usr1 = signal.signal(signal.SIGUSR1, lambda *_: None)  # a handler of the test's own
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    Accelerator(cpu=True)  # state a test leaves: the run must not inherit it
+    torch.manual_seed(123)
+    try:
+        before = process_state()
+        seen = Seen(monkeypatch, fail)
+        result = run_in_process("train.py", "--data", tiny_csv, *TINY_TRAIN, "--epochs", 1, "--cpu",
+                                "--output", tmp_path / "runs", "--name", "run", env={"FIXRES_PROBE": "given"})
+        after = process_state()
+    finally:
+        signal.signal(signal.SIGUSR1, previous_usr1)
+        torch.set_num_threads(threads)
+
+    assert result.returncode == (1 if fail else 0), result.stderr[-3000:]
+    if fail:
+        assert result.stderr.splitlines()[-1] == "RuntimeError: failed in the first epoch"
+    during = seen.state
+    assert during["argv"][0] == str(ROOT / "train.py") and during["cwd"] == str(ROOT)
+    assert during["env"]["FIXRES_PROBE"] == "given" and during["env"]["OMP_NUM_THREADS"] == "1"
+    assert during["threads"] == 1
+    assert getattr(during["sigterm"], "__self__", None).__class__.__name__ == "StopRequest"
+    assert during["accelerate"]["_cpu"] is True  # the run's own Accelerator
+
+    for key in before:
+        if key == "rng":
+            assert torch.equal(after[key], before[key])
+        else:
+            assert after[key] == before[key], key
+    assert (AcceleratorState._shared_state, PartialState._shared_state, GradientState._shared_state) == ({}, {}, {})
+    assert not dist.is_initialized()
+
+
+def test_an_in_process_error_line_is_the_scripts(tmp_path):
+    """What the tests read from a refused run: one line and status 2, as from `python train.py`."""
+    result = run_in_process("train.py", "--data", tmp_path / "none.csv", *TINY_TRAIN, "--output", tmp_path)
+    assert "none.csv" in error_line(result)
