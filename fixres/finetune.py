@@ -150,7 +150,8 @@ def finetune(given: dict) -> dict:
     if cfg.name and not resume:  # before the sweep: refuse now, not minutes later
         ckpt.RunFolder(Path(cfg.output) / cfg.name).refuse_if_taken()
     train_res = cfg.train_res
-    if meta.get("test_crop_pct") not in (None, cfg.crop_pct) and "crop_pct" not in given:  # sweep.py --write-best's
+    sources_crop = "crop_pct" not in given and cfg.crop_pct == meta.get("crop_pct")  # not a resumed run's own
+    if sources_crop and meta.get("test_crop_pct") not in (None, cfg.crop_pct):  # sweep.py --write-best's
         console.print(other_test_crop_note(cfg.crop_pct, meta["test_crop_pct"]))
     eval_meta = {**meta, "interpolation": cfg.interpolation}
     held_out, reported = held_out_split(split.val, cfg.choice_images, cfg.seed)

@@ -42,6 +42,8 @@ IDENTITY_KEYS = ("model", "model_kwargs", "data", "images", "choice_images", "se
 def layered(cls, given: dict, *, preset: dict | None = None, source: dict | None = None):
     """The config of `cls`: its defaults, then `preset`, then `source`, then `given` (the
     command line), each over the one before; checked once stacked."""
+    if not isinstance(given, dict):  # a config built by hand: the jobs take what was typed
+        raise TypeError(f"the options given as a dict (fixres.layers.parse_command_line), not {type(given).__name__}")
     return cls(**{**(preset or {}), **(source or {}), **given})
 
 
@@ -176,7 +178,9 @@ def finetune_config(given: dict, meta: dict, source_cfg: dict, data_source: str,
                     resumed: dict | None, output: str) -> FinetuneConfig:
     """finetune.py's config once its source is loaded: on the built-in data its preset; then
     the source run's model, training size, preprocessing (its weights' metadata) and data, and
-    over them the resumed fine-tuning run's config; then the command line."""
+    over them the resumed fine-tuning run's config; then the command line. An empty --data,
+    --images or --output (an unset shell variable) counts as not given, as it always has."""
+    given = {k: v for k, v in given.items() if not (k in ("data", "images", "output") and v == "")}
     preset = FINETUNE_SHAPES_PRESET if "data" in source_cfg and source_cfg["data"] is None else None
     source = dict(
         checkpoint=checkpoint, model=meta["model"], output_stride=meta.get("output_stride"),

@@ -100,6 +100,8 @@ def train_preset(given: dict) -> dict:
     is no --data, and --recipe's settings over it. A preset's or recipe's model options go with
     its model: `--model test_vit` (or a recipe's model) gets no --output-stride it may not take,
     and `--recipe shapes-vit --model test_vit` not the hybrid ViT's constructor keywords."""
+    if not isinstance(given, dict):  # a config built by hand: train.py's job takes what was typed
+        raise TypeError(f"the options given as a dict (fixres.layers.parse_command_line), not {type(given).__name__}")
     preset = {} if given.get("data") else SHAPES_PRESET
     recipe = RECIPES.get(given.get("recipe"), {})
     model = given.get("model", recipe.get("model", preset.get("model")))

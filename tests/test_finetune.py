@@ -350,6 +350,25 @@ def test_a_resumed_finetune_keeps_its_held_out_images_and_its_choice(tmp_path, t
     assert parts["res_choice"].startswith("--res auto: ") and len(parts["choice_sweep"]) == 3
 
 
+def test_a_resumed_finetune_keeps_the_preprocessing_its_first_run_was_given(tmp_path, tiny_csv):
+    """The resumed run's config is a layer over the source's (fixres.layers): --crop-pct,
+    --interpolation and --min-scale given to the first run hold after a resume, whose weights
+    are then those of an uninterrupted run. An empty --output counts as not given."""
+    source = write_source_run(tmp_path / "source", "test_resnet", tiny_csv)
+    common = dict(checkpoint=str(source), res=40, epochs=2, aug="rrc", crop_pct=0.9, interpolation="bicubic",
+                  min_scale=0.5, batch_size=10, workers=0, cpu=True, output="")
+    whole = finetune_lib.finetune(dict(**common, name="whole"))
+    assert finetune_lib.finetune(dict(**common, name="parts", stop_after=1))["unfinished"]
+    parts = finetune_lib.finetune(dict(resume=str(tmp_path / "parts")))  # beside the source: --output ''
+    resumed = json.loads((tmp_path / "parts" / "config.json").read_text())
+    assert (resumed["crop_pct"], resumed["interpolation"], resumed["min_scale"]) == (0.9, "bicubic", 0.5)
+    assert resumed["output"] == str(tmp_path)
+    for name in ("best", "last"):
+        ours, theirs = (load_weights(tmp_path / run / f"{name}.safetensors")[0] for run in ("parts", "whole"))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+    assert parts["top1"] == whole["top1"]
+
+
 # ----------------------------------------------------------------------------- the script end to end
 
 def write_source_run(folder, model_name, data, train_res=32, seed=0, **options):

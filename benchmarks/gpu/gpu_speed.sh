@@ -22,6 +22,9 @@ OUT_ROOT=${OUT:?set OUT to a folder for the logs}
 OUT=$OUT_ROOT/gpu_speed
 RUNS=${RUNS:-/tmp/fixres-gpu-runs}
 PARTS=${PARTS:-e2e}
+for part in $PARTS; do  # a part it does not know would run nothing and look like success
+  case $part in suite|e2e) ;; *) echo "error: PARTS: unknown part '$part' (known: suite e2e)" >&2; exit 2;; esac
+done
 export FIXRES_CACHE=${FIXRES_CACHE:-/tmp/fixres-gpu-cache}
 mkdir -p "$OUT" "$RUNS"
 if [ "${SMOKE:-0}" = 1 ]; then
