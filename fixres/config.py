@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from fixres.options import (RUNS, Config, ConfigError, batch_size_arg, check_fraction,
                             check_kwargs_recordable, check_positive, check_sizes, composed, flag, option)
+from fixres.presets import RECIPES
 
-RECIPE_NAMES = ("tv-resnet50-v2", "shapes-convnext", "shapes-vit")  # fixres/presets.py's RECIPES
 FINETUNE_METHODS = ("finetune", "bn-stats", "parametric")
 FINETUNE_AUGS = ("test", "test+", "rrc")
 
@@ -172,7 +172,7 @@ class RecipeOptions:
                                                 "(default: no clipping)")
     recipe: str | None = option(None, "a published recipe's settings as defaults (options given here still win): "
                                       "tv-resnet50-v2 = torchvision's ResNet-50 IMAGENET1K_V2 (docs/recipes.md); shapes-convnext, "
-                                      "shapes-vit = a ConvNeXt and a ViT on the built-in data", RECIPE_NAMES)
+                                      "shapes-vit = a ConvNeXt and a ViT on the built-in data", tuple(RECIPES))
     auto_augment: str | None = option(None, "per-image automatic augmentation after the crop and flip: ta_wide = "
                                             "TrivialAugmentWide, ra = RandAugment (2 ops, magnitude 9)", ("ta_wide", "ra"))
     random_erase: float = option(0.0, "probability of filling a rectangle of each training image with the mean colour (RandomErasing; 0 = off)")

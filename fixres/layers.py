@@ -12,7 +12,7 @@ given is always the layer's below it, as timm's train.py feeds its YAML into
 `parser.set_defaults`. The jobs gather their layers here:
 
     given = parse_command_line(TrainConfig, argv, "Train ...", preset=train_preset)
-    cfg, resume, normalisation = train_config(given, console)        # train.py
+    cfg, resume, normalisation = train_config(given, train_preset(given), console)  # train.py
     cfg = finetune_config(given, meta, source_cfg, split.source, checkpoint=..., resumed=..., output=...)  # finetune.py
     cfg = sweep_config(given, meta, run_cfg, checkpoint=...)        # sweep.py
 """
@@ -30,7 +30,7 @@ from fixres import fileio
 from fixres.config import FinetuneConfig, SweepConfig, TrainConfig
 from fixres.models import PREPROCESSING_KEYS, check_model_kwargs, check_model_name, pretrained_preprocessing
 from fixres.options import ConfigError
-from fixres.presets import FINETUNE_SHAPES_PRESET, train_preset
+from fixres.presets import FINETUNE_SHAPES_PRESET
 from fixres.preprocessing import describe_preprocessing
 from fixres.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -42,8 +42,6 @@ IDENTITY_KEYS = ("model", "model_kwargs", "data", "images", "choice_images", "se
 def layered(cls, given: dict, *, preset: dict | None = None, source: dict | None = None):
     """The config of `cls`: its defaults, then `preset`, then `source`, then `given` (the
     command line), each over the one before; checked once stacked."""
-    if not isinstance(given, dict):  # a config built by hand: the jobs take what was typed
-        raise TypeError(f"the options given as a dict (fixres.layers.parse_command_line), not {type(given).__name__}")
     return cls(**{**(preset or {}), **(source or {}), **given})
 
 
@@ -145,11 +143,11 @@ def weights_preprocessing(cfg: TrainConfig) -> tuple[dict, str]:
     return pretrained_preprocessing(cfg.model), f"{library} of {cfg.model} ({taken})"
 
 
-def train_config(given: dict, console) -> tuple[TrainConfig, ckpt.Checkpoint | None, str]:
+def train_config(given: dict, preset: dict, console) -> tuple[TrainConfig, ckpt.Checkpoint | None, str]:
     """train.py's config: the built-in data's preset and --recipe, then the resumed run or the
     preprocessing of the weights it starts from, then the command line. With the checkpoint
-    to resume (None for a new run) and the normalisation in words, for the log."""
-    preset = train_preset(given)
+    to resume (None for a new run) and the normalisation in words, for the log. `preset`:
+    train_preset(given)."""
     cfg = layered(TrainConfig, given, preset=preset)
     resume = None
     if cfg.resume:

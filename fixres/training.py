@@ -48,9 +48,10 @@ def prepare_run(given: dict) -> Run:
     """train.py's run, from the options given (fixres.layers.parse_command_line): its config
     (fixres.layers.train_config: the resumed run's checkpoint read there, once), the data
     resolved, the run folder started, a new model built with --seed, then build_run."""
-    accelerator = training_accelerator(layered(TrainConfig, given, preset=train_preset(given)))
+    preset = train_preset(given)
+    accelerator = training_accelerator(layered(TrainConfig, given, preset=preset))  # before the resumed run is read
     console = make_console(accelerator.is_main_process)
-    cfg, resume, normalisation = train_config(given, console)
+    cfg, resume, normalisation = train_config(given, preset, console)
     if cfg.for_test_res and resume is None:  # after crop_pct is resolved: a pretrained model's own changes the answer
         cfg = sizes_for_test_res(cfg, console)
     if resume is None:  # a ViT built for --train-res (a strict one refuses other sizes); config.json records it

@@ -31,7 +31,7 @@ from fixres.export import (EXPORT_DIR, ExportError, check_export, export_data_co
                            write_run_export)
 from fixres.models import create_model, pretrained_preprocessing
 from fixres.report import make_console
-from fixres.layers import train_config
+from fixres.presets import train_preset
 from fixres.trained_model import load_run_model
 from fixres.transforms import eval_transform
 from tests.conftest import TINY_TRAIN, run_in_process
@@ -294,17 +294,20 @@ def test_pretrained_preprocessing_of_both_libraries():
 def test_preprocessing_layers(tmp_path, monkeypatch):
     """The command line over the weights' own preprocessing over the defaults (fixres.layers)."""
     console = make_console(False)
-    scratch, _, _ = train_config({"model": "test_resnet", "data": "x.csv"}, console)
+
+    def train_config(given):  # as train.py's prepare_run calls it
+        return layers.train_config(given, train_preset(given), console)
+    scratch, _, _ = train_config({"model": "test_resnet", "data": "x.csv"})
     assert (scratch.mean, scratch.std, scratch.crop_pct) == (*IMAGENET, 0.875)
     given, _, why = train_config({"model": "test_resnet", "data": "x.csv", "pretrained": True, "crop_pct": 0.9,
-                                  "mean": [0.1, 0.2, 0.3]}, console)
+                                  "mean": [0.1, 0.2, 0.3]})
     assert (given.mean, given.std, given.crop_pct) == ([0.1, 0.2, 0.3], [0.5] * 3, 0.9)
     assert why.endswith("given: --mean --crop-pct")
     # a fixres weights file: its metadata says how it was made
     save_weights(tmp_path / "w.safetensors", {}, {"model": "test_resnet", "mean": [0.2] * 3, "std": [0.3] * 3,
                                                   "crop_pct": 0.8, "interpolation": "bicubic"})
     from_file, _, why = train_config({"model": "test_resnet", "data": "x.csv",
-                                      "weights": str(tmp_path / "w.safetensors")}, console)
+                                      "weights": str(tmp_path / "w.safetensors")})
     assert (from_file.mean, from_file.std, from_file.crop_pct, from_file.interpolation) == (
         [0.2] * 3, [0.3] * 3, 0.8, "bicubic")
     assert f"the metadata of {tmp_path / 'w.safetensors'}" in why
@@ -315,7 +318,7 @@ def test_preprocessing_layers(tmp_path, monkeypatch):
                       "std": None, "crop_pct": 0.95})
     checkpoint = Checkpoint(old.path / "checkpoints" / "epoch-1", weights={}, meta={}, training_state={})
     monkeypatch.setattr(layers.ckpt.RunFolder, "resolve_resume", lambda *args, **kwargs: checkpoint)
-    resumed, resume, why = train_config({"resume": str(old.path), "data": "x.csv"}, console)
+    resumed, resume, why = train_config({"resume": str(old.path), "data": "x.csv"})
     assert resume is not None and (resumed.mean, resumed.crop_pct) == (IMAGENET[0], 0.95)
     assert why.endswith("the run's config")
 
