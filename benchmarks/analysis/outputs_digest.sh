@@ -5,7 +5,7 @@
 # every JSON record with its timings removed. Two checkouts' digests are then compared:
 #
 #   git worktree add /tmp/before <commit>; git worktree add /tmp/after HEAD
-#   benchmarks/analysis/outputs_digest.sh /tmp/before out-before    # ~12 min each on 2 CPU cores
+#   benchmarks/analysis/outputs_digest.sh /tmp/before out-before    # about 20 min each on 2 shared CPU cores
 #   benchmarks/analysis/outputs_digest.sh /tmp/after out-after
 #   diff out-before/digest.txt out-after/digest.txt
 #
