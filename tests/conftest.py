@@ -11,8 +11,8 @@ from PIL import Image
 
 from fixres.layers import layered, parse_command_line
 # how the scripts run, in this process or as real interpreters; the test files import these from here
-from tests.script_runs import (ROOT, Started, finish, free_port, run_in_process, run_script,  # noqa: F401
-                               script_command, script_main, start_script)
+from tests.script_runs import (ROOT, Started, finish, free_port, niced, run_file_in_process,  # noqa: F401
+                               run_in_process, run_script, script_command, script_main, start_script)
 
 COLOURS = ("red", "green", "blue")
 
@@ -82,6 +82,14 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked `late` (they read a run that the session starts in the background on its way,
+    once what the run needs is there) after all the others, in their order: meanwhile the run uses
+    a core that this process leaves idle. A fixture that such a test shares with the tests of its
+    file before it is session-scoped, not made a second time."""
+    items.sort(key=lambda item: item.get_closest_marker("late") is not None)  # stable
+
+
 @pytest.fixture(scope="session")
 def early_runs(request, tiny_csv, tmp_path_factory):
     """Runs that several test files read, started as the session starts when a selected test
@@ -98,6 +106,7 @@ def early_runs(request, tiny_csv, tmp_path_factory):
     for module in dict.fromkeys(getattr(item, "module", None) for item in request.session.items):
         if hasattr(module, "start_early"):
             module.start_early(started, fixtures, tmp_path_factory, tiny_csv)
+    started.launch_together(tmp_path_factory.mktemp("together"))  # the 2-process runs they gave start_together
     yield started
     started.collect_all()
 

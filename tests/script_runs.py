@@ -1,6 +1,7 @@
 """How the tests run train.py, sweep.py and finetune.py: in this process, or as real interpreters.
 
     result = run_in_process("train.py", "--data", csv, ...)    # its main(argv) here, as `python train.py` would
+    result = run_file_in_process(path, "--help")               # a file run as __main__ here (a benchmark)
     result = run_script("train.py", "--data", csv, ...)        # `python train.py ...` in a new interpreter
     process = start_script("train.py", ..., processes=2)       # torchrun, in the background; finish(process)
 
@@ -16,7 +17,9 @@ a process group). What it cannot give: what an interpreter reads when it starts 
 (a variable read at import, sitecustomize), what it does when it ends (atexit, a crash in the
 teardown of a library), signals sent to it, several processes. Runs that need one of those,
 or a timeout, start a real interpreter (start_script); Started runs several in the background,
-on the cores this process leaves idle, each collected when a test first asks for it.
+on the cores this process leaves idle, each collected when a test first asks for it: conftest's
+early_runs starts them with the session (a test file's start_early), or a fixture once what the
+run needs is there, and a test that reads such a run is marked `late` (it runs after the others).
 
 Here rather than in conftest.py, which is imported twice (as conftest, and as tests.conftest
 by the files that run as scripts too): one script_main cache, one module of each script.
@@ -30,6 +33,7 @@ import io
 import logging
 import os
 import random
+import runpy
 import signal
 import socket
 import subprocess
@@ -66,13 +70,51 @@ def script_command(script, processes: int = 1, port: int | None = None) -> list[
             f"--master_port={port or free_port()}", str(ROOT / script)]
 
 
+# Runs started by a thread of Started (in the background, beside this process's own work) run at a
+# lower priority: the test process, whose work is the longest chain of the suite, keeps a core, and
+# they take the rest (on the 2-core test machine: the other core, and this one while it waits).
+BACKGROUND_NICENESS = 10
+_thread = threading.local()
+
+
+def niced(command: list[str]) -> list[str]:
+    """`command`, under `nice` when started from a background thread of Started."""
+    niceness = getattr(_thread, "niceness", 0)
+    return ["nice", "-n", str(niceness), *command] if niceness else command
+
+
+def lower_autogroup(pid: int, niceness: int = BACKGROUND_NICENESS) -> None:
+    """The niceness of the autogroup of process `pid`: where Linux groups processes by session (its
+    autogroups, the default), a process in a session of its own shares the CPU as a group, whatever
+    its nice value, with this session's group. Nothing where there are no autogroups."""
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(str(niceness))
+    except OSError:
+        pass
+
+
+def lower_autogroups_naming(marker: str, niceness: int = BACKGROUND_NICENESS) -> None:
+    """lower_autogroup of every process whose command line names `marker` (a folder of this session:
+    jobs that another program started, SLURM's, each in a session of its own)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "cmdline").read_bytes():
+                lower_autogroup(int(proc.name), niceness)
+        except OSError:  # ended meanwhile
+            pass
+
+
 def start_script(script, *args, processes: int = 1, port: int | None = None, env=None, **popen) -> subprocess.Popen:
     """`python script ARGS` (or under torchrun) started in the background in a new interpreter, as a
     user starts it, from the repository, one thread a process; finish() collects it. `popen`:
-    subprocess.Popen's own keywords (preexec_fn, start_new_session)."""
-    command = script_command(script, processes, port) + [str(a) for a in args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, **RUN_ENV, **(env or {})}, **popen)
+    subprocess.Popen's own keywords (preexec_fn, start_new_session). `nice` execs the interpreter
+    (niced): the process, its pid and exit status are the interpreter's."""
+    command = niced(script_command(script, processes, port) + [str(a) for a in args])
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env={**os.environ, **RUN_ENV, **(env or {})}, **popen)
+    if popen.get("start_new_session") and command[0] == "nice":  # its session's autogroup: niced too
+        lower_autogroup(process.pid, int(command[2]))
+    return process
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -110,10 +152,43 @@ def run_in_process(script: str, *args, env=None, capsys=None) -> subprocess.Comp
     argv = [str(a) for a in args]
     if capsys is not None:
         capsys.readouterr()
-    out, err = _Output(), _Output()
-    with in_a_run([str(ROOT / script), *argv], env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    return _captured([str(ROOT / script), *argv], env, lambda: run_main(script_main(script), argv), shown=[script, *argv])
+
+
+def run_file_in_process(path, *args) -> subprocess.CompletedProcess:
+    """`python path ARGS` for a file run as __main__ (a benchmark's script), in this process as a new
+    interpreter would run it: sys.path starts with the file's folder and holds no entry for the
+    repository, and no module of the repository is imported yet (those of this process are put
+    aside, and back after), so a file that cannot import fixres from where it is fails here too."""
+    path = Path(path).resolve()
+    argv = [str(path), *map(str, args)]
+
+    def run_as_main() -> int:
+        sys.path[:] = [str(path.parent)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+        aside = {name: sys.modules.pop(name) for name in list(sys.modules) if _of_the_repository(sys.modules[name])}
         try:
-            status = run_main(script_main(script), argv)
+            runpy.run_path(str(path), run_name="__main__")
+        finally:
+            for name in [name for name, module in sys.modules.items() if _of_the_repository(module)]:
+                del sys.modules[name]
+            sys.modules.update(aside)
+        return 0
+    return _captured(argv, None, run_as_main)
+
+
+def _of_the_repository(module) -> bool:
+    """A module of fixres or of a script beside the benchmarks (not of tests/, which runs this)."""
+    file = getattr(module, "__file__", None) or ""  # strings, not Paths: thousands of modules a run
+    return file.startswith(f"{ROOT}{os.sep}") and not file.startswith(f"{ROOT / 'tests'}{os.sep}")
+
+
+def _captured(argv: list[str], env, run, shown=None, keep_process_group=False) -> subprocess.CompletedProcess:
+    """run() in a run of `argv` (in_a_run): its exit status, as the interpreter ends on what it
+    returns or raises, and what it printed (as a CompletedProcess of `shown`, or of argv)."""
+    out, err = _Output(), _Output()
+    with in_a_run(argv, env, keep_process_group), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = run()
         except SystemExit as exit_:  # as the interpreter ends on it
             status = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
             if not isinstance(exit_.code, (int, type(None))):
@@ -121,7 +196,7 @@ def run_in_process(script: str, *args, env=None, capsys=None) -> subprocess.Comp
         except Exception:
             traceback.print_exc()
             status = 1
-    return subprocess.CompletedProcess([script, *argv], status, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(shown or argv, status, out.getvalue(), err.getvalue())
 
 
 class _Output(io.TextIOWrapper):
@@ -203,11 +278,12 @@ class ProcessState:
 
 
 @contextlib.contextmanager
-def in_a_run(argv: list[str], env=None):
+def in_a_run(argv: list[str], env=None, keep_process_group: bool = False):
     """The process as a new interpreter would give it to `argv`, and as it was once the run ends:
     sys.argv, the repository as working folder, the environment with RUN_ENV and `env`, one torch
     thread, a fresh Accelerate state; after it, everything in ProcessState put back, the process
-    group ended, non-daemon threads of the run waited for (as the interpreter does at its exit)."""
+    group ended (but with `keep_process_group`: torchrun's, for the next run of a launch),
+    non-daemon threads of the run waited for (as the interpreter does at its exit)."""
     before = ProcessState()
     reset_accelerate()  # what a test built (an Accelerator of its own) is no state of the run's
     sys.argv[:] = argv
@@ -219,7 +295,7 @@ def in_a_run(argv: list[str], env=None):
             yield
     finally:
         try:
-            if dist.is_available() and dist.is_initialized():
+            if dist.is_available() and dist.is_initialized() and not keep_process_group:
                 dist.destroy_process_group()
             for thread in set(threading.enumerate()) - before.threads:
                 if not thread.daemon:
@@ -249,6 +325,8 @@ def matplotlib_settings():
 
 # ----------------------------------------------------------------------------- runs side by side
 
+TOGETHER = "the launch of the 2-process runs started together"
+
 class Started:
     """Script runs started together in the background, each collected when a test first asks
     for it (`started[name]`): the scripts run one thread each, so on a machine of few cores
@@ -272,43 +350,101 @@ class Started:
         self._running = 0
         self._asked: set[str] = set()
         self._closing = False  # collect_all: a real run still waiting for its turn is not started
+        self.together: list[tuple] = []  # start_together's runs: (name, script, args)
+        self.in_launch: dict[str, Path] = {}  # launch_together's runs: the folder of their outputs
 
     def start(self, name: str, script, *args, folder: Path | None = None, in_process: bool = False,
-              **kwargs) -> None:
-        """A real interpreter (start_script's keywords), or `in_process` when a test asks for it."""
+              first: bool = False, **kwargs) -> None:
+        """A real interpreter (start_script's keywords), or `in_process` when a test asks for it. With
+        `first`, before the real runs that wait for their turn (the head of a long chain of runs)."""
         if in_process:
             # a run that needs a process (several, a preexec_fn, ...) starts one
             assert kwargs.keys() <= {"env", "processes"} and kwargs.get("processes", 1) == 1, kwargs
             self.later[name] = (script, args, kwargs.get("env"))
         else:
             with self._turns:
-                self._waiting.append(name)
+                self._waiting.insert(0 if first else len(self._waiting), name)
             self.call(name, self._real_run, name, script, args, kwargs)
         if folder:
             self.folders[name] = folder
 
+    def start_together(self, name: str, script: str, *args, folder: Path | None = None) -> None:
+        """A 2-process run of train.py or finetune.py (under torchrun) that shares one launch with the
+        others given so (launch_together, once they all are): every run's processes are the launch's
+        two interpreters, which run them in turn (tests/launch_runs.py), so a run costs no imports."""
+        if not self.together:  # the launch's turn among the real runs: where its first run was given
+            with self._turns:
+                self._waiting.append(TOGETHER)
+        self.together.append((name, script, args))
+        if folder:
+            self.folders[name] = folder
+
+    def launch_together(self, out: Path) -> None:
+        """Starts the launch of the runs given to start_together, their outputs in `out`."""
+        if not self.together:
+            return
+        args = [out]
+        for name, script, run_args in self.together:
+            args += ["--", name, script, *run_args]
+        self.call(TOGETHER, self._real_run, TOGETHER, "tests/launch_runs.py", args, {"processes": 2})
+        self.in_launch = {name: out for name, _, _ in self.together}
+
+    def _from_launch(self, name: str) -> subprocess.CompletedProcess:
+        """One run of the shared launch as its own 2-process run gives it: the exit status of its first
+        rank that failed (else 0), what rank 0 then rank 1 printed."""
+        launch, out = self[TOGETHER], self.in_launch[name]
+        statuses, stdout, stderr = [], "", ""
+        for rank in (0, 1):
+            files = {kind: out / f"{name}.rank{rank}.{kind}" for kind in ("status", "out", "err")}
+            if not files["status"].exists():  # the launch ended before this run did
+                return subprocess.CompletedProcess([name], launch.returncode or 1, launch.stdout,
+                                                   f"{launch.stderr}\n{name}: rank {rank} left no exit status")
+            statuses.append(int(files["status"].read_text()))
+            stdout, stderr = stdout + files["out"].read_text(), stderr + files["err"].read_text()
+        return subprocess.CompletedProcess([name], next((s for s in statuses if s), 0), stdout, stderr)
+
     def _real_run(self, name: str, script, args, kwargs) -> subprocess.CompletedProcess:
+        with self._turn(name) as turn:
+            return finish(start_script(script, *args, **kwargs)) if turn else None
+
+    @contextlib.contextmanager
+    def _turn(self, name: str):
+        """Waits for `name`'s turn among the real runs (at_once), then holds it: gives True, or False
+        when the session ends before any test asked for it (it is then not done)."""
         with self._turns:
             self._turns.wait_for(lambda: name in self._asked or self._closing or (
                 self.at_once is None or self._running < self.at_once) and self._waiting[0] == name)
             self._waiting.remove(name)
             self._turns.notify_all()
             if name not in self._asked and self._closing:
-                return None  # the session ends (a test failed under -x, say) before any test asked for it
+                yield False  # the session ends (a test failed under -x, say) before any test asked for it
+                return
             self._running += 1
         try:
-            return finish(start_script(script, *args, **kwargs))
+            yield True
         finally:
             with self._turns:
                 self._running -= 1
                 self._turns.notify_all()
 
-    def call(self, name: str, function, *args) -> None:
+    def call(self, name: str, function, *args, real_runs: bool = False, niceness: int = BACKGROUND_NICENESS) -> None:
         """`function(*args)` in a thread started now; `started[name]` gives its result, or raises in
-        the test that asks what it raised (pytest.skip included)."""
+        the test that asks what it raised (pytest.skip included). With `real_runs`, the function
+        starts real interpreters itself (a scenario of signals, say): it waits for its turn, and
+        holds it while it runs, as one of the real runs. What it starts runs at `niceness` (0 for a
+        scenario that times its processes: a lower priority would time the other work instead)."""
+        if real_runs:
+            with self._turns:
+                self._waiting.append(name)
+
         def run():
+            _thread.niceness = niceness  # what it starts: niced
             try:
-                self.outcomes[name] = (function(*args), None)
+                if real_runs:
+                    with self._turn(name) as turn:
+                        self.outcomes[name] = (function(*args) if turn else None, None)
+                else:
+                    self.outcomes[name] = (function(*args), None)
             except BaseException as error:  # pytest.skip's Skipped is no Exception
                 self.outcomes[name] = (None, error)
         self.threads[name] = threading.Thread(target=run, name=name, daemon=True)
@@ -331,13 +467,15 @@ class Started:
         return result
 
     def __contains__(self, name: str) -> bool:
-        return name in self.threads or name in self.later or name in self.results
+        return name in self.threads or name in self.later or name in self.results or name in self.in_launch
 
     def __getitem__(self, name: str):
         """A run's CompletedProcess, or what a call returned."""
         if name in self.later:
             script, args, env = self.later.pop(name)
             self.results[name] = run_in_process(script, *args, env=env)
+        if name in self.in_launch and name not in self.results:
+            self.results[name] = self._from_launch(name)
         if name in self.results:
             return self.results[name]
         result, error = self.outcome(name)

@@ -9,7 +9,7 @@ import torch
 
 from fixres import checkpoint as ckpt
 from fixres import fileio
-from tests.conftest import ROOT
+from tests.conftest import ROOT, niced
 
 
 def test_weights_round_trip_with_metadata(tmp_path):
@@ -145,17 +145,35 @@ def test_files_and_folders_are_as_readable_as_any_other_output(tmp_path, umask):
     assert {mode(saved), mode(saved.parent), mode(run.path), mode(folder)} == {0o777 & ~umask}
 
 
-def test_importing_leaves_the_umask_alone():
-    """Reading the umask means setting it (os.umask), for the whole process and its threads:
-    neither fixres.fileio nor fixres.checkpoint calls it when imported."""
+def umask_calls_of_imports() -> subprocess.CompletedProcess:
+    """A new interpreter that imports fixres.fileio and fixres.checkpoint and prints the os.umask calls made."""
     code = ("import os, sys, torch, safetensors.torch\n"
             "calls = []\n"
             "real = os.umask\n"
             "os.umask = lambda mask: calls.append(mask) or real(mask)\n"
             "import fixres.fileio, fixres.checkpoint\n"
             "print(calls)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run(niced([sys.executable, "-c", code]), capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+
+
+def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
+    """conftest's early_runs calls this as the session starts: the new interpreter of
+    umask_calls_of_imports, in a thread, on a core this process leaves idle."""
+    if "umask_calls" in fixtures:
+        started.call("umask_calls", umask_calls_of_imports, real_runs=True)
+
+
+@pytest.fixture
+def umask_calls(early_runs) -> subprocess.CompletedProcess:
+    return early_runs["umask_calls"]
+
+
+@pytest.mark.late
+def test_importing_leaves_the_umask_alone(umask_calls):
+    """Reading the umask means setting it (os.umask), for the whole process and its threads:
+    neither fixres.fileio nor fixres.checkpoint calls it when imported."""
+    done = umask_calls
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from fixres.data import load_split
 from fixres.fileio import load_weights
-from tests.conftest import error_line, finish, make_csv_dataset, run_in_process, script_main, start_script
+from tests.conftest import error_line, make_csv_dataset, run_in_process, script_main
 from tests.test_families import DEIT, DEIT_KWARGS, library_logits
 from tests.test_vit_sizes import ok, tv_vit_at
 
@@ -89,7 +89,7 @@ PARAMS = [pytest.param(f, id=f.id, marks=() if f.quick else pytest.mark.slow) fo
 COMMON = ["--workers", "0", "--cpu"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # the late 2-process tests read it after the other files' tests
 def data(tmp_path_factory) -> Path:
     """12 training and 12 validation images, half of the latter blends of two colours (a model
     trained one epoch gets every plain one right): which images are right then depends on the
@@ -110,21 +110,39 @@ class Swept:
     rows: list[dict]  # sweep.py's main's rows: sweep.json's, with which images were right (per_image_correct)
 
 
-@pytest.fixture(scope="module")
-def swept(data, tmp_path_factory):
+TWO_PROCESS_SWEEPS = "test_family_matrix.py: the 2-process sweeps"
+
+
+def asked_for_two_processes(session) -> list[Family]:
+    """The families whose 2-process test this session runs, in their order."""
+    return list(dict.fromkeys(item.callspec.params["family"] for item in session.items
+                              if getattr(item, "originalname", None) == "test_two_processes_sweep_as_one"))
+
+
+@pytest.fixture(scope="session")
+def swept(request, data, tmp_path_factory, early_runs):
     """family -> Swept: train.py (1 epoch, validated at the second size), then sweep.py at the three
     sizes (and one off its patch grid, dropped), once a session, in this process (the matrix's test
-    and the 2-process one both read them)."""
+    and the 2-process one both read them). Once every family of the session's 2-process tests is
+    swept, their 2-process sweeps start in the background: one torchrun launch (tests/sweep_runs.py:
+    sweep.py's main once per run), each family's sweep.json in <folder>/<family id>."""
     root = tmp_path_factory.mktemp("matrix-runs")
+    asked = asked_for_two_processes(request.session)
+    done: dict[Family, Swept] = {}
 
-    @functools.cache
     def run(family: Family) -> Swept:
-        train = ["--data", data, *family.model_args, "--train-res", family.sizes[0], "--test-res", family.sizes[1],
-                 "--epochs", 1, "--batch-size", 6, *COMMON, "--output", root, "--name", family.id]
-        with contextlib.redirect_stdout(io.StringIO()) as printed:  # rich's console writes to sys.stdout
-            script_main("train.py")([str(a) for a in train])
-            result = script_main("sweep.py")(sweep_args(family, root / family.id))
-        return Swept(root / family.id, printed.getvalue(), result["rows"])
+        if family not in done:
+            train = ["--data", data, *family.model_args, "--train-res", family.sizes[0], "--test-res", family.sizes[1],
+                     "--epochs", 1, "--batch-size", 6, *COMMON, "--output", root, "--name", family.id]
+            with contextlib.redirect_stdout(io.StringIO()) as printed:  # rich's console writes to sys.stdout
+                script_main("train.py")([str(a) for a in train])
+                result = script_main("sweep.py")(sweep_args(family, root / family.id))
+            done[family] = Swept(root / family.id, printed.getvalue(), result["rows"])
+            if asked and done.keys() >= set(asked) and TWO_PROCESS_SWEEPS not in early_runs:
+                out = tmp_path_factory.mktemp("two-processes")
+                args = [arg for f in asked for arg in ["--", *sweep_args(f, done[f].folder, "--output", out / f.id)]]
+                early_runs.start(TWO_PROCESS_SWEEPS, "tests/sweep_runs.py", *args, processes=2, folder=out)
+        return done[family]
     return run
 
 
@@ -253,22 +271,18 @@ def check_finetune_run(family: Family, tuned: Path) -> None:
 
 # ---- 2 processes (torchrun, gloo, CPU) against 1 ----------------------------------------------------
 
-@pytest.fixture(scope="module")
-def two_process_sweeps(request, swept, tmp_path_factory) -> Path:
-    """sweep.py with 2 processes, for every family this session's 2-process tests ask for, in one
-    torchrun launch (tests/sweep_runs.py: sweep.py's main once per run); each family's sweep.json
-    in <folder>/<family id>."""
-    out = tmp_path_factory.mktemp("two-processes")
-    asked = [item.callspec.params["family"] for item in request.session.items
-             if getattr(item, "originalname", None) == "test_two_processes_sweep_as_one"]
-    args = []
-    for family in dict.fromkeys(asked):
-        args += ["--", *sweep_args(family, swept(family).folder, "--output", out / family.id)]
-    ok(finish(start_script("tests/sweep_runs.py", *args, processes=2)))
-    return out
+@pytest.fixture(scope="session")
+def two_process_sweeps(request, swept, early_runs) -> Path:
+    """The folder of the 2-process sweeps that `swept` started (each family swept first, here, if
+    the matrix's own test of it has not run)."""
+    for family in asked_for_two_processes(request.session):
+        swept(family)
+    ok(early_runs[TWO_PROCESS_SWEEPS])
+    return early_runs.folders[TWO_PROCESS_SWEEPS]
 
 
 @pytest.mark.slow  # one torchrun launch for all of them: two new interpreters
+@pytest.mark.late
 @pytest.mark.parametrize("family", FAMILIES, ids=[f.id for f in FAMILIES])
 def test_two_processes_sweep_as_one(family, swept, two_process_sweeps):
     one = json.loads((swept(family).folder / "sweep.json").read_text())

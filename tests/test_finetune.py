@@ -469,19 +469,19 @@ def bn_stats_args(source: Path, root: Path) -> list:
 
 def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
     """conftest's early_runs calls this as the session starts: the 2-process runs of runs and bn_runs
-    (torchrun and two new interpreters each) fine-tune in the background, beside the test files
+    (under torchrun, in the session's one launch of such runs: start_together) fine-tune in the background, beside the test files
     before this one. (runs needs bn_runs: a test of either has bn_runs among its fixtures.)"""
     if "bn_runs" not in fixtures:
         return
     root = tmp_path_factory.mktemp("bn_stats")
     source = write_source_run(root / "source", "test_resnet", tiny_csv)
-    started.start(BN_STATS_TWO, "finetune.py", *bn_stats_args(source, root), "--batch-size", "8", "--name", "two",
-                  processes=2, folder=root)
+    started.start_together(BN_STATS_TWO, "finetune.py", *bn_stats_args(source, root), "--batch-size", "8", "--name",
+                           "two", folder=root)
     if "runs" in fixtures:
         root = tmp_path_factory.mktemp("finetune")
         source = write_source_run(root / "source", "test_resnet", tiny_csv)
-        started.start(TWO, "finetune.py", *finetune_args(source, root), "--batch-size", "5", "--name", "two",
-                      processes=2, folder=root)
+        started.start_together(TWO, "finetune.py", *finetune_args(source, root), "--batch-size", "5", "--name", "two",
+                               folder=root)
 
 
 @pytest.fixture(scope="module")

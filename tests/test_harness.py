@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import warnings
@@ -16,37 +17,70 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
 
 import fixres.training
-from tests.conftest import ROOT, TINY_TRAIN, error_line, run_in_process, run_script
+from tests.conftest import ROOT, TINY_TRAIN, error_line, run_file_in_process, run_in_process, run_script
 
 
 # ----------------------------------------------------------------------------- real interpreters
 
+def crash_at_teardown(root) -> dict:
+    """`--help` of a tiny script that imports nothing (the runner's own doing) and of train.py (what
+    a user runs), each a real run whose interpreter aborts once the script is done (a
+    `sitecustomize` at startup registers os.abort at exit): {script: (its path, the result)}."""
+    (root / "sitecustomize.py").write_text("import atexit, os\natexit.register(os.abort)\n")
+    tiny = root / "ends_well.py"
+    tiny.write_text("import sys\nprint('usage: ends_well.py')\nsys.exit(0)\n")
+    return {name: (script, run_script(script, "--help", env={"PYTHONPATH": str(root)}))
+            for name, script in (("tiny", tiny), ("train.py", "train.py"))}
+
+
+@pytest.fixture
+def teardown_crashes(early_runs) -> dict:
+    return early_runs["teardown_crashes"]
+
+
+@pytest.mark.late
 @pytest.mark.parametrize("script", [
     "tiny",  # a script that imports nothing: the runner's own doing
     pytest.param("train.py", marks=pytest.mark.slow),  # what a user runs: `python train.py --help`
 ])
-def test_a_crash_in_the_interpreters_teardown_fails_the_run(tmp_path, script):
+def test_a_crash_in_the_interpreters_teardown_fails_the_run(teardown_crashes, script):
     """A library that aborts once the script is done (gloo's threads at exit, say) fails a real run,
     as `python train.py` reports it: the script's own work finished normally."""
-    (tmp_path / "sitecustomize.py").write_text("import atexit, os\natexit.register(os.abort)\n")  # at startup
-    if script == "tiny":
-        script = tmp_path / "ends_well.py"
-        script.write_text("import sys\nprint('usage: ends_well.py')\nsys.exit(0)\n")
-    result = run_script(script, "--help", env={"PYTHONPATH": str(tmp_path)})
+    script, result = teardown_crashes[script]
     assert result.stdout.startswith(f"usage: {os.path.basename(script)}"), result.stdout
     assert result.returncode == -signal.SIGABRT, (result.returncode, result.stderr[-2000:])
 
 
-def test_the_environment_read_when_the_interpreter_starts_reaches_a_real_run(tmp_path):
-    """What is read once, at startup or import: the hash seed, and OpenMP's thread count (libgomp
-    reads it when torch is imported: one thread a run, the test machine's cores being few)."""
-    script = tmp_path / "reads.py"
+def run_reads(root) -> subprocess.CompletedProcess:
+    """A real run of a script that prints what its interpreter read when it started."""
+    script = root / "reads.py"
     script.write_text(textwrap.dedent("""
         import os, sys
         import torch
         print(sys.flags.hash_randomization, torch.get_num_threads(), os.environ["FIXRES_PROBE"])
     """))
-    result = run_script(script, env={"PYTHONHASHSEED": "0", "FIXRES_PROBE": "given"}, timeout=120)
+    return run_script(script, env={"PYTHONHASHSEED": "0", "FIXRES_PROBE": "given"}, timeout=120)
+
+
+def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
+    """conftest's early_runs calls this as the session starts: the new interpreters of run_reads and
+    crash_at_teardown, each in a thread, on a core this process leaves idle."""
+    if "reads_run" in fixtures:
+        started.call("reads_run", run_reads, tmp_path_factory.mktemp("reads"), real_runs=True)
+    if "teardown_crashes" in fixtures:
+        started.call("teardown_crashes", crash_at_teardown, tmp_path_factory.mktemp("crashes"), real_runs=True)
+
+
+@pytest.fixture
+def reads_run(early_runs) -> subprocess.CompletedProcess:
+    return early_runs["reads_run"]
+
+
+@pytest.mark.late
+def test_the_environment_read_when_the_interpreter_starts_reaches_a_real_run(reads_run):
+    """What is read once, at startup or import: the hash seed, and OpenMP's thread count (libgomp
+    reads it when torch is imported: one thread a run, the test machine's cores being few)."""
+    result = reads_run
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["0", "1", "given"]
 
@@ -202,3 +236,21 @@ def test_an_in_process_error_line_is_the_scripts(tmp_path):
     """What the tests read from a refused run: one line and status 2, as from `python train.py`."""
     result = run_in_process("train.py", "--data", tmp_path / "none.csv", *TINY_TRAIN, "--output", tmp_path)
     assert "none.csv" in error_line(result)
+
+
+def test_a_file_run_in_process_imports_fixres_only_from_where_it_is(tmp_path):
+    """run_file_in_process (the benchmarks' --help): as `python FILE` from the file's folder, which
+    finds fixres only where the file puts the repository on sys.path; this process's own fixres
+    modules are the same objects afterwards."""
+    lost = tmp_path / "lost.py"
+    lost.write_text("import fixres.config\nprint('usage: lost.py')\n")
+    found = tmp_path / "found.py"
+    found.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport fixres.config\n"
+                     "print('usage: found.py', fixres.config.__file__)\n")
+    before = {name: module for name, module in sys.modules.items() if name.startswith("fixres")}
+    failed = run_file_in_process(lost, "--help")
+    assert failed.returncode == 1 and "ModuleNotFoundError: No module named 'fixres'" in failed.stderr, failed.stderr
+    done = run_file_in_process(found, "--help")
+    assert done.returncode == 0 and done.stdout.split() == ["usage:", "found.py", str(ROOT / "fixres" / "config.py")]
+    assert {name: module for name, module in sys.modules.items() if name.startswith("fixres")} == before
+    assert sys.path[0] != str(tmp_path)

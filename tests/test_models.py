@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from fixres.classifiers import ModelError, classifier_name
 from fixres.fileio import save_weights
 from fixres.models import check_model_name, create_model, load_weights_into
-from tests.conftest import ROOT
+from tests.conftest import ROOT, niced
 
 
 @pytest.mark.parametrize("name", ["resnet50", "tv:resnet50"])
@@ -72,13 +72,30 @@ def test_pickled_code_is_not_run(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.slow  # a new interpreter (the offline variable is read at import): 6 s
-def test_pretrained_offline_fails_in_one_line():
-    # in a fresh process: the hub reads HF_HUB_OFFLINE when it is imported
+def pretrained_offline() -> subprocess.CompletedProcess:
+    """In a fresh process: the hub reads HF_HUB_OFFLINE when it is imported."""
     code = ("from fixres.models import create_model\n"
             "create_model('resnet18', num_classes=2, pretrained=True)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    return subprocess.run(niced([sys.executable, "-c", code]), capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
+    """conftest's early_runs calls this as the session starts: pretrained_offline's new interpreter,
+    in a thread, on a core this process leaves idle."""
+    if "offline_run" in fixtures:
+        started.call("offline_run", pretrained_offline, real_runs=True)
+
+
+@pytest.fixture
+def offline_run(early_runs) -> subprocess.CompletedProcess:
+    return early_runs["offline_run"]
+
+
+@pytest.mark.slow  # a new interpreter (the offline variable is read at import): 6 s
+@pytest.mark.late
+def test_pretrained_offline_fails_in_one_line(offline_run):
+    result = offline_run
     last = result.stderr.strip().splitlines()[-1]
     assert "--pretrained: cannot get pretrained weights for resnet18" in last and "--weights FILE" in last
 

@@ -93,14 +93,37 @@ def launch(launcher: str, data, out: Path) -> list[subprocess.Popen]:
             for rank in (0, 1)]
 
 
-def test_a_nan_on_one_rank_stops_both_ranks_at_that_step_with_the_same_line(tmp_path, tiny_csv):
-    outs = {launcher: tmp_path / launcher for launcher in ("plain", "torchrun")}
-    started = {launcher: launch(launcher, tiny_csv, out) for launcher, out in outs.items()}  # at once: 2 slow cores
+def nan_on_rank_one(data, root: Path) -> tuple[dict, dict]:
+    """Both launches (launch) at once, waited for: each one's processes with their output, and the
+    seconds from the first NaN to the end of them all."""
+    outs = {launcher: root / launcher for launcher in ("plain", "torchrun")}
+    started = {launcher: launch(launcher, data, out) for launcher, out in outs.items()}  # at once: 2 slow cores
     results = {launcher: [(p, *p.communicate(timeout=10 * COLLECTIVE_TIMEOUT)) for p in processes]
                for launcher, processes in started.items()}
     ended = time.time()
-    for launcher, out in outs.items():  # at that step, not at the next collective's timeout
-        assert ended - float((out / "nan.log").read_text()) < COLLECTIVE_TIMEOUT / 2, launcher
+    return results, {launcher: ended - float((out / "nan.log").read_text()) for launcher, out in outs.items()}
+
+
+def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
+    """conftest's early_runs calls this as the session starts: nan_on_rank_one's six processes, in a
+    thread that waits for its turn among the real runs, beside the test files before this one."""
+    if "nan_on_rank_one_runs" in fixtures:
+        root = tmp_path_factory.mktemp("nan_on_rank_one")
+        started.call("nan_on_rank_one", nan_on_rank_one, tiny_csv, root, real_runs=True, niceness=0)  # timed
+        started.folders["nan_on_rank_one"] = root
+
+
+@pytest.fixture
+def nan_on_rank_one_runs(early_runs) -> tuple[dict, dict, Path]:
+    """start_early's nan_on_rank_one: its results, its seconds, and its folder."""
+    return *early_runs["nan_on_rank_one"], early_runs.folders["nan_on_rank_one"]
+
+
+def test_a_nan_on_one_rank_stops_both_ranks_at_that_step_with_the_same_line(nan_on_rank_one_runs):
+    results, seconds, root = nan_on_rank_one_runs
+    outs = {launcher: root / launcher for launcher in ("plain", "torchrun")}
+    for launcher in outs:  # at that step, not at the next collective's timeout
+        assert seconds[launcher] < COLLECTIVE_TIMEOUT / 2, launcher
 
     lines = []
     for rank, (process, stdout, stderr) in enumerate(results["plain"]):

@@ -30,12 +30,12 @@ TWO = "test_processes.py: train.py with 2 processes"
 
 
 def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
-    """conftest's early_runs calls this as the session starts: the test's 2-process run (torchrun
-    and two new interpreters) trains in the background, beside the test files before this one."""
+    """conftest's early_runs calls this as the session starts: the test's 2-process run (under
+    torchrun, in the session's one launch of such runs: start_together) trains in the background, beside the test files before this one."""
     if "two_processes" in fixtures:
         out = tmp_path_factory.mktemp("processes")
-        started.start(TWO, "train.py", "--data", tiny_csv, *NO_BN, "--output", out, "--batch-size", "8",
-                      "--name", "two", processes=2, folder=out)
+        started.start_together(TWO, "train.py", "--data", tiny_csv, *NO_BN, "--output", out, "--batch-size", "8",
+                               "--name", "two", folder=out)
 
 
 @pytest.fixture

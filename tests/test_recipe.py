@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,15 +239,19 @@ EMA_TWO = "test_recipe.py: EMA with 2 processes"
 
 
 def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
-    """conftest's early_runs calls this as the session starts: the 2-process run (torchrun and two
-    new interpreters) trains in the background, beside the test files before this one; each
+    """conftest's early_runs calls this as the session starts: the 2-process run (under torchrun, in
+    the session's one launch of such runs: start_together) trains in the background, beside the test files before this one; each
     process's BatchNorm statistics follow its own batches."""
+    if "stopped_featured_run" in fixtures:  # a real run stopped by a signal, in a thread (stop_a_featured_run)
+        root = tmp_path_factory.mktemp("stopped_featured")
+        started.call("stopped_featured_run", stop_a_featured_run, tiny_csv, root, real_runs=True)
+        started.folders["stopped_featured_run"] = root
     if "ema_two_processes" in fixtures:
         out = tmp_path_factory.mktemp("ema_two")
-        started.start(EMA_TWO, "train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", 32,
-                      "--batch-size", 8, "--workers", 0, "--epochs", 1, "--cpu", "--warmup-epochs", 0, "--model-ema",
-                      "--model-ema-decay", 0.5, "--model-ema-steps", 1, "--output", out, "--name", "ema_two",
-                      processes=2, folder=out / "ema_two")
+        started.start_together(EMA_TWO, "train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", 32,
+                               "--batch-size", 8, "--workers", 0, "--epochs", 1, "--cpu", "--warmup-epochs", 0,
+                               "--model-ema", "--model-ema-decay", 0.5, "--model-ema-steps", 1, "--output", out,
+                               "--name", "ema_two", folder=out / "ema_two")
 
 
 @pytest.fixture
@@ -294,17 +299,30 @@ def test_ema_is_evaluated_beside_the_weights_and_saved(featured_run):
     assert row["top1"] == rows[-1]["ema_val_acc"] and row["loss"] == pytest.approx(rows[-1]["ema_val_loss"], abs=1e-6)
 
 
+def stop_a_featured_run(tiny_csv, root: Path) -> str:
+    """A run with the recipe features stopped by SIGTERM before optimizer step 4 (epoch 2, batch 2),
+    in <root>/runs: what it printed (stdout_of)."""
+    process = harness.start(featured_args(tiny_csv, root / "runs"), events=root / "events.jsonl", pause_at="train step 4")
+    harness.wait_for(root / "events.jsonl", "paused", process, timeout=240)
+    process.send_signal(signal.SIGTERM)
+    return stdout_of(process)
+
+
+@pytest.fixture
+def stopped_featured_run(early_runs) -> tuple[str, Path]:
+    """stop_a_featured_run's output (started with the session, in a thread: start_early) and its folder."""
+    return early_runs["stopped_featured_run"], early_runs.folders["stopped_featured_run"]
+
+
 @pytest.mark.slow
-def test_recipe_features_resume_exactly_mid_epoch_and_at_an_epoch_end(featured_run, tiny_csv, tmp_path):
+def test_recipe_features_resume_exactly_mid_epoch_and_at_an_epoch_end(featured_run, tiny_csv, stopped_featured_run):
     """Stopped by SIGTERM before optimizer step 4 (epoch 2, batch 2), resumed for one epoch
     (--stop-after 1: to the end of epoch 2), resumed to the end: the weights, the EMA and the
     numbers of the uninterrupted run."""
     reference, _ = featured_run
-    out = tmp_path / "runs"
-    process = harness.start(featured_args(tiny_csv, out), events=tmp_path / "events.jsonl", pause_at="train step 4")
-    harness.wait_for(tmp_path / "events.jsonl", "paused", process, timeout=240)
-    process.send_signal(signal.SIGTERM)
-    assert "checkpoint saved at epoch 2, batch 2" in stdout_of(process)
+    stopped, root = stopped_featured_run
+    out = root / "runs"
+    assert "checkpoint saved at epoch 2, batch 2" in stopped
     # the resumed runs have no moment to be stopped at: in this process
     assert "resumed from" in stdout_of(run_in_process("train.py", *featured_args(tiny_csv, out, "--resume", "auto",
                                                                                  "--stop-after", 1)))

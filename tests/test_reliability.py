@@ -122,15 +122,26 @@ def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None
     the chain of kills after it (kill_ten_times) in a thread."""
     if "reference" in fixtures:
         root = tmp_path_factory.mktemp("reference")
-        started.start(REFERENCE, harness.__file__, *train_args(tiny_csv, root), folder=root,
+        # first: the ten kills follow it, one after the other (the longest chain of the session's runs)
+        started.start(REFERENCE, harness.__file__, *train_args(tiny_csv, root), folder=root, first=True,
                       **harness.start_options(events=root / "events.jsonl"))
     if "ten_sigkills" in fixtures:
         root = tmp_path_factory.mktemp("sigkills")
-        started.call(SIGKILLS, kill_ten_times, started, tiny_csv, root)
+        # the session's longest chain of runs: before the other background runs (a lower niceness), after
+        # the test process's own work
+        started.call(SIGKILLS, kill_ten_times, started, tiny_csv, root, niceness=5)
         started.folders[SIGKILLS] = root
+    # the scenarios of signals and of a rank that dies or hangs: real processes, each in a thread that
+    # waits for its turn among the real runs; the tests read what happened and do the in-process rest
+    for fixture, scenario in SCENARIOS.items():
+        if fixture in fixtures:
+            root = tmp_path_factory.mktemp(fixture)
+            timed = {"niceness": 0} if fixture in ("killed_rank", "hung_rank") else {}  # priority not lowered
+            started.call(fixture, scenario, tiny_csv, root, real_runs=True, **timed)
+            started.folders[fixture] = root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # the late test of the kills reads it after the other files' tests
 def reference(early_runs):
     """The uninterrupted run every interrupted one must equal, and its events: the moments to kill at."""
     result, root = early_runs.run(REFERENCE)
@@ -241,13 +252,14 @@ def kill_ten_times(started, tiny_csv, tmp_path: Path) -> tuple[list, list]:
     return points, survived
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ten_sigkills(early_runs) -> tuple[list, list, Path]:
     """kill_ten_times' moments and survivals, and the folder its runs wrote into."""
     return *early_runs[SIGKILLS], early_runs.folders[SIGKILLS]
 
 
 @pytest.mark.slow
+@pytest.mark.late  # the chain of kills, one interpreter after another, takes most of the session beside it
 def test_ten_sigkills_then_resume_auto_equal_an_uninterrupted_run(reference, faults, ten_sigkills, tiny_csv):
     points, survived, tmp_path = ten_sigkills  # the kills, in their thread: resumed here to the end
     out = tmp_path / "runs"
@@ -269,16 +281,16 @@ def test_ten_sigkills_then_resume_auto_equal_an_uninterrupted_run(reference, fau
 
 # ----------------------------------------------------------------------------- graceful stop
 
-@pytest.mark.slow
-def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_from_it(reference, tiny_csv, tmp_path):
-    out = tmp_path / "runs"
-    run = out / "run"
-    args = train_args(tiny_csv, out, "--resume", "auto")
+def stop_twice(tiny_csv, tmp_path: Path) -> list[tuple]:
+    """SIGTERM, then SIGINT, each at an optimizer step of a run resumed from the last stop, checked
+    after each: (signal, point, checkpoint, where, the stopped run's result) a stop."""
+    args = train_args(tiny_csv, tmp_path / "runs", "--resume", "auto")
+    run = tmp_path / "runs" / "run"
     # the signal arrives while optimizer step 4 (epoch 2, batch 2 of 3) is about to run;
     # the run finishes that step, saves and stops, and the next one starts from there
     stops = [("SIGTERM", "train step 4", "epoch-0001-step-000005", "epoch 2, batch 2"),
              ("SIGINT", "train step 7", "epoch-0002-step-000008", "epoch 3, batch 2")]
-    previous = None
+    previous, done = None, []
     for i, (name, point, checkpoint, where) in enumerate(stops):
         events = tmp_path / f"events-{i}.jsonl"
         process, _ = started_paused(args, events, point)
@@ -290,12 +302,29 @@ def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_from_it(reference, 
             assert f"resumed from {run / 'checkpoints' / previous[0]} at {previous[1]}" in result.stdout
         assert ckpt.RunFolder(run).checkpoints()[-1].name == checkpoint
         check_run_folder(run)
+        done.append((name, point, checkpoint, where, result))
+        previous = (checkpoint, where)
+    return done
+
+
+@pytest.fixture(scope="module")
+def sigterm_and_sigint(early_runs):
+    """stop_twice's stops (started with the session, in a thread) and the folder it ran in."""
+    return early_runs["sigterm_and_sigint"], early_runs.folders["sigterm_and_sigint"]
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_from_it(reference, tiny_csv, sigterm_and_sigint):
+    stops, tmp_path = sigterm_and_sigint  # stopped twice in their thread: resumed here to the end
+    run = tmp_path / "runs" / "run"
+    for name, point, checkpoint, where, result in stops:
         record("graceful stop", f"{name} before optimizer step {point.split()[-1]}",
                f"exit {result.returncode}, checkpoint {checkpoint}; resumed at {where}",
                message=next(line for line in result.stdout.splitlines() if line.startswith("stopped by")))
-        previous = (checkpoint, where)
+    args = train_args(tiny_csv, tmp_path / "runs", "--resume", "auto")
     final = assert_ok(run_in_process("train.py", *args))  # to the end: no event to wait for
-    assert f"resumed from {run / 'checkpoints' / previous[0]} at {previous[1]}" in final.stdout
+    _, _, checkpoint, where, _ = stops[-1]
+    assert f"resumed from {run / 'checkpoints' / checkpoint} at {where}" in final.stdout
     assert_same_weights(reference["run"] / "last.safetensors", run / "last.safetensors")
     ours, theirs = metrics(run), metrics(reference["run"])
     assert [r["val_acc"] for r in ours] == [r["val_acc"] for r in theirs]
@@ -303,28 +332,40 @@ def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_from_it(reference, 
     record("graceful stop", "resumed to the end", "final weights equal the uninterrupted run's")
 
 
+def skipping_args(data: Path, out: Path, *extra) -> list:
+    return ["--data", data / "labels.csv", *TINY_TRAIN, "--epochs", 2, "--seed", 0, "--output", out,
+            "--name", "run", "--skip-bad-images", *extra]
+
+
+def stop_with_skipped_images(tiny_csv, tmp_path: Path) -> subprocess.CompletedProcess:
+    """A copy of the data with half its training images broken (every batch of 16 skips some), and
+    a run of it stopped by SIGTERM at optimizer step 4 (epoch 2's second batch: it runs, then the
+    run stops): the stopped run's result."""
+    data = shutil.copytree(tiny_csv.parent, tmp_path / "data")
+    for i in range(0, 60, 2):
+        (data / "images" / f"{i:04d}.jpg").write_bytes(b"not a jpeg")
+    process, _ = started_paused(skipping_args(data, tmp_path / "runs", "--resume", "auto"), tmp_path / "events.jsonl",
+                                "train step 4")
+    process.send_signal(signal.SIGTERM)
+    return finish(process)
+
+
+@pytest.fixture(scope="module")
+def stopped_with_skipped_images(early_runs):
+    """stop_with_skipped_images' result (started with the session, in a thread) and its folder."""
+    return early_runs["stopped_with_skipped_images"], early_runs.folders["stopped_with_skipped_images"]
+
+
 @pytest.mark.slow
-def test_a_stop_mid_epoch_with_skipped_images_resumes_after_the_batches_done(tiny_csv, tmp_path):
+def test_a_stop_mid_epoch_with_skipped_images_resumes_after_the_batches_done(stopped_with_skipped_images):
     """--skip-bad-images: a batch holds fewer images than --batch-size, so the position in the
     epoch is counted in batches, not images; the resumed run then equals an uninterrupted one."""
-    data = shutil.copytree(tiny_csv.parent, tmp_path / "data")
-    for i in range(0, 60, 2):  # half the training images: every batch of 16 skips some
-        (data / "images" / f"{i:04d}.jpg").write_bytes(b"not a jpeg")
-
-    def args(out, *extra):
-        return ["--data", data / "labels.csv", *TINY_TRAIN, "--epochs", 2, "--seed", 0, "--output", out,
-                "--name", "run", "--skip-bad-images", *extra]
-
-    whole = []  # the uninterrupted run, in this process while the stopped one starts
-    run = tmp_path / "runs" / "run"
-    process, _ = started_paused(args(tmp_path / "runs", "--resume", "auto"), tmp_path / "events.jsonl", "train step 4",
-                                meanwhile=lambda: whole.append(run_in_process("train.py", *args(tmp_path / "whole"))))
-    process.send_signal(signal.SIGTERM)  # step 4 is epoch 2's second batch: it runs, then the run stops
-    stopped = finish(process)
+    stopped, tmp_path = stopped_with_skipped_images  # stopped in its thread; resumed here
+    data, run = tmp_path / "data", tmp_path / "runs" / "run"
     assert f"checkpoint saved at epoch 2, batch 2; continue with --resume {run}" in stopped.stdout, stopped.stdout[-2000:]
-    resumed = assert_ok(run_in_process("train.py", *args(tmp_path / "runs", "--resume", "auto")))
+    resumed = assert_ok(run_in_process("train.py", *skipping_args(data, tmp_path / "runs", "--resume", "auto")))
     assert f"resumed from {run / 'checkpoints' / 'epoch-0001-step-000005'} at epoch 2, batch 2" in resumed.stdout
-    assert_ok(whole[0])
+    assert_ok(run_in_process("train.py", *skipping_args(data, tmp_path / "whole")))  # the uninterrupted run
     assert_same_weights(tmp_path / "whole" / "run" / "last.safetensors", run / "last.safetensors")
     ours, theirs = metrics(run), metrics(tmp_path / "whole" / "run")
     assert [(r["val_acc"], r["val_loss"]) for r in ours] == [(r["val_acc"], r["val_loss"]) for r in theirs]
@@ -344,9 +385,10 @@ def rank0_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.slow
-def test_a_killed_rank_ends_the_other_at_once(tiny_csv, tmp_path):
-    # the default --collective-timeout (600 s): what ends rank 0 here is the lost connection
+def kill_a_rank(tiny_csv, tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """Two ranks, rank 1 SIGKILLed at optimizer step 1 while rank 0 waits for it in a collective (the
+    default --collective-timeout, 600 s: what ends rank 0 is the lost connection): torchrun's
+    result, and the seconds from the kill to its end."""
     process, paused = started_paused(two_ranks(tiny_csv, tmp_path), tmp_path / "events.jsonl", "train step 1",
                                      pause_rank=1, processes=2, port=free_port())
     time.sleep(1.0)  # rank 0 is now waiting for rank 1 in a collective
@@ -356,7 +398,41 @@ def test_a_killed_rank_ends_the_other_at_once(tiny_csv, tmp_path):
         result = finish(process, timeout=120)
     finally:
         kill_all(process)
-    seconds = time.monotonic() - killed
+    return result, time.monotonic() - killed
+
+
+HANG_TIMEOUT = 5  # --collective-timeout of hang_a_rank
+
+
+def hang_a_rank(tiny_csv, tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """Two ranks, rank 1 frozen at optimizer step 1 (it stays frozen until torchrun stops it), with
+    --collective-timeout HANG_TIMEOUT: torchrun's result, and the seconds from the freeze to its end."""
+    process, paused = started_paused(two_ranks(tiny_csv, tmp_path, "--collective-timeout", HANG_TIMEOUT),
+                                     tmp_path / "events.jsonl", "train step 1", pause_rank=1, processes=2,
+                                     port=free_port())
+    try:
+        result = finish(process, timeout=120)
+    finally:
+        kill_all(process)
+    return result, time.time() - paused["t"]
+
+
+@pytest.fixture
+def killed_rank(early_runs):
+    """kill_a_rank's result and seconds (started with the session, in a thread), and its folder."""
+    return early_runs["killed_rank"], early_runs.folders["killed_rank"]
+
+
+@pytest.fixture
+def hung_rank(early_runs):
+    """hang_a_rank's result and seconds (started with the session, in a thread)."""
+    return early_runs["hung_rank"]
+
+
+@pytest.mark.slow
+@pytest.mark.late
+def test_a_killed_rank_ends_the_other_at_once(killed_rank):
+    (result, seconds), tmp_path = killed_rank
     line = rank0_error(result)
     assert "lost the connection to another process, which probably died" in line
     assert f"--resume {tmp_path / 'run'}" in line
@@ -366,21 +442,19 @@ def test_a_killed_rank_ends_the_other_at_once(tiny_csv, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_hung_rank_ends_the_other_after_the_collective_timeout(tiny_csv, tmp_path):
-    timeout = 5
-    process, paused = started_paused(two_ranks(tiny_csv, tmp_path, "--collective-timeout", timeout),
-                                     tmp_path / "events.jsonl", "train step 1", pause_rank=1, processes=2,
-                                     port=free_port())
-    try:
-        result = finish(process, timeout=120)  # rank 1 stays frozen until torchrun stops it
-    finally:
-        kill_all(process)
-    seconds = time.time() - paused["t"]
+@pytest.mark.late
+def test_a_hung_rank_ends_the_other_after_the_collective_timeout(hung_rank):
+    result, seconds = hung_rank
     line = rank0_error(result)
-    assert f"no answer from the other processes within --collective-timeout {timeout} s" in line
-    assert timeout <= seconds < timeout + 30, seconds
-    record("rank death", f"rank 1 of 2 frozen (--collective-timeout {timeout})",
+    assert f"no answer from the other processes within --collective-timeout {HANG_TIMEOUT} s" in line
+    assert HANG_TIMEOUT <= seconds < HANG_TIMEOUT + 30, seconds
+    record("rank death", f"rank 1 of 2 frozen (--collective-timeout {HANG_TIMEOUT})",
            f"all ended {seconds:.1f} s after it froze", message=line, seconds=round(seconds, 1))
+
+
+# the scenarios start_early starts in threads, by the fixture (or test) name that asks for each
+SCENARIOS = {"sigterm_and_sigint": stop_twice, "stopped_with_skipped_images": stop_with_skipped_images,
+             "killed_rank": kill_a_rank, "hung_rank": hang_a_rank}
 
 
 # ----------------------------------------------------------------------------- faults on a finished run
@@ -429,7 +503,7 @@ class Evil:
         return exec, (f"open({str(self.marker)!r}, 'w').write('pickle ran')",)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # as reference
 def faults(reference, tmp_path_factory):
     """Copies of the reference run, each damaged one way, resumed by train.py."""
     root = tmp_path_factory.mktemp("faults")
@@ -547,6 +621,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_path(faults):
 
 
 @pytest.mark.slow
+@pytest.mark.late  # its real run starts with `faults`, and goes on beside the other tests
 def test_a_read_only_checkpoint_folder_keeps_the_previous_checkpoint_and_names_the_path(faults):
     if not faults["read_only"]:
         pytest.skip("permissions are not enforced for this user")

@@ -37,7 +37,8 @@ from fixres.checkpoint import RunFolder
 from fixres.config import TrainConfig
 from fixres.fileio import load_weights, save_weights, write_json_atomic
 from fixres.preprocessing import weights_meta
-from tests.conftest import COLOURS, ROOT, TINY_TRAIN, make_csv_dataset
+from tests.conftest import COLOURS, ROOT, TINY_TRAIN, make_csv_dataset, niced
+from tests.script_runs import lower_autogroups_naming
 
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
 EPOCHS = 8        # 15 steps an epoch: seconds of training left after the first checkpoint, to act in
@@ -70,20 +71,39 @@ def test_accelerate_configs_load_with_accelerates_loader(name, distributed, proc
 
 def wrapper(*args, env=None) -> subprocess.CompletedProcess:
     """The batch script run by bash as SLURM would, up to where it needs SLURM."""
-    return subprocess.run(["bash", "slurm/one_node.sbatch", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run(niced(["bash", "slurm/one_node.sbatch", *map(str, args)]), cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PATH": OWN_PATH, "SLURM_JOB_ID": "7", **(env or {})})
 
 
-@pytest.mark.parametrize("content, message", [
+BAD_CONFIGS = [
     (None, "no such file"),
     ("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_procesess: 2\n", "unknown keys (['num_procesess'])"),
     ("num_processes: [2\n", "does not load: while parsing"),
-])
-def test_bad_accelerate_config_is_one_line_before_anything_starts(tmp_path, content, message):
-    config = tmp_path / "config.yaml"
-    if content is not None:
-        config.write_text(content)
-    result = wrapper("train.py", "--epochs", "1", env={"FIXRES_ACCELERATE_CONFIG": str(config)})
+]
+
+
+def run_with_bad_configs(root: Path) -> list[tuple[Path, subprocess.CompletedProcess]]:
+    """The wrapper given each of BAD_CONFIGS (started with the session, in a thread): (config, result)."""
+    done = []
+    for i, (content, _) in enumerate(BAD_CONFIGS):
+        config = root / str(i) / "config.yaml"
+        config.parent.mkdir()
+        if content is not None:
+            config.write_text(content)
+        done.append((config, wrapper("train.py", "--epochs", "1", env={"FIXRES_ACCELERATE_CONFIG": str(config)})))
+    return done
+
+
+@pytest.fixture
+def bad_configs(early_runs):
+    return early_runs["bad_configs"]
+
+
+@pytest.mark.late
+@pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=[f"{c}-{m}" for c, m in BAD_CONFIGS])
+def test_bad_accelerate_config_is_one_line_before_anything_starts(bad_configs, case):
+    config, result = bad_configs[case]
+    message = BAD_CONFIGS[case][1]
     assert result.returncode == 2
     assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(f"error: accelerate config {config}: ")
     assert message in result.stderr
@@ -141,6 +161,8 @@ def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None
     """conftest's early_runs calls this as the session starts: where a selected test needs them, the
     cluster comes up and the training jobs run in threads (their CPU time is slurmd's) while the
     other test files run, and the tests here wait only for what is not done by then."""
+    if "bad_configs" in fixtures:  # python reads each config: seconds of a core this process leaves idle
+        started.call("bad_configs", run_with_bad_configs, tmp_path_factory.mktemp("bad_configs"), real_runs=True)
     if "cluster" not in fixtures:
         return
     started.call("slurm_cluster", start_cluster)
@@ -163,15 +185,15 @@ def stop_cluster(started) -> None:
         started.call("slurm_stop", lambda: subprocess.run([str(CLUSTER), "stop"], capture_output=True, timeout=120))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # this file's late tests read it after the other files' tests
 def cluster(early_runs):
     """SLURM_CONF and node names of the running local cluster (start_early starts it if it is not
-    up), once the training jobs have left it; stopped after this module if the session started it."""
+    up), once the training jobs have left it; stopped at the session's end if the session started it."""
     conf, nodes, _ = early_runs["slurm_cluster"]
     if "training_jobs" in early_runs:
         early_runs.outcome("training_jobs")  # they hold every CPU of the cluster: the jobs here would queue
     yield conf, nodes
-    stop_cluster(early_runs)  # beside the test files after this one
+    stop_cluster(early_runs)
 
 
 def sbatch(env: dict, *args) -> str:
@@ -187,11 +209,12 @@ def job_state(env: dict, job: str) -> dict:
     return {key: (re.search(rf"\b{key}=(\S+)", out) or [None, None])[1] for key in ("JobState", "Restarts", "ExitCode")}
 
 
-def wait_done(env: dict, jobs: list[str], timeout: float = 300) -> None:
+def wait_done(env: dict, jobs: list[str], timeout: float = 300, meanwhile=lambda: None) -> None:
     deadline = time.monotonic() + timeout
     while any(job_state(env, j)["JobState"] not in DONE for j in jobs):
         assert time.monotonic() < deadline, f"jobs {jobs} not done after {timeout} s: " + \
             str({j: job_state(env, j) for j in jobs})
+        meanwhile()
         time.sleep(0.5)
 
 
@@ -212,6 +235,7 @@ def recorded_launch(record: Path) -> tuple[str, int, object]:
 
 
 @pytest.mark.slow
+@pytest.mark.late  # the jobs run beside the other files' tests
 def test_multi_node_wrapper_launches_one_accelerate_per_node_with_its_rank(cluster, tmp_path):
     conf, nodes = cluster
     if len(nodes) < 2:
@@ -240,6 +264,7 @@ def test_multi_node_wrapper_launches_one_accelerate_per_node_with_its_rank(clust
 
 
 @pytest.mark.slow
+@pytest.mark.late  # the jobs run beside the other files' tests
 def test_one_node_wrapper_takes_the_gpu_count_from_slurm(cluster, tmp_path):
     conf, _ = cluster
     (tmp_path / "bin").mkdir()
@@ -257,7 +282,7 @@ def test_one_node_wrapper_takes_the_gpu_count_from_slurm(cluster, tmp_path):
     assert args.training_script_args == ["--checkpoint", "runs/x"]  # sweep.py: no --name, no --resume
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def training_jobs(cluster, early_runs):
     """run_training_jobs' jobs, logs, runs and final job states (started as the session starts)."""
     return early_runs["training_jobs"]
@@ -287,6 +312,13 @@ def run_training_jobs(started, root: Path, data: Path, source: Path):
                    "finetune": ["scancel", "--signal=USR1", "--batch", jobs["finetune"]]}
         run_dirs = {name: runs / f"train-{job}" for name, job in jobs.items()}
         run_dirs["finetune"] = root / "ft"  # finetune.py's default --output: beside the source run
+        # the jobs' processes, each job in a session of its own, at the priority of the session's background runs
+        last = [0.0]
+
+        def lower_jobs():  # once a second: a scan of /proc
+            if time.monotonic() - last[0] >= 1:
+                lower_autogroups_naming(str(root))
+                last[0] = time.monotonic()
         deadline = time.monotonic() + 240
         while disturb:
             for name, command in list(disturb.items()):
@@ -294,8 +326,9 @@ def run_training_jobs(started, root: Path, data: Path, source: Path):
                     subprocess.run(command, env=env, check=True, timeout=30)
                     del disturb[name]
             assert time.monotonic() < deadline, f"no checkpoint after 240 s: {list(runs.glob('*/*'))}"
+            lower_jobs()
             time.sleep(0.1)
-        wait_done(env, list(jobs.values()))
+        wait_done(env, list(jobs.values()), meanwhile=lower_jobs)
     except BaseException:
         if jobs:  # none left to hold the cluster's CPUs from the other tests
             subprocess.run(["scancel", *jobs.values()], env=env, capture_output=True, timeout=30)
@@ -318,6 +351,7 @@ def write_source_run(folder: Path, data: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.late  # the jobs run beside the other files' tests
 def test_job_through_the_wrapper_writes_its_run_folder(training_jobs):
     jobs, logs, runs, states = training_jobs
     log = logs["plain"]
@@ -350,6 +384,7 @@ def assert_resumed_with_the_same_weights(jobs, logs, runs, states, name):
 
 
 @pytest.mark.slow
+@pytest.mark.late  # the jobs run beside the other files' tests
 def test_requeued_job_resumes_from_its_checkpoint_with_the_same_weights(training_jobs):
     log = assert_resumed_with_the_same_weights(*training_jobs, "requeued")
     assert "DUE TO JOB REQUEUE" in log
@@ -357,6 +392,7 @@ def test_requeued_job_resumes_from_its_checkpoint_with_the_same_weights(training
 
 
 @pytest.mark.slow
+@pytest.mark.late  # the jobs run beside the other files' tests
 def test_early_warning_checkpoints_requeues_itself_and_finishes(training_jobs):
     log = assert_resumed_with_the_same_weights(*training_jobs, "warned")
     assert "fixres: USR1 (time limit near)" in log
@@ -367,6 +403,7 @@ def test_early_warning_checkpoints_requeues_itself_and_finishes(training_jobs):
 
 
 @pytest.mark.slow
+@pytest.mark.late  # the jobs run beside the other files' tests
 def test_finetune_job_stops_on_the_warning_and_resumes_its_own_run(training_jobs):
     jobs, logs, runs, states = training_jobs
     log = logs["finetune"]

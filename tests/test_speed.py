@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from conftest import ROOT, TINY_TRAIN, error_line, make_csv_dataset, run_in_process
+from conftest import ROOT, TINY_TRAIN, error_line, make_csv_dataset, run_file_in_process, run_in_process
 from fixres import transforms
 from fixres.engine import TrainStep, train_one_epoch
 from fixres.images import BadImageError, open_image
@@ -235,23 +235,11 @@ def test_a_slow_loader_shows_as_data_wait():
 BENCHMARKS = sorted(path.relative_to(ROOT / "benchmarks").as_posix() for path in (ROOT / "benchmarks").glob("*/*.py"))
 
 
-def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
-    """conftest's early_runs calls this as the session starts: `python benchmarks/<folder>/<script>
-    --help` of every script, each in a new interpreter, as a user runs it (a script that cannot
-    import fixres from there fails), beside the test files before this one."""
-    if "benchmark_help" in fixtures:
-        for name in BENCHMARKS:
-            started.start(name, f"benchmarks/{name}", "--help")
-
-
-@pytest.fixture(scope="module")
-def benchmark_help(early_runs):
-    """The --help runs (start_early), by script name."""
-    return early_runs
-
-
-@pytest.mark.slow  # eight new interpreters: about 30 s of CPU
+@pytest.mark.slow  # fifteen scripts, each importing fixres afresh: a few seconds
 @pytest.mark.parametrize("name", BENCHMARKS)
-def test_every_benchmark_answers_help(benchmark_help, name):
-    result = benchmark_help[name]
+def test_every_benchmark_answers_help(name):
+    """`python benchmarks/<folder>/<script> --help`, run as a new interpreter runs it but in this
+    process (run_file_in_process): from its own folder, fixres not imported yet, so a script that
+    cannot import fixres from there fails."""
+    result = run_file_in_process(ROOT / "benchmarks" / name, "--help")
     assert result.returncode == 0 and result.stdout.startswith(f"usage: {name.split('/')[-1]}"), result.stdout + result.stderr[-2000:]

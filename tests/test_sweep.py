@@ -29,7 +29,7 @@ from fixres.stats import add_differences, best_of
 from fixres.sweep import run_sweep, sweep_pairs
 from fixres.trained_model import load_run_model
 from fixres.transforms import eval_transform
-from tests.conftest import finish, run_in_process, script_main, start_script
+from tests.conftest import run_in_process, script_main
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 N_IMAGES, N_VAL = 60, 23      # 23 validation images: batches of 4 split 12 / 11 over 2 processes
@@ -54,13 +54,20 @@ def data_csv(tmp_path_factory) -> Path:
     return root / "labels.csv"
 
 
+TWO_PROCESS_SWEEPS = "test_sweep.py: the 2-process sweeps"
+
+
 @pytest.fixture(scope="session")
-def tiny_run(data_csv, tmp_path_factory) -> Path:
-    """A test_resnet run folder written by train.py itself (one epoch at 32 px)."""
+def tiny_run(request, data_csv, tmp_path_factory, early_runs) -> Path:
+    """A test_resnet run folder written by train.py itself (one epoch at 32 px). Once it is there,
+    the 2-process sweeps of this file's late tests start in the background (start_two_process_sweeps)."""
     out = tmp_path_factory.mktemp("runs")
     result = run_in_process("train.py", "--data", data_csv, "--model", "test_resnet", "--train-res", "32", "--epochs", "1",
                             "--batch-size", "16", "--workers", "0", "--output", out, "--name", "tiny")
     assert result.returncode == 0, result.stderr[-3000:]
+    fixtures = {name for item in request.session.items for name in item.fixturenames}
+    if fixtures & {"one_and_two", "seven_class_run"}:
+        start_two_process_sweeps(early_runs, out / "tiny", tmp_path_factory)
     return out / "tiny"
 
 
@@ -403,31 +410,45 @@ def test_script_error_is_one_line(tmp_path, capsys):
 
 # ---- the real script: 1 process vs 2 -----------------------------------------------------------
 
-def _one_and_two_processes(run: Path, out: Path, workers_of_one: int, *, crop_pcts=()) -> tuple[str, str]:
-    """sweep.py's output with 1 process and with 2 (--cpu, under torchrun, no loader workers), run
-    at once (two slow cores: the imports overlap); with `crop_pcts`, each launch also sweeps
-    them (tests/sweep_runs.py: one launch, two sweeps) into <out>/one-crop and <out>/two-crop."""
-    # 16 px: the 1-epoch model changes its answer on one image there (the others: on none)
-    common = ["--checkpoint", run, "--sizes", "16", "24", "32", "40", "--batch-size", "4", "--activations"]
-    runs = {"one": ["--workers", workers_of_one], "two": ["--cpu", "--workers", "0"]}
-    argv = {name: [*common, "--output", out / name, *extra] for name, extra in runs.items()}
-    if crop_pcts:
-        for name, extra in runs.items():
-            argv[name] += ["--", *common, "--crop-pcts", *crop_pcts, "--output", out / f"{name}-crop", *extra]
-    two = start_script("tests/sweep_runs.py", *argv["two"], processes=2)  # new interpreters; the one here meanwhile
-    results = [run_in_process("tests/sweep_runs.py", *argv["one"]), finish(two, timeout=300)]
-    for result in results:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return results[0].stdout, results[1].stdout
+# 16 px: the 1-epoch model changes its answer on one image there (the others: on none)
+def sweep_argv(run: Path, out: Path, *extra) -> list:
+    return ["--checkpoint", run, "--sizes", "16", "24", "32", "40", "--batch-size", "4", "--activations", "--output", out,
+            *extra]
 
 
-@pytest.fixture(scope="module")
-def one_and_two(tiny_run, tmp_path_factory) -> tuple[Path, str, str]:
-    """tiny_run swept with 1 and 2 processes, at its own crop_pct and with --crop-pcts 0.8 1.0:
-    (the folder of the four outputs, what 1 process printed, what 2 printed)."""
+TWO_PROCESSES = ["--cpu", "--workers", "0"]  # under torchrun, no loader workers
+
+
+def start_two_process_sweeps(early_runs, tiny: Path, tmp_path_factory) -> None:
+    """sweep.py with 2 processes, in one torchrun launch (tests/sweep_runs.py) started in the
+    background: tiny_run at its own crop_pct and with --crop-pcts 0.8 1.0 (into <out>/two and
+    <out>/two-crop), then seven_class_run (into <seven>/two). The 1-process sweeps run here."""
     out = tmp_path_factory.mktemp("one-and-two")
-    one, two = _one_and_two_processes(tiny_run, out, workers_of_one=1, crop_pcts=("0.8", "1.0"))  # a loader worker
-    return out, one, two
+    seven = make_seven_class_run(tmp_path_factory.mktemp("seven"))
+    args = [*sweep_argv(tiny, out / "two", *TWO_PROCESSES), "--",
+            *sweep_argv(tiny, out / "two-crop", "--crop-pcts", "0.8", "1.0", *TWO_PROCESSES), "--",
+            *sweep_argv(seven, seven.parent / "two", *TWO_PROCESSES)]
+    early_runs.start(TWO_PROCESS_SWEEPS, "tests/sweep_runs.py", *args, processes=2, folder=out)
+    early_runs.folders[f"{TWO_PROCESS_SWEEPS}: seven"] = seven
+
+
+def two_process_sweeps(early_runs) -> str:
+    """What start_two_process_sweeps' launch printed, once it has ended well."""
+    result = early_runs[TWO_PROCESS_SWEEPS]
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def one_and_two(tiny_run, early_runs) -> tuple[Path, str, str]:
+    """tiny_run swept with 1 process here (a loader worker) and 2 in the background, at its own
+    crop_pct and with --crop-pcts 0.8 1.0: (the folder of the four outputs, what 1 process printed,
+    what 2 printed)."""
+    out = early_runs.folders[TWO_PROCESS_SWEEPS]
+    one = run_in_process("tests/sweep_runs.py", *sweep_argv(tiny_run, out / "one", "--workers", "1"), "--",
+                         *sweep_argv(tiny_run, out / "one-crop", "--crop-pcts", "0.8", "1.0", "--workers", "1"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    return out, one.stdout, two_process_sweeps(early_runs)
 
 
 def sweeps_printed(stdout: str) -> list[str]:
@@ -436,13 +457,14 @@ def sweeps_printed(stdout: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.late
 def test_same_table_with_one_and_two_processes(one_and_two):
     tmp_path, one, two = one_and_two
     ranks = {}  # each rank's speeds line after each of the launch's sweeps (their lines interleave in stdout)
     for rank, speeds in re.findall(r"^rank (\d): speeds (.*)$", two, re.M):
         ranks.setdefault(rank, []).append(speeds)
     assert sorted(ranks) == ["0", "1"] and ranks["0"] == ranks["1"]  # measured on rank 0 and broadcast
-    assert len(ranks["0"]) == 2 and sorted(json.loads(ranks["0"][0])) == ["16", "24", "32", "40"]
+    assert len(ranks["0"]) == 3 and sorted(json.loads(ranks["0"][0])) == ["16", "24", "32", "40"]  # 3 sweeps a launch
     one, two = sweeps_printed(one)[0], sweeps_printed(two)[0]
     assert re.search(r"processes\s+2\b", two) and re.search(r"processes\s+1\b", one)
     rows_one, rows_two = table_rows(one), table_rows(two)
@@ -479,6 +501,7 @@ def test_same_table_with_one_and_two_processes(one_and_two):
 
 
 @pytest.mark.slow
+@pytest.mark.late
 def test_crop_pct_sweep_same_with_one_and_two_processes(one_and_two):
     """--crop-pcts 0.8 1.0 beside the run's 0.875: every (size, crop_pct) pair, the same image for
     image with 1 and 2 processes and on both ranks; its 0.875 rows are the plain sweep's; the
@@ -531,10 +554,8 @@ def test_crop_pct_sweep_same_with_one_and_two_processes(one_and_two):
                      printed["one"])
 
 
-@pytest.fixture(scope="module")
-def seven_class_run(tmp_path_factory) -> Path:
+def make_seven_class_run(root: Path) -> Path:
     """7 classes, so that top-5 is not every class; untrained weights: top-5 hits vary."""
-    root = tmp_path_factory.mktemp("seven")
     (root / "images").mkdir()
     rng = np.random.default_rng(7)
     rows = ["image_id,label,is_val"]
@@ -542,8 +563,9 @@ def seven_class_run(tmp_path_factory) -> Path:
         Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)).save(root / "images" / f"{i}.jpg")
         rows.append(f"{i}.jpg,c{i % 7},{i >= 7}")  # 30 validation images
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    torch.manual_seed(0)
-    model = create_model("test_resnet", 7)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = create_model("test_resnet", 7)
     save_weights(root / "run" / "best.safetensors", model.state_dict(),
                  {"model": "test_resnet", "classes": [f"c{k}" for k in range(7)], "train_res": 32, "test_res": 32,
                   "crop_pct": 0.875, "interpolation": "bilinear"})
@@ -551,10 +573,19 @@ def seven_class_run(tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.fixture(scope="session")
+def seven_class_run(tiny_run, early_runs) -> Path:
+    """make_seven_class_run's run, made (and swept with 2 processes) once tiny_run is there."""
+    return early_runs.folders[f"{TWO_PROCESS_SWEEPS}: seven"]
+
+
 @pytest.mark.slow
-def test_top5_and_per_class_counts_are_the_same_with_two_processes(seven_class_run, tmp_path):
-    _one_and_two_processes(seven_class_run, tmp_path, workers_of_one=0)
-    a, b = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("one", "two"))
+@pytest.mark.late
+def test_top5_and_per_class_counts_are_the_same_with_two_processes(seven_class_run, early_runs):
+    one = run_in_process("sweep.py", *sweep_argv(seven_class_run, seven_class_run.parent / "one", "--workers", "0"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two_process_sweeps(early_runs)
+    a, b = (json.loads((seven_class_run.parent / d / "sweep.json").read_text()) for d in ("one", "two"))
     assert a["meta"]["top5_k"] == 5
     assert [r["correct5"] for r in a["rows"]] == [r["correct5"] for r in b["rows"]]
     assert any(0 < r["correct5"] < 30 for r in a["rows"])  # some images outside the top 5: the count is tested

@@ -18,12 +18,12 @@ TWO = "test_train.py: train.py with 2 processes"
 
 
 def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
-    """conftest's early_runs calls this as the session starts: the 2-process run (torchrun and two
-    new interpreters) trains in the background, beside the test files before this one."""
+    """conftest's early_runs calls this as the session starts: the 2-process run (under torchrun, in
+    the session's one launch of such runs: start_together) trains in the background, beside the test files before this one."""
     if "two_process_run" in fixtures:
         out = tmp_path_factory.mktemp("train_two")
-        started.start(TWO, "train.py", "--data", tiny_csv, *TINY_TRAIN, "--output", out, "--name", "run", "--epochs",
-                      1, "--cpu", processes=2, folder=out / "run")
+        started.start_together(TWO, "train.py", "--data", tiny_csv, *TINY_TRAIN, "--output", out, "--name", "run",
+                               "--epochs", 1, "--cpu", folder=out / "run")
 
 
 @pytest.fixture

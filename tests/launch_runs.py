@@ -1,0 +1,54 @@
+"""Several 2-process runs in one torchrun launch: each run's script (train.py, finetune.py) has its
+main(argv) called in turn in each process, as `python script ARGS` runs it, in the one process
+group torchrun set up, so the runs of a test session pay for one launch (two new interpreters
+importing torch, timm and accelerate: most of a small 2-process run's time on the test machine).
+Between runs, each process is put back as it was (tests/script_runs.py's in_a_run: a fresh
+Accelerate state, the environment, random generators, ...), torchrun's process group kept.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/launch_runs.py OUT -- NAME SCRIPT ARGS -- NAME SCRIPT ARGS ...
+
+Each run's exit status (0, or 1 and its traceback in .err), stdout and stderr are written to
+OUT/NAME.rank<R>.status, .out and .err; tests/script_runs.py's Started reads them back as one
+CompletedProcess a run (start_together, launch_together).
+"""
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # torchrun puts tests/ first; the scripts are above
+
+from fixres.cli import run_main  # noqa: E402
+from tests.script_runs import ROOT, _captured, script_main  # noqa: E402
+
+
+def runs(argv: list[str]) -> tuple[Path, list[tuple[str, str, list[str]]]]:
+    out, rest = Path(argv[0]), argv[1:]
+    parts, current = [], None
+    for arg in rest:
+        if arg == "--":
+            current = []
+            parts.append(current)
+        else:
+            current.append(arg)
+    return out, [(part[0], part[1], part[2:]) for part in parts]
+
+
+def finished(main, args: list[str]) -> int:
+    main(args)  # a run that raises: _captured's status 1 and traceback
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    out, planned = runs(argv)
+    rank = os.environ["RANK"]
+    for name, script, args in planned:
+        result = _captured([str(ROOT / script), *args], None, lambda: finished(script_main(script), args),
+                           keep_process_group=True)
+        for kind, text in (("out", result.stdout), ("err", result.stderr)):
+            (out / f"{name}.rank{rank}.{kind}").write_text(text)
+        (out / f"{name}.rank{rank}.status").write_text(str(result.returncode))  # last: the run's files are whole
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, sys.argv[1:]))  # which ends the process group once, after the last run
