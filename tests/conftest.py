@@ -11,7 +11,7 @@ from PIL import Image
 
 from fixres.layers import layered, parse_command_line
 # how the scripts run, in this process or as real interpreters; the test files import these from here
-from tests.script_runs import (ROOT, Started, finish, free_port, niced, run_file_in_process,  # noqa: F401
+from tests.script_runs import (ROOT, Started, environ, finish, free_port, niced, run_file_in_process,  # noqa: F401
                                run_in_process, run_script, script_command, script_main, start_script)
 
 COLOURS = ("red", "green", "blue")

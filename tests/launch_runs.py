@@ -1,15 +1,20 @@
 """Several 2-process runs in one torchrun launch: each run's script (train.py, finetune.py) has its
-main(argv) called in turn in each process, as `python script ARGS` runs it, in the one process
-group torchrun set up, so the runs of a test session pay for one launch (two new interpreters
-importing torch, timm and accelerate: most of a small 2-process run's time on the test machine).
-Between runs, each process is put back as it was (tests/script_runs.py's in_a_run: a fresh
-Accelerate state, the environment, random generators, ...), torchrun's process group kept.
+main(argv) called in turn in each process, in the one process group torchrun set up, so the runs
+of a test session pay for one launch (two new interpreters importing torch, timm and accelerate:
+most of a small 2-process run's time on the test machine). Between runs, each process is put
+back as it was (tests/script_runs.py's in_a_run: a fresh Accelerate state, the environment,
+random generators, ...), torchrun's process group kept.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/launch_runs.py OUT -- NAME SCRIPT ARGS -- NAME SCRIPT ARGS ...
 
-Each run's exit status (0, or 1 and its traceback in .err), stdout and stderr are written to
-OUT/NAME.rank<R>.status, .out and .err; tests/script_runs.py's Started reads them back as one
-CompletedProcess a run (start_together, launch_together).
+For runs that should finish, and what differs from each under a torchrun of its own: the process
+group is the first run's (set up by its train.py or finetune.py, with the default collective
+timeout; the later runs find it made), and a run that fails ends the launch there (the process
+exits, torchrun ends the other; the runs after it are not done), where its own torchrun would
+have ended the same way. Each run's exit status (0; or 1 and its traceback in .err), stdout and
+stderr are written to OUT/NAME.rank<R>.status, .out and .err; tests/script_runs.py's Started
+reads them back, with the launch's own exit status (a crash in an interpreter's teardown fails
+every run of it), as one CompletedProcess a run (start_together, launch_together).
 """
 import os
 import sys
@@ -47,6 +52,8 @@ def main(argv: list[str]) -> int:
         for kind, text in (("out", result.stdout), ("err", result.stderr)):
             (out / f"{name}.rank{rank}.{kind}").write_text(text)
         (out / f"{name}.rank{rank}.status").write_text(str(result.returncode))  # last: the run's files are whole
+        if result.returncode != 0:  # the other rank may wait in a collective of this run: not the next run's
+            raise SystemExit(result.returncode)  # through run_main, which ends the process group
     return 0
 
 

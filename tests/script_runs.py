@@ -16,7 +16,8 @@ torch's random generator, threads and flags, logging, warnings filters, matplotl
 a process group). What it cannot give: what an interpreter reads when it starts or imports
 (a variable read at import, sitecustomize), what it does when it ends (atexit, a crash in the
 teardown of a library), signals sent to it, several processes. Runs that need one of those,
-or a timeout, start a real interpreter (start_script); Started runs several in the background,
+or a timeout, start a real interpreter (start_script; 2-process runs that should finish share
+one launch: start_together, tests/launch_runs.py); Started runs several in the background,
 on the cores this process leaves idle, each collected when a test first asks for it: conftest's
 early_runs starts them with the session (a test file's start_early), or a fixture once what the
 run needs is there, and a test that reads such a run is marked `late` (it runs after the others).
@@ -77,6 +78,17 @@ BACKGROUND_NICENESS = 10
 _thread = threading.local()
 
 
+# The environment as the session began: what a background thread gives the processes it starts,
+# since a run in this process (in_a_run), or a test's monkeypatch, changes os.environ meanwhile
+SESSION_ENVIRON = dict(os.environ)
+
+
+def environ() -> dict:
+    """A copy of the environment for a new process: the session's in a background thread of
+    Started, this process's own (as a test has set it) otherwise."""
+    return dict(SESSION_ENVIRON) if getattr(_thread, "background", False) else dict(os.environ)
+
+
 def niced(command: list[str]) -> list[str]:
     """`command`, under `nice` when started from a background thread of Started."""
     niceness = getattr(_thread, "niceness", 0)
@@ -86,7 +98,8 @@ def niced(command: list[str]) -> list[str]:
 def lower_autogroup(pid: int, niceness: int = BACKGROUND_NICENESS) -> None:
     """The niceness of the autogroup of process `pid`: where Linux groups processes by session (its
     autogroups, the default), a process in a session of its own shares the CPU as a group, whatever
-    its nice value, with this session's group. Nothing where there are no autogroups."""
+    its nice value, with this session's group. Nothing where there are no autogroups, nor where
+    the kernel refuses (a user without CAP_SYS_NICE may lower one autogroup each 100 ms)."""
     try:
         Path(f"/proc/{pid}/autogroup").write_text(str(niceness))
     except OSError:
@@ -111,7 +124,7 @@ def start_script(script, *args, processes: int = 1, port: int | None = None, env
     (niced): the process, its pid and exit status are the interpreter's."""
     command = niced(script_command(script, processes, port) + [str(a) for a in args])
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               env={**os.environ, **RUN_ENV, **(env or {})}, **popen)
+                               env={**environ(), **RUN_ENV, **(env or {})}, **popen)
     if popen.get("start_new_session") and command[0] == "nice":  # its session's autogroup: niced too
         lower_autogroup(process.pid, int(command[2]))
     return process
@@ -157,14 +170,15 @@ def run_in_process(script: str, *args, env=None, capsys=None) -> subprocess.Comp
 
 def run_file_in_process(path, *args) -> subprocess.CompletedProcess:
     """`python path ARGS` for a file run as __main__ (a benchmark's script), in this process as a new
-    interpreter would run it: sys.path starts with the file's folder and holds no entry for the
-    repository, and no module of the repository is imported yet (those of this process are put
-    aside, and back after), so a file that cannot import fixres from where it is fails here too."""
+    interpreter would run it: sys.path starts with the file's folder and holds no entry in the
+    repository, and no module of fixres or of the scripts is imported yet (those of this process
+    are put aside, and back after), so a file that cannot import fixres from where it is fails
+    here too. The modules of tests/ stay (the background threads of this process use them)."""
     path = Path(path).resolve()
     argv = [str(path), *map(str, args)]
 
     def run_as_main() -> int:
-        sys.path[:] = [str(path.parent)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+        sys.path[:] = [str(path.parent)] + [p for p in sys.path if not Path(p or ".").resolve().is_relative_to(ROOT)]
         aside = {name: sys.modules.pop(name) for name in list(sys.modules) if _of_the_repository(sys.modules[name])}
         try:
             runpy.run_path(str(path), run_name="__main__")
@@ -390,8 +404,12 @@ class Started:
         self.in_launch = {name: out for name, _, _ in self.together}
 
     def _from_launch(self, name: str) -> subprocess.CompletedProcess:
-        """One run of the shared launch as its own 2-process run gives it: the exit status of its first
-        rank that failed (else 0), what rank 0 then rank 1 printed."""
+        """One run of the shared launch, read once the launch has ended: what rank 0 then rank 1
+        printed, and an exit status that fails it wherever its own 2-process run would have failed:
+        the status of its first rank that failed; else, where the launch itself failed (an
+        interpreter that crashed in its teardown, say: torchrun's status), the launch's, with
+        torchrun's report; else 0. A run the launch never finished (it stops at a run that fails)
+        has the launch's status and says so."""
         launch, out = self[TOGETHER], self.in_launch[name]
         statuses, stdout, stderr = [], "", ""
         for rank in (0, 1):
@@ -401,7 +419,11 @@ class Started:
                                                    f"{launch.stderr}\n{name}: rank {rank} left no exit status")
             statuses.append(int(files["status"].read_text()))
             stdout, stderr = stdout + files["out"].read_text(), stderr + files["err"].read_text()
-        return subprocess.CompletedProcess([name], next((s for s in statuses if s), 0), stdout, stderr)
+        status = next((s for s in statuses if s), 0)
+        if status == 0 and launch.returncode != 0:
+            status, stderr = launch.returncode, f"{stderr}\nthe launch of the runs together: exit " \
+                                                f"{launch.returncode}\n{launch.stderr[-3000:]}"
+        return subprocess.CompletedProcess([name], status, stdout, stderr)
 
     def _real_run(self, name: str, script, args, kwargs) -> subprocess.CompletedProcess:
         with self._turn(name) as turn:
@@ -438,7 +460,7 @@ class Started:
                 self._waiting.append(name)
 
         def run():
-            _thread.niceness = niceness  # what it starts: niced
+            _thread.niceness, _thread.background = niceness, True  # what it starts: niced, the session's environment
             try:
                 if real_runs:
                     with self._turn(name) as turn:

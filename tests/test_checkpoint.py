@@ -9,7 +9,7 @@ import torch
 
 from fixres import checkpoint as ckpt
 from fixres import fileio
-from tests.conftest import ROOT, niced
+from tests.conftest import ROOT, environ, niced
 
 
 def test_weights_round_trip_with_metadata(tmp_path):
@@ -154,7 +154,7 @@ def umask_calls_of_imports() -> subprocess.CompletedProcess:
             "import fixres.fileio, fixres.checkpoint\n"
             "print(calls)\n")
     return subprocess.run(niced([sys.executable, "-c", code]), capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+                          env={**environ(), "OMP_NUM_THREADS": "1"}, timeout=120)
 
 
 def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:

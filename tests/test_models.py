@@ -1,5 +1,4 @@
 """The model factory: timm and torchvision names, local weights into another class count."""
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ from safetensors.torch import save_file
 from fixres.classifiers import ModelError, classifier_name
 from fixres.fileio import save_weights
 from fixres.models import check_model_name, create_model, load_weights_into
-from tests.conftest import ROOT, niced
+from tests.conftest import ROOT, environ, niced
 
 
 @pytest.mark.parametrize("name", ["resnet50", "tv:resnet50"])
@@ -77,7 +76,7 @@ def pretrained_offline() -> subprocess.CompletedProcess:
     code = ("from fixres.models import create_model\n"
             "create_model('resnet18', num_classes=2, pretrained=True)")
     return subprocess.run(niced([sys.executable, "-c", code]), capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+                          env={**environ(), "HF_HUB_OFFLINE": "1"}, timeout=300)
 
 
 def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:

@@ -37,7 +37,7 @@ from fixres.checkpoint import RunFolder
 from fixres.config import TrainConfig
 from fixres.fileio import load_weights, save_weights, write_json_atomic
 from fixres.preprocessing import weights_meta
-from tests.conftest import COLOURS, ROOT, TINY_TRAIN, make_csv_dataset, niced
+from tests.conftest import COLOURS, ROOT, TINY_TRAIN, environ, make_csv_dataset, niced
 from tests.script_runs import lower_autogroups_naming
 
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
@@ -72,7 +72,7 @@ def test_accelerate_configs_load_with_accelerates_loader(name, distributed, proc
 def wrapper(*args, env=None) -> subprocess.CompletedProcess:
     """The batch script run by bash as SLURM would, up to where it needs SLURM."""
     return subprocess.run(niced(["bash", "slurm/one_node.sbatch", *map(str, args)]), cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PATH": OWN_PATH, "SLURM_JOB_ID": "7", **(env or {})})
+                          text=True, timeout=120, env={**environ(), "PATH": OWN_PATH, "SLURM_JOB_ID": "7", **(env or {})})
 
 
 BAD_CONFIGS = [
@@ -133,7 +133,7 @@ def test_resume_auto_with_a_name_takes_that_run_or_nothing(tmp_path):
 # ----------------------------------------------------------------------------- the local SLURM
 
 def slurm_env(conf: str, **extra) -> dict:
-    return {**os.environ, "PATH": OWN_PATH, "SLURM_CONF": conf, "OMP_NUM_THREADS": "1", **extra}
+    return {**environ(), "PATH": OWN_PATH, "SLURM_CONF": conf, "OMP_NUM_THREADS": "1", **extra}
 
 
 def start_cluster() -> tuple[str, list[str], bool]:
@@ -146,7 +146,8 @@ def start_cluster() -> tuple[str, list[str], bool]:
     if status.returncode != 0:
         if not (shutil.which("slurmctld") and shutil.which("slurmd") and shutil.which("sbatch")):
             pytest.skip("SLURM is not installed: `slurm/local_cluster.sh start` installs and starts it (.ci/run does)")
-        # its daemons, and so its jobs, at the lowest priority: they take the cores the other tests leave idle
+        # its daemons at the lowest priority; its jobs, each in a session of its own, are lowered as they run
+        # (run_training_jobs: lower_autogroups_naming), so that they take the cores the other tests leave idle
         start = subprocess.run(["nice", "-n", "19", str(CLUSTER), "start"], capture_output=True, text=True, timeout=300)
         if start.returncode != 0:
             pytest.skip(f"the local SLURM did not start: {(start.stderr or start.stdout).strip().splitlines()[-1:]}")
