@@ -83,15 +83,20 @@ _thread = threading.local()
 SESSION_ENVIRON = dict(os.environ)
 
 
+def background_niceness() -> int | None:
+    """The niceness of what this thread starts, where it is a background thread of Started; else None."""
+    return getattr(_thread, "niceness", None)
+
+
 def environ() -> dict:
     """A copy of the environment for a new process: the session's in a background thread of
     Started, this process's own (as a test has set it) otherwise."""
-    return dict(SESSION_ENVIRON) if getattr(_thread, "background", False) else dict(os.environ)
+    return dict(SESSION_ENVIRON) if background_niceness() is not None else dict(os.environ)
 
 
 def niced(command: list[str]) -> list[str]:
     """`command`, under `nice` when started from a background thread of Started."""
-    niceness = getattr(_thread, "niceness", 0)
+    niceness = background_niceness()
     return ["nice", "-n", str(niceness), *command] if niceness else command
 
 
@@ -125,8 +130,8 @@ def start_script(script, *args, processes: int = 1, port: int | None = None, env
     command = niced(script_command(script, processes, port) + [str(a) for a in args])
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                env={**environ(), **RUN_ENV, **(env or {})}, **popen)
-    if popen.get("start_new_session") and command[0] == "nice":  # its session's autogroup: niced too
-        lower_autogroup(process.pid, int(command[2]))
+    if popen.get("start_new_session") and background_niceness():  # its session's autogroup: niced too
+        lower_autogroup(process.pid, background_niceness())
     return process
 
 
@@ -449,18 +454,22 @@ class Started:
                 self._running -= 1
                 self._turns.notify_all()
 
-    def call(self, name: str, function, *args, real_runs: bool = False, niceness: int = BACKGROUND_NICENESS) -> None:
+    def call(self, name: str, function, *args, real_runs: bool = False, niceness: int = BACKGROUND_NICENESS,
+             folder: Path | None = None) -> None:
         """`function(*args)` in a thread started now; `started[name]` gives its result, or raises in
         the test that asks what it raised (pytest.skip included). With `real_runs`, the function
         starts real interpreters itself (a scenario of signals, say): it waits for its turn, and
         holds it while it runs, as one of the real runs. What it starts runs at `niceness` (0 for a
-        scenario that times its processes: a lower priority would time the other work instead)."""
+        scenario that times its processes: a lower priority would time the other work instead).
+        `folder`: where it works, as start's."""
+        if folder:
+            self.folders[name] = folder
         if real_runs:
             with self._turns:
                 self._waiting.append(name)
 
         def run():
-            _thread.niceness, _thread.background = niceness, True  # what it starts: niced, the session's environment
+            _thread.niceness = niceness  # what it starts: niced, with the session's environment
             try:
                 if real_runs:
                     with self._turn(name) as turn:

@@ -109,8 +109,8 @@ def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None
     thread that waits for its turn among the real runs, beside the test files before this one."""
     if "nan_on_rank_one_runs" in fixtures:
         root = tmp_path_factory.mktemp("nan_on_rank_one")
-        started.call("nan_on_rank_one", nan_on_rank_one, tiny_csv, root, real_runs=True, niceness=0)  # timed
-        started.folders["nan_on_rank_one"] = root
+        started.call("nan_on_rank_one", nan_on_rank_one, tiny_csv, root, real_runs=True, niceness=0,  # timed
+                     folder=root)
 
 
 @pytest.fixture

@@ -244,8 +244,7 @@ def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None
     process's BatchNorm statistics follow its own batches."""
     if "stopped_featured_run" in fixtures:  # a real run stopped by a signal, in a thread (stop_a_featured_run)
         root = tmp_path_factory.mktemp("stopped_featured")
-        started.call("stopped_featured_run", stop_a_featured_run, tiny_csv, root, real_runs=True)
-        started.folders["stopped_featured_run"] = root
+        started.call("stopped_featured_run", stop_a_featured_run, tiny_csv, root, real_runs=True, folder=root)
     if "ema_two_processes" in fixtures:
         out = tmp_path_factory.mktemp("ema_two")
         started.start_together(EMA_TWO, "train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", 32,

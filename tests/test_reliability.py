@@ -129,16 +129,14 @@ def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None
         root = tmp_path_factory.mktemp("sigkills")
         # the session's longest chain of runs: before the other background runs (a lower niceness), after
         # the test process's own work
-        started.call(SIGKILLS, kill_ten_times, started, tiny_csv, root, niceness=5)
-        started.folders[SIGKILLS] = root
+        started.call(SIGKILLS, kill_ten_times, started, tiny_csv, root, niceness=5, folder=root)
     # the scenarios of signals and of a rank that dies or hangs: real processes, each in a thread that
     # waits for its turn among the real runs; the tests read what happened and do the in-process rest
     for fixture, scenario in SCENARIOS.items():
         if fixture in fixtures:
             root = tmp_path_factory.mktemp(fixture)
             timed = {"niceness": 0} if fixture in ("killed_rank", "hung_rank") else {}  # priority not lowered
-            started.call(fixture, scenario, tiny_csv, root, real_runs=True, **timed)
-            started.folders[fixture] = root
+            started.call(fixture, scenario, tiny_csv, root, real_runs=True, folder=root, **timed)
 
 
 @pytest.fixture(scope="session")  # the late test of the kills reads it after the other files' tests
