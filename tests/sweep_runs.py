@@ -19,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # torchrun puts te
 
 import sweep  # noqa: E402  the script, not fixres.sweep
 from fixres.cli import run_main  # noqa: E402
+from tests import small_torchvision  # noqa: E402
+
+small_torchvision.register()  # the family matrix's tv:small_* models, as its own process registers them
 
 
 def argument_lists(argv: list[str]) -> list[list[str]]:

@@ -5,12 +5,13 @@ with timm's own eval transform (timm families), torchvision's own model built at
 its weights' own eval transform (torchvision families, which have no timm export: train.py says
 so in one line). Then the same sweeps with 2 processes (torchrun, gloo, CPU) against 1.
 
-    python -m pytest -q tests/test_family_matrix.py                 # the whole matrix: 70-85 s on 2 busy CPU cores
+    python -m pytest -q tests/test_family_matrix.py                 # the whole matrix: about 40 s on this 2-core machine
     python -m pytest -q tests/test_family_matrix.py -m "not slow"   # the quick family (EfficientNet): 2 s
     python -m pytest -q tests/test_family_matrix.py -k deit         # one family (and its 2-process sweep)
 
-Small configurations (--model-kwargs) on 12 training and 12 validation images; torchvision's
-builders pass their widths themselves, so its ViT, ConvNeXt and Swin run at full width (slow).
+Small configurations on 12 training and 12 validation images: timm's through --model-kwargs;
+torchvision's builders pass their widths themselves, so its ViT, ConvNeXt and Swin are small
+members of those classes registered as torchvision models (tests/small_torchvision.py).
 """
 from __future__ import annotations
 
@@ -29,9 +30,12 @@ from torch import nn
 
 from fixres.data import load_split
 from fixres.fileio import load_weights
+from tests import small_torchvision
 from tests.conftest import error_line, make_csv_dataset, run_in_process, script_main
 from tests.test_families import DEIT, DEIT_KWARGS, library_logits
 from tests.test_vit_sizes import ok, tv_vit_at
+
+small_torchvision.register()  # tv:small_vit_b_16, tv:small_convnext, tv:small_swin
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # each one itself: a key of the runs made once a session
@@ -75,14 +79,15 @@ FAMILIES = [
                                            "its classifier head.fc, so no running statistics to re-estimate; use "
                                            "--method finetune"),
     Family("efficientnet", "test_efficientnet", quick=True),  # BatchNorm: bn-stats runs
-    # torchvision's builders pass their widths themselves: full size (86M and 28M parameters)
-    Family("tv-vit", "tv:vit_b_16", sizes=(32, 48, 64), size_keyword="image_size", off_grid=(40, 16, "32, 48"),
-           bn_stats=no_running_statistics("tv:vit_b_16", "encoder.ln", "LayerNorm")),
-    Family("tv-convnext", "tv:convnext_tiny", bn_stats=no_running_statistics(
-        "tv:convnext_tiny", "classifier.0", "LayerNorm2d")),
+    # torchvision's builders pass their widths themselves: small members of its families registered
+    # in its model registry (tests/small_torchvision.py), the same classes, patches and windows
+    Family("tv-vit", "tv:small_vit_b_16", sizes=(32, 48, 64), size_keyword="image_size", off_grid=(40, 16, "32, 48"),
+           bn_stats=no_running_statistics("tv:small_vit_b_16", "encoder.ln", "LayerNorm")),
+    Family("tv-convnext", "tv:small_convnext", bn_stats=no_running_statistics(
+        "tv:small_convnext", "classifier.0", "LayerNorm2d")),
     # torchvision's Swin pads to its patch and windows: sizes off every grid
-    Family("tv-swin", "tv:swin_t", sizes=(32, 38, 50), finetune_res=56, bn_stats=no_running_statistics(
-        "tv:swin_t", "norm", "LayerNorm")),
+    Family("tv-swin", "tv:small_swin", sizes=(32, 38, 50), finetune_res=56, bn_stats=no_running_statistics(
+        "tv:small_swin", "norm", "LayerNorm")),
 ]
 # one family in the quick tests (about 2 s): the BatchNorm one, where every step runs (bn-stats too)
 PARAMS = [pytest.param(f, id=f.id, marks=() if f.quick else pytest.mark.slow) for f in FAMILIES]
@@ -197,6 +202,44 @@ def check_rows_as_library(family: Family, folder: Path, rows: list[dict]) -> Non
 
 def recorded_kwargs(family: Family, size: int) -> dict | None:
     return {**family.kwargs, family.size_keyword: size} if family.size_keyword else family.kwargs or None
+
+
+# what the matrix's tv-* families stand for: torchvision's own vit_b_16, convnext_tiny and swin_t
+FULL_SIZE = {"tv-vit": "vit_b_16", "tv-convnext": "convnext_tiny", "tv-swin": "swin_t"}
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not f.timm], ids=lambda f: f.id)
+def test_the_small_torchvision_models_are_built_as_the_full_size_ones(family):
+    """The same class, the same layers where the matrix's lines name them (the last norm), patch,
+    windows and shifts, size keyword and default preprocessing as the full-size model (built on
+    the meta device: no memory, no time), and fixres refuses the same sizes of both."""
+    import torchvision
+    from fixres.models import check_model_sizes, size_keyword
+    from fixres.options import ConfigError
+    full_name, small_name = FULL_SIZE[family.id], family.model.removeprefix("tv:")
+    with torch.device("meta"):
+        full, small = (torchvision.models.get_model(n, num_classes=3) for n in (full_name, small_name))
+    assert type(small) is type(full)
+    norm = family.bn_stats.split("last normalisation layer ")[1].split(" ")[0]  # the matrix's refusal line's
+    assert type(small.get_submodule(norm)) is type(full.get_submodule(norm))
+    assert size_keyword(family.model) == size_keyword(f"tv:{full_name}") == family.size_keyword
+    assert torchvision.models.get_model_weights(small_name) is torchvision.models.get_model_weights(full_name)
+    if family.id == "tv-vit":
+        assert small.patch_size == full.patch_size == 16
+    if family.id == "tv-swin":
+        def geometry(model):
+            blocks = [b for b in model.modules() if isinstance(b, torchvision.models.swin_transformer.SwinTransformerBlock)]
+            return model.features[0][0].kernel_size, {(tuple(b.attn.window_size), tuple(b.attn.shift_size)) for b in blocks}
+        assert geometry(small) == geometry(full)
+    for size in (family.off_grid[0],) if family.off_grid else family.sizes:
+        refusals = []
+        for name in (family.model, f"tv:{full_name}"):
+            try:
+                check_model_sizes(name, None, {"--res": size})
+                refusals.append(None)
+            except ConfigError as err:
+                refusals.append(str(err).replace(name, "MODEL"))
+        assert refusals[0] == refusals[1] and (refusals[0] is not None) == bool(family.off_grid), size
 
 
 @pytest.mark.parametrize("family", PARAMS)

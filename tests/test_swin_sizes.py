@@ -4,7 +4,8 @@ other sizes as timm's dynamic_img_size does (the trained windows, padded to: the
 builds from the export); finetune.py --res N rebuilds it at N as timm's create_model(img_size=N)
 builds it from the same weights (its checkpoint filter resizes the relative-position tables), and
 the export loads in timm at N. Sizes off its 4 px patch are dropped or refused. torchvision's Swin pads to its
-windows: it takes any size (tests/test_family_matrix.py runs tv:swin_t end to end at 32, 38, 50 and 56 px).
+windows: it takes any size (tests/test_family_matrix.py runs a small member
+of swin_t's class, with its patch and windows, end to end at 32, 38, 50 and 56 px).
 
     python -m pytest -q tests/test_swin_sizes.py      # the quick ones: a few seconds
 """

@@ -110,7 +110,8 @@ def test_a_strict_vit_trains_sweeps_finetunes_and_exports_at_other_sizes(tmp_pat
 
 # torchvision's ViT (tv:vit_*): built for one image_size (its forward asserts it); its builders pass
 # the widths themselves, so the fast tests build the VisionTransformer class small; the scripts
-# run tv:vit_b_16 in tests/test_family_matrix.py (slow).
+# run a small member of vit_b_16's class with its 16 px patch (tests/small_torchvision.py) in
+# tests/test_family_matrix.py (slow).
 TV_SMALL = dict(patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=len(CLASSES))
 
 
