@@ -93,14 +93,27 @@ def model_kwargs_error(name: str, model_kwargs: dict, err: Exception) -> ConfigE
     return ConfigError(f"--model-kwargs {pairs}: {name} cannot be built with them ({error_reason(err)})")
 
 
+_META_MODELS: dict[tuple[str, str], nn.Module] = {}  # (name, its kwargs' repr) -> the meta model, read only
+_META_MODELS_KEPT = 32
+
+
 def _meta_model(name: str, model_kwargs: dict | None) -> nn.Module:
-    """The model built on the meta device (no memory, no initialisation) to read its structure;
-    a constructor that computes with its tensors cannot be built there: then for real."""
+    """The model built on the meta device (no memory, no initialisation) to read its structure,
+    once per name and kwargs in a process (a run's checks read it several times: 30-50 ms a
+    build); a constructor that computes with its tensors cannot be built there: then for real,
+    and not kept (it holds memory)."""
+    key = (name, repr(sorted((model_kwargs or {}).items())))
+    if key in _META_MODELS:
+        return _META_MODELS[key]
     try:
         with torch.device("meta"):
-            return _construct(name, 2, False, model_kwargs or {})
+            model = _construct(name, 2, False, model_kwargs or {})
     except Exception:
         return _construct(name, 2, False, model_kwargs or {})
+    if len(_META_MODELS) >= _META_MODELS_KEPT:
+        del _META_MODELS[next(iter(_META_MODELS))]  # the oldest
+    _META_MODELS[key] = model
+    return model
 
 
 def constructor_keywords(name: str, model_kwargs: dict | None = None) -> set[str]:
