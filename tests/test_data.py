@@ -294,7 +294,8 @@ def test_sweep_uses_the_recorded_version_2(cache, tmp_path, capsys):
     below) on version 2's images, generated again, not on the cached version 3's."""
     run = built_in_run(tmp_path / "run", {**V2_TINY, "csv": str(tmp_path / "gone" / V2_TINY_FOLDER / "labels.csv")})
     v2_csv = cache / V2_TINY_FOLDER / "labels.csv"
-    swept = run_in_process("sweep.py", "--checkpoint", run, "--sizes", "32", "--cpu", "--workers", "0", capsys=capsys)
+    swept = run_in_process("sweep.py", "--checkpoint", run, "--sizes", "32", "--cpu", "--workers", "0",
+                           "--speed-repeats", "1", capsys=capsys)
     assert swept.returncode == 0, swept.stderr
     assert json.loads((run / "sweep.json").read_text())["meta"]["data"] == str(v2_csv)
     assert tree_sha256(v2_csv.parent) == V2_TINY_SHA256  # version 2's images as its generator wrote them

@@ -353,5 +353,5 @@ def test_sweep_of_plain_weights_preprocesses_as_the_library_made_them(tmp_path, 
     save_file(timm.create_model("test_resnet", num_classes=3).state_dict(), tmp_path / "plain.safetensors")
     summary = sweep_lib.sweep(dict(model="test_resnet", weights=str(tmp_path / "plain.safetensors"),
                                                     data=str(tiny_csv), train_res=32, sizes=[32], workers=0, cpu=True,
-                                                    output=str(tmp_path)))
+                                                    speed_repeats=1, output=str(tmp_path)))
     assert summary["meta"]["crop_pct"] == 0.95 and summary["rows"][0]["resize"] == 33  # int(32 / 0.95)

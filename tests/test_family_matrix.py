@@ -92,6 +92,7 @@ FAMILIES = [
 # one family in the quick tests (about 2 s): the BatchNorm one, where every step runs (bn-stats too)
 PARAMS = [pytest.param(f, id=f.id, marks=() if f.quick else pytest.mark.slow) for f in FAMILIES]
 COMMON = ["--workers", "0", "--cpu"]
+SWEEP_COMMON = [*COMMON, "--speed-repeats", "1"]  # each size timed once (the speed columns are not compared here)
 
 
 @pytest.fixture(scope="session")  # the late 2-process tests read it after the other files' tests
@@ -153,7 +154,7 @@ def swept(request, data, tmp_path_factory, early_runs):
 
 def sweep_args(family: Family, folder: Path, *extra) -> list[str]:
     sizes = sorted({*family.sizes, *(family.off_grid[:1] if family.off_grid else ())})
-    return ["--checkpoint", str(folder), "--sizes", *map(str, sizes), "--batch-size", "4", *COMMON, *extra]
+    return ["--checkpoint", str(folder), "--sizes", *map(str, sizes), "--batch-size", "4", *SWEEP_COMMON, *extra]
 
 
 def val_samples(folder: Path) -> list:
@@ -276,7 +277,7 @@ def test_a_family_trains_sweeps_finetunes_and_evaluates_as_its_library(family, s
                       "--batch-size", "6", *COMMON, "--output", tmp_path, "--name", "ft", capsys=capsys))
     check_finetune_run(family, tmp_path / "ft")
     rows = script_main("sweep.py")(["--checkpoint", str(tmp_path / "ft"), "--sizes", str(family.finetune_res),
-                                    "--batch-size", "4", *COMMON])["rows"]
+                                    "--batch-size", "4", *SWEEP_COMMON])["rows"]
     assert [r["size"] for r in rows] == [family.sizes[0], family.finetune_res]
     check_rows_as_library(family, tmp_path / "ft", rows)
 

@@ -399,7 +399,7 @@ def test_a_finetuned_run_keeps_the_source_min_scale(tmp_path, tiny_csv, monkeypa
     alone.mkdir()
     shutil.copy(run / "best.safetensors", alone / "weights.safetensors")
     swept = sweep_lib.sweep(dict(checkpoint=str(alone / "weights.safetensors"), data=str(tiny_csv),
-                                        sizes=[32], cpu=True, workers=0))
+                                        sizes=[32], cpu=True, workers=0, speed_repeats=1))
     assert swept["meta"]["min_scale"] == 0.25
 
     finetune_lib.finetune(dict(**common, method="bn-stats", min_scale=0.5, name="given"))

@@ -277,7 +277,7 @@ def test_sweep_equals_the_preprocessing_written_out(tiny_run, tmp_path, crop_pct
 def test_torchvision_model_and_plots(tv_run, tmp_path, capsys):
     out = tmp_path / "out"
     assert run_main(SWEEP_MAIN, ["--checkpoint", str(tv_run), "--sizes", "48", "--cpu", "--workers", "0",
-                                  "--batch-size", "8", "--activations", "--output", str(out)]) == 0
+                                  "--speed-repeats", "1", "--batch-size", "8", "--activations", "--output", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "32 48 (with 32, the training size: the reference)" in stdout
     rows = table_rows(stdout)
@@ -330,7 +330,8 @@ def test_crop_pct_sweep_compares_every_pair_with_the_training_pair(tiny_run, tmp
 
 def test_plain_pretrained_weights(tv_run, data_csv, tmp_path, capsys):
     argv = ["--model", "tv:resnet18", "--weights", str(tv_run / "plain.pth"), "--data", str(data_csv),
-            "--train-res", "32", "--sizes", "32", "--cpu", "--workers", "0", "--output", str(tmp_path)]
+            "--train-res", "32", "--sizes", "32", "--cpu", "--workers", "0", "--speed-repeats", "1",
+            "--output", str(tmp_path)]
     assert run_main(SWEEP_MAIN, argv) == 0
     assert "trained at 32 px, predicted 40 px" in capsys.readouterr().out
     assert (tmp_path / "sweep.csv").read_text().startswith(
@@ -346,7 +347,7 @@ def test_without_checkpoint_the_newest_run_under_runs(tv_run, tmp_path, monkeypa
     (runs / "halfway").mkdir()
     (runs / "halfway" / "config.json").write_text("{}")  # a run that has not saved weights yet
     monkeypatch.chdir(tmp_path)
-    argv = ["--sizes", "32", "--cpu", "--workers", "0", "--output", str(tmp_path / "out")]
+    argv = ["--sizes", "32", "--cpu", "--workers", "0", "--speed-repeats", "1", "--output", str(tmp_path / "out")]
     assert run_main(SWEEP_MAIN, argv) == 0
     assert "--checkpoint not given: using the newest run runs/newer\n" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())["meta"]["weights"] == "runs/newer/best.safetensors"
