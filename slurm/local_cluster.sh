@@ -177,19 +177,30 @@ cmd_stop() {
             sleep 0.2
         done
     fi
-    for file in "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid" "$DIR/munged.pid"; do
+    # the nodes' slurmd first (they may still talk to slurmctld while they stop), then slurmctld and
+    # munged; each takes about 2 s to exit, so those of a step stop together
+    stop_daemons "$DIR"/slurmd-*.pid
+    stop_daemons "$DIR/slurmctld.pid" "$DIR/munged.pid"
+}
+
+stop_daemons() {  # PID_FILE...: SIGTERM to each that is alive, then wait (10 s at most) for all of them
+    local file name pid
+    local -A pids=()
+    for file in "$@"; do
         [[ -e $file ]] || continue
         name=$(basename "$file" .pid)
-        name=${name%%-*}
-        if alive "$file" "$name"; then
-            pid=$(<"$file")
-            kill "$pid"
-            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid"; fi
-            log "stopped $(basename "$file" .pid) ($pid)"
+        if alive "$file" "${name%%-*}"; then
+            pids[$name]=$(<"$file")
+            kill "${pids[$name]}"
         fi
-        rm -f "$file"
     done
+    for name in "${!pids[@]}"; do
+        pid=${pids[$name]}
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid"; fi
+        log "stopped $name ($pid)"
+    done
+    rm -f "$@"
 }
 
 cmd_status() {
