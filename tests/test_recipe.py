@@ -259,7 +259,7 @@ def ema_two_processes(early_runs):
     return early_runs.run(EMA_TWO)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # the late resume test reads it after the other files' tests
 def featured_run(tmp_path_factory, tiny_csv):
     """train.py with all the recipe features, in this process: its run folder and what it printed."""
     out = tmp_path_factory.mktemp("featured")
@@ -314,6 +314,7 @@ def stopped_featured_run(early_runs) -> tuple[str, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.late  # its stop runs in the background: read after the other tests
 def test_recipe_features_resume_exactly_mid_epoch_and_at_an_epoch_end(featured_run, tiny_csv, stopped_featured_run):
     """Stopped by SIGTERM before optimizer step 4 (epoch 2, batch 2), resumed for one epoch
     (--stop-after 1: to the end of epoch 2), resumed to the end: the weights, the EMA and the

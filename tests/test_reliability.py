@@ -312,6 +312,7 @@ def sigterm_and_sigint(early_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.late  # its stops run in the background: read after the other tests
 def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_from_it(reference, tiny_csv, sigterm_and_sigint):
     stops, tmp_path = sigterm_and_sigint  # stopped twice in their thread: resumed here to the end
     run = tmp_path / "runs" / "run"
@@ -355,6 +356,7 @@ def stopped_with_skipped_images(early_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.late  # its stop runs in the background: read after the other tests
 def test_a_stop_mid_epoch_with_skipped_images_resumes_after_the_batches_done(stopped_with_skipped_images):
     """--skip-bad-images: a batch holds fewer images than --batch-size, so the position in the
     epoch is counted in batches, not images; the resumed run then equals an uninterrupted one."""
