@@ -183,7 +183,7 @@ cmd_stop() {
     stop_daemons "$DIR/slurmctld.pid" "$DIR/munged.pid"
 }
 
-stop_daemons() {  # PID_FILE...: SIGTERM to each that is alive, then wait (10 s at most) for all of them
+stop_daemons() {  # PID_FILE...: SIGTERM to each that is alive, then wait for each (10 s at most, then SIGKILL)
     local file name pid
     local -A pids=()
     for file in "$@"; do

@@ -211,10 +211,14 @@ FULL_SIZE = {"tv-vit": "vit_b_16", "tv-convnext": "convnext_tiny", "tv-swin": "s
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if not f.timm], ids=lambda f: f.id)
 def test_the_small_torchvision_models_are_built_as_the_full_size_ones(family):
-    """The same class, the same layers where the matrix's lines name them (the last norm), patch,
-    windows and shifts, size keyword and default preprocessing as the full-size model (built on
-    the meta device: no memory, no time), and fixres refuses the same sizes of both."""
+    """The same class, the same layers where the matrix's lines name them (the last norm, as
+    fixres finds it, and the classifier), patch, windows and shifts, stages (the size of the
+    maps after each, at the matrix's sizes), size keyword and default preprocessing as the
+    full-size model (built on the meta device: no memory, no time), and fixres refuses the same
+    sizes of both."""
     import torchvision
+    from fixres.adapt import find_last_norm
+    from fixres.classifiers import classifier_names
     from fixres.models import check_model_sizes, size_keyword
     from fixres.options import ConfigError
     full_name, small_name = FULL_SIZE[family.id], family.model.removeprefix("tv:")
@@ -223,6 +227,20 @@ def test_the_small_torchvision_models_are_built_as_the_full_size_ones(family):
     assert type(small) is type(full)
     norm = family.bn_stats.split("last normalisation layer ")[1].split(" ")[0]  # the matrix's refusal line's
     assert type(small.get_submodule(norm)) is type(full.get_submodule(norm))
+    built_for = getattr(full, "image_size", family.sizes[0])  # a ViT runs at the size it is built for only
+    assert find_last_norm(small, input_size=built_for) == find_last_norm(full, input_size=built_for) == norm
+    assert classifier_names(small) == classifier_names(full)
+    if hasattr(full, "features"):  # ConvNeXt's and Swin's stages: the same downsampling, and as many
+        def map_sizes(model) -> list[list[tuple[int, ...]]]:
+            sizes = []
+            for size in (*family.sizes, family.finetune_res):
+                x, after = torch.empty(1, 3, size, size, device="meta"), []
+                for stage in model.features:
+                    x = stage(x)
+                    after.append(tuple(x.shape[1:3] if family.id == "tv-swin" else x.shape[2:]))  # Swin: NHWC
+                sizes.append(after)
+            return sizes
+        assert map_sizes(small) == map_sizes(full)
     assert size_keyword(family.model) == size_keyword(f"tv:{full_name}") == family.size_keyword
     assert torchvision.models.get_model_weights(small_name) is torchvision.models.get_model_weights(full_name)
     if family.id == "tv-vit":
