@@ -85,16 +85,9 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 def pytest_collection_modifyitems(items):
     """Tests marked `late` (they read a run that the session starts in the background on its way,
     once what the run needs is there) after all the others, in their order: meanwhile the run uses
-    a core that this process leaves idle; `late(last=True)` after those (the longest chains of
-    background work, SLURM's jobs). Tests marked `early` (a file whose tests make what a background
-    run needs) before all the others. A fixture that such a test shares with the tests of its file
-    is session-scoped, not made a second time."""
-    def lateness(item) -> int:
-        marker = item.get_closest_marker("late")
-        if marker is None:
-            return -1 if item.get_closest_marker("early") else 0
-        return 2 if marker.kwargs.get("last") else 1
-    items.sort(key=lateness)  # stable
+    a core that this process leaves idle. A fixture that such a test shares with the tests of its
+    file before it is session-scoped, not made a second time."""
+    items.sort(key=lambda item: item.get_closest_marker("late") is not None)  # stable
 
 
 @pytest.fixture(scope="session")

@@ -236,7 +236,7 @@ def recorded_launch(record: Path) -> tuple[str, int, object]:
 
 
 @pytest.mark.slow
-@pytest.mark.late(last=True)  # the jobs run beside the other files' tests: the longest chain
+@pytest.mark.late  # the jobs run beside the other files' tests
 def test_multi_node_wrapper_launches_one_accelerate_per_node_with_its_rank(cluster, tmp_path):
     conf, nodes = cluster
     if len(nodes) < 2:
@@ -265,7 +265,7 @@ def test_multi_node_wrapper_launches_one_accelerate_per_node_with_its_rank(clust
 
 
 @pytest.mark.slow
-@pytest.mark.late(last=True)  # the jobs run beside the other files' tests: the longest chain
+@pytest.mark.late  # the jobs run beside the other files' tests
 def test_one_node_wrapper_takes_the_gpu_count_from_slurm(cluster, tmp_path):
     conf, _ = cluster
     (tmp_path / "bin").mkdir()
@@ -352,7 +352,7 @@ def write_source_run(folder: Path, data: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.late(last=True)  # the jobs run beside the other files' tests: the longest chain
+@pytest.mark.late  # the jobs run beside the other files' tests
 def test_job_through_the_wrapper_writes_its_run_folder(training_jobs):
     jobs, logs, runs, states = training_jobs
     log = logs["plain"]
@@ -385,7 +385,7 @@ def assert_resumed_with_the_same_weights(jobs, logs, runs, states, name):
 
 
 @pytest.mark.slow
-@pytest.mark.late(last=True)  # the jobs run beside the other files' tests: the longest chain
+@pytest.mark.late  # the jobs run beside the other files' tests
 def test_requeued_job_resumes_from_its_checkpoint_with_the_same_weights(training_jobs):
     log = assert_resumed_with_the_same_weights(*training_jobs, "requeued")
     assert "DUE TO JOB REQUEUE" in log
@@ -393,7 +393,7 @@ def test_requeued_job_resumes_from_its_checkpoint_with_the_same_weights(training
 
 
 @pytest.mark.slow
-@pytest.mark.late(last=True)  # the jobs run beside the other files' tests: the longest chain
+@pytest.mark.late  # the jobs run beside the other files' tests
 def test_early_warning_checkpoints_requeues_itself_and_finishes(training_jobs):
     log = assert_resumed_with_the_same_weights(*training_jobs, "warned")
     assert "fixres: USR1 (time limit near)" in log
@@ -404,7 +404,7 @@ def test_early_warning_checkpoints_requeues_itself_and_finishes(training_jobs):
 
 
 @pytest.mark.slow
-@pytest.mark.late(last=True)  # the jobs run beside the other files' tests: the longest chain
+@pytest.mark.late  # the jobs run beside the other files' tests
 def test_finetune_job_stops_on_the_warning_and_resumes_its_own_run(training_jobs):
     jobs, logs, runs, states = training_jobs
     log = logs["finetune"]

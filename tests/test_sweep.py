@@ -33,8 +33,6 @@ from tests.conftest import run_in_process, script_main
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 N_IMAGES, N_VAL = 60, 23      # 23 validation images: batches of 4 split 12 / 11 over 2 processes
-# first in the session: tiny_run, made by these tests, starts the 2-process sweeps that the late ones read
-pytestmark = pytest.mark.early
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SWEEP_MAIN = script_main("sweep.py")
 
