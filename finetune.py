@@ -24,8 +24,11 @@ resolution, plus finetune.json (top-1 and top-5), activations.png and the timm e
 (runs/<name>/timm, whose test_input_size is the new resolution; none for --method
 parametric, whose adapter timm cannot load). `--help` lists every option.
 """
+import gc
 import sys
 
+if __name__ == "__main__":
+    gc.disable()  # for the imports below; run_main turns it back on (fixres/cli.py: collect_from_here)
 from fixres.cli import run_main
 from fixres.config import FinetuneConfig
 from fixres.layers import parse_command_line

@@ -48,9 +48,12 @@ top-1, size by crop_pct, the best pair outlined), and sweep.png draws a line per
 sweep.json's per_class and activations are keyed by pair ("80@0.95"), its meta gains
 crop_pcts and measured_best_crop_pct. `--help` lists every option.
 """
+import gc
 import shlex
 import sys
 
+if __name__ == "__main__":
+    gc.disable()  # for the imports below; run_main turns it back on (fixres/cli.py: collect_from_here)
 from fixres.cli import run_main
 from fixres.config import SweepConfig
 from fixres.layers import parse_command_line

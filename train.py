@@ -15,8 +15,11 @@ top-k with k = min(5, classes)), the timm export's folder ("timm export: runs/<n
 "then: python finetune.py --checkpoint runs/<name>"); writes runs/<name>/ (see
 fixres/checkpoint.py). `--help` lists every option.
 """
+import gc
 import sys
 
+if __name__ == "__main__":
+    gc.disable()  # for the imports below; run_main turns it back on (fixres/cli.py: collect_from_here)
 from fixres.cli import run_main
 from fixres.config import TrainConfig
 from fixres.layers import parse_command_line

@@ -1,6 +1,8 @@
-"""What the scripts share at their edges: one-line errors instead of tracebacks."""
+"""What the scripts share at their edges: one-line errors instead of tracebacks, and the garbage
+collector turned back on after their imports (collect_from_here)."""
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -35,6 +37,7 @@ def run_main(main, argv=None) -> int:
     """Call main(argv); user errors become `error: <one line>` and exit status 2 (on every rank
     under torchrun, though it sends the others SIGTERM when the first exits); a run that
     a signal stopped with a checkpoint (main returns {"stopped": True}) exits with STOPPED_EXIT."""
+    collect_from_here()
     try:
         result = main(argv)
     except USER_ERRORS as err:
@@ -49,6 +52,20 @@ def run_main(main, argv=None) -> int:
     finally:
         end_process_group()
     return STOPPED_EXIT if isinstance(result, dict) and result.get("stopped") else 0
+
+
+def collect_from_here() -> None:
+    """Turns Python's cyclic garbage collector back on, if a script turned it off for its imports
+    (train.py, sweep.py and finetune.py do, when run as scripts). torch, torchvision, timm and
+    accelerate leave about 470,000 tracked objects that live as long as the process, and each full
+    pass of the collector walked all of them: a fifth of a short CPU run's time went to it
+    (docs/benchmarks.md). gc.freeze() keeps them out of the passes that follow too, and keeps those
+    passes from writing to the pages that fork-started DataLoader workers share (Python's documented
+    use of it); the few thousand objects of the imports' own garbage stay with them. Where the
+    collector runs already (a caller that imports fixres, the tests' in-process runs), nothing changes."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def end_process_group() -> None:

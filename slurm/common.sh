@@ -56,7 +56,9 @@ fixres_check_config() {  # a one-line error here, not a traceback on every node 
         exit 2
     fi
     "$py" - "$1" <<'EOF' || exit 2
+import gc
 import sys
+gc.disable()  # a check that ends after its imports (accelerate, torch): nothing for the collector to do
 try:
     from accelerate.commands.config.config_args import load_config_from_file
 except ImportError:  # not the launcher's Python: leave the check to `accelerate launch` itself

@@ -23,6 +23,7 @@ the real training process with real signals, at moments they can name.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -139,6 +140,7 @@ def install(events: Events) -> None:
 
 
 def main() -> None:
+    gc.disable()  # for install()'s imports, as train.py does for its own; its run_main turns it back on
     sys.path.insert(0, str(ROOT))
     # empty: not set (start() below always passes both)
     events = Events(os.environ.get("FIXRES_EVENTS"), os.environ.get("FIXRES_PAUSE_AT") or None,

@@ -16,10 +16,12 @@ stderr are written to OUT/NAME.rank<R>.status, .out and .err; tests/script_runs.
 reads them back, with the launch's own exit status (a crash in an interpreter's teardown fails
 every run of it), as one CompletedProcess a run (start_together, launch_together).
 """
+import gc
 import os
 import sys
 from pathlib import Path
 
+gc.disable()  # for the imports, as the scripts run as scripts; run_main turns it back on
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # torchrun puts tests/ first; the scripts are above
 
 from fixres.cli import run_main  # noqa: E402

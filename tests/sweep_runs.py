@@ -10,11 +10,13 @@ sweep, every rank prints "rank R: speeds {size: [images/s, ms], ...}", the speed
 writes which images every row got right, <output>/per_image_correct.<rank>.json
 ({"size@crop_pct": [0 or 1 per validation image]}), for tests that compare sweeps image for image.
 """
+import gc
 import json
 import os
 import sys
 from pathlib import Path
 
+gc.disable()  # for the imports, as sweep.py run as a script; run_main turns it back on
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # torchrun puts tests/ first; sweep.py is above
 
 import sweep  # noqa: E402  the script, not fixres.sweep

@@ -2,6 +2,7 @@
 and a run in this process gives what one would and leaves nothing of itself behind."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,15 +24,30 @@ from tests.conftest import ROOT, TINY_TRAIN, error_line, run_file_in_process, ru
 
 # ----------------------------------------------------------------------------- real interpreters
 
+# run at exit before os.abort (atexit runs the last registered first): the garbage collector's state
+GC_AT_EXIT = """
+import atexit, gc, json, os
+atexit.register(os.abort)
+atexit.register(lambda: open(os.environ["FIXRES_GC_AT_EXIT"], "w").write(json.dumps({
+    "enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),
+    "collections": [generation["collections"] for generation in gc.get_stats()]})))
+"""
+
+
 def crash_at_teardown(root) -> dict:
     """`--help` of a tiny script that imports nothing (the runner's own doing) and of train.py (what
     a user runs), each a real run whose interpreter aborts once the script is done (a
-    `sitecustomize` at startup registers os.abort at exit): {script: (its path, the result)}."""
-    (root / "sitecustomize.py").write_text("import atexit, os\natexit.register(os.abort)\n")
+    `sitecustomize` at startup registers os.abort at exit, and before it a report of the garbage
+    collector's state): {script: (its path, the result, the collector's state at exit)}."""
+    (root / "sitecustomize.py").write_text(GC_AT_EXIT)
     tiny = root / "ends_well.py"
     tiny.write_text("import sys\nprint('usage: ends_well.py')\nsys.exit(0)\n")
-    return {name: (script, run_script(script, "--help", env={"PYTHONPATH": str(root)}))
-            for name, script in (("tiny", tiny), ("train.py", "train.py"))}
+    runs = {}
+    for name, script in (("tiny", tiny), ("train.py", "train.py")):
+        report = root / f"{Path(script).stem}.gc.json"
+        result = run_script(script, "--help", env={"PYTHONPATH": str(root), "FIXRES_GC_AT_EXIT": str(report)})
+        runs[name] = (script, result, json.loads(report.read_text()) if report.exists() else None)
+    return runs
 
 
 @pytest.fixture
@@ -46,9 +63,23 @@ def teardown_crashes(early_runs) -> dict:
 def test_a_crash_in_the_interpreters_teardown_fails_the_run(teardown_crashes, script):
     """A library that aborts once the script is done (gloo's threads at exit, say) fails a real run,
     as `python train.py` reports it: the script's own work finished normally."""
-    script, result = teardown_crashes[script]
+    script, result, _ = teardown_crashes[script]
     assert result.stdout.startswith(f"usage: {os.path.basename(script)}"), result.stdout
     assert result.returncode == -signal.SIGABRT, (result.returncode, result.stderr[-2000:])
+
+
+@pytest.mark.late
+def test_a_script_imports_without_the_garbage_collector_then_runs_with_the_imports_frozen(teardown_crashes):
+    """`python train.py` turns Python's cyclic garbage collector off for its imports, and run_main
+    turns it back on with what they made frozen (fixres/cli.py's collect_from_here): no full pass
+    walked the imports' objects (with the collector on, 6 did), and none will. The tiny script,
+    which leaves the collector alone, shows what the interpreter does by itself."""
+    _, result, state = teardown_crashes["train.py"]
+    assert state is not None, result.stderr[-2000:]
+    assert state["enabled"] and state["collections"][2] == 0, state
+    assert state["frozen"] > 100_000, state  # torch, torchvision, timm and accelerate: about 470,000
+    _, _, alone = teardown_crashes["tiny"]
+    assert alone["enabled"] and alone["frozen"] == 0, alone
 
 
 def run_reads(root) -> subprocess.CompletedProcess:

@@ -15,6 +15,7 @@ torch would: torchrun's SIGTERM, sent when the first rank exits, reaches them th
 """
 from __future__ import annotations
 
+import gc
 import os
 import re
 import subprocess
@@ -161,6 +162,7 @@ def test_the_error_line_is_one_write(monkeypatch, processes):
 
 
 def main() -> int:
+    gc.disable()  # for the imports below, as train.py does for its own; run_main turns it back on
     sys.path.insert(0, str(ROOT))
     import fixres.engine
     from fixres.cli import run_main
