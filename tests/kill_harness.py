@@ -179,8 +179,17 @@ def start(args, *, events: Path, pause_at: str | None = None, pause_rank: int | 
 def wait_for(events: Path, kind: str, process: subprocess.Popen, timeout: float = 300, rank: str | None = None):
     """The first event of `kind` (on `rank`), or an AssertionError if the process ends first."""
     deadline = time.monotonic() + timeout
+    read = 0  # bytes of whole lines parsed so far: each poll (100 a second) parses only what was added
     while time.monotonic() < deadline:
-        for e in read_events(events):
+        try:
+            with open(events, "rb") as f:
+                f.seek(read)
+                added = f.read()
+        except FileNotFoundError:
+            added = b""
+        whole = added[:added.rfind(b"\n") + 1]
+        read += len(whole)
+        for e in map(json.loads, whole.decode().splitlines()):
             if e["kind"] == kind and (rank is None or e["rank"] == rank):
                 return e
         if process.poll() is not None:
