@@ -354,10 +354,13 @@ def report(cfg, before: dict, after: dict, applied: dict, context: dict, acceler
     console.print(f"chosen on: {context['chosen_on'] or 'nothing chosen (--res given)'}; reported on: {reported_on}")
     if accelerator.is_main_process:
         fileio.write_json_atomic(folder.path / "finetune.json", summary)
-        plot_activation_cdfs([(label, r["act_hist"]) for label, r in stages], ACT_EDGES.tolist(),
-                             folder.path / "activations.png", title=f"{meta['model']}: pooled features before the classifier",
-                             styles=[{"linestyle": s, "linewidth": 1.8} for s in ("-", "--", "-")])
-        console.print(f"wrote {folder}/finetune.json, activations.png and the weights (test_res {res} px)")
+        if cfg.plots:
+            plot_activation_cdfs([(label, r["act_hist"]) for label, r in stages], ACT_EDGES.tolist(),
+                                 folder.path / "activations.png",
+                                 title=f"{meta['model']}: pooled features before the classifier",
+                                 styles=[{"linestyle": s, "linewidth": 1.8} for s in ("-", "--", "-")])
+        console.print(f"wrote {folder}/finetune.json, {'activations.png, ' if cfg.plots else ''}and the weights "
+                      f"(test_res {res} px)")
     accelerator.wait_for_everyone()
     return summary
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from fixres import plots
 from fixres.checkpoint import RunFolder
 from fixres.classifiers import classifier_names
-from fixres.config import RUNS, ConfigError, SweepConfig, check_sizes
+from fixres.config import RUNS, ConfigError, SweepConfig
 from fixres.data import built_in_dataset, load_split
 from fixres.device_decode import resolve_decode
 from fixres.engine import to_device_batch, top5_hits, top5_k
@@ -41,6 +41,7 @@ from fixres.layers import layered, sweep_config
 from fixres.loaders import ImageDataset, MultiSizeDataset, collate_skipping, loader_options, shard_indices, worker_count
 from fixres.model_sizes import sizes_it_takes
 from fixres.models import check_model_name, pretrained_preprocessing
+from fixres.options import check_sizes
 from fixres.preprocessing import create_transform
 from fixres.report import EpochProgress, config_table, make_console, per_class_accuracy, print_sweep, write_sweep_tables
 from fixres.resolution import default_sizes, recommended_test_res, resize_size
@@ -239,6 +240,21 @@ def load_for_sweep(cfg: SweepConfig, accelerator):
     return model, meta, split, run_dir, run_cfg
 
 
+def draw_figures(out: Path, rows: list[dict], summary: dict, *, best: dict, chosen: dict, activations: bool) -> list[str]:
+    """sweep.py's figures (fixres/plots.py) from its rows and sweep.json's summary: the names written."""
+    train_res, model = summary["train_res"], summary["model"]
+    written = plots.plot_sweep_figures(rows, out, train_res=train_res, crop_pct=summary["crop_pct"],
+                                       predicted=summary["predicted_best"], best=best,
+                                       act_edges=ACT_EDGES.tolist() if activations else None,
+                                       title=f"{model} trained at {train_res} px")
+    if summary["speed"]:  # one point per size: the chosen row's crop_pct
+        plots.plot_speed([r for r in rows if r["crop_pct"] == chosen["crop_pct"]], out / "sweep_speed.png",
+                         batch_size=summary["speed"]["batch_size"], budget=summary["budget"] or {},
+                         best=chosen["size"], title=f"{model} on {summary['speed']['device']}")
+        written.append("sweep_speed.png")
+    return written
+
+
 def sweep(given: dict, command: str = "") -> dict:
     """The job sweep.py runs, from the options given (fixres.layers.parse_command_line): load,
     evaluate every (size, crop_pct) pair, print, write the files."""
@@ -303,15 +319,8 @@ def sweep(given: dict, command: str = "") -> dict:
     per_class = per_class_accuracy(rows, [label for _, label in split.val], split.classes)
     if accelerator.is_main_process:
         write_sweep_tables(out, rows, summary, act_edges=ACT_EDGES.tolist(), per_class=per_class)
-        written = plots.plot_sweep_figures(rows, out, train_res=train_res, crop_pct=crop_pct, predicted=predicted,
-                                           best=best, act_edges=ACT_EDGES.tolist() if cfg.activations else None,
-                                           title=f"{meta['model']} trained at {train_res} px")
-        if speeds:  # one point per size: the chosen row's crop_pct
-            plots.plot_speed([r for r in rows if r["crop_pct"] == chosen["crop_pct"]], out / "sweep_speed.png",
-                             batch_size=cfg.batch_size, budget=budget, best=chosen["size"],
-                             title=f"{meta['model']} on {summary['speed']['device']}")
-            written.append("sweep_speed.png")
-        console.print(f"wrote {out}/sweep.csv, sweep.json, " + ", ".join(written))
+        figures = draw_figures(out, rows, summary, best=best, chosen=chosen, activations=cfg.activations) if cfg.plots else []
+        console.print(f"wrote {out}/" + ", ".join(["sweep.csv", "sweep.json", *figures]))
         if cfg.write_best:  # within the budget, when one is given
             if target and chosen["size"] != target:
                 console.print(f"--write-best: the run was trained for a test at {target} px (--for-test-res), which "

@@ -294,7 +294,7 @@ def test_sweep_uses_the_recorded_version_2(cache, tmp_path, capsys):
     below) on version 2's images, generated again, not on the cached version 3's."""
     run = built_in_run(tmp_path / "run", {**V2_TINY, "csv": str(tmp_path / "gone" / V2_TINY_FOLDER / "labels.csv")})
     v2_csv = cache / V2_TINY_FOLDER / "labels.csv"
-    swept = run_in_process("sweep.py", "--checkpoint", run, "--sizes", "32", "--cpu", "--workers", "0",
+    swept = run_in_process("sweep.py", "--no-plots", "--checkpoint", run, "--sizes", "32", "--cpu", "--workers", "0",
                            "--speed-repeats", "1", capsys=capsys)
     assert swept.returncode == 0, swept.stderr
     assert json.loads((run / "sweep.json").read_text())["meta"]["data"] == str(v2_csv)
@@ -304,7 +304,7 @@ def test_sweep_uses_the_recorded_version_2(cache, tmp_path, capsys):
 def test_finetune_uses_the_recorded_version_2(cache, tmp_path, capsys):
     run = built_in_run(tmp_path / "run", {**V2_TINY, "csv": str(tmp_path / "gone" / V2_TINY_FOLDER / "labels.csv")})
     v2_csv = cache / V2_TINY_FOLDER / "labels.csv"
-    tuned = run_in_process("finetune.py", "--checkpoint", run, "--res", "32", "--method", "bn-stats", "--cpu",
+    tuned = run_in_process("finetune.py", "--no-plots", "--checkpoint", run, "--res", "32", "--method", "bn-stats", "--cpu",
                            "--workers", "0", "--output", tmp_path / "out", "--name", "bn", capsys=capsys)
     assert tuned.returncode == 0, tuned.stderr
     assert json.loads((tmp_path / "out" / "bn" / "config.json").read_text())["data"] == str(v2_csv)

@@ -328,7 +328,7 @@ def test_the_sweep_gives_the_same_accuracy_through_both_decoders(gpu_decoded_run
 def test_finetune_py_decodes_on_the_device(gpu_decoded_run, tmp_path):
     """Its sweeps (before, after) and --aug rrc's training crops go through the device path."""
     _, run = gpu_decoded_run
-    result = run_in_process("finetune.py", "--checkpoint", run, "--res", "40", "--epochs", "1", "--aug", "rrc",
+    result = run_in_process("finetune.py", "--no-plots", "--checkpoint", run, "--res", "40", "--epochs", "1", "--aug", "rrc",
                             "--decode", "gpu", "--cpu", "--workers", "0", "--output", tmp_path, "--name", "ft")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "ft" / "finetune.json").read_text())

@@ -334,7 +334,7 @@ def test_finetune_run_exports_at_its_new_size_with_the_sources_normalisation(pre
     """finetune.py keeps the source's normalisation (its weights' metadata: 0.5) and its
     export makes timm test at the new size with no flags, with finetune.json's top-1."""
     _, root, _ = pretrained_run
-    result = ok(run_in_process("finetune.py", "--checkpoint", root / "runs" / "own", "--res", "44", "--epochs", "1",
+    result = ok(run_in_process("finetune.py", "--no-plots", "--checkpoint", root / "runs" / "own", "--res", "44", "--epochs", "1",
                                "--batch-size", "16", "--workers", "0", "--name", "ft44"))
     run = root / "runs" / "ft44"
     assert "normalisation: mean 0.5 0.5 0.5, std 0.5 0.5 0.5, crop_pct 0.95" in result.stdout

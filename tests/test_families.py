@@ -246,7 +246,7 @@ def test_a_distilled_deit_trains_sweeps_finetunes_and_exports_as_timm_evaluates_
                                                                              init[f"{head}.weight"])
 
     # the sweep's numbers are timm's: its model built at each size from the weights, its transform
-    ok("sweep.py", "--checkpoint", runs / "src", "--sizes", "32", "48", "--workers", "0", "--cpu",
+    ok("sweep.py", "--no-plots", "--checkpoint", runs / "src", "--sizes", "32", "48", "--workers", "0", "--cpu",
        "--speed-repeats", "1")
     rows = json.loads((runs / "src" / "sweep.json").read_text())["rows"]
     split = load_split(data, None, classes=meta["classes"])
@@ -260,7 +260,7 @@ def test_a_distilled_deit_trains_sweeps_finetunes_and_exports_as_timm_evaluates_
         assert row["loss"] == pytest.approx(losses.mean().item(), rel=1e-4)
 
     # fine-tuned at 48 px: the last norm and both heads change, nothing else (pos_embed: resampled for 48 px)
-    tuning = ok("finetune.py", "--checkpoint", runs / "src", "--res", "48", "--epochs", "1", "--batch-size", "6",
+    tuning = ok("finetune.py", "--no-plots", "--checkpoint", runs / "src", "--res", "48", "--epochs", "1", "--batch-size", "6",
                 "--workers", "0", "--cpu", "--output", runs, "--name", "ft")
     tuned, tuned_meta = load_weights(runs / "ft" / "best.safetensors")
     changed = {k for k in source if k != "pos_embed" and not torch.equal(source[k], tuned[k])}

@@ -92,7 +92,9 @@ FAMILIES = [
 # one family in the quick tests (about 2 s): the BatchNorm one, where every step runs (bn-stats too)
 PARAMS = [pytest.param(f, id=f.id, marks=() if f.quick else pytest.mark.slow) for f in FAMILIES]
 COMMON = ["--workers", "0", "--cpu"]
-SWEEP_COMMON = [*COMMON, "--speed-repeats", "1"]  # each size timed once (the speed columns are not compared here)
+# each size timed once, and no figures: neither is compared here
+SWEEP_COMMON = [*COMMON, "--speed-repeats", "1", "--no-plots"]
+FINETUNE_COMMON = [*COMMON, "--no-plots"]
 
 
 @pytest.fixture(scope="session")  # the late 2-process tests read it after the other files' tests
@@ -286,21 +288,23 @@ def test_a_family_trains_sweeps_finetunes_and_evaluates_as_its_library(family, s
     # the sweep, size by size and image by image, is what the library's own model gives
     rows = json.loads((run.folder / "sweep.json").read_text())["rows"]
     assert [r["size"] for r in rows] == [r["size"] for r in run.rows] == list(family.sizes)
+    assert not list(run.folder.glob("*.png"))  # --no-plots: the tables and no figure
     assert [r["loss"] for r in rows] == [r["loss"] for r in run.rows]
     check_rows_as_library(family, run.folder, run.rows)
 
     # fine-tuned at a larger size (1 epoch): the library's own model of the result gives finetune.json's
     # numbers, and a sweep of it (at the training and the fine-tuning size) the sweep's
     ok(run_in_process("finetune.py", "--checkpoint", run.folder, "--res", family.finetune_res, "--epochs", "1",
-                      "--batch-size", "6", *COMMON, "--output", tmp_path, "--name", "ft", capsys=capsys))
+                      "--batch-size", "6", *FINETUNE_COMMON, "--output", tmp_path, "--name", "ft", capsys=capsys))
     check_finetune_run(family, tmp_path / "ft")
+    assert not (tmp_path / "ft" / "activations.png").exists()  # --no-plots
     rows = script_main("sweep.py")(["--checkpoint", str(tmp_path / "ft"), "--sizes", str(family.finetune_res),
                                     "--batch-size", "4", *SWEEP_COMMON])["rows"]
     assert [r["size"] for r in rows] == [family.sizes[0], family.finetune_res]
     check_rows_as_library(family, tmp_path / "ft", rows)
 
     bn_stats = run_in_process("finetune.py", "--checkpoint", run.folder, "--method", "bn-stats", "--res",
-                              family.finetune_res, *COMMON, "--output", tmp_path, "--name", "bn", capsys=capsys)
+                              family.finetune_res, *FINETUNE_COMMON, "--output", tmp_path, "--name", "bn", capsys=capsys)
     if family.bn_stats is None:
         ok(bn_stats)
         check_finetune_run(family, tmp_path / "bn")

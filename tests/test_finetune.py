@@ -464,7 +464,7 @@ def finetune_args(source: Path, root: Path) -> list:
 
 def bn_stats_args(source: Path, root: Path) -> list:
     return ["--checkpoint", source, "--res", "40", "--method", "bn-stats", "--output", root / "out", "--workers", "0",
-            "--cpu"]
+            "--cpu", "--no-plots"]
 
 
 def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None:
@@ -480,7 +480,7 @@ def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None
     if "runs" in fixtures:
         root = tmp_path_factory.mktemp("finetune")
         source = write_source_run(root / "source", "test_resnet", tiny_csv)
-        started.start_together(TWO, "finetune.py", *finetune_args(source, root), "--batch-size", "5", "--name", "two",
+        started.start_together(TWO, "finetune.py", "--no-plots", *finetune_args(source, root), "--batch-size", "5", "--name", "two",
                                folder=root)
 
 
@@ -495,10 +495,10 @@ def runs(early_runs, tiny_csv, bn_runs):
     started.call("two", early_runs.__getitem__, TWO)  # waited for in a thread: needed from here on
     started.start("one", "finetune.py", *finetune_args(source, root), "--batch-size", "10", "--name", "one",
                   in_process=True)
-    started.start("auto", "finetune.py", "--checkpoint", source, "--res", "auto", "--sizes", "24", "40",
+    started.start("auto", "finetune.py", "--no-plots", "--checkpoint", source, "--res", "auto", "--sizes", "24", "40",
                   "--choice-images", "20", "--method", "parametric", "--parametric-scope", "feature", "--name", "auto",
                   *out, in_process=True)
-    started.start("bn_stats", "finetune.py", "--checkpoint", source, "--res", "40", "--method", "bn-stats",
+    started.start("bn_stats", "finetune.py", "--no-plots", "--checkpoint", source, "--res", "40", "--method", "bn-stats",
                   "--batch-size", "8", "--name", "bn_stats", *out, in_process=True)
     # train.py --freeze-epochs (transfer learning): the first epoch trains only the classifier
     started.start("freeze", "train.py", "--data", tiny_csv, "--model", "test_resnet", "--train-res", "32", "--workers",
@@ -722,9 +722,9 @@ def parametric_of_trained(tmp_path_factory, trained_run):
     """A parametric run of a tiny model trained by train.py (--epochs 2), then sweep.py of that run at its size."""
     root = tmp_path_factory.mktemp("parametric")
     shutil.copytree(ok(trained_run[0]) and trained_run[1], root / "trained")
-    ok(run_in_process("finetune.py", "--checkpoint", root / "trained", "--res", "40", "--method", "parametric",
+    ok(run_in_process("finetune.py", "--no-plots", "--checkpoint", root / "trained", "--res", "40", "--method", "parametric",
                       "--workers", "0", "--output", root, "--name", "parametric"))
-    ok(run_in_process("sweep.py", "--checkpoint", root / "parametric", "--sizes", "40", "--workers", "0"))
+    ok(run_in_process("sweep.py", "--no-plots", "--checkpoint", root / "parametric", "--sizes", "40", "--workers", "0"))
     return root / "parametric"
 
 

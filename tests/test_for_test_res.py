@@ -68,7 +68,7 @@ def test_train_for_a_test_size_then_finetune_there(tmp_path, tiny_csv, capsys):
     assert "(n=25) " in trained.stdout.split("epoch   1")[1]  # validated (at 40 px: the weights say so)
     assert read_metadata(run / "best.safetensors")["test_res"] == 40
 
-    swept = run_in_process("sweep.py", "--checkpoint", run, "--sizes", "24", "--no-speed", "--workers", "0")
+    swept = run_in_process("sweep.py", "--no-plots", "--checkpoint", run, "--sizes", "24", "--no-speed", "--workers", "0")
     assert swept.returncode == 0, swept.stderr[-3000:]
     summary = json.loads((run / "sweep.json").read_text())
     assert [r["size"] for r in summary["rows"]] == [24, 32, 40] and summary["meta"]["target_test_res"] == 40
@@ -86,7 +86,7 @@ def test_train_for_a_test_size_then_finetune_there(tmp_path, tiny_csv, capsys):
 
     # a test crop recorded by sweep.py --write-best is not what finetune.py uses: it says so
     write_best_size(run / "best.safetensors", run, 40, 1.0, Console(quiet=True))
-    tuned = run_in_process("finetune.py", "--checkpoint", run, "--epochs", "1", "--batch-size", "16", "--workers", "0",
+    tuned = run_in_process("finetune.py", "--no-plots", "--checkpoint", run, "--epochs", "1", "--batch-size", "16", "--workers", "0",
                            "--choice-images", "10", "--name", "ft")
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert "--res auto: 40 px, the test size the source run was trained for" in tuned.stdout

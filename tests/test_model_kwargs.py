@@ -83,10 +83,10 @@ def test_a_run_with_model_kwargs_is_rebuilt_by_sweep_finetune_and_timm(tmp_path,
     with torch.inference_mode():
         assert torch.allclose(model.eval()(x), theirs(x), rtol=1e-5, atol=1e-6)
 
-    swept = run_in_process("sweep.py", "--checkpoint", run, "--sizes", "32", "40", "--workers", "0", "--cpu",
+    swept = run_in_process("sweep.py", "--no-plots", "--checkpoint", run, "--sizes", "32", "40", "--workers", "0", "--cpu",
                            "--speed-repeats", "1", capsys=capsys)
     assert swept.returncode == 0, swept.stdout[-2000:] + swept.stderr[-2000:]
-    tuned = run_in_process("finetune.py", "--checkpoint", run, "--res", "40", "--method", "bn-stats", "--workers", "0",
+    tuned = run_in_process("finetune.py", "--no-plots", "--checkpoint", run, "--res", "40", "--method", "bn-stats", "--workers", "0",
                            "--choice-images", "10", "--name", "ft", "--cpu", capsys=capsys)
     assert tuned.returncode == 0, tuned.stdout[-2000:] + tuned.stderr[-2000:]
     assert json.loads((runs / "ft" / "config.json").read_text())["model_kwargs"] == kwargs

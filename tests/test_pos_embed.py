@@ -141,7 +141,7 @@ def test_the_position_embedding_trains_with_the_option_and_is_only_resampled_wit
     losses = timm_losses(export, reported, timm.data.resolve_data_config({}, model=export, use_test_size=True))
     assert summary["loss"]["after"] == pytest.approx(losses.mean().item(), rel=1e-4)
     # sweep.py on the run, and its weights as --weights into a model of another size, as timm loads them there
-    swept = run_in_process("sweep.py", "--checkpoint", tmp_path / "out" / "ft", "--sizes", "48", "64", "--workers", "0",
+    swept = run_in_process("sweep.py", "--no-plots", "--checkpoint", tmp_path / "out" / "ft", "--sizes", "48", "64", "--workers", "0",
                            "--cpu", "--speed-repeats", "1", capsys=capsys)
     assert swept.returncode == 0, swept.stderr[-3000:]
     ours = create_model(model_name, len(CLASSES), weights=tmp_path / "out" / "ft" / "best.safetensors",

@@ -86,7 +86,7 @@ def test_a_timm_swin_trains_sweeps_finetunes_and_exports_at_other_sizes(tmp_path
     run = runs / "swin"
     assert load_weights(run / "best.safetensors")[1]["model_kwargs"] == {**RECORDED, "img_size": 32}
     assert (run / "timm" / "model.safetensors").is_file()  # its outputs at the test size, 48 px, are timm's
-    swept = ok(run_in_process("sweep.py", "--checkpoint", run, "--sizes", "34", "48", "64", "--workers", "0",
+    swept = ok(run_in_process("sweep.py", "--no-plots", "--checkpoint", run, "--sizes", "34", "48", "64", "--workers", "0",
                               capsys=capsys))
     assert f"dropped 34 px: {SWIN} takes multiples of its 4 px patch" in swept.stdout
     assert [row["size"] for row in json.loads((run / "sweep.json").read_text())["rows"]] == [32, 48, 64]
@@ -94,7 +94,7 @@ def test_a_timm_swin_trains_sweeps_finetunes_and_exports_at_other_sizes(tmp_path
     refused = run_in_process("finetune.py", "--checkpoint", run, "--res", "50", "--method", "finetune",
                              "--output", tmp_path / "out", capsys=capsys)
     assert error_line(refused) == f"error: --res 50: {SWIN} takes multiples of its 4 px patch (nearest: 48, 52)"
-    ok(run_in_process("finetune.py", "--checkpoint", run, "--res", "48", "--method", "finetune", "--epochs", "1",
+    ok(run_in_process("finetune.py", "--no-plots", "--checkpoint", run, "--res", "48", "--method", "finetune", "--epochs", "1",
                       "--batch-size", "16", "--workers", "0", "--output", tmp_path / "out", "--name", "ft",
                       capsys=capsys))
     tuned = tmp_path / "out" / "ft"

@@ -78,7 +78,7 @@ def test_a_strict_vit_trains_sweeps_finetunes_and_exports_at_other_sizes(tmp_pat
     assert json.loads((run / "config.json").read_text())["model_kwargs"] == {"img_size": 32}
     assert load_weights(run / "best.safetensors")[1]["model_kwargs"] == {"img_size": 32}
 
-    swept = ok(run_in_process("sweep.py", "--checkpoint", run, "--sizes", "32", "40", "48", "--workers", "0",
+    swept = ok(run_in_process("sweep.py", "--no-plots", "--checkpoint", run, "--sizes", "32", "40", "48", "--workers", "0",
                               capsys=capsys))
     assert "dropped 40 px: vit_tiny_patch16_224 takes multiples of its 16 px patch" in swept.stdout
     rows = json.loads((run / "sweep.json").read_text())["rows"]
@@ -90,11 +90,11 @@ def test_a_strict_vit_trains_sweeps_finetunes_and_exports_at_other_sizes(tmp_pat
                                    "(nearest: 32, 48)")
     assert not (tmp_path / "out").exists()
 
-    ok(run_in_process("finetune.py", "--checkpoint", run, "--res", "48", "--method", "finetune", "--epochs", "1",
+    ok(run_in_process("finetune.py", "--no-plots", "--checkpoint", run, "--res", "48", "--method", "finetune", "--epochs", "1",
                       "--batch-size", "16", "--workers", "0", "--output", tmp_path / "out", "--name", "ft",
                       capsys=capsys))
     tuned = tmp_path / "out" / "ft"
-    auto = ok(run_in_process("finetune.py", "--checkpoint", run, "--res", "auto", "--sizes", "40", "48",
+    auto = ok(run_in_process("finetune.py", "--no-plots", "--checkpoint", run, "--res", "auto", "--sizes", "40", "48",
                              "--method", "finetune", "--epochs", "1", "--batch-size", "16", "--workers", "0",
                              "--output", tmp_path / "out", "--name", "auto", capsys=capsys))
     assert "dropped 40 px: vit_tiny_patch16_224 takes multiples of its 16 px patch" in auto.stdout
