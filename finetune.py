@@ -20,7 +20,7 @@ first times every candidate size (as sweep.py does) and scores only those that m
 a budget no size meets, or a --res N outside it, is refused in one line before any scoring
 or training. Writes a run folder next to the source run (or under --output) in train.py's
 format whose weights expect the new
-resolution, plus finetune.json (top-1 and top-5), activations.png and the timm export
+resolution, plus finetune.json (top-1 and top-5), activations.png (not with --no-plots) and the timm export
 (runs/<name>/timm, whose test_input_size is the new resolution; none for --method
 parametric, whose adapter timm cannot load). `--help` lists every option.
 """

@@ -8,6 +8,7 @@
     python sweep.py --checkpoint runs/<name> --activations        # + pooled-feature statistics
     python sweep.py --checkpoint runs/<name> --crop-pcts 0.875 0.95 1.0   # every (size, crop_pct) pair
     python sweep.py --checkpoint runs/<name> --write-best         # the best size becomes the run's test size
+    python sweep.py --checkpoint runs/<name> --no-plots           # sweep.csv and sweep.json, no figure
     python sweep.py --checkpoint runs/<name> --max-latency-ms 5   # the best size that takes at most 5 ms an image
     python sweep.py --checkpoint runs/<name> --min-images-per-s 2000 --write-best   # ... that does 2000 images/s
     python sweep.py --model tv:resnet50 --weights r50.pth --data data/ --train-res 224  # plain weights

@@ -58,11 +58,11 @@ def collect_from_here() -> None:
     """Turns Python's cyclic garbage collector back on, if a script turned it off for its imports
     (train.py, sweep.py and finetune.py do, when run as scripts). torch, torchvision, timm and
     accelerate leave about 470,000 tracked objects that live as long as the process, and each full
-    pass of the collector walked all of them: a fifth of a short CPU run's time went to it
-    (docs/benchmarks.md). gc.freeze() keeps them out of the passes that follow too, and keeps those
-    passes from writing to the pages that fork-started DataLoader workers share (Python's documented
-    use of it); the few thousand objects of the imports' own garbage stay with them. Where the
-    collector runs already (a caller that imports fixres, the tests' in-process runs), nothing changes."""
+    pass of the collector walked all of them: about 30% of a short CPU run's time went to it
+    (docs/benchmarks.md). gc.freeze() keeps them out of the passes that follow, those of
+    fork-started DataLoader workers included; the few thousand objects of the imports' own garbage
+    stay with them. Where the collector runs already (a caller that imports fixres, the tests'
+    in-process runs), nothing changes."""
     if not gc.isenabled():
         gc.freeze()
         gc.enable()

@@ -359,7 +359,7 @@ def report(cfg, before: dict, after: dict, applied: dict, context: dict, acceler
                                  folder.path / "activations.png",
                                  title=f"{meta['model']}: pooled features before the classifier",
                                  styles=[{"linestyle": s, "linewidth": 1.8} for s in ("-", "--", "-")])
-        console.print(f"wrote {folder}/finetune.json, {'activations.png, ' if cfg.plots else ''}and the weights "
+        console.print(f"wrote {folder}/finetune.json{', activations.png' if cfg.plots else ''} and the weights "
                       f"(test_res {res} px)")
     accelerator.wait_for_everyone()
     return summary

@@ -48,7 +48,8 @@ class SweepOptions:
                                           "size at it is the reference of every paired difference")
     crop_pcts: list[float] | None = option(None, "also sweep these crop ratios: every (size, crop_pct) pair, each image "
                                                  "decoded once for all; the --crop-pct (or the run's) is always in")
-    activations: bool = option(False, "also collect the pooled features that feed the classifier: stats per size and activations.png")
+    activations: bool = option(False, "also collect the pooled features that feed the classifier: stats per size and "
+                                      "(unless --no-plots) activations.png")
     batch_size: int = option(64, "images per process per forward pass")
     decode: str = option("auto", "cpu: the loader workers decode and resize; gpu: each image is decoded once on the "
                                  "model's device (torchcodec); auto: gpu on CUDA when torchcodec is installed",

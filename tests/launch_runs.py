@@ -21,7 +21,8 @@ import os
 import sys
 from pathlib import Path
 
-gc.disable()  # for the imports, as the scripts run as scripts; run_main turns it back on
+if __name__ == "__main__":  # as the scripts do
+    gc.disable()  # for the imports; run_main turns it back on
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # torchrun puts tests/ first; the scripts are above
 
 from fixres.cli import run_main  # noqa: E402

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import importlib.util
 import io
 import logging
@@ -268,6 +269,7 @@ class ProcessState:
                       torch.is_grad_enabled())
         self.logging = (logging_state(), logging.root.manager.disable)
         self.threads = set(threading.enumerate())
+        self.collector = (gc.isenabled(), gc.get_freeze_count())
 
     def restore(self) -> None:
         sys.argv[:], sys.path[:] = self.argv, self.path
@@ -294,6 +296,10 @@ class ProcessState:
         for logger in logging_state().keys() - loggers.keys():  # made by the run: no handler of its outlives it
             logger.handlers[:] = [h for h in logger.handlers if isinstance(h, logging.NullHandler)]
         logging.disable(disable)
+        enabled, frozen = self.collector  # a script run as __main__ turns the collector off, run_main freezes
+        if frozen == 0 and gc.get_freeze_count():
+            gc.unfreeze()  # what the run froze goes back to the collector (nothing was frozen before it)
+        (gc.enable if enabled else gc.disable)()
 
 
 @contextlib.contextmanager

@@ -16,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-gc.disable()  # for the imports, as sweep.py run as a script; run_main turns it back on
+if __name__ == "__main__":  # as sweep.py does (tests/test_sweep.py also runs this file in its own process)
+    gc.disable()  # for the imports; run_main turns it back on
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # torchrun puts tests/ first; sweep.py is above
 
 import sweep  # noqa: E402  the script, not fixres.sweep

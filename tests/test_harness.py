@@ -2,6 +2,7 @@
 and a run in this process gives what one would and leaves nothing of itself behind."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -78,7 +79,8 @@ def test_a_script_imports_without_the_garbage_collector_then_runs_with_the_impor
     assert state is not None, result.stderr[-2000:]
     assert state["enabled"] and state["collections"][2] == 0, state
     assert state["frozen"] > 100_000, state  # torch, torchvision, timm and accelerate: about 470,000
-    _, _, alone = teardown_crashes["tiny"]
+    _, result, alone = teardown_crashes["tiny"]
+    assert alone is not None, result.stderr[-2000:]
     assert alone["enabled"] and alone["frozen"] == 0, alone
 
 
@@ -152,6 +154,9 @@ def main(argv):
         Accelerator(cpu=True)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{argv[1]}", rank=0, world_size=1)
         threading.Thread(target=lambda: None).start()
+        import gc
+        gc.disable()
+        gc.freeze()
     return {"stopped": action == "stop"}
 """
 
@@ -218,7 +223,7 @@ def process_state() -> dict:
             "signals": {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)},
             "rng": torch.get_rng_state(), "dtype": torch.get_default_dtype(),
             "root handlers": logging.root.handlers[:], "root level": logging.root.level,
-            "cudnn.benchmark": torch.backends.cudnn.benchmark}
+            "cudnn.benchmark": torch.backends.cudnn.benchmark, "collector": (gc.isenabled(), gc.get_freeze_count())}
 
 
 @pytest.mark.parametrize("fail", [False, True], ids=["trains", "fails mid-epoch"])

@@ -296,6 +296,16 @@ def test_torchvision_model_and_plots(tv_run, tmp_path, capsys):
     assert record["meta"]["predicted_best"] == 40 and record["meta"]["train_res"] == 32
     assert len(record["activations"]["edges"]) + 1 == len(record["activations"]["hist"]["32"])
 
+    # again with --no-plots, at another size, into the same folder: new tables, the figures left as they were, and said so
+    figures = {name: (out / name).read_bytes() for name in ("sweep.png", "sweep_speed.png", "activations.png")}
+    assert run_main(SWEEP_MAIN, ["--checkpoint", str(tv_run), "--sizes", "40", "--cpu", "--workers", "0",
+                                  "--speed-repeats", "1", "--batch-size", "8", "--output", str(out), "--no-plots"]) == 0
+    stdout = " ".join(capsys.readouterr().out.split())  # rich folds long lines
+    assert f"--no-plots: sweep.png, sweep_speed.png in {out} are from an earlier sweep, not this one" in stdout
+    assert stdout.endswith(f"wrote {out}/sweep.csv, sweep.json")
+    assert [r["size"] for r in json.loads((out / "sweep.json").read_text())["rows"]] == [32, 40]
+    assert {name: (out / name).read_bytes() for name in figures} == figures
+
 
 def framed_colour_csv(root: Path, n: int = 27) -> Path:
     """Validation images whose centre has the label's colour and whose frame another's: a crop
