@@ -57,7 +57,7 @@ def run_main(main, argv=None) -> int:
 def collect_from_here() -> None:
     """Turns Python's cyclic garbage collector back on, if a script turned it off for its imports
     (train.py, sweep.py and finetune.py do, when run as scripts). torch, torchvision, timm and
-    accelerate leave about 470,000 tracked objects that live as long as the process, and each full
+    accelerate leave over half a million tracked objects that live as long as the process, and each full
     pass of the collector walked all of them: about 30% of a short CPU run's time went to it
     (docs/benchmarks.md). gc.freeze() keeps them out of the passes that follow, those of
     fork-started DataLoader workers included; the few thousand objects of the imports' own garbage

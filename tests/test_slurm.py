@@ -12,7 +12,8 @@ exit status reaches the wrapper). Both must stop with a checkpoint mid-epoch, st
 by themselves with --resume auto and end with the undisturbed job's weights, bit for bit.
 The fourth, finetune.py, gets the early warning through `accelerate launch`. The
 multi-node wrapper runs on both nodes with `accelerate` replaced by a recorder, whose
-argv Accelerate's own parser then reads.
+argv Accelerate's own parser then reads; it and the one-node wrapper's recorded job are
+submitted as soon as the training jobs are done, and run while the other test files do.
 
 Where no SLURM can be started (not root, not installed) the tests that need it are skipped
 with the reason; .ci/run installs and starts it. The rest need no SLURM. The cluster and the
@@ -172,6 +173,8 @@ def start_early(started, fixtures: set[str], tmp_path_factory, tiny_csv) -> None
         data = make_csv_dataset(root / "data", n_train=240, n_val=25)
         source = write_source_run(root / "source", data)  # not in the thread: it seeds torch's global RNG
         started.call("training_jobs", run_training_jobs, started, root, data, source)
+    if "recorded_jobs" in fixtures:
+        started.call("recorded_jobs", run_recorded_jobs, started, tmp_path_factory.mktemp("recorded_jobs"))
     started.at_end(stop_cluster, started)  # where this module's tests did not all run (-x)
 
 
@@ -179,8 +182,9 @@ def stop_cluster(started) -> None:
     """Once, in a thread the session waits for at its end: stops the local cluster if this session started it."""
     if "slurm_stop" in started:
         return
-    if "training_jobs" in started:
-        started.outcome("training_jobs")
+    for jobs in ("training_jobs", "recorded_jobs"):
+        if jobs in started:
+            started.outcome(jobs)
     cluster, error = started.outcome("slurm_cluster")
     if error is None and cluster[2]:
         started.call("slurm_stop", lambda: subprocess.run([str(CLUSTER), "stop"], capture_output=True, timeout=120))
@@ -235,24 +239,48 @@ def recorded_launch(record: Path) -> tuple[str, int, object]:
     return node, int(node_id), args
 
 
+def run_recorded_jobs(started, root: Path) -> dict:
+    """The wrappers' jobs with `accelerate` replaced by RECORDER, submitted together once the training
+    jobs have left the cluster (they hold all its CPUs), in a thread that start_early starts: the
+    one-node wrapper's, and the multi-node one's where the cluster has two nodes.
+    {name: (job id, the folder of its records and log, its JobState)}."""
+    conf, nodes, _ = started["slurm_cluster"]
+    if "training_jobs" in started:
+        started.outcome("training_jobs")
+    (root / "bin").mkdir()
+    (root / "bin" / "accelerate").write_text(RECORDER)
+    (root / "bin" / "accelerate").chmod(0o755)
+    submit = {"one": ["--gpus-per-node=2", "slurm/one_node.sbatch", "sweep.py", "--checkpoint", "runs/x"]}
+    if len(nodes) >= 2:
+        submit["multi"] = ["--nodes=2", "--gpus-per-node=2", "slurm/multi_node.sbatch", "train.py", "--data",
+                           "/data/train.csv", "--epochs", "90"]
+    jobs, env = {}, {}
+    for name, args in submit.items():
+        (root / name).mkdir()
+        env[name] = slurm_env(conf, PATH=f"{root / 'bin'}{os.pathsep}{OWN_PATH}", FIXRES_RECORD=str(root / name))
+        jobs[name] = sbatch(env[name], "--cpus-per-task=1", f"--output={root / name}/%j.out", *args)
+    wait_done(env["one"], list(jobs.values()), timeout=120)
+    return {name: (job, root / name, job_state(env[name], job)["JobState"]) for name, job in jobs.items()}
+
+
+@pytest.fixture(scope="session")
+def recorded_jobs(cluster, early_runs) -> dict:
+    """run_recorded_jobs' jobs (started with the session, once the training jobs are done)."""
+    return early_runs["recorded_jobs"]
+
+
 @pytest.mark.slow
 @pytest.mark.late  # the jobs run beside the other files' tests
-def test_multi_node_wrapper_launches_one_accelerate_per_node_with_its_rank(cluster, tmp_path):
+def test_multi_node_wrapper_launches_one_accelerate_per_node_with_its_rank(cluster, recorded_jobs):
     conf, nodes = cluster
     if len(nodes) < 2:
         pytest.skip(f"the local cluster has {len(nodes)} node(s); FIXRES_SLURM_NODES=2 (the default) gives two")
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "accelerate").write_text(RECORDER)
-    (tmp_path / "bin" / "accelerate").chmod(0o755)
-    env = slurm_env(conf, PATH=f"{tmp_path / 'bin'}{os.pathsep}{OWN_PATH}", FIXRES_RECORD=str(tmp_path))
-    multi = sbatch(env, "--nodes=2", "--gpus-per-node=2", "--cpus-per-task=1", f"--output={tmp_path}/%j.out",
-                   "slurm/multi_node.sbatch", "train.py", "--data", "/data/train.csv", "--epochs", "90")
-    wait_done(env, [multi], timeout=120)
-    assert job_state(env, multi)["JobState"] == "COMPLETED", (tmp_path / f"{multi}.out").read_text()
+    multi, folder, state = recorded_jobs["multi"]
+    assert state == "COMPLETED", (folder / f"{multi}.out").read_text()
 
-    launches = sorted(recorded_launch(tmp_path / node) for node in nodes[:2])
-    head = subprocess.run(["scontrol", "show", "hostnames", ",".join(nodes[:2])], env=env, capture_output=True,
-                          text=True).stdout.split()[0]
+    launches = sorted(recorded_launch(folder / node) for node in nodes[:2])
+    head = subprocess.run(["scontrol", "show", "hostnames", ",".join(nodes[:2])], env=slurm_env(conf),
+                          capture_output=True, text=True).stdout.split()[0]
     assert [(node, rank) for node, rank, _ in launches] == [(nodes[0], 0), (nodes[1], 1)]
     for node, rank, args in launches:
         assert args.machine_rank == rank and args.num_machines == 2
@@ -266,17 +294,10 @@ def test_multi_node_wrapper_launches_one_accelerate_per_node_with_its_rank(clust
 
 @pytest.mark.slow
 @pytest.mark.late  # the jobs run beside the other files' tests
-def test_one_node_wrapper_takes_the_gpu_count_from_slurm(cluster, tmp_path):
-    conf, _ = cluster
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "accelerate").write_text(RECORDER)
-    (tmp_path / "bin" / "accelerate").chmod(0o755)
-    env = slurm_env(conf, PATH=f"{tmp_path / 'bin'}{os.pathsep}{OWN_PATH}", FIXRES_RECORD=str(tmp_path))
-    job = sbatch(env, "--gpus-per-node=2", "--cpus-per-task=1", f"--output={tmp_path}/%j.out",
-                 "slurm/one_node.sbatch", "sweep.py", "--checkpoint", "runs/x")
-    wait_done(env, [job], timeout=120)
-    assert job_state(env, job)["JobState"] == "COMPLETED", (tmp_path / f"{job}.out").read_text()
-    [record] = [p for p in tmp_path.iterdir() if p.is_file() and not p.name.endswith(".out")]
+def test_one_node_wrapper_takes_the_gpu_count_from_slurm(recorded_jobs):
+    job, folder, state = recorded_jobs["one"]
+    assert state == "COMPLETED", (folder / f"{job}.out").read_text()
+    [record] = [p for p in folder.iterdir() if p.is_file() and not p.name.endswith(".out")]
     _, _, args = recorded_launch(record)
     assert args.config_file == "./accelerate_configs/one_node.yaml"
     assert args.num_processes == 2 and args.multi_gpu and args.mixed_precision == "bf16"
