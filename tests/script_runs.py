@@ -298,7 +298,9 @@ class ProcessState:
         logging.disable(disable)
         enabled, frozen = self.collector  # a script run as __main__ turns the collector off, run_main freezes
         if frozen == 0 and gc.get_freeze_count():
-            gc.unfreeze()  # what the run froze goes back to the collector (nothing was frozen before it)
+            # what the run froze goes back to the collector (had objects been frozen before the run, none
+            # are in the suite, its freeze would stay)
+            gc.unfreeze()
         (gc.enable if enabled else gc.disable)()
 
 

@@ -13,7 +13,7 @@ by themselves with --resume auto and end with the undisturbed job's weights, bit
 The fourth, finetune.py, gets the early warning through `accelerate launch`. The
 multi-node wrapper runs on both nodes with `accelerate` replaced by a recorder, whose
 argv Accelerate's own parser then reads; it and the one-node wrapper's recorded job are
-submitted as soon as the training jobs are done, and run while the other test files do.
+submitted as the cluster comes up, and run while the other test files do.
 
 Where no SLURM can be started (not root, not installed) the tests that need it are skipped
 with the reason; .ci/run installs and starts it. The rest need no SLURM. The cluster and the
@@ -214,6 +214,17 @@ def job_state(env: dict, job: str) -> dict:
     return {key: (re.search(rf"\b{key}=(\S+)", out) or [None, None])[1] for key in ("JobState", "Restarts", "ExitCode")}
 
 
+def every_second(function):
+    """`function`, made to do its work at most once a second (a scan of /proc: lower_autogroups_naming)."""
+    last = [0.0]
+
+    def throttled():
+        if time.monotonic() - last[0] >= 1:
+            function()
+            last[0] = time.monotonic()
+    return throttled
+
+
 def wait_done(env: dict, jobs: list[str], timeout: float = 300, meanwhile=lambda: None) -> None:
     deadline = time.monotonic() + timeout
     while any(job_state(env, j)["JobState"] not in DONE for j in jobs):
@@ -240,13 +251,11 @@ def recorded_launch(record: Path) -> tuple[str, int, object]:
 
 
 def run_recorded_jobs(started, root: Path) -> dict:
-    """The wrappers' jobs with `accelerate` replaced by RECORDER, submitted together once the training
-    jobs have left the cluster (they hold all its CPUs), in a thread that start_early starts: the
-    one-node wrapper's, and the multi-node one's where the cluster has two nodes.
-    {name: (job id, the folder of its records and log, its JobState)}."""
+    """The wrappers' jobs with `accelerate` replaced by RECORDER, submitted as the cluster comes up, in
+    a thread that start_early starts: the one-node wrapper's, and the multi-node one's where the
+    cluster has two nodes. SLURM runs them when CPUs are free (the training jobs hold them all for
+    a while). {name: (job id, the folder of its records and log, its JobState)}."""
     conf, nodes, _ = started["slurm_cluster"]
-    if "training_jobs" in started:
-        started.outcome("training_jobs")
     (root / "bin").mkdir()
     (root / "bin" / "accelerate").write_text(RECORDER)
     (root / "bin" / "accelerate").chmod(0o755)
@@ -254,18 +263,28 @@ def run_recorded_jobs(started, root: Path) -> dict:
     if len(nodes) >= 2:
         submit["multi"] = ["--nodes=2", "--gpus-per-node=2", "slurm/multi_node.sbatch", "train.py", "--data",
                            "/data/train.csv", "--epochs", "90"]
-    jobs, env = {}, {}
+    jobs, env, done = {}, {}, {}
     for name, args in submit.items():
         (root / name).mkdir()
         env[name] = slurm_env(conf, PATH=f"{root / 'bin'}{os.pathsep}{OWN_PATH}", FIXRES_RECORD=str(root / name))
-        jobs[name] = sbatch(env[name], "--cpus-per-task=1", f"--output={root / name}/%j.out", *args)
-    wait_done(env["one"], list(jobs.values()), timeout=120)
-    return {name: (job, root / name, job_state(env[name], job)["JobState"]) for name, job in jobs.items()}
+        try:
+            jobs[name] = sbatch(env[name], "--cpus-per-task=1", f"--output={root / name}/%j.out", *args)
+        except AssertionError as err:  # that job's test fails with it; the other job goes on
+            done[name] = (None, root / name, f"not submitted: {err}")
+    lower = every_second(lambda: lower_autogroups_naming(str(root)))  # the session's background priority
+    for name, job in jobs.items():  # each with a timeout of its own (they cannot run at once: 2 GPUs a node)
+        try:
+            wait_done(env[name], [job], timeout=300, meanwhile=lower)  # queued behind the training jobs
+        except AssertionError as err:
+            done[name] = (job, root / name, str(err))
+        else:
+            done[name] = (job, root / name, job_state(env[name], job)["JobState"])
+    return done
 
 
 @pytest.fixture(scope="session")
 def recorded_jobs(cluster, early_runs) -> dict:
-    """run_recorded_jobs' jobs (started with the session, once the training jobs are done)."""
+    """run_recorded_jobs' jobs (submitted as the session starts)."""
     return early_runs["recorded_jobs"]
 
 
@@ -276,7 +295,7 @@ def test_multi_node_wrapper_launches_one_accelerate_per_node_with_its_rank(clust
     if len(nodes) < 2:
         pytest.skip(f"the local cluster has {len(nodes)} node(s); FIXRES_SLURM_NODES=2 (the default) gives two")
     multi, folder, state = recorded_jobs["multi"]
-    assert state == "COMPLETED", (folder / f"{multi}.out").read_text()
+    assert state == "COMPLETED", (state, [p.read_text() for p in folder.glob("*.out")])
 
     launches = sorted(recorded_launch(folder / node) for node in nodes[:2])
     head = subprocess.run(["scontrol", "show", "hostnames", ",".join(nodes[:2])], env=slurm_env(conf),
@@ -296,7 +315,7 @@ def test_multi_node_wrapper_launches_one_accelerate_per_node_with_its_rank(clust
 @pytest.mark.late  # the jobs run beside the other files' tests
 def test_one_node_wrapper_takes_the_gpu_count_from_slurm(recorded_jobs):
     job, folder, state = recorded_jobs["one"]
-    assert state == "COMPLETED", (folder / f"{job}.out").read_text()
+    assert state == "COMPLETED", (state, [p.read_text() for p in folder.glob("*.out")])
     [record] = [p for p in folder.iterdir() if p.is_file() and not p.name.endswith(".out")]
     _, _, args = recorded_launch(record)
     assert args.config_file == "./accelerate_configs/one_node.yaml"
@@ -335,12 +354,7 @@ def run_training_jobs(started, root: Path, data: Path, source: Path):
         run_dirs = {name: runs / f"train-{job}" for name, job in jobs.items()}
         run_dirs["finetune"] = root / "ft"  # finetune.py's default --output: beside the source run
         # the jobs' processes, each job in a session of its own, at the priority of the session's background runs
-        last = [0.0]
-
-        def lower_jobs():  # once a second: a scan of /proc
-            if time.monotonic() - last[0] >= 1:
-                lower_autogroups_naming(str(root))
-                last[0] = time.monotonic()
+        lower_jobs = every_second(lambda: lower_autogroups_naming(str(root)))
         deadline = time.monotonic() + 240
         while disturb:
             for name, command in list(disturb.items()):
