@@ -22,6 +22,6 @@ burn() {
 for tree in "$@"; do
     before=$(burn)
     summary=$(cd "$tree" && /usr/bin/time -f "%e s wall, %U + %S s CPU" python3 -m pytest -q -p no:cacheprovider \
-              "${select[@]}" 2>&1 | tail -n 2 | tr '\n' ' ')
+              "${select[@]}" 2>&1 | tail -n 2 | tr '\n' ' ' || true)  # a failed run is a line too, not the end
     echo "$(date -u +%H:%M) $mode $tree ($(git -C "$tree" rev-parse --short HEAD)): $summary| burn $before before, $(burn) after"
 done
