@@ -280,7 +280,7 @@ class FigureOptions:
     plots: bool = option(True, "draw the figures (sweep.py: sweep.png, sweep_speed.png, with --crop-pcts sweep_crop.png, "
                                "with --activations activations.png; finetune.py: activations.png); --no-plots "
                                "writes the tables and numbers only (a figure takes 0.2-0.3 s of a CPU core), and "
-                               "leaves the figures of an earlier run in the folder as they were")
+                               "leaves the figures of an earlier run in the folder as they were (sweep.py names them)")
 
 
 @dataclass

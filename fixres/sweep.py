@@ -255,17 +255,16 @@ def draw_figures(out: Path, rows: list[dict], summary: dict, *, best: dict, chos
     return written
 
 
-# sweep.py's own figures (activations.png is finetune.py's too: a fine-tuned run's folder holds one)
-SWEEP_FIGURES = ("sweep.png", "sweep_crop.png", "sweep_speed.png")
+# the figures sweep.py can write (activations.png also finetune.py: a fine-tuned run's folder holds one)
+SWEEP_FIGURES = ("sweep.png", "sweep_crop.png", "sweep_speed.png", "activations.png")
 
 
-def note_earlier_figures(out: Path, console) -> list[str]:
-    """--no-plots: which of sweep.py's figures in `out` an earlier sweep left, said in a line (they
-    do not show this sweep's numbers); the figures this sweep wrote: none."""
-    earlier = [name for name in SWEEP_FIGURES if (out / name).exists()]
-    if earlier:
-        console.print(f"--no-plots: {', '.join(earlier)} in {out} are from an earlier sweep, not this one")
-    return []
+def note_other_figures(out: Path, written: list[str], console) -> None:
+    """Says in a line which figures in `out` this sweep did not write (an earlier sweep's with other
+    options or without --no-plots, or a fine-tuning's): they do not show this sweep's numbers."""
+    other = [name for name in SWEEP_FIGURES if name not in written and (out / name).exists()]
+    if other:
+        console.print(f"{', '.join(other)} in {out}: not from this sweep")
 
 
 def sweep(given: dict, command: str = "") -> dict:
@@ -332,8 +331,9 @@ def sweep(given: dict, command: str = "") -> dict:
     per_class = per_class_accuracy(rows, [label for _, label in split.val], split.classes)
     if accelerator.is_main_process:
         write_sweep_tables(out, rows, summary, act_edges=ACT_EDGES.tolist(), per_class=per_class)
-        figures = (draw_figures(out, rows, summary, best=best, chosen=chosen, activations=cfg.activations) if cfg.plots
-                   else note_earlier_figures(out, console))
+        figures = draw_figures(out, rows, summary, best=best, chosen=chosen,
+                               activations=cfg.activations) if cfg.plots else []
+        note_other_figures(out, figures, console)
         console.print(f"wrote {out}/" + ", ".join(["sweep.csv", "sweep.json", *figures]))
         if cfg.write_best:  # within the budget, when one is given
             if target and chosen["size"] != target:

@@ -153,10 +153,20 @@ def main() -> None:
 # ----------------------------------------------------------------------------- in the test process
 
 def read_events(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return events_from(path, 0)[0]
+
+
+def events_from(path: Path, start: int) -> tuple[list[dict], int]:
+    """The events whose whole line lies after byte `start` of the log (a line still being written
+    waits for the next read), and the byte after the last of them."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            added = f.read()
+    except FileNotFoundError:
+        return [], start
+    whole = added[:added.rfind(b"\n") + 1]
+    return [json.loads(line) for line in whole.decode().splitlines()], start + len(whole)
 
 
 def start_options(events: Path, pause_at: str | None = None, pause_rank: int | None = None) -> dict:
@@ -179,17 +189,10 @@ def start(args, *, events: Path, pause_at: str | None = None, pause_rank: int | 
 def wait_for(events: Path, kind: str, process: subprocess.Popen, timeout: float = 300, rank: str | None = None):
     """The first event of `kind` (on `rank`), or an AssertionError if the process ends first."""
     deadline = time.monotonic() + timeout
-    read = 0  # bytes of whole lines parsed so far: each poll (100 a second) parses only what was added
+    read = 0  # each poll (100 a second) parses only the lines added since the one before
     while time.monotonic() < deadline:
-        try:
-            with open(events, "rb") as f:
-                f.seek(read)
-                added = f.read()
-        except FileNotFoundError:
-            added = b""
-        whole = added[:added.rfind(b"\n") + 1]
-        read += len(whole)
-        for e in map(json.loads, whole.decode().splitlines()):
+        added, read = events_from(events, read)
+        for e in added:
             if e["kind"] == kind and (rank is None or e["rank"] == rank):
                 return e
         if process.poll() is not None:

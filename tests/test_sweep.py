@@ -301,7 +301,7 @@ def test_torchvision_model_and_plots(tv_run, tmp_path, capsys):
     assert run_main(SWEEP_MAIN, ["--checkpoint", str(tv_run), "--sizes", "40", "--cpu", "--workers", "0",
                                   "--speed-repeats", "1", "--batch-size", "8", "--output", str(out), "--no-plots"]) == 0
     stdout = " ".join(capsys.readouterr().out.split())  # rich folds long lines
-    assert f"--no-plots: sweep.png, sweep_speed.png in {out} are from an earlier sweep, not this one" in stdout
+    assert f"sweep.png, sweep_speed.png, activations.png in {out}: not from this sweep" in stdout
     assert stdout.endswith(f"wrote {out}/sweep.csv, sweep.json")
     assert [r["size"] for r in json.loads((out / "sweep.json").read_text())["rows"]] == [32, 40]
     assert {name: (out / name).read_bytes() for name in figures} == figures
